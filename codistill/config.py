@@ -1,0 +1,228 @@
+"""Experiment manifests: YAML parsed into typed, frozen, validated dataclasses.
+
+Every error names the field it is about (`data.groups: must be >= 1, got 0`),
+so a wrong manifest fails before any work starts.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import fsspec
+import yaml
+
+REPO_MANIFESTS = Path(__file__).resolve().parent.parent / "manifests"
+
+
+class ConfigError(ValueError):
+    """A manifest field is missing, unknown, of the wrong type or impossible."""
+
+
+def _require(ok: bool, name: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{name}: {message}")
+
+
+@dataclass(frozen=True)
+class SynthConfig:
+    """Generate raw Criteo-format input instead of reading `data.input`."""
+
+    rows: int = 20_000
+    files: int = 2
+    seed: int = 0
+    gzip: bool = False
+
+    def validate(self, name: str) -> None:
+        _require(self.rows >= 1, f"{name}.rows", f"must be >= 1, got {self.rows}")
+        _require(self.files >= 1, f"{name}.files", f"must be >= 1, got {self.files}")
+
+
+@dataclass(frozen=True)
+class CriteoConfig:
+    # "tsv": Kaggle train.txt (40 tab-separated fields, no header).
+    # "csv": the header CSV export seen in the wild (label,I1..I13,C1..C26; ints may be "260.0").
+    dialect: Literal["tsv", "csv"] = "tsv"
+    # Hash buckets per categorical column: one number for all 26, or a list of 26.
+    cat_buckets: tuple[int, ...] = (100_000,)
+    keep_raw: bool = False
+
+    def validate(self, name: str) -> None:
+        _require(len(self.cat_buckets) in (1, 26), f"{name}.cat_buckets",
+                 f"must hold 1 or 26 numbers, got {len(self.cat_buckets)}")
+        for b in self.cat_buckets:
+            _require(2 <= b <= 2**31 - 1, f"{name}.cat_buckets", f"each must be in [2, 2^31), got {b}")
+
+    def buckets_per_column(self) -> tuple[int, ...]:
+        return self.cat_buckets * 26 if len(self.cat_buckets) == 1 else self.cat_buckets
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: Literal["criteo"] = "criteo"
+    output: str = "runs/data"
+    input: str | None = None  # glob or URL of raw files; None means `synth`
+    synth: SynthConfig | None = None
+    groups: int = 2
+    eval_fraction: float = 0.1
+    shards_per_group: int = 2
+    eval_shards: int = 1
+    format: Literal["tfrecord", "webdataset"] = "tfrecord"
+    seed: int = 0  # keys the hash that assigns records to eval/groups/shards
+    block_rows: int = 1024  # most rows per stored record (TFRecord Example / WebDataset sample)
+    split_bytes: int = 128 << 20  # uncompressed inputs are read in line-aligned ranges of about this size
+    criteo: CriteoConfig = field(default_factory=CriteoConfig)
+
+    def validate(self, name: str) -> None:
+        _require((self.input is None) != (self.synth is None), name,
+                 "give exactly one of `input` (raw files) or `synth` (generated data)")
+        _require(self.groups >= 1, f"{name}.groups", f"must be >= 1, got {self.groups}")
+        _require(0.0 < self.eval_fraction < 1.0, f"{name}.eval_fraction",
+                 f"must be in (0, 1), got {self.eval_fraction}")
+        _require(self.shards_per_group >= 1, f"{name}.shards_per_group",
+                 f"must be >= 1, got {self.shards_per_group}")
+        _require(self.eval_shards >= 1, f"{name}.eval_shards", f"must be >= 1, got {self.eval_shards}")
+        _require(self.block_rows >= 1, f"{name}.block_rows", f"must be >= 1, got {self.block_rows}")
+        _require(self.split_bytes >= 1 << 16, f"{name}.split_bytes", f"must be >= 65536, got {self.split_bytes}")
+        if self.synth is not None:
+            self.synth.validate(f"{name}.synth")
+        self.criteo.validate(f"{name}.criteo")
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    name: str
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def validate(self) -> None:
+        _require(bool(self.name) and "/" not in self.name, "name",
+                 f"must be a non-empty name without '/', got {self.name!r}")
+        self.data.validate("data")
+
+
+# --- parsing ---------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, name: str) -> Any:
+    """Check `value` against the annotation `tp`, building nested dataclasses."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None:
+            _require(type(None) in options, name, "must not be empty")
+            return None
+        errors = []
+        for option in (o for o in options if o is not type(None)):
+            try:
+                return _coerce(value, option, name)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0])
+    if origin is Literal:
+        _require(value in typing.get_args(tp), name,
+                 f"must be one of {list(typing.get_args(tp))}, got {value!r}")
+        return value
+    if origin is tuple:
+        (item_tp, _) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            value = [value]  # a single number stands for a one-item list
+        return tuple(_coerce(v, item_tp, f"{name}[{i}]") for i, v in enumerate(value))
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, name)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    # bool is an int subclass: `groups: true` must not pass as 1.
+    ok = isinstance(value, tp) and not (tp is not bool and isinstance(value, bool))
+    _require(ok, name, f"expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    where = prefix or "manifest"
+    _require(isinstance(raw, dict), where, f"expected a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        _require(key in known, f"{prefix}.{key}" if prefix else str(key),
+                 f"unknown key (known: {', '.join(known)})")
+    kwargs = {}
+    for key, f in known.items():
+        name = f"{prefix}.{key}" if prefix else key
+        if key in raw:
+            kwargs[key] = _coerce(raw[key], hints[key], name)
+        else:
+            _require(f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING,
+                     name, "required field is missing")
+    return cls(**kwargs)
+
+
+def set_field(raw: dict, dotted: str, value: Any) -> None:
+    """Set `a.b` in the raw manifest (validation happens when it is parsed)."""
+    keys = dotted.strip().split(".")
+    node = raw
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        _require(isinstance(node, dict), dotted, f"{key} is not a section")
+    node[keys[-1]] = value
+
+
+def apply_override(raw: dict, assignment: str) -> None:
+    """Apply `a.b=c` to the raw manifest; the value is parsed as YAML (`50`, `true`, `[1, 2]`)."""
+    path, sep, text = assignment.partition("=")
+    _require(bool(sep) and bool(path), assignment, "override must look like section.field=value")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        value = text  # e.g. a glob like *.txt: take it as a string
+    set_field(raw, path, value)
+
+
+def parse_experiment(raw: Any, overrides: typing.Iterable[str] = ()) -> ExperimentConfig:
+    raw = copy.deepcopy(raw or {})
+    _require(isinstance(raw, dict), "manifest", f"expected a mapping, got {type(raw).__name__}")
+    for assignment in overrides:
+        apply_override(raw, assignment)
+    config = _build(ExperimentConfig, raw, "")
+    config.validate()
+    return config
+
+
+def resolve_manifest(name_or_path: str) -> str:
+    """A path or URL as given, or a bare name like `criteo-tiny` from the repo's manifests/."""
+    if "/" in name_or_path or name_or_path.endswith((".yaml", ".yml")):
+        return name_or_path
+    return str(REPO_MANIFESTS / f"{name_or_path}.yaml")
+
+
+def read_manifest_yaml(name_or_path: str) -> dict:
+    path = resolve_manifest(name_or_path)
+    try:
+        with fsspec.open(path, "r") as f:
+            raw = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: manifest not found") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    _require(isinstance(raw, dict), path, f"expected a mapping at the top, got {type(raw).__name__}")
+    return raw
+
+
+def load_experiment(name_or_path: str, overrides: typing.Iterable[str] = ()) -> ExperimentConfig:
+    raw = read_manifest_yaml(name_or_path)
+    try:
+        return parse_experiment(raw, overrides)
+    except ConfigError as e:
+        raise ConfigError(f"{resolve_manifest(name_or_path)}: {e}") from None
+
+
+def to_dict(config: Any) -> dict:
+    return dataclasses.asdict(config)
