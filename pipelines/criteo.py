@@ -1,0 +1,323 @@
+"""Criteo Display Advertising Challenge: raw `train.txt` rows -> disjoint per-group shards.
+
+Rows travel through Beam in blocks (raw bytes of ~8 MB of lines, then numpy
+columns), never one element per row: the in-process runners cost ~250 us per
+element, which would cap the pipeline at ~4k rows/s.
+
+Features (per row):
+* `label`  float32, 0 or 1.
+* `dense`  float32[13]: the integer features I1..I13 as sign(x) * log1p(|x|)
+  (keeps the -1/-2 values apart from 0 and tames the heavy tails); missing -> 0.
+* `cat`    int32[26]: each C1..C26 value (8 hex digits = 32 bits) hashed,
+  keyed by the data seed and the column, into 1..buckets-1; missing -> 0.
+* with `keep_raw`: `int_raw` int64[13] (missing -> -2**63) and `cat_raw`
+  int64[26] (the 32-bit value, missing -> -1).
+* `key`    bytes: `<file name>:<line number>` (1-based physical line).
+
+Bad rows never stop the pipeline: each is rejected with a reason
+(undecodable, field_count, bad_label, bad_integer, bad_categorical,
+truncated_file) and written to `rejected/`.
+"""
+
+from __future__ import annotations
+
+import binascii
+import collections
+import io
+from dataclasses import dataclass
+
+import apache_beam as beam
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pa_csv
+
+from codistill.config import CriteoConfig, DataConfig, to_dict
+from pipelines.formats import EXTENSIONS, Block, Feature, Schema
+from pipelines.sharding import ShardLayout, line_key_hashes, mix64, partition, string_hash
+from pipelines.sinks import Rejected, WriteDataset, write_pieces
+from pipelines.textfiles import InputRange, LineBlock, TruncatedInput, count_lines, first_lines, plan_ranges, \
+    read_line_blocks
+
+INT_COLUMNS = [f"I{i}" for i in range(1, 14)]
+CAT_COLUMNS = [f"C{i}" for i in range(1, 27)]
+COLUMNS = ["label", *INT_COLUMNS, *CAT_COLUMNS]
+CSV_HEADER = ",".join(COLUMNS).encode()
+DELIMITERS = {"tsv": b"\t", "csv": b","}
+
+# Why a row was rejected: code -> (reason, detail). Code 0 means the row is good.
+REASONS = [("", ""), ("undecodable", "bytes outside ASCII"), ("field_count", f"expected {len(COLUMNS)} fields"),
+           ("bad_label", "label must be 0 or 1"), ("bad_integer", "an I column is not an integer"),
+           ("bad_categorical", "a C column is not 8 hex digits")]
+GOOD, UNDECODABLE, FIELD_COUNT, BAD_LABEL, BAD_INTEGER, BAD_CATEGORICAL = range(len(REASONS))
+INT_MISSING = np.iinfo(np.int64).min
+
+
+
+def schema(keep_raw: bool) -> Schema:
+    features = {"key": Feature("bytes"), "label": Feature("float32"), "dense": Feature("float32", (13,)),
+                "cat": Feature("int32", (26,))}
+    if keep_raw:
+        features |= {"int_raw": Feature("int64", (13,)), "cat_raw": Feature("int64", (26,))}
+    return features
+
+
+class HeaderError(ValueError):
+    """A file's first line does not match the dialect (e.g. a header CSV read as TSV)."""
+
+
+def strip_header(block: LineBlock, dialect: str) -> LineBlock:
+    """Check a file's first block against the dialect; the csv dialect's header line is dropped."""
+    first = block.data.split(b"\n", 1)[0].rstrip(b"\r")
+    if dialect == "csv":
+        if first != CSV_HEADER:
+            raise HeaderError(f"{block.source}: dialect csv expects the header line "
+                              f"{CSV_HEADER[:40].decode()}..., found {first[:60]!r}")
+        return LineBlock(block.source, block.first_line + 1, block.data.split(b"\n", 1)[1])
+    if first.startswith((b"label,", b"label\t")):
+        raise HeaderError(f"{block.source}: the first line is a header ({first[:40]!r}...): this looks like the "
+                          "header CSV export, not Kaggle train.txt; read it with dialect csv "
+                          "(--dialect csv or data.criteo.dialect: csv)")
+    return block
+
+
+def _text(raw: bytes) -> str:
+    return raw.decode("utf-8", "backslashreplace")
+
+
+@dataclass(frozen=True)
+class ParsedBlock:
+    source: str
+    first_line: int
+    lines: np.ndarray  # int64 line number of each good row
+    block: Block  # features of the good rows, without `key`
+    rejected: list[Rejected]
+
+
+def parse_block(lines: LineBlock, options: CriteoConfig, seed: int) -> ParsedBlock:
+    """Parse, validate and transform a block of raw rows; bad rows come back as rejections."""
+    data = np.frombuffer(lines.data, np.uint8)
+    ends = np.flatnonzero(data == 10)
+    starts = np.concatenate([[0], ends[:-1] + 1])
+    numbers = lines.first_line + np.arange(len(ends))
+    reasons = np.zeros(len(ends), np.uint8)
+    reasons[ends == starts] = FIELD_COUNT  # Arrow would read an empty line as a row of nulls
+    # The CSV reader treats '\r' as a line end, and the hex check assumes ASCII:
+    # lines with either are rejected before parsing (a cheap check, rarely true).
+    if data.max(initial=0) >= 0x80 or b"\r" in lines.data:
+        reasons[np.searchsorted(ends, np.flatnonzero((data >= 0x80) | (data == 13)))] = UNDECODABLE
+    to_parse = np.flatnonzero(reasons == GOOD)
+    text = lines.data if len(to_parse) == len(ends) else b"".join(
+        lines.data[starts[i]:ends[i] + 1] for i in to_parse)
+    table, wrong_field_count = _read_table(text, DELIMITERS[options.dialect]) if len(to_parse) else (None, [])
+    reasons[to_parse[wrong_field_count]] = FIELD_COUNT
+    table_lines = np.delete(to_parse, wrong_field_count)  # line index of each table row
+    block, row_reasons = _features(table, options, seed) if table is not None else ({}, [])
+    reasons[table_lines] = row_reasons
+    rejected = [Rejected(lines.source, int(numbers[i]), *REASONS[reasons[i]], _text(lines.data[starts[i]:ends[i]]))
+                for i in np.flatnonzero(reasons != GOOD)]
+    keep = reasons[table_lines] == GOOD
+    return ParsedBlock(lines.source, lines.first_line, numbers[table_lines[keep]],
+                       {name: column[keep] for name, column in block.items()}, rejected)
+
+
+def _read_table(text: bytes, delimiter: bytes) -> tuple[pa.Table, list[int]]:
+    """All columns as strings, and the 0-based lines skipped for a wrong field count."""
+    wrong_field_count = []
+
+    def skip(row) -> str:
+        wrong_field_count.append(row.number - 1)
+        return "skip"
+
+    table = pa_csv.read_csv(
+        io.BytesIO(text),
+        read_options=pa_csv.ReadOptions(column_names=COLUMNS, use_threads=False, block_size=len(text) + 1),
+        parse_options=pa_csv.ParseOptions(delimiter=delimiter.decode(), quote_char=False, double_quote=False,
+                                          escape_char=False, ignore_empty_lines=False,
+                                          invalid_row_handler=skip),
+        convert_options=pa_csv.ConvertOptions(column_types={c: pa.string() for c in COLUMNS},
+                                              strings_can_be_null=True, check_utf8=False),
+    )
+    return table, wrong_field_count
+
+
+def _features(table: pa.Table, options: CriteoConfig, seed: int) -> tuple[Block, np.ndarray]:
+    rows = table.num_rows
+    label_ok = _mask(pc.is_in(table["label"], pa.array(["0", "1"])), missing=False)
+    label = _mask(pc.equal(table["label"], "1"), missing=False)
+    # Column-major while parsing (each column is contiguous), row-major in the block.
+    ints = np.empty((13, rows), np.int64)
+    cats = np.empty((26, rows), np.int64)
+    int_ok, cat_ok = np.ones(rows, bool), np.ones(rows, bool)
+    for j, name in enumerate(INT_COLUMNS):
+        ints[j], ok = _parse_ints(table[name], options.dialect)
+        int_ok &= ok
+    for j, name in enumerate(CAT_COLUMNS):
+        cats[j], ok = _parse_hex(table[name])
+        cat_ok &= ok
+
+    # Assigned from least to most basic, so a row gets its most basic problem.
+    reasons = np.zeros(rows, np.uint8)
+    reasons[~cat_ok] = BAD_CATEGORICAL
+    reasons[~int_ok] = BAD_INTEGER
+    reasons[~label_ok] = BAD_LABEL
+
+    signed = np.where(ints == INT_MISSING, 0, ints).astype(np.float64)
+    dense = np.copysign(np.log1p(np.abs(signed)), signed).astype(np.float32)
+    block = {"label": label.astype(np.float32), "dense": dense.T.copy(), "cat": _bucket(cats, options, seed).T.copy()}
+    if options.keep_raw:
+        block |= {"int_raw": ints.T.copy(), "cat_raw": cats.T.copy()}
+    return block, reasons
+
+
+_INT_PATTERN = {"tsv": r"^[+-]?[0-9]{1,18}$", "csv": r"^[+-]?[0-9]{1,15}(\.0*)?$"}
+
+
+def _parse_ints(column: pa.ChunkedArray, dialect: str) -> tuple[np.ndarray, np.ndarray]:
+    """int64 values (missing -> INT_MISSING) and a mask of parseable entries.
+
+    The header-CSV export writes integers as `260.0`; only that dialect accepts
+    a zero fraction. A whole clean TSV column casts directly (the usual case);
+    the regex, which says which rows are bad, runs only when that fails.
+    """
+    if dialect == "tsv":
+        try:
+            values = pc.fill_null(pc.cast(column, pa.int64()), INT_MISSING).to_numpy()
+            ok = (values == INT_MISSING) | (np.abs(values) < 10**18)  # the regex's 18-digit limit
+            if ok.all():
+                return values, ok
+        except pa.ArrowInvalid:
+            pass
+    ok = pc.fill_null(pc.match_substring_regex(column, _INT_PATTERN[dialect]), True)
+    clean = pc.if_else(ok, column, pa.scalar(None, pa.string()))
+    if dialect == "csv":
+        clean = pc.cast(clean, pa.float64())
+    values = pc.fill_null(pc.cast(clean, pa.int64()), INT_MISSING)
+    return values.to_numpy(), _mask(ok, missing=True)
+
+
+def _mask(array: pa.ChunkedArray, missing: bool) -> np.ndarray:
+    return pc.fill_null(array, missing).to_numpy(zero_copy_only=False)
+
+
+def _parse_hex(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+    """32-bit values of 8-hex-digit strings (missing -> -1) and a mask of valid entries.
+
+    In a clean column every value is empty or 8 digits, so the column's data
+    buffer is one long hex string that `binascii.unhexlify` decodes at C speed;
+    only a column with a bad value is decoded value by value.
+    """
+    array = column.combine_chunks()
+    _, offsets_buf, data_buf = array.buffers()
+    offsets = np.frombuffer(offsets_buf, np.int32, count=len(array) + 1, offset=array.offset * 4)
+    lengths = np.diff(offsets)
+    data = memoryview(data_buf)[offsets[0]:offsets[-1]] if data_buf is not None else b""
+    values = np.full(len(array), -1, np.int64)
+    present = lengths > 0
+    if np.all(lengths[present] == 8):
+        try:
+            values[present] = np.frombuffer(binascii.unhexlify(data), ">u4")
+            return values, np.ones(len(array), bool)
+        except binascii.Error:
+            pass
+    ok = ~present
+    for i in np.flatnonzero(lengths == 8):
+        start = offsets[i] - offsets[0]
+        try:
+            values[i] = int.from_bytes(binascii.unhexlify(data[start:start + 8]), "big")
+            ok[i] = True
+        except binascii.Error:
+            pass
+    return values, ok
+
+
+def _bucket(cats: np.ndarray, options: CriteoConfig, seed: int) -> np.ndarray:
+    """Bucket ids 1..buckets-1 (0 = missing): keyed mix, then the top 32 bits scaled to the range."""
+    buckets = np.array(options.buckets_per_column(), np.uint64)[:, None]
+    salts = np.array([string_hash(f"criteo/{name}", seed) for name in CAT_COLUMNS], np.uint64)[:, None]
+    with np.errstate(over="ignore"):
+        ids = mix64(cats.view(np.uint64) + salts)
+    ids >>= np.uint64(32)
+    ids *= buckets - np.uint64(1)  # Lemire's multiply-shift: maps 32 bits onto [0, buckets-1)
+    ids >>= np.uint64(32)
+    ids += np.uint64(1)
+    ids[cats < 0] = 0
+    return ids.astype(np.int32)
+
+
+def keyed_block(parsed: ParsedBlock, rows: np.ndarray) -> Block:
+    keys = np.strings.add(np.bytes_(f"{parsed.source}:".encode()), parsed.lines[rows].astype("S"))
+    return {"key": keys, **{name: column[rows] for name, column in parsed.block.items()}}
+
+
+# --- Beam ----------------------------------------------------------------------------------------
+
+
+class ParseRange(beam.DoFn):
+    """An input range -> shard pieces `(destination, Piece)`; rejected rows and row counts aside.
+
+    Rows stay in numpy blocks from the read to the piece files; only small
+    metadata goes through Beam.
+    """
+
+    def __init__(self, data: DataConfig, layout: ShardLayout, schema: Schema):
+        self.data, self.layout, self.schema = data, layout, schema
+
+    def process(self, rng: InputRange, first_lines: dict):
+        options = self.data.criteo
+        first = first_lines[rng.source][rng.index] if rng.index else 1
+        parts, rows_read = collections.defaultdict(list), 0
+        for block in read_line_blocks(rng, first):
+            if isinstance(block, TruncatedInput):
+                rows_read += 1  # the rest of the file counts as one rejected record
+                yield beam.pvalue.TaggedOutput("rejected", [Rejected(
+                    block.source, block.line, "truncated_file", block.error, _text(block.tail))])
+                continue
+            if block.first_line == 1:
+                block = strip_header(block, options.dialect)
+            rows_read += block.data.count(b"\n")
+            parsed = parse_block(block, options, self.data.seed)
+            if parsed.rejected:
+                yield beam.pvalue.TaggedOutput("rejected", parsed.rejected)
+            dest = self.layout.assign(line_key_hashes(parsed.source, parsed.lines, self.data.seed))
+            for d, rows in partition(dest):
+                parts[d].append(keyed_block(parsed, rows))
+        yield beam.pvalue.TaggedOutput("inputs", (rng.source, rows_read))
+        yield from write_pieces(self.data.output, self.schema, (rng.source, rng.index), parts)
+
+
+def layout_for(data: DataConfig, dataset: str = "criteo") -> ShardLayout:
+    return ShardLayout(dataset, EXTENSIONS[data.format], data.groups, data.shards_per_group,
+                       data.eval_shards, data.eval_fraction)
+
+
+class CriteoToShards(beam.PTransform):
+    """Raw Criteo files -> `<output>` with shards, `rejected/` and `manifest.json`."""
+
+    def __init__(self, paths: list[str], data: DataConfig, extra: dict | None = None):
+        super().__init__()
+        self.paths, self.data, self.extra = paths, data, extra or {}
+
+    def expand(self, pbegin):
+        data = self.data
+        layout, features = layout_for(data), schema(data.criteo.keep_raw)
+        ranges = [r for path in self.paths for r in plan_ranges(path, data.split_bytes)]
+        ranges = (pbegin
+                  | "Ranges" >> beam.Create(ranges)
+                  | "Spread" >> beam.Reshuffle())
+        counts = (ranges
+                  | "NotLast" >> beam.Filter(lambda r: not r.last)
+                  | "CountLines" >> beam.Map(lambda r: (r.source, (r.index, count_lines(r))))
+                  | "BySource" >> beam.GroupByKey()
+                  | "FirstLines" >> beam.MapTuple(lambda source, counts: (source, first_lines(list(counts)))))
+        parsed = ranges | "Parse" >> beam.ParDo(ParseRange(data, layout, features),
+                                                first_lines=beam.pvalue.AsDict(counts)
+                                                ).with_outputs("rejected", "inputs", main="pieces")
+        parameters = {"input": self.paths, **_parameters(data)}
+        return {"pieces": parsed.pieces, "rejected": parsed.rejected, "inputs": parsed.inputs} | WriteDataset(
+            output=data.output, layout=layout, schema=features, fmt=data.format, block_rows=data.block_rows,
+            parameters=parameters, extra=self.extra)
+
+
+def _parameters(data: DataConfig) -> dict:
+    return {k: v for k, v in to_dict(data).items() if k not in ("input", "synth")}
