@@ -1,0 +1,387 @@
+import hashlib
+import json
+import logging
+import pickle
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+
+import fsspec
+import pytest
+import torch
+
+from training.exchange import LATEST, PeerWatcher, SnapshotPublisher, model_signature, snapshot_name
+
+pytestmark = pytest.mark.timeout(30)
+
+RUN = "run"
+POLL = 0.02
+
+
+def make_state(value: float = 0.0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(int(value))
+    return {
+        "layer.weight": torch.randn(4, 3, generator=g) + value,
+        "layer.bias": torch.full((3,), float(value)),
+        "steps": torch.tensor([int(value)], dtype=torch.int64),
+    }
+
+
+SIGNATURE = model_signature(make_state())
+
+
+@pytest.fixture(params=["memory", "local"])
+def store(request: pytest.FixtureRequest, tmp_path) -> Iterator[str]:
+    if request.param == "local":
+        yield str(tmp_path / "store")
+        return
+    # fsspec's memory filesystem is process-global: give each test its own root.
+    url = f"memory://codistill-test-{uuid.uuid4().hex}"
+    yield url
+    fs, root = fsspec.core.url_to_fs(url)
+    if fs.exists(root):
+        fs.rm(root, recursive=True)
+
+
+def group_path(store: str, group: int, name: str = "") -> tuple[fsspec.AbstractFileSystem, str]:
+    fs, root = fsspec.core.url_to_fs(store)
+    return fs, f"{root.rstrip('/')}/{RUN}/group-{group}/{name}".rstrip("/")
+
+
+def watcher(store: str, **kwargs) -> PeerWatcher:
+    kwargs = {"peer_groups": [1], "model_signature": SIGNATURE, "poll_interval": POLL} | kwargs
+    return PeerWatcher(store, RUN, group=0, **kwargs)
+
+
+def wait_for_update(w: PeerWatcher, timeout: float = 5.0) -> dict[int, tuple[int, dict[str, torch.Tensor]]]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        updates = w.take_updates()
+        if updates:
+            return updates
+        time.sleep(POLL / 2)
+    raise AssertionError(f"no snapshot arrived within {timeout}s")
+
+
+def assert_no_update(w: PeerWatcher, duration: float = 10 * POLL) -> None:
+    deadline = time.monotonic() + duration
+    while time.monotonic() < deadline:
+        assert w.take_updates() == {}
+        time.sleep(POLL / 2)
+
+
+def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]), name
+
+
+def test_round_trip(store):
+    state = make_state(7)
+    publisher = SnapshotPublisher(store, RUN, group=1)
+    assert publisher.publish(10, state, vocab_hash="v1")
+
+    fs, latest = group_path(store, 1, LATEST)
+    assert fs.cat_file(latest).decode() == "step-00000010.json"
+    meta = json.loads(fs.cat_file(group_path(store, 1, "step-00000010.json")[1]))
+    payload = fs.cat_file(group_path(store, 1, "step-00000010.safetensors")[1])
+    assert meta["group"] == 1 and meta["step"] == 10 and meta["vocab_hash"] == "v1"
+    assert meta["sha256"] == hashlib.sha256(payload).hexdigest()
+    assert meta["model_signature"] == SIGNATURE and meta["created"]
+
+    with watcher(store, vocab_hash="v1") as w:
+        updates = wait_for_update(w)
+        assert list(updates) == [1]
+        step, received = updates[1]
+        assert step == 10
+        assert_same(received, state)
+        assert all(t.device.type == "cpu" for t in received.values())
+        assert w.usable_peers(10) == {1: 10}
+        assert_no_update(w, duration=5 * POLL)  # only new snapshots are handed out
+
+
+def test_file_url_and_several_peers(tmp_path):
+    url = f"file://{tmp_path}/store"
+    for group in (1, 2):
+        assert SnapshotPublisher(url, RUN, group).publish(group * 100, make_state(group))
+    with PeerWatcher(url, RUN, 0, [1, 2], SIGNATURE, poll_interval=POLL) as w:
+        seen: dict[int, int] = {}
+        while len(seen) < 2:
+            seen |= {peer: step for peer, (step, _) in wait_for_update(w).items()}
+        assert seen == {1: 100, 2: 200}
+
+
+def test_tied_weights_publish():
+    shared = torch.randn(5, 2)
+    state = {"embed.weight": shared, "head.weight": shared}  # same storage, as in a tied LM
+    url = f"memory://codistill-test-{uuid.uuid4().hex}"
+    assert SnapshotPublisher(url, RUN, 1).publish(1, state)
+    with watcher(url, model_signature=model_signature(state)) as w:
+        assert_same(wait_for_update(w)[1][1], state)
+
+
+def snapshot_steps(store: str, group: int = 1) -> list[int]:
+    fs, path = group_path(store, group)
+    fs.invalidate_cache(path)
+    names = [p.rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)]
+    steps = sorted({int(n[5:13]) for n in names if n.startswith("step-")})
+    for step in steps:
+        assert {snapshot_name(step, "json"), snapshot_name(step, "safetensors")} <= set(names)
+    return steps
+
+
+def test_prune_keeps_last_k_and_never_latest(store):
+    publisher = SnapshotPublisher(store, RUN, group=1, keep=3)
+    for step in range(1, 7):
+        assert publisher.publish(step * 10, make_state(step))
+    assert snapshot_steps(store) == [40, 50, 60]
+    # A restart from an older checkpoint: LATEST names a lower step than the files left behind.
+    assert publisher.publish(5, make_state(1))
+    assert snapshot_steps(store) == [5, 50, 60]
+
+
+class RecordingFS:
+    """Wraps a filesystem to record writes, optionally slowly or failing."""
+
+    def __init__(self, fs: fsspec.AbstractFileSystem, delay: float = 0.0, fail: bool = False) -> None:
+        self._fs, self.delay, self.fail = fs, delay, fail
+        self.writes: list[str] = []
+
+    def __getattr__(self, name: str):
+        return getattr(self._fs, name)
+
+    def pipe_file(self, path: str, data: bytes, **kwargs) -> None:
+        if self.fail:
+            raise OSError("store unavailable")
+        time.sleep(self.delay)
+        self._fs.pipe_file(path, data, **kwargs)
+        self.writes.append(path.rsplit("/", 1)[-1])
+
+    def mv(self, src: str, dst: str, **kwargs) -> None:
+        self._fs.mv(src, dst, **kwargs)
+        self.writes.append(dst.rsplit("/", 1)[-1])
+
+
+def test_latest_is_written_last(store):
+    publisher = SnapshotPublisher(store, RUN, group=1)
+    publisher.fs = recorder = RecordingFS(publisher.fs)
+    assert publisher.publish(3, make_state(3))
+    assert recorder.writes[:2] == ["step-00000003.safetensors", "step-00000003.json"]
+    assert recorder.writes[-1] == LATEST
+    assert all(name.startswith(".LATEST.") for name in recorder.writes[2:-1])  # local: temp file, then rename
+
+
+def test_reader_following_latest_always_finds_complete_files(store):
+    publisher = SnapshotPublisher(store, RUN, group=1, keep=1000)
+    fs, latest = group_path(store, 1, LATEST)
+    done = threading.Event()
+    checked: list[str] = []
+
+    def publish_many() -> None:
+        for step in range(1, 40):
+            publisher.publish(step, make_state(step))
+        done.set()
+
+    thread = threading.Thread(target=publish_many)
+    thread.start()
+    while not done.is_set():
+        try:
+            name = fs.cat_file(latest).decode()
+        except FileNotFoundError:
+            continue
+        meta = json.loads(fs.cat_file(group_path(store, 1, name)[1]))
+        payload = fs.cat_file(group_path(store, 1, snapshot_name(meta["step"], "safetensors"))[1])
+        assert hashlib.sha256(payload).hexdigest() == meta["sha256"]
+        checked.append(name)
+    thread.join()
+    assert checked
+
+
+def test_publish_async_skips_while_in_flight_and_never_raises(store, caplog):
+    publisher = SnapshotPublisher(store, RUN, group=1)
+    publisher.fs = RecordingFS(publisher.fs, delay=0.1)
+    assert publisher.publish_async(1, make_state(1))
+    assert not publisher.publish_async(2, make_state(2))  # previous upload still in flight
+    assert publisher.wait(timeout=5)
+    assert publisher.last_published_step == 1
+    assert snapshot_steps(store) == [1]
+
+    publisher.fs.fail = True
+    with caplog.at_level(logging.WARNING, logger="training.exchange"):
+        assert not publisher.publish(3, make_state(3))
+        assert publisher.publish_async(4, make_state(4))
+        assert publisher.wait(timeout=5)
+    assert publisher.last_published_step == 1
+    assert sum("publishing step" in r.getMessage() for r in caplog.records) == 2
+
+
+def publish_then_start_watcher(store: str, step: int = 1) -> SnapshotPublisher:
+    publisher = SnapshotPublisher(store, RUN, group=1)
+    assert publisher.publish(step, make_state(step))
+    return publisher
+
+
+def recovers(store: str, publisher: SnapshotPublisher, w: PeerWatcher, step: int = 2) -> None:
+    """After a bad snapshot, the next good one is still picked up."""
+    assert publisher.publish(step, make_state(step))
+    updates = wait_for_update(w)
+    assert updates[1][0] == step
+    assert_same(updates[1][1], make_state(step))
+
+
+def test_truncated_safetensors_is_rejected(store, caplog):
+    publisher = publish_then_start_watcher(store)
+    fs, path = group_path(store, 1, snapshot_name(1, "safetensors"))
+    fs.pipe_file(path, fs.cat_file(path)[:-10])
+    with caplog.at_level(logging.WARNING, logger="training.exchange"), watcher(store) as w:
+        assert_no_update(w)
+        assert sum("sha256 mismatch" in r.getMessage() for r in caplog.records) == 1  # warned once, not every poll
+        recovers(store, publisher, w)
+
+
+def test_wrong_sha256_in_json_is_rejected(store):
+    publisher = publish_then_start_watcher(store)
+    fs, path = group_path(store, 1, snapshot_name(1, "json"))
+    meta = json.loads(fs.cat_file(path))
+    fs.pipe_file(path, json.dumps(meta | {"sha256": "0" * 64}).encode())
+    with watcher(store) as w:
+        assert_no_update(w)
+        recovers(store, publisher, w)
+
+
+@pytest.mark.parametrize("content", [b"{not json", b"[]", b'{"group": 1}', b"\xff\xfe"])
+def test_garbage_json_is_rejected(store, content):
+    publisher = publish_then_start_watcher(store)
+    fs, path = group_path(store, 1, snapshot_name(1, "json"))
+    fs.pipe_file(path, content)
+    with watcher(store) as w:
+        assert_no_update(w)
+        recovers(store, publisher, w)
+
+
+def test_missing_latest_gives_nothing(store):
+    publisher = publish_then_start_watcher(store)
+    fs, latest = group_path(store, 1, LATEST)
+    fs.rm(latest)
+    with watcher(store) as w:
+        assert_no_update(w)
+        recovers(store, publisher, w)
+
+
+@pytest.mark.parametrize("content", [b"step-00000099.json", b"../../elsewhere.json", b""])
+def test_latest_pointing_at_nothing_valid(store, content):
+    publisher = publish_then_start_watcher(store)
+    fs, latest = group_path(store, 1, LATEST)
+    fs.pipe_file(latest, content)
+    with watcher(store) as w:
+        assert_no_update(w)
+        recovers(store, publisher, w, step=100)
+
+
+def test_mismatched_model_or_vocab_is_rejected(store):
+    publisher = SnapshotPublisher(store, RUN, group=1)
+    other_architecture = make_state(1) | {"layer.weight": torch.zeros(5, 3)}
+    assert publisher.publish(1, other_architecture)
+    with watcher(store) as w:
+        assert_no_update(w)
+        assert publisher.publish(2, make_state(2), vocab_hash="other-vocab")
+    with watcher(store, vocab_hash="our-vocab") as w:
+        assert_no_update(w)
+        recovers(store, publisher, w, step=3)  # no vocab hash published: nothing to compare
+
+
+def test_lying_metadata_signature_is_caught_on_the_tensors(store):
+    publisher = SnapshotPublisher(store, RUN, group=1)
+    assert publisher.publish(1, make_state(1) | {"extra": torch.zeros(1)})
+    fs, path = group_path(store, 1, snapshot_name(1, "json"))
+    fs.pipe_file(path, json.dumps(json.loads(fs.cat_file(path)) | {"model_signature": SIGNATURE}).encode())
+    with watcher(store) as w:
+        assert_no_update(w)
+
+
+class Exploit:
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))  # would create the marker file if ever unpickled
+
+
+@pytest.mark.parametrize("fix_hash", [False, True])
+def test_pickle_is_never_unpickled(store, tmp_path, fix_hash):
+    publisher = publish_then_start_watcher(store)
+    marker = tmp_path / "unpickled"
+    payload = pickle.dumps({"layer.weight": Exploit(str(marker))})
+    fs, path = group_path(store, 1, snapshot_name(1, "safetensors"))
+    fs.pipe_file(path, payload)
+    if fix_hash:  # an attacker who controls the bucket can rewrite the JSON too
+        meta_path = group_path(store, 1, snapshot_name(1, "json"))[1]
+        meta = json.loads(fs.cat_file(meta_path)) | {"sha256": hashlib.sha256(payload).hexdigest()}
+        fs.pipe_file(meta_path, json.dumps(meta).encode())
+    with watcher(store) as w:
+        assert_no_update(w)
+        recovers(store, publisher, w)
+    assert not marker.exists()
+
+
+def test_peer_that_never_appears_and_close_is_fast(store):
+    w = watcher(store, peer_groups=[1, 2, 3], poll_interval=0.5)
+    assert_no_update(w, duration=0.1)
+    assert w.usable_peers(1000) == {}
+    start = time.monotonic()
+    w.close()
+    assert time.monotonic() - start < 1.0
+    assert not w._thread.is_alive()
+
+
+def test_older_step_is_ignored(store):
+    publisher = publish_then_start_watcher(store, step=20)
+    with watcher(store) as w:
+        assert wait_for_update(w)[1][0] == 20
+        assert publisher.publish(10, make_state(10))  # a peer restarted from an older checkpoint
+        assert_no_update(w)
+        recovers(store, publisher, w, step=30)
+
+
+def test_staleness_excludes_and_warns_once_per_transition(store, caplog):
+    publisher = publish_then_start_watcher(store, step=10)
+    with caplog.at_level(logging.INFO, logger="training.exchange"), watcher(store, max_staleness=5) as w:
+        assert wait_for_update(w)[1][0] == 10
+        assert w.usable_peers(15) == {1: 10}
+        assert w.usable_peers(16) == {}
+        assert w.usable_peers(17) == {}
+        assert sum("left out" in r.getMessage() for r in caplog.records) == 1
+        assert publisher.publish(20, make_state(20))
+        wait_for_update(w)
+        assert w.usable_peers(21) == {1: 20}
+        assert sum("fresh again" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_concurrent_publisher_and_watcher(store):
+    publisher = SnapshotPublisher(store, RUN, group=1, keep=2)  # pruning races the reader
+    last_step = 60
+
+    def publish_many() -> None:
+        for step in range(1, last_step + 1):
+            publisher.publish(step, make_state(step))
+
+    thread = threading.Thread(target=publish_many)
+    with watcher(store, poll_interval=0.002) as w:
+        thread.start()
+        seen: list[int] = []
+        deadline = time.monotonic() + 20
+        while (not seen or seen[-1] != last_step) and time.monotonic() < deadline:
+            for step, state in w.take_updates().values():
+                assert_same(state, make_state(step))
+                seen.append(step)
+            time.sleep(0.001)
+        thread.join()
+    assert seen[-1] == last_step
+    assert seen == sorted(set(seen))
+    assert len(seen) > 1
+
+
+def test_group_cannot_watch_itself():
+    with pytest.raises(ValueError, match="own peer"):
+        PeerWatcher("memory://unused", RUN, 1, [1, 2], SIGNATURE)
