@@ -7,8 +7,9 @@ import logging
 import sys
 
 import click
+import numpy as np
 
-from codistill.config import ConfigError, parse_experiment, read_manifest_yaml, set_field
+from codistill.config import ConfigError, parse_experiment, read_manifest_yaml, resolve_manifest, set_field
 from codistill.dataset import DatasetError, DatasetManifest
 
 USER_ERRORS = (ConfigError, DatasetError, FileNotFoundError, FileExistsError, ValueError)
@@ -129,20 +130,112 @@ def verify(directory: str) -> None:
                f"no key in two places")
 
 
+def _dataset_for(config) -> DatasetManifest:
+    """The run's dataset, built first (in-process Beam) if it is not there yet."""
+    from codistill.dataset import load_manifest
+    from pipelines.run import preprocess as run_preprocess
+
+    try:
+        return load_manifest(config.data.output)
+    except DatasetError:
+        click.echo(f"no dataset at {config.data.output}: preprocessing it first")
+        dataset = run_preprocess(config)
+        click.echo(summarize(dataset, config.data.output))
+        return dataset
+
+
+def _train(manifest: str, sets: list[str], resume: bool):
+    """Start every group of a run (one deepspeed launch each); returns the config."""
+    from codistill.config import load_experiment
+    from training.launch import GroupFailed, group_commands, run_groups
+
+    config = load_experiment(manifest, sets)
+    dataset = _dataset_for(config)
+    commands = group_commands(resolve_manifest(manifest), dataset.groups, config.deepspeed.ranks_per_group, sets,
+                              resume)
+    try:
+        run_groups(commands, config.deepspeed.ranks_per_group)
+    except GroupFailed as e:
+        raise click.ClickException(str(e)) from None
+    return config, dataset
+
+
+@main.command()
+@click.argument("manifest")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a manifest field.")
+@click.option("--run-dir", help="Where checkpoints, metrics and predictions go (default runs/<name>).")
+@click.option("--resume", is_flag=True, help="Continue every group from its latest checkpoint.")
+@_fail_cleanly
+def train(manifest: str, sets: tuple[str, ...], run_dir: str | None, resume: bool) -> None:
+    """Train all groups of MANIFEST locally, one DeepSpeed job per group (ranks from the manifest)."""
+    from training.report import final_eval
+
+    sets = list(sets) + ([f"train.run_dir={run_dir}"] if run_dir else [])
+    config, dataset = _train(manifest, sets, resume)
+    for group in range(dataset.groups):
+        m = final_eval(config.run_dir, group)
+        click.echo(f"group {group}: step {m['step']} eval log loss {m['log_loss']:.4f} AUC {m['auc']:.4f} "
+                   f"calibration {m['calibration']:.3f}")
+
+
+@main.command()
+@click.argument("run_a")
+@click.argument("run_b")
+@click.option("--group", type=int, default=0, show_default=True, help="Which group's model to compare.")
+@click.option("--threshold", type=float, default=0.5, show_default=True)
+@_fail_cleanly
+def churn(run_a: str, run_b: str, group: int, threshold: float) -> None:
+    """Prediction churn between two trained runs on the eval split."""
+    from training.report import run_churn
+
+    c = run_churn(run_a, run_b, group, threshold)
+    click.echo(f"churn over {c['rows']} eval examples: mean |p_a - p_b| = {c['mean_abs_diff']:.4f}, "
+               f"thresholded at {threshold}: {100 * c['disagreement']:.2f}% differ")
+
+
 @main.command()
 @click.option("--manifest", "-m", default="criteo-tiny", show_default=True)
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE")
+@click.option("--out", default="runs/demo", show_default=True, help="Where the four runs and the plot go.")
 @_fail_cleanly
-def demo(manifest: str, sets: tuple[str, ...]) -> None:
-    """The embedded default: generate Criteo-format data, shard it into 2 groups with Beam, verify it."""
+def demo(manifest: str, sets: tuple[str, ...], out: str) -> None:
+    """The embedded default, end to end: data, Beam, DeepSpeed baseline vs codistillation, table and plot."""
     from codistill.config import load_experiment
     from codistill.verify import verify_dataset
     from pipelines.run import preprocess as run_preprocess
+    from training.report import final_eval, plot_eval_loss, run_churn
 
     config = load_experiment(manifest, sets)
+    click.echo("== 1. generate Criteo-format data and shard it into groups with Beam")
     dataset = run_preprocess(config, overwrite=True)
     click.echo(summarize(dataset, config.data.output))
     report = verify_dataset(config.data.output)
     if not report.ok:
         raise click.ClickException("verify failed: " + "; ".join(report.problems))
     click.echo(f"verify: OK ({report.rows} rows, no key in two places)")
+
+    runs = {}
+    for mode in ("baseline", "codistill"):
+        for seed in (0, 1):
+            name = f"{mode}-seed{seed}"
+            click.echo(f"== 2. train {name}: {dataset.groups} groups with DeepSpeed")
+            runs[name] = f"{out}/{name}"
+            _train(manifest, list(sets) + [f"codistill.enabled={mode == 'codistill'}", f"train.seed={seed}",
+                                           f"train.run_dir={runs[name]}"], resume=False)
+
+    floor = dataset.extra.get("synth", {}).get("bayes_log_loss")
+    click.echo("== 3. results on the shared eval split (mean over groups; churn between the two seeds, group 0)")
+    click.echo(f"{'run':<10} {'eval log loss':>13} {'AUC':>7} {'gap to Bayes':>12} {'churn |dp|':>10} "
+               f"{'churn flips':>11}")
+    for mode in ("baseline", "codistill"):
+        finals = [final_eval(runs[f"{mode}-seed{s}"], g) for s in (0, 1) for g in range(dataset.groups)]
+        loss, auc = np.mean([f["log_loss"] for f in finals]), np.mean([f["auc"] for f in finals])
+        c = run_churn(runs[f"{mode}-seed0"], runs[f"{mode}-seed1"], group=0)
+        gap = f"{loss - floor:+.4f}" if floor is not None else "n/a"
+        click.echo(f"{mode:<10} {loss:>13.4f} {auc:>7.4f} {gap:>12} {c['mean_abs_diff']:>10.4f} "
+                   f"{100 * c['disagreement']:>10.2f}%")
+    if floor is not None:
+        click.echo(f"Bayes-optimal eval log loss of the generated data: {floor:.4f}")
+    plot = f"{out}/eval_loss.png"
+    plot_eval_loss({"baseline": runs["baseline-seed0"], "codistill": runs["codistill-seed0"]}, plot, floor)
+    click.echo(f"plot: {plot}")

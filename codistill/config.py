@@ -95,14 +95,149 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
+class ModelConfig:
+    kind: Literal["criteo_dnn"] = "criteo_dnn"
+    embedding_dim: int = 16
+    hidden: tuple[int, ...] = (256, 128)
+    dropout: float = 0.0
+
+    def validate(self, name: str) -> None:
+        _require(self.embedding_dim >= 1, f"{name}.embedding_dim", f"must be >= 1, got {self.embedding_dim}")
+        _require(all(h >= 1 for h in self.hidden), f"{name}.hidden", f"sizes must be >= 1, got {self.hidden}")
+        _require(0.0 <= self.dropout < 1.0, f"{name}.dropout", f"must be in [0, 1), got {self.dropout}")
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    name: Literal["adam", "adamw", "sgd", "adagrad"] = "adam"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    betas: tuple[float, ...] = (0.9, 0.999)
+    momentum: float = 0.0  # sgd only
+
+    def validate(self, name: str) -> None:
+        _require(self.lr > 0, f"{name}.lr", f"must be > 0, got {self.lr}")
+        _require(self.weight_decay >= 0, f"{name}.weight_decay", f"must be >= 0, got {self.weight_decay}")
+        _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"{name}.betas",
+                 f"must be two numbers in [0, 1), got {self.betas}")
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    steps: int = 1000  # optimizer steps per group
+    warmup_steps: int = 0
+    decay: Literal["constant", "cosine", "linear"] = "constant"
+    min_lr_ratio: float = 0.0  # where cosine/linear decay ends, as a fraction of lr
+
+    def validate(self, name: str) -> None:
+        _require(self.steps >= 1, f"{name}.steps", f"must be >= 1, got {self.steps}")
+        _require(0 <= self.warmup_steps <= self.steps, f"{name}.warmup_steps",
+                 f"must be in [0, steps], got {self.warmup_steps}")
+        _require(0.0 <= self.min_lr_ratio <= 1.0, f"{name}.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+
+
+@dataclass(frozen=True)
+class DeepSpeedConfig:
+    ranks_per_group: int = 1
+    zero_stage: int = 0
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # fp32 on CPU: bf16 is ~40x slower there
+    micro_batch_size: int = 256  # per rank
+    grad_accum: int = 1
+    gradient_clipping: float = 0.0  # 0 = off
+
+    def validate(self, name: str) -> None:
+        _require(self.ranks_per_group >= 1, f"{name}.ranks_per_group", f"must be >= 1, got {self.ranks_per_group}")
+        _require(self.zero_stage in (0, 1, 2, 3), f"{name}.zero_stage", f"must be 0, 1, 2 or 3, got {self.zero_stage}")
+        _require(self.micro_batch_size >= 1, f"{name}.micro_batch_size", f"must be >= 1, got {self.micro_batch_size}")
+        _require(self.grad_accum >= 1, f"{name}.grad_accum", f"must be >= 1, got {self.grad_accum}")
+        _require(self.gradient_clipping >= 0, f"{name}.gradient_clipping", f"must be >= 0, got {self.gradient_clipping}")
+
+
+@dataclass(frozen=True)
+class LoaderConfig:
+    shuffle_buffer: int = 10_000  # rows
+    workers: int = 0  # DataLoader worker processes per rank
+
+    def validate(self, name: str) -> None:
+        _require(self.shuffle_buffer >= 1, f"{name}.shuffle_buffer", f"must be >= 1, got {self.shuffle_buffer}")
+        _require(self.workers >= 0, f"{name}.workers", f"must be >= 0, got {self.workers}")
+
+
+@dataclass(frozen=True)
+class CodistillConfig:
+    enabled: bool = True  # false: the plain baseline, same code path
+    weight: float = 1.0
+    burn_in_steps: int = 0
+    ramp_steps: int = 0
+    exchange_every: int = 50
+    temperature: float = 1.0
+    distance: Literal["ce", "kl", "mse_logits"] = "ce"
+    max_staleness: int | None = None  # in steps; None = any age
+    keep_snapshots: int = 3
+    poll_seconds: float = 1.0
+
+    def validate(self, name: str) -> None:
+        _require(self.weight >= 0, f"{name}.weight", f"must be >= 0, got {self.weight}")
+        _require(self.burn_in_steps >= 0, f"{name}.burn_in_steps", f"must be >= 0, got {self.burn_in_steps}")
+        _require(self.ramp_steps >= 0, f"{name}.ramp_steps", f"must be >= 0, got {self.ramp_steps}")
+        _require(self.exchange_every >= 1, f"{name}.exchange_every", f"must be >= 1, got {self.exchange_every}")
+        _require(self.temperature > 0, f"{name}.temperature", f"must be > 0, got {self.temperature}")
+        _require(self.max_staleness is None or self.max_staleness >= 0, f"{name}.max_staleness",
+                 f"must be >= 0 or null, got {self.max_staleness}")
+        _require(self.keep_snapshots >= 1, f"{name}.keep_snapshots", f"must be >= 1, got {self.keep_snapshots}")
+        _require(self.poll_seconds > 0, f"{name}.poll_seconds", f"must be > 0, got {self.poll_seconds}")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    every: int = 200  # steps
+    batch_size: int = 4096
+    max_rows: int | None = None  # None = the whole eval split
+
+    def validate(self, name: str) -> None:
+        _require(self.every >= 1, f"{name}.every", f"must be >= 1, got {self.every}")
+        _require(self.batch_size >= 1, f"{name}.batch_size", f"must be >= 1, got {self.batch_size}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    seed: int = 0
+    run_dir: str | None = None  # default runs/<name>
+    store: str | None = None  # snapshot store URL; default <run_dir>/store
+    log_every: int = 50
+    checkpoint_every: int = 500
+
+    def validate(self, name: str) -> None:
+        _require(self.log_every >= 1, f"{name}.log_every", f"must be >= 1, got {self.log_every}")
+        _require(self.checkpoint_every >= 1, f"{name}.checkpoint_every", f"must be >= 1, got {self.checkpoint_every}")
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     name: str
     data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    loader: LoaderConfig = field(default_factory=LoaderConfig)
+    codistill: CodistillConfig = field(default_factory=CodistillConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
     def validate(self) -> None:
         _require(bool(self.name) and "/" not in self.name, "name",
                  f"must be a non-empty name without '/', got {self.name!r}")
-        self.data.validate("data")
+        for section in ("data", "model", "optimizer", "schedule", "deepspeed", "loader", "codistill", "eval", "train"):
+            getattr(self, section).validate(section)
+
+    @property
+    def run_dir(self) -> str:
+        return self.train.run_dir or f"runs/{self.name}"
+
+    @property
+    def store(self) -> str:
+        return self.train.store or f"{self.run_dir}/store"
 
 
 # --- parsing ---------------------------------------------------------------------------------

@@ -1,0 +1,369 @@
+"""Train one group of a codistillation run. One DeepSpeed job per group:
+
+    deepspeed --num_gpus R --module training.train --manifest M --group g [--set k=v] [--resume]
+
+(or `torchrun --nproc-per-node R -m training.train ...`; `codistill train M` starts every group).
+
+Each step: adopt any newer verified peer snapshots (rank 0 decides, every rank
+follows, so ranks never disagree), run the student and the usable peers on
+the student's own batch, take the codistillation loss, step. Every
+`exchange_every` steps rank 0 publishes the full fp32 weights. The store is
+only touched by background threads: training never waits on it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from codistill.config import ExperimentConfig, OptimizerConfig, ScheduleConfig, load_experiment
+from codistill.dataset import check_shards_present, load_manifest
+from training.data import StreamSpec, ShardStream, loader, to_torch
+from training.exchange import PeerWatcher, SnapshotPublisher, model_signature
+from training.loss import DistillConfig, codistillation_loss, distill_weight
+from training.metrics import binary_metrics
+from training.models import build
+
+logger = logging.getLogger("codistill.train")
+
+
+def deepspeed_config(config: ExperimentConfig) -> dict:
+    ds = config.deepspeed
+    out = {
+        "train_micro_batch_size_per_gpu": ds.micro_batch_size,
+        "gradient_accumulation_steps": ds.grad_accum,
+        "zero_optimization": {"stage": ds.zero_stage},
+        "steps_per_print": 2**31 - 1,  # we log ourselves
+    }
+    if ds.gradient_clipping:
+        out["gradient_clipping"] = ds.gradient_clipping
+    if ds.precision != "fp32":
+        out[ds.precision] = {"enabled": True}
+    return out
+
+
+def make_optimizer(params, config: OptimizerConfig) -> torch.optim.Optimizer:
+    # torch optimizers, not DeepSpeed's fused/CPU ones: those JIT-compile C++ on first use.
+    if config.name == "sgd":
+        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    if config.name == "adagrad":
+        return torch.optim.Adagrad(params, lr=config.lr, weight_decay=config.weight_decay)
+    cls = torch.optim.AdamW if config.name == "adamw" else torch.optim.Adam
+    return cls(params, lr=config.lr, betas=tuple(config.betas), weight_decay=config.weight_decay)
+
+
+def lr_factor(schedule: ScheduleConfig):
+    def factor(step: int) -> float:
+        if step < schedule.warmup_steps:
+            return (step + 1) / schedule.warmup_steps
+        if schedule.decay == "constant":
+            return 1.0
+        progress = min(1.0, (step - schedule.warmup_steps) / max(1, schedule.steps - schedule.warmup_steps))
+        shape = 0.5 * (1 + math.cos(math.pi * progress)) if schedule.decay == "cosine" else 1 - progress
+        return schedule.min_lr_ratio + (1 - schedule.min_lr_ratio) * shape
+
+    return factor
+
+
+class GroupTrainer:
+    def __init__(self, config: ExperimentConfig, group: int):
+        import deepspeed
+
+        self.config, self.group = config, group
+        self.cuda = torch.cuda.is_available()
+        deepspeed.init_distributed(dist_backend="nccl" if self.cuda else "gloo")
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if self.cuda else torch.device("cpu")
+        self.out = Path(config.run_dir) / f"group-{group}"
+        self.out.mkdir(parents=True, exist_ok=True)
+
+        self.dataset = load_manifest(config.data.output)
+        check_shards_present(config.data.output, self.dataset)
+        if not 0 <= group < self.dataset.groups:
+            raise ValueError(f"--group {group}: the dataset has groups 0..{self.dataset.groups - 1}")
+
+        torch.manual_seed(config.train.seed * 1000 + group)  # every rank the same: one model per group
+        model, self.task = build(config.model, self.dataset)
+        self.signature = model_signature(model.state_dict())
+        optimizer = make_optimizer(model.parameters(), config.optimizer)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(config.schedule))
+        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                                    config=deepspeed_config(config))
+        self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[
+            config.deepspeed.precision]
+
+        cod = config.codistill
+        self.distill = DistillConfig(weight=cod.weight, burn_in_steps=cod.burn_in_steps, ramp_steps=cod.ramp_steps,
+                                     temperature=cod.temperature, distance=cod.distance)
+        self.peer_groups = [g for g in range(self.dataset.groups) if g != group] if cod.enabled else []
+        self.peers = {g: self._frozen_copy() for g in self.peer_groups}
+        self.peer_steps: dict[int, int | None] = {g: None for g in self.peer_groups}
+        self.stale: set[int] = set()
+        self.incoming: dict[int, tuple[int, dict]] = {}
+        self.run_id = Path(config.run_dir).name
+        self.publisher = self.watcher = None
+        if cod.enabled and self.rank == 0:
+            self.publisher = SnapshotPublisher(config.store, self.run_id, group, keep=cod.keep_snapshots)
+            if self.peer_groups:
+                self.watcher = PeerWatcher(config.store, self.run_id, group, self.peer_groups, self.signature,
+                                           poll_interval=cod.poll_seconds, max_staleness=cod.max_staleness)
+        self.step = 0
+        self.step_seconds: list[float] = []
+
+    def _frozen_copy(self) -> torch.nn.Module:
+        peer, _ = build(self.config.model, self.dataset)
+        return peer.to(self.device).eval().requires_grad_(False)
+
+    # --- peers -------------------------------------------------------------------------------------
+
+    def sync_peers(self) -> None:
+        """Adopt newer peer snapshots: rank 0 decides and sends the weights, so every rank uses the same peers."""
+        if not self.peer_groups:
+            return
+        if self.watcher is not None:
+            self.incoming.update(self.watcher.take_updates())
+        decision = torch.tensor([self.incoming[g][0] if g in self.incoming else -1 for g in self.peer_groups])
+        if self.world > 1:
+            dist.broadcast(decision, src=0)
+        for g, step in zip(self.peer_groups, decision.tolist()):
+            if step >= 0:
+                self._adopt(g, step, self.incoming.pop(g, (step, None))[1])
+
+    def _adopt(self, group: int, step: int, state: dict | None) -> None:
+        peer = self.peers[group]
+        if self.world > 1:  # one flat fp32 broadcast from rank 0 instead of a pickle
+            names = list(peer.state_dict())
+            flat = torch.cat([state[n].float().flatten() for n in names]) if self.rank == 0 else torch.empty(
+                sum(t.numel() for t in peer.state_dict().values()))
+            dist.broadcast(flat, src=0)
+            state, offset = {}, 0
+            for name, tensor in peer.state_dict().items():
+                state[name] = flat[offset:offset + tensor.numel()].view_as(tensor)
+                offset += tensor.numel()
+        peer.load_state_dict(state)
+        self.peer_steps[group] = step
+
+    def usable_peers(self) -> list[int]:
+        limit = self.config.codistill.max_staleness
+        usable = []
+        for g, step in self.peer_steps.items():
+            stale = step is None or (limit is not None and self.step - step > limit)
+            if stale and step is not None and g not in self.stale and self.rank == 0:
+                logger.warning("peer group %d left out: its snapshot (step %d) is %d steps old, max_staleness %d",
+                               g, step, self.step - step, limit)
+            self.stale = (self.stale | {g}) if stale else (self.stale - {g})
+            if not stale:
+                usable.append(g)
+        return usable
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """Full fp32 weights on rank 0 (gathered from every rank under ZeRO-3), None elsewhere."""
+        import deepspeed
+
+        module = self.engine.module
+        if self.config.deepspeed.zero_stage == 3:
+            with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+                return {k: v.detach().float().clone() for k, v in module.state_dict().items()} if self.rank == 0 else None
+        return {k: v.detach().float().clone() for k, v in module.state_dict().items()} if self.rank == 0 else None
+
+    def publish(self, final: bool = False) -> None:
+        state = self.full_state_dict()
+        if self.publisher is not None:
+            if final:
+                self.publisher.publish(self.step, state)
+            else:
+                self.publisher.publish_async(self.step, state)
+
+    # --- training ------------------------------------------------------------------------------------
+
+    def batch_to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: (v.to(self.device, self.dtype) if v.is_floating_point() else v.to(self.device))
+                for k, v in batch.items()}
+
+    def train_step(self, batches) -> dict:
+        usable = self.usable_peers()
+        for _ in range(self.config.deepspeed.grad_accum):
+            batch = self.batch_to_device(to_torch(next(batches)))
+            logits = self.task.logits(self.engine, batch).float()
+            with torch.no_grad():
+                fp32 = {k: (v.float() if v.is_floating_point() else v) for k, v in batch.items()}
+                peer_logits = [self.task.logits(self.peers[g], fp32).float() for g in usable]
+            target = batch[self.task.target].float() if self.task.binary else batch[self.task.target]
+            parts = codistillation_loss(logits, target, peer_logits, self.step, self.distill, binary=self.task.binary)
+            self.engine.backward(parts.total)
+            self.engine.step()
+        return {"loss": parts.total.item(), "label_loss": parts.label_loss.item(),
+                "distill_loss": parts.distill_loss.item(),
+                "peers": {str(g): self.step - self.peer_steps[g] for g in usable}}
+
+    def fit(self, resume: bool) -> None:
+        config = self.config
+        skip = self.load_checkpoint() if resume else 0
+        spec = StreamSpec(config.data.output, self.dataset, tuple(self.dataset.shards_of("train", self.group)),
+                          config.deepspeed.micro_batch_size, self.rank, self.world,
+                          shuffle_buffer=config.loader.shuffle_buffer, repeat=True,
+                          seed=config.train.seed * 1000 + self.group)
+        batches = iter(loader(spec, config.loader.workers))
+        for _ in range(skip):  # the data position: the stream is deterministic, so fast-forward it
+            next(batches)
+        total = config.schedule.steps
+        while self.step < total:
+            start = time.perf_counter()
+            self.sync_peers()
+            record = self.train_step(batches)
+            self.step += 1
+            if config.codistill.enabled and self.step % config.codistill.exchange_every == 0:
+                self.publish()
+            self.step_seconds.append(time.perf_counter() - start)
+            if self.step % config.train.log_every == 0:
+                self.log_train(record)
+            if self.step % config.eval.every == 0 or self.step == total:
+                self.evaluate(final=self.step == total)
+            if self.step % config.train.checkpoint_every == 0 or self.step == total:
+                self.save_checkpoint()
+        if config.codistill.enabled:
+            self.publish(final=True)
+        self.close()
+
+    def log_train(self, record: dict) -> None:
+        recent = self.step_seconds[-self.config.train.log_every:]
+        record |= {"step": self.step, "group": self.group, "lr": self.engine.get_lr()[0],
+                   "weight": self.distill_weight(), "ms_per_step": 1000 * float(np.mean(recent))}
+        if self.rank == 0:
+            self.write_metrics("train", record)
+            peers = ", ".join(f"g{g}:{age}" for g, age in record["peers"].items()) or "none"
+            print(f"step {self.step}/{self.config.schedule.steps} loss {record['loss']:.4f} "
+                  f"(label {record['label_loss']:.4f} distill {record['distill_loss']:.4f} x{record['weight']:.2f}) "
+                  f"peers[staleness] {peers}  {record['ms_per_step']:.1f} ms/step", flush=True)
+
+    def distill_weight(self) -> float:
+        return distill_weight(self.step, self.distill) if self.peer_groups else 0.0
+
+    def write_metrics(self, kind: str, record: dict) -> None:
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"kind": kind, **record}) + "\n")
+
+    # --- evaluation --------------------------------------------------------------------------------
+
+    def evaluate(self, final: bool) -> dict | None:
+        config = self.config
+        spec = StreamSpec(config.data.output, self.dataset, tuple(self.dataset.shards_of("eval")),
+                          config.eval.batch_size, self.rank, self.world)
+        batches = list(ShardStream(spec))
+        if config.eval.max_rows is not None:
+            batches = batches[:max(1, config.eval.max_rows // (config.eval.batch_size * self.world))]
+        # Under ZeRO-3 every forward is a collective: all ranks run the same number of them.
+        count = torch.tensor(len(batches))
+        if self.world > 1:
+            dist.all_reduce(count, op=dist.ReduceOp.MAX)
+        probs, labels, keys = [], [], []
+        self.engine.eval()
+        with torch.no_grad():
+            for i in range(int(count)):
+                batch = batches[i] if i < len(batches) else batches[0] if batches else None
+                if batch is None:
+                    continue
+                logits = self.task.logits(self.engine, self.batch_to_device(to_torch(batch))).float()
+                if i < len(batches):
+                    probs.append(torch.sigmoid(logits).cpu().numpy())
+                    labels.append(batch[self.task.target])
+                    keys.append(batch["key"])
+        self.engine.train()
+        local = (np.concatenate(probs) if probs else np.empty(0, np.float32),
+                 np.concatenate(labels) if labels else np.empty(0, np.float32),
+                 np.concatenate(keys) if keys else np.empty(0, "S1"))
+        gathered = [None] * self.world
+        if self.world > 1:
+            dist.all_gather_object(gathered, local)  # our own ranks' arrays, inside one job
+        else:
+            gathered = [local]
+        if self.rank != 0:
+            return None
+        probs, labels, keys = (np.concatenate([g[i] for g in gathered]) for i in range(3))
+        metrics = {"step": self.step, "group": self.group, **binary_metrics(probs, labels)}
+        synth = self.dataset.extra.get("synth")
+        if synth:
+            metrics["bayes_log_loss"] = synth["bayes_log_loss"]
+        self.write_metrics("eval", metrics)
+        print(f"eval step {self.step}: log loss {metrics['log_loss']:.4f} AUC {metrics['auc']:.4f} "
+              f"calibration {metrics['calibration']:.3f} ({metrics['rows']} rows)", flush=True)
+        if final:
+            order = np.argsort(keys)
+            np.savez(self.out / "eval_predictions.npz", key=keys[order], prob=probs[order], label=labels[order])
+        return metrics
+
+    # --- checkpoints -------------------------------------------------------------------------------
+
+    def save_checkpoint(self) -> None:
+        directory = self.out / "checkpoints"
+        tag = f"step-{self.step:08d}"
+        peers = {str(g): s for g, s in self.peer_steps.items()}
+        self.engine.save_checkpoint(str(directory), tag=tag, client_state={"step": self.step, "peer_steps": peers})
+        dist.barrier()
+        if self.rank == 0:  # keep the newest two
+            for old in sorted(p for p in directory.glob("step-*") if p.is_dir())[:-2]:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def load_checkpoint(self) -> int:
+        """Restore model, optimizer, scheduler, step and peers; returns how many batches to skip."""
+        directory = self.out / "checkpoints"
+        if not (directory / "latest").exists():
+            if self.rank == 0:
+                print(f"--resume: no checkpoint in {directory}, starting from step 0", flush=True)
+            return 0
+        _, client = self.engine.load_checkpoint(str(directory))
+        self.step = int(client["step"])
+        for g, step in client.get("peer_steps", {}).items():
+            if step is not None and int(g) in self.peers:
+                state = self.watcher.fetch(int(g), step) if self.watcher is not None else None
+                if self.world > 1:
+                    found = torch.tensor(int(state is not None))
+                    dist.broadcast(found, src=0)
+                    if not found:
+                        continue
+                elif state is None:
+                    continue
+                self._adopt(int(g), step, state)
+        if self.rank == 0:
+            print(f"resumed at step {self.step} (peers {self.peer_steps})", flush=True)
+        return self.step * self.config.deepspeed.grad_accum
+
+    def close(self) -> None:
+        if self.watcher is not None:
+            self.watcher.close()
+        if self.publisher is not None:
+            self.publisher.wait()
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Train one codistillation group (launch with deepspeed/torchrun).")
+    parser.add_argument("--manifest", required=True)
+    parser.add_argument("--group", type=int, required=True)
+    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--run-dir", help="Overrides train.run_dir.")
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    sets = args.sets + ([f"train.run_dir={args.run_dir}"] if args.run_dir else [])
+    config = load_experiment(args.manifest, sets)
+    GroupTrainer(config, args.group).fit(resume=args.resume)
+
+
+if __name__ == "__main__":
+    main()
