@@ -90,6 +90,10 @@ def preprocess_criteo(ctx, manifest, input_glob, output, groups, eval_fraction, 
             set_field(raw, dotted, value)
     if input_glob is not None:
         raw["data"].pop("synth", None)
+    stray = [a for a in ctx.args if not a.startswith("-")]
+    if stray:
+        raise click.UsageError(f"unexpected argument {stray[0]!r}: quote a glob given to --input "
+                               "(--input 'dir/*.txt') so the shell does not expand it")
     config = parse_experiment(raw, sets)
     beam_args = (["--runner", runner] if runner else []) + list(ctx.args)
     dataset = run_preprocess(config, beam_args, overwrite=overwrite)

@@ -80,7 +80,9 @@ class DataConfig:
 
     def validate(self, name: str) -> None:
         _require((self.input is None) != (self.synth is None), name,
-                 "give exactly one of `input` (raw files) or `synth` (generated data)")
+                 "give exactly one of `input` (raw files) or `synth` (generated data); to read files with a "
+                 "manifest that generates its data, also set data.synth=null")
+        _require(-2**63 <= self.seed < 2**63, f"{name}.seed", f"must fit in 64 bits, got {self.seed}")
         _require(self.groups >= 1, f"{name}.groups", f"must be >= 1, got {self.groups}")
         _require(0.0 < self.eval_fraction < 1.0, f"{name}.eval_fraction",
                  f"must be in (0, 1), got {self.eval_fraction}")
@@ -208,6 +210,7 @@ class TrainConfig:
     checkpoint_every: int = 500
 
     def validate(self, name: str) -> None:
+        _require(0 <= self.seed < 2**31, f"{name}.seed", f"must be in [0, 2^31), got {self.seed}")
         _require(self.log_every >= 1, f"{name}.log_every", f"must be >= 1, got {self.log_every}")
         _require(self.checkpoint_every >= 1, f"{name}.checkpoint_every", f"must be >= 1, got {self.checkpoint_every}")
 
@@ -275,6 +278,11 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
         return _build(tp, value, name)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):
+        try:
+            return float(value)  # YAML 1.1 reads `1e-3` (no dot) as a string
+        except ValueError:
+            pass
     # bool is an int subclass: `groups: true` must not pass as 1.
     ok = isinstance(value, tp) and not (tp is not bool and isinstance(value, bool))
     _require(ok, name, f"expected {_type_name(tp)}, got {type(value).__name__} {value!r}")

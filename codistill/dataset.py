@@ -74,7 +74,7 @@ class DatasetManifest:
             raw["shards"] = tuple(ShardEntry(**s) for s in raw["shards"])
             raw["inputs"] = tuple(raw["inputs"])
             return cls(**raw)
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
             raise DatasetError(f"{where}: not a valid dataset manifest: {e}") from None
 
 

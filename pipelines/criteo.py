@@ -24,9 +24,11 @@ from __future__ import annotations
 import binascii
 import collections
 import io
+import posixpath
 from dataclasses import dataclass
 
 import apache_beam as beam
+import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -36,7 +38,7 @@ from codistill.config import CriteoConfig, DataConfig, to_dict
 from pipelines.formats import EXTENSIONS, Block, Feature, Schema
 from pipelines.sharding import ShardLayout, line_key_hashes, mix64, partition, string_hash
 from pipelines.sinks import Rejected, WriteDataset, write_pieces
-from pipelines.textfiles import InputRange, LineBlock, TruncatedInput, count_lines, first_lines, plan_ranges, \
+from pipelines.textfiles import DECOMPRESSION_ERRORS, InputRange, LineBlock, TruncatedInput, count_lines, first_lines, plan_ranges, \
     read_line_blocks
 
 INT_COLUMNS = [f"I{i}" for i in range(1, 14)]
@@ -46,10 +48,10 @@ CSV_HEADER = ",".join(COLUMNS).encode()
 DELIMITERS = {"tsv": b"\t", "csv": b","}
 
 # Why a row was rejected: code -> (reason, detail). Code 0 means the row is good.
-REASONS = [("", ""), ("undecodable", "bytes outside ASCII"), ("field_count", f"expected {len(COLUMNS)} fields"),
-           ("bad_label", "label must be 0 or 1"), ("bad_integer", "an I column is not an integer"),
-           ("bad_categorical", "a C column is not 8 hex digits")]
-GOOD, UNDECODABLE, FIELD_COUNT, BAD_LABEL, BAD_INTEGER, BAD_CATEGORICAL = range(len(REASONS))
+REASONS = [("", ""), ("undecodable", "bytes outside ASCII"), ("carriage_return", "a CR byte (Windows line ends?)"),
+           ("field_count", f"expected {len(COLUMNS)} fields"), ("bad_label", "label must be 0 or 1"),
+           ("bad_integer", "an I column is not an integer"), ("bad_categorical", "a C column is not 8 hex digits")]
+GOOD, UNDECODABLE, CARRIAGE_RETURN, FIELD_COUNT, BAD_LABEL, BAD_INTEGER, BAD_CATEGORICAL = range(len(REASONS))
 INT_MISSING = np.iinfo(np.int64).min
 
 
@@ -72,13 +74,24 @@ def strip_header(block: LineBlock, dialect: str) -> LineBlock:
     if dialect == "csv":
         if first != CSV_HEADER:
             raise HeaderError(f"{block.source}: dialect csv expects the header line "
-                              f"{CSV_HEADER[:40].decode()}..., found {first[:60]!r}")
+                              f"{CSV_HEADER[:40].decode()}..., found {_text(first[:60])!r}")
         return LineBlock(block.source, block.first_line + 1, block.data.split(b"\n", 1)[1])
     if first.startswith((b"label,", b"label\t")):
-        raise HeaderError(f"{block.source}: the first line is a header ({first[:40]!r}...): this looks like the "
+        raise HeaderError(f"{block.source}: the first line is a header ({_text(first[:40])}...): this looks like the "
                           "header CSV export, not Kaggle train.txt; read it with dialect csv "
                           "(--dialect csv or data.criteo.dialect: csv)")
     return block
+
+
+def check_headers(paths: list[str], dialect: str) -> None:
+    """Fail on the driver, before any work starts, if a file's first line does not fit the dialect."""
+    for path in paths:
+        try:
+            with fsspec.open(path, "rb", compression="infer") as f:
+                head = f.read(1 << 16)
+        except DECOMPRESSION_ERRORS:
+            continue  # a damaged file is quarantined by the pipeline itself
+        strip_header(LineBlock(posixpath.basename(path), 1, head.split(b"\n", 1)[0] + b"\n"), dialect)
 
 
 def _text(raw: bytes) -> str:
@@ -104,8 +117,10 @@ def parse_block(lines: LineBlock, options: CriteoConfig, seed: int) -> ParsedBlo
     reasons[ends == starts] = FIELD_COUNT  # Arrow would read an empty line as a row of nulls
     # The CSV reader treats '\r' as a line end, and the hex check assumes ASCII:
     # lines with either are rejected before parsing (a cheap check, rarely true).
-    if data.max(initial=0) >= 0x80 or b"\r" in lines.data:
-        reasons[np.searchsorted(ends, np.flatnonzero((data >= 0x80) | (data == 13)))] = UNDECODABLE
+    if b"\r" in lines.data:
+        reasons[np.searchsorted(ends, np.flatnonzero(data == 13))] = CARRIAGE_RETURN
+    if data.max(initial=0) >= 0x80:
+        reasons[np.searchsorted(ends, np.flatnonzero(data >= 0x80))] = UNDECODABLE
     to_parse = np.flatnonzero(reasons == GOOD)
     text = lines.data if len(to_parse) == len(ends) else b"".join(
         lines.data[starts[i]:ends[i] + 1] for i in to_parse)
@@ -170,7 +185,8 @@ def _features(table: pa.Table, options: CriteoConfig, seed: int) -> tuple[Block,
     return block, reasons
 
 
-_INT_PATTERN = {"tsv": r"^[+-]?[0-9]{1,18}$", "csv": r"^[+-]?[0-9]{1,15}(\.0*)?$"}
+# The same integers Arrow's cast accepts (no '+', no spaces), so both paths agree on every value.
+_INT_PATTERN = {"tsv": r"^-?[0-9]{1,18}$", "csv": r"^-?[0-9]{1,15}(\.0*)?$"}
 
 
 def _parse_ints(column: pa.ChunkedArray, dialect: str) -> tuple[np.ndarray, np.ndarray]:
@@ -270,8 +286,9 @@ class ParseRange(beam.DoFn):
         for block in read_line_blocks(rng, first):
             if isinstance(block, TruncatedInput):
                 rows_read += 1  # the rest of the file counts as one rejected record
+                reason = "truncated_file" if block.error.startswith("EOFError") else "corrupt_file"
                 yield beam.pvalue.TaggedOutput("rejected", [Rejected(
-                    block.source, block.line, "truncated_file", block.error, _text(block.tail))])
+                    block.source, block.line, reason, block.error, _text(block.tail))])
                 continue
             if block.first_line == 1:
                 block = strip_header(block, options.dialect)
@@ -301,6 +318,7 @@ class CriteoToShards(beam.PTransform):
     def expand(self, pbegin):
         data = self.data
         layout, features = layout_for(data), schema(data.criteo.keep_raw)
+        check_headers(self.paths, data.criteo.dialect)
         ranges = [r for path in self.paths for r in plan_ranges(path, data.split_bytes)]
         ranges = (pbegin
                   | "Ranges" >> beam.Create(ranges)

@@ -162,6 +162,15 @@ def _bytes_values(buf: memoryview) -> list[bytes]:
 
 
 def decode_example(payload: bytes, schema: Schema) -> Block:
+    try:
+        return _decode_example(payload, schema)
+    except (KeyError, ValueError, UnicodeDecodeError) as e:  # ShardFormatError is a ValueError too
+        if isinstance(e, ShardFormatError):
+            raise
+        raise ShardFormatError(f"malformed block Example: {type(e).__name__}: {e}") from None
+
+
+def _decode_example(payload: bytes, schema: Schema) -> Block:
     raw: dict[str, tuple[int, memoryview]] = {}
     for _, features in _fields(memoryview(payload)):
         for _, entry in _fields(features):
@@ -182,6 +191,9 @@ def decode_example(payload: bytes, schema: Schema) -> Block:
             values = [v for _, v in _fields(values)]
             dtype = np.dtype("<f4" if feature.dtype == "float32" else np.dtype(feature.dtype).newbyteorder("<"))
             flat = np.frombuffer(values[0], dtype=dtype) if values else np.empty(0, dtype)
+            if flat.size % max(1, int(np.prod(feature.shape))):
+                raise ShardFormatError(f"feature {name!r} has shape ({flat.size},), not a whole number of "
+                                       f"rows of shape {feature.shape}")
             block[name] = flat.reshape((-1, *feature.shape)).astype(dtype.newbyteorder("="), copy=False)
     return _checked(block, schema)
 
@@ -219,11 +231,23 @@ def iter_tfrecord(stream: IO[bytes]) -> Iterator[bytes]:
 # --- WebDataset ---------------------------------------------------------------------------------
 
 
+class _StrictTarInfo(tarfile.TarInfo):
+    """tarfile takes end of file where a header should be as the end of the archive; a shard cut
+    between two samples would then read back short without a word. Demand the end-of-archive blocks."""
+
+    @classmethod
+    def fromtarfile(cls, tar):
+        try:
+            return super().fromtarfile(tar)
+        except (tarfile.EmptyHeaderError, tarfile.TruncatedHeaderError):
+            raise ShardFormatError("bad tar shard: truncated (it ends without the end-of-archive blocks)") from None
+
+
 def _iter_tar_samples(stream: IO[bytes], schema: Schema) -> Iterator[Block]:
     """Samples of a WebDataset tar: adjacent members sharing the key before the first dot."""
     sample_key, sample = None, {}
     try:
-        with tarfile.open(fileobj=stream, mode="r|") as tar:
+        with tarfile.open(fileobj=stream, mode="r|", tarinfo=_StrictTarInfo) as tar:
             for member in tar:
                 if not member.isfile():
                     continue

@@ -9,7 +9,9 @@ one range, read from the start, so no counting is needed for them.
 
 from __future__ import annotations
 
+import lzma
 import posixpath
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -27,6 +29,7 @@ class InputRange:
     start: int  # byte offset of a line start
     end: int | None  # byte offset just after a newline; None = to the end of the file
     last: bool
+    compressed: bool = False
 
 
 @dataclass(frozen=True)
@@ -40,7 +43,7 @@ class LineBlock:
 
 @dataclass(frozen=True)
 class TruncatedInput:
-    """A compressed file ended early; `tail` is the partial line it stopped in."""
+    """A compressed file ended early or is corrupt; `tail` is the partial line it stopped in."""
 
     source: str
     line: int
@@ -56,6 +59,10 @@ def expand_inputs(pattern: str) -> list[str]:
         found = sorted(fs.glob(part)) if any(c in part for c in "*?[") else ([part] if fs.exists(part) else [])
         if not found:
             raise FileNotFoundError(f"no input files match {part!r}")
+        directories = [p for p in found if fs.isdir(p)]
+        if directories:
+            raise IsADirectoryError(f"input {directories[0]!r} is a directory; give files or a glob such as "
+                                    f"{directories[0].rstrip('/')}/*")
         paths += [fs.unstrip_protocol(p) if "://" in part else p for p in found]
     names = [posixpath.basename(p) for p in paths]
     duplicates = sorted({n for n in names if names.count(n) > 1})
@@ -70,7 +77,7 @@ def plan_ranges(path: str, split_bytes: int) -> list[InputRange]:
     fs, fs_path = fsspec.core.url_to_fs(path)
     size = fs.size(fs_path)
     if infer_compression(path) is not None or size <= split_bytes:
-        return [InputRange(path, source, 0, 0, None, True)]
+        return [InputRange(path, source, 0, 0, None, True, infer_compression(path) is not None)]
     starts = [0]
     with fs.open(fs_path, "rb") as f:
         for nominal in range(split_bytes, size, split_bytes):
@@ -98,8 +105,21 @@ def count_lines(rng: InputRange) -> int:
     return count
 
 
+# What a damaged compressed stream raises (BadGzipFile is an OSError; bz2 raises OSError too).
+DECOMPRESSION_ERRORS = (EOFError, OSError, zlib.error, lzma.LZMAError)
+
+
+class _DecompressionFailed(Exception):
+    def __init__(self, error: Exception, data: bytes):
+        super().__init__(str(error))
+        self.error, self.data = error, data
+
+
 def _read_range(rng: InputRange) -> Iterator[bytes]:
-    with fsspec.open(rng.path, "rb", compression="infer") as f:
+    if rng.compressed:
+        yield from _read_compressed(rng.path)
+        return
+    with fsspec.open(rng.path, "rb") as f:
         f.seek(rng.start)
         remaining = None if rng.end is None else rng.end - rng.start
         while remaining is None or remaining > 0:
@@ -111,30 +131,55 @@ def _read_range(rng: InputRange) -> Iterator[bytes]:
             yield chunk
 
 
+def _read_compressed(path: str) -> Iterator[bytes]:
+    """Decompressed chunks; on a damaged stream, raises _DecompressionFailed with the bytes decoded so far.
+
+    `read1` hands over each decompressed piece as it comes: a plain `read(n)`
+    would throw away everything it decoded before hitting the damage.
+    """
+    with fsspec.open(path, "rb", compression="infer") as f:
+        buffer = bytearray()
+        while True:
+            try:
+                piece = f.read1(READ_CHUNK_BYTES)
+            except DECOMPRESSION_ERRORS as e:
+                raise _DecompressionFailed(e, bytes(buffer)) from e
+            if piece:
+                buffer += piece
+            if buffer and (not piece or len(buffer) >= READ_CHUNK_BYTES):
+                yield bytes(buffer)
+                buffer.clear()
+            if not piece:
+                return
+
+
 def read_line_blocks(rng: InputRange, first_line: int) -> Iterator[LineBlock | TruncatedInput]:
     """Blocks of whole lines of one range (a last line without a newline gets one).
 
-    A compressed file that ends early yields what it held, then a TruncatedInput
-    with the partial line it stopped in.
+    A compressed file that ends early or is corrupt yields every whole line it
+    held, then a TruncatedInput with the partial line it stopped in.
     """
     line, carry = first_line, b""
     chunks = _read_range(rng)
     while True:
+        failure = None
         try:
             chunk = next(chunks, b"")
-        except (EOFError, OSError) as e:  # gzip/zlib: truncated or corrupt stream
-            yield TruncatedInput(rng.source, line, f"{type(e).__name__}: {e}", carry)
-            return
-        if not chunk:
-            if carry:
-                yield LineBlock(rng.source, line, carry + b"\n")
-            return
+        except _DecompressionFailed as e:
+            failure, chunk = e, e.data
         data = carry + chunk
         cut = data.rfind(b"\n") + 1
         carry = data[cut:]
         if cut:
             yield LineBlock(rng.source, line, data[:cut])
             line += data.count(b"\n", 0, cut)
+        if failure is not None:
+            yield TruncatedInput(rng.source, line, f"{type(failure.error).__name__}: {failure.error}", carry)
+            return
+        if not chunk:
+            if carry:
+                yield LineBlock(rng.source, line, carry + b"\n")
+            return
 
 
 def first_lines(counts: list[tuple[int, int]]) -> dict[int, int]:

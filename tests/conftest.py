@@ -1,0 +1,272 @@
+"""Shared fixtures and helpers for the data-foundation and Criteo pipeline tests.
+
+Everything here runs the real parts: Beam's in-process FnApiRunner (never the
+default DirectRunner, which tries to download Prism), real fsspec file systems
+(`tmp_path` and `memory://` with a unique root per test), real shard readers.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+import random
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import fsspec
+import numpy as np
+import pytest
+
+from codistill.config import parse_experiment
+from codistill.dataset import DatasetManifest, join, load_manifest
+from pipelines.formats import read_shard
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+RUNNER = "--runner=FnApiRunner"
+INT_MISSING = -(2**63)
+
+# --- shared sample data -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """`../shared/data` (relative to the repo root). Missing data is a failure, never a skip."""
+    assert SHARED_DATA.is_dir(), (
+        f"shared sample data not found at {SHARED_DATA}: the conformance tests read the real Criteo samples "
+        "from ../shared/data relative to the repository root")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def criteo_samples(shared_data) -> dict[str, Path]:
+    paths = {"tsv": shared_data / "criteo" / "paddlerec_sample_train.tsv",
+             "csv": shared_data / "criteo" / "deepctr_criteo_sample.csv"}
+    for path in paths.values():
+        assert path.is_file(), f"missing shared sample file {path}"
+    return paths
+
+
+# --- file systems -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def memory_root():
+    """A fresh `memory://` root for one test, removed afterwards."""
+    root = f"memory://codistill-test-{uuid.uuid4().hex}"
+    yield root
+    fs, path = fsspec.core.url_to_fs(root)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
+def list_files(root: str) -> list[str]:
+    """Every file under `root`, relative to it (hidden ones too), sorted."""
+    fs, base = fsspec.core.url_to_fs(root)
+    base = base.rstrip("/")
+    return sorted(p[len(base) + 1:] for p in fs.find(base))
+
+
+def read_bytes(url: str) -> bytes:
+    with fsspec.open(url, "rb") as f:
+        return f.read()
+
+
+def write_bytes(url: str, data: bytes) -> None:
+    with fsspec.open(url, "wb", auto_mkdir=True) as f:
+        f.write(data)
+
+
+# --- raw Criteo input with injected faults --------------------------------------------------------
+
+
+def good_fields(rng: random.Random) -> list[str]:
+    """One valid Kaggle train.txt row as 40 strings (empty = missing).
+
+    Categorical values come from a small vocabulary per column so equal values
+    recur (their bucket ids must then be equal too).
+    """
+    label = rng.choice("01")
+    ints = []
+    for _ in range(13):
+        r = rng.random()
+        ints.append("" if r < 0.2 else str(rng.choice([-2, -1, 0, 1, 7])) if r < 0.5 else str(rng.randint(0, 10**6)))
+    cats = ["" if rng.random() < 0.15 else f"{rng.choice([0, 1, 0x7FFFFFFF, 0xFFFFFFFF, 0xDEADBEEF, rng.getrandbits(32)]):08x}"
+            for _ in range(26)]
+    return [label, *ints, *cats]
+
+
+def _with(fields: list[str], index: int, value: str) -> list[str]:
+    return fields[:index] + [value] + fields[index + 1:]
+
+
+def _tsv(fields: list[str]) -> bytes:
+    return "\t".join(fields).encode()
+
+
+# name -> (make the bad line from a good row's fields, the reason it must be rejected with)
+FAULTS = {
+    "too_few_fields": (lambda f: _tsv(f[:39]), "field_count"),
+    "too_many_fields": (lambda f: _tsv(f + ["1"]), "field_count"),
+    "empty_line": (lambda f: b"", "field_count"),
+    "spaces_only": (lambda f: b"   ", "field_count"),
+    "non_integer": (lambda f: _tsv(_with(f, 3, "abc")), "bad_integer"),
+    "fractional_integer": (lambda f: _tsv(_with(f, 1, "3.5")), "bad_integer"),
+    "integer_too_long": (lambda f: _tsv(_with(f, 5, "1" * 25)), "bad_integer"),
+    "bad_hex": (lambda f: _tsv(_with(f, 20, "zzzzzzzz")), "bad_categorical"),
+    "short_hex": (lambda f: _tsv(_with(f, 14, "abc")), "bad_categorical"),
+    "long_hex": (lambda f: _tsv(_with(f, 39, "0123456789")), "bad_categorical"),
+    "bad_label": (lambda f: _tsv(_with(f, 0, "2")), "bad_label"),
+    "missing_label": (lambda f: _tsv(_with(f, 0, "")), "bad_label"),
+    "non_ascii": (lambda f: _tsv(_with(f, 15, "caf\u00e9babe")), "undecodable"),
+    "latin1_byte": (lambda f: _tsv(f).replace(b"\t", b"\t\xff", 1), "undecodable"),
+    "carriage_return": (lambda f: _tsv(f) + b"\r", "carriage_return"),
+    "nul_in_integer": (lambda f: _tsv(_with(f, 2, "1\x002")), "bad_integer"),
+    "cut_mid_row": (lambda f: _tsv(f)[:57], "field_count"),  # e.g. a file's last line, cut by a failed copy
+}
+
+
+@dataclass
+class RawCriteo:
+    """A raw Criteo file written for a test, and what the pipeline must make of it."""
+
+    url: str
+    name: str  # basename: the first half of every key
+    lines: list[bytes]  # physical lines, without their newline
+    rejected: dict[int, str] = field(default_factory=dict)  # 1-based line -> expected reason
+    first_data_line: int = 1
+
+    @property
+    def good_lines(self) -> list[int]:
+        return [n for n in range(self.first_data_line, len(self.lines) + 1) if n not in self.rejected]
+
+    def key(self, line: int) -> str:
+        return f"{self.name}:{line}"
+
+    @property
+    def good_keys(self) -> set[str]:
+        return {self.key(n) for n in self.good_lines}
+
+    def text(self, line: int) -> str:
+        return self.lines[line - 1].decode()
+
+    @property
+    def rows(self) -> int:
+        return len(self.lines) - (self.first_data_line - 1)
+
+
+def make_criteo_file(url: str, rows: int, faults: dict[int, str] | None = None, seed: int = 0,
+                     compress: bool = False, final_newline: bool = True) -> RawCriteo:
+    """Write `rows` Kaggle-format lines to `url` with the named FAULTS at the given 1-based lines."""
+    rng = random.Random(seed)
+    faults = faults or {}
+    lines, rejected = [], {}
+    for number in range(1, rows + 1):
+        fields = good_fields(rng)
+        if number in faults:
+            make, reason = FAULTS[faults[number]]
+            lines.append(make(fields))
+            rejected[number] = reason
+        else:
+            lines.append(_tsv(fields))
+    data = b"\n".join(lines) + (b"\n" if final_newline and lines else b"")
+    write_bytes(url, gzip.compress(data, mtime=0) if compress else data)
+    return RawCriteo(url, url.rstrip("/").rsplit("/", 1)[-1], lines, rejected)
+
+
+@pytest.fixture
+def criteo_file():
+    return make_criteo_file
+
+
+# --- the reference feature transform (by hand, straight from the module docstring) ---------------
+
+
+@dataclass(frozen=True)
+class ExpectedRow:
+    label: float
+    dense: list[float]
+    int_raw: list[int]
+    cat_raw: list[int]
+
+    @property
+    def cat_missing(self) -> list[bool]:
+        return [v == -1 for v in self.cat_raw]
+
+
+def expected_row(line: str, delimiter: str = "\t") -> ExpectedRow:
+    """label 0/1 float; dense = sign(x)*log1p(|x|), missing -> 0; raw ints (missing -> -2^63); raw cats."""
+    fields = line.split(delimiter)
+    assert len(fields) == 40, line
+    ints = [int(float(v)) if v else None for v in fields[1:14]]  # the csv export writes `260.0`
+    dense = [0.0 if v is None else math.copysign(math.log1p(abs(v)), v) for v in ints]
+    return ExpectedRow(float(fields[0]), dense, [INT_MISSING if v is None else v for v in ints],
+                       [int(v, 16) if v else -1 for v in fields[14:]])
+
+
+def assert_row_matches(row: dict, expected: ExpectedRow, buckets: int, key: str = "") -> None:
+    assert row["label"] == expected.label, key
+    np.testing.assert_allclose(row["dense"], expected.dense, rtol=1e-6, atol=0, err_msg=key)
+    cat = np.asarray(row["cat"])
+    missing = np.array(expected.cat_missing)
+    assert (cat[missing] == 0).all(), f"{key}: missing categoricals must map to id 0, got {cat}"
+    assert ((cat[~missing] >= 1) & (cat[~missing] <= buckets - 1)).all(), \
+        f"{key}: present categoricals must map into 1..{buckets - 1}, got {cat}"
+    if "int_raw" in row:
+        assert list(row["int_raw"]) == expected.int_raw, key
+        assert list(row["cat_raw"]) == expected.cat_raw, key
+
+
+# --- running the pipeline and reading what it wrote -------------------------------------------------
+
+
+def criteo_config(input: str, output: str, **data):
+    criteo = {"cat_buckets": [1000], **data.pop("criteo", {})}
+    raw = {"name": "test", "data": {"input": input, "output": output, "groups": 2, "eval_fraction": 0.2,
+                                    "shards_per_group": 2, "eval_shards": 1, "block_rows": 16, "seed": 5,
+                                    "criteo": criteo, **data}}
+    return parse_experiment(raw)
+
+
+def run_criteo(input: str, output: str, beam_args=(RUNNER,), overwrite: bool = False, **data) -> DatasetManifest:
+    """Run the Criteo pipeline end to end on the in-process runner (small defaults: 2 groups, 2 shards each)."""
+    from pipelines.run import preprocess
+
+    return preprocess(criteo_config(input, output, **data), list(beam_args), overwrite=overwrite)
+
+
+@pytest.fixture
+def run_pipeline():
+    return run_criteo
+
+
+def read_rows(root: str) -> dict[str, dict]:
+    """key -> {feature: value, "split": ..., "group": ..., "shard": path}, checking each shard's sha256."""
+    manifest = load_manifest(root)
+    rows = {}
+    for shard in manifest.shards:
+        for block in read_shard(join(root, shard.path), manifest.features, manifest.format,
+                                expect_sha256=shard.sha256):
+            for i, raw_key in enumerate(block["key"].tolist()):
+                key = raw_key.decode()
+                assert key not in rows, f"key {key} is in {rows.get(key, {}).get('shard')} and {shard.path}"
+                rows[key] = {name: block[name][i] for name in block if name != "key"}
+                rows[key] |= {"split": shard.split, "group": shard.group, "shard": shard.path}
+    return rows
+
+
+def read_rejected(root: str) -> list[dict]:
+    fs, base = fsspec.core.url_to_fs(root)
+    out = []
+    for path in sorted(fs.glob(f"{base.rstrip('/')}/rejected/*.jsonl")):
+        with fs.open(path, "r") as f:
+            out += [json.loads(line) for line in f]
+    return out
+
+
+def shard_bytes(root: str) -> dict[str, bytes]:
+    """Relative path -> bytes of every shard and rejected file (the whole deterministic output)."""
+    return {path: read_bytes(join(root, path)) for path in list_files(root)
+            if path.startswith(("train/", "eval/", "rejected/"))}
