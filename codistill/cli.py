@@ -72,19 +72,22 @@ def preprocess() -> None:
 @click.option("--format", "fmt", type=click.Choice(["tfrecord", "webdataset"]))
 @click.option("--dialect", type=click.Choice(["tsv", "csv"]),
               help="tsv: Kaggle train.txt; csv: the header CSV export (label,I1..,C26).")
+@click.option("--cat-buckets", type=click.IntRange(min=2), help="Hash buckets for every categorical column.")
+@click.option("--keep-raw/--no-keep-raw", default=None, help="Also store the raw integer and categorical values.")
 @click.option("--runner", help="Beam runner (default FnApiRunner, in-process); e.g. DataflowRunner, FlinkRunner.")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a manifest field.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
 @click.pass_context
 @_fail_cleanly
-def preprocess_criteo(ctx, manifest, input_glob, output, groups, eval_fraction, fmt, dialect, runner, sets,
-                      overwrite) -> None:
+def preprocess_criteo(ctx, manifest, input_glob, output, groups, eval_fraction, fmt, dialect, cat_buckets, keep_raw,
+                      runner, sets, overwrite) -> None:
     """Criteo TSV (or gzip) files -> shards. Unknown options go to Beam (e.g. --direct_num_workers=2)."""
     from pipelines.run import preprocess as run_preprocess
 
     raw = read_manifest_yaml(manifest) if manifest else {"name": "criteo-cli", "data": {"dataset": "criteo"}}
     flags = {"data.input": input_glob, "data.output": output, "data.groups": groups,
-             "data.eval_fraction": eval_fraction, "data.format": fmt, "data.criteo.dialect": dialect}
+             "data.eval_fraction": eval_fraction, "data.format": fmt, "data.criteo.dialect": dialect,
+             "data.criteo.cat_buckets": cat_buckets, "data.criteo.keep_raw": keep_raw}
     for dotted, value in flags.items():
         if value is not None:
             set_field(raw, dotted, value)

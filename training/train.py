@@ -44,6 +44,7 @@ def deepspeed_config(config: ExperimentConfig) -> dict:
         "train_micro_batch_size_per_gpu": ds.micro_batch_size,
         "gradient_accumulation_steps": ds.grad_accum,
         "zero_optimization": {"stage": ds.zero_stage},
+        "zero_allow_untested_optimizer": True,  # torch SGD is fine under ZeRO; DeepSpeed only vouches for Adam(W)/Adagrad
         "steps_per_print": 2**31 - 1,  # we log ourselves
     }
     if ds.gradient_clipping:
@@ -120,6 +121,7 @@ class GroupTrainer:
                                            poll_interval=cod.poll_seconds, max_staleness=cod.max_staleness)
         self.step = 0
         self.step_seconds: list[float] = []
+        self.metrics_file = None
 
     def _frozen_copy(self) -> torch.nn.Module:
         peer, _ = build(self.config.model, self.dataset)
@@ -226,8 +228,7 @@ class GroupTrainer:
             if config.codistill.enabled and self.step % config.codistill.exchange_every == 0:
                 self.publish()
             self.step_seconds.append(time.perf_counter() - start)
-            if self.step % config.train.log_every == 0:
-                self.log_train(record)
+            self.log_train(record)
             if self.step % config.eval.every == 0 or self.step == total:
                 self.evaluate(final=self.step == total)
             if self.step % config.train.checkpoint_every == 0 or self.step == total:
@@ -237,22 +238,26 @@ class GroupTrainer:
         self.close()
 
     def log_train(self, record: dict) -> None:
-        recent = self.step_seconds[-self.config.train.log_every:]
+        """Every step to metrics.jsonl (peers used and their staleness included); every log_every to the console."""
+        if self.rank != 0:
+            return
         record |= {"step": self.step, "group": self.group, "lr": self.engine.get_lr()[0],
-                   "weight": self.distill_weight(), "ms_per_step": 1000 * float(np.mean(recent))}
-        if self.rank == 0:
-            self.write_metrics("train", record)
+                   "weight": self.distill_weight(), "ms": 1000 * self.step_seconds[-1]}
+        self.write_metrics("train", record)
+        if self.step % self.config.train.log_every == 0:
+            recent = 1000 * float(np.mean(self.step_seconds[-self.config.train.log_every:]))
             peers = ", ".join(f"g{g}:{age}" for g, age in record["peers"].items()) or "none"
             print(f"step {self.step}/{self.config.schedule.steps} loss {record['loss']:.4f} "
                   f"(label {record['label_loss']:.4f} distill {record['distill_loss']:.4f} x{record['weight']:.2f}) "
-                  f"peers[staleness] {peers}  {record['ms_per_step']:.1f} ms/step", flush=True)
+                  f"peers[staleness] {peers}  {recent:.1f} ms/step", flush=True)
 
     def distill_weight(self) -> float:
         return distill_weight(self.step, self.distill) if self.peer_groups else 0.0
 
     def write_metrics(self, kind: str, record: dict) -> None:
-        with open(self.out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps({"kind": kind, **record}) + "\n")
+        if self.metrics_file is None:
+            self.metrics_file = open(self.out / "metrics.jsonl", "a", buffering=1)  # line-buffered: readable live
+        self.metrics_file.write(json.dumps({"kind": kind, **record}) + "\n")
 
     # --- evaluation --------------------------------------------------------------------------------
 
@@ -340,6 +345,8 @@ class GroupTrainer:
         return self.step * self.config.deepspeed.grad_accum
 
     def close(self) -> None:
+        if self.metrics_file is not None:
+            self.metrics_file.close()
         if self.watcher is not None:
             self.watcher.close()
         if self.publisher is not None:
