@@ -22,6 +22,7 @@ import pytest
 from codistill.config import parse_experiment
 from codistill.dataset import DatasetManifest, join, load_manifest
 from pipelines.formats import read_shard
+from tfrecord.reader import tfrecord_loader
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -270,3 +271,21 @@ def shard_bytes(root: str) -> dict[str, bytes]:
     """Relative path -> bytes of every shard and rejected file (the whole deterministic output)."""
     return {path: read_bytes(join(root, path)) for path in list_files(root)
             if path.startswith(("train/", "eval/", "rejected/"))}
+
+
+def assert_tfrecord_package_agrees(url: str, features: dict) -> None:
+    """The `tfrecord` package's reading of a shard equals `read_shard`'s, feature by feature."""
+    description = {name: "float" if f.dtype == "float32" else "byte" for name, f in features.items()}
+    ours = list(read_shard(url, features, "tfrecord"))
+    theirs = list(tfrecord_loader(url, None, description))
+    assert len(ours) == len(theirs)
+    for record, block in zip(theirs, ours):
+        rows = len(block["key"])
+        for name, f in features.items():
+            if f.dtype == "bytes":
+                assert [bytes(k) for k in np.atleast_1d(record[name])] == block[name].tolist()
+            elif f.dtype == "float32":
+                np.testing.assert_array_equal(record[name].reshape(rows, *f.shape), block[name])
+            else:
+                raw = np.frombuffer(record[name], np.dtype(f.dtype).newbyteorder("<"))
+                np.testing.assert_array_equal(raw.reshape(rows, *f.shape), block[name])

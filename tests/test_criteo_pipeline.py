@@ -16,7 +16,6 @@ import pytest
 import webdataset as wds
 from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import assert_that, equal_to
-from tfrecord.reader import tfrecord_loader
 
 from codistill.config import CriteoConfig
 from codistill.dataset import MANIFEST_NAME, DatasetManifest, join, load_manifest
@@ -27,8 +26,8 @@ from pipelines.run import OutputExistsError
 from pipelines.synth_criteo import generate_criteo
 from pipelines.textfiles import LineBlock, plan_ranges
 
-from conftest import (FAULTS, RUNNER, RawCriteo, assert_row_matches, criteo_config, expected_row, list_files,
-                      make_criteo_file, read_bytes, read_rejected, read_rows, run_criteo, shard_bytes, write_bytes)
+from conftest import (FAULTS, RUNNER, RawCriteo, assert_row_matches, assert_tfrecord_package_agrees, criteo_config,
+                      expected_row, list_files, make_criteo_file, read_bytes, read_rejected, read_rows, run_criteo, shard_bytes, write_bytes)
 
 BUCKETS = 1000  # conftest's default data.criteo.cat_buckets
 
@@ -174,21 +173,8 @@ def test_faulty_dataset_verifies(faulty):
 
 def test_pipeline_shards_read_back_with_the_tfrecord_package(faulty):
     _, manifest, out, _ = faulty
-    description = {"key": "byte", "label": "float", "dense": "float", "cat": "byte", "int_raw": "byte",
-                   "cat_raw": "byte"}
     for shard in manifest.shards:
-        url = join(out, shard.path)
-        ours = list(read_shard(url, manifest.features, "tfrecord"))
-        theirs = list(tfrecord_loader(url, None, description))
-        assert len(ours) == len(theirs)
-        for record, block in zip(theirs, ours):
-            rows = len(block["key"])
-            assert [bytes(k) for k in np.atleast_1d(record["key"])] == block["key"].tolist()
-            np.testing.assert_array_equal(record["label"], block["label"])
-            np.testing.assert_array_equal(record["dense"].reshape(rows, 13), block["dense"])
-            np.testing.assert_array_equal(np.frombuffer(record["cat"], "<i4").reshape(rows, 26), block["cat"])
-            np.testing.assert_array_equal(np.frombuffer(record["int_raw"], "<i8").reshape(rows, 13), block["int_raw"])
-            np.testing.assert_array_equal(np.frombuffer(record["cat_raw"], "<i8").reshape(rows, 26), block["cat_raw"])
+        assert_tfrecord_package_agrees(join(out, shard.path), manifest.features)
 
 
 def test_pipeline_webdataset_shards_read_back_with_webdataset(tmp_path, criteo_file):

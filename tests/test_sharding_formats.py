@@ -11,14 +11,13 @@ import numpy as np
 import pytest
 import webdataset as wds
 from tfrecord import example_pb2
-from tfrecord.reader import tfrecord_loader
 from tfrecord.writer import TFRecordWriter
 
 from pipelines.formats import (Feature, ShardFormatError, decode_example, encode_example, frame_record, read_shard,
                                write_shard)
 from pipelines.sharding import ShardLayout, line_key_hashes, partition, string_hash
 
-from conftest import list_files, read_bytes, write_bytes
+from conftest import assert_tfrecord_package_agrees, list_files, read_bytes, write_bytes
 
 LAYOUT = ShardLayout("criteo", "tfrecord", groups=3, shards_per_group=4, eval_shards=2, eval_fraction=0.1)
 
@@ -221,17 +220,7 @@ def test_tfrecord_framing_and_examples_are_valid(tmp_path):
 def test_tfrecord_package_loader_reads_what_read_shard_reads(tmp_path):
     url = str(tmp_path / "s.tfrecord")
     write_shard(url, make_blocks(), SCHEMA, "tfrecord", "p")
-    ours = list(read_shard(url, SCHEMA, "tfrecord"))
-    theirs = list(tfrecord_loader(url, None, {"key": "byte", "label": "float", "dense": "float", "cat": "byte",
-                                              "raw": "byte"}))
-    assert len(theirs) == len(ours)
-    for record, block in zip(theirs, ours):
-        rows = len(block["key"])
-        assert [bytes(k) for k in np.atleast_1d(record["key"])] == block["key"].tolist()
-        np.testing.assert_array_equal(record["label"], block["label"])
-        np.testing.assert_array_equal(record["dense"].reshape(rows, 13), block["dense"])
-        np.testing.assert_array_equal(np.frombuffer(record["cat"], "<i4").reshape(rows, 26), block["cat"])
-        np.testing.assert_array_equal(np.frombuffer(record["raw"], "<i8").reshape(rows, 2), block["raw"])
+    assert_tfrecord_package_agrees(url, SCHEMA)
 
 
 def test_decoder_reads_examples_built_by_protobuf():
