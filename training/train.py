@@ -31,9 +31,9 @@ from codistill.config import ExperimentConfig, OptimizerConfig, ScheduleConfig, 
 from codistill.dataset import check_shards_present, load_manifest
 from training.data import StreamSpec, ShardStream, loader, to_torch
 from training.exchange import PeerWatcher, SnapshotPublisher, model_signature
-from training.loss import DistillConfig, codistillation_loss, distill_weight
+from training.loss import DistillConfig, LossParts, codistillation_loss, distill_weight
 from training.metrics import binary_metrics
-from training.models import build
+from training.models import Task, build
 
 logger = logging.getLogger("codistill.train")
 
@@ -47,8 +47,8 @@ def deepspeed_config(config: ExperimentConfig) -> dict:
         "zero_allow_untested_optimizer": True,  # torch SGD is fine under ZeRO; DeepSpeed only vouches for Adam(W)/Adagrad
         "steps_per_print": 2**31 - 1,  # we log ourselves
     }
-    if ds.gradient_clipping:
-        out["gradient_clipping"] = ds.gradient_clipping
+    # Always written: left out, DeepSpeed would clip at its default norm of 1.0.
+    out["gradient_clipping"] = float(ds.gradient_clipping)
     if ds.precision != "fp32":
         out[ds.precision] = {"enabled": True}
     return out
@@ -62,6 +62,35 @@ def make_optimizer(params, config: OptimizerConfig) -> torch.optim.Optimizer:
         return torch.optim.Adagrad(params, lr=config.lr, weight_decay=config.weight_decay)
     cls = torch.optim.AdamW if config.name == "adamw" else torch.optim.Adam
     return cls(params, lr=config.lr, betas=tuple(config.betas), weight_decay=config.weight_decay)
+
+
+def build_engine(model: torch.nn.Module, config: ExperimentConfig, world: int):
+    """The DeepSpeed engine for one group's model, optimizer and LR schedule."""
+    import deepspeed
+
+    optimizer = make_optimizer(model.parameters(), config.optimizer)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(config.schedule))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=deepspeed_config(config))
+    if world == 1 and config.deepspeed.zero_stage == 0:
+        # Nothing to average, yet DeepSpeed would flatten every gradient, all-reduce it with
+        # itself over gloo and copy it back: ~10% of a small model's step.
+        engine.enable_backward_allreduce = False
+    return engine
+
+
+def forward_backward(engine, task: Task, peers: list[torch.nn.Module], batch: dict[str, torch.Tensor], step: int,
+                     distill: DistillConfig) -> LossParts:
+    """One micro-step: the student on its batch, the frozen peers on the same batch, the loss, backward, step."""
+    logits = task.logits(engine, batch).float()
+    with torch.no_grad():
+        fp32 = {k: (v.float() if v.is_floating_point() else v) for k, v in batch.items()}
+        peer_logits = [task.logits(peer, fp32).float() for peer in peers]
+    target = batch[task.target].float() if task.binary else batch[task.target]
+    parts = codistillation_loss(logits, target, peer_logits, step, distill, binary=task.binary)
+    engine.backward(parts.total)
+    engine.step()
+    return parts
 
 
 def lr_factor(schedule: ScheduleConfig):
@@ -97,10 +126,7 @@ class GroupTrainer:
         torch.manual_seed(config.train.seed * 1000 + group)  # every rank the same: one model per group
         model, self.task = build(config.model, self.dataset)
         self.signature = model_signature(model.state_dict())
-        optimizer = make_optimizer(model.parameters(), config.optimizer)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(config.schedule))
-        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                                    config=deepspeed_config(config))
+        self.engine = build_engine(model, config, self.world)
         self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[
             config.deepspeed.precision]
 
@@ -148,12 +174,14 @@ class GroupTrainer:
             names = list(peer.state_dict())
             flat = torch.cat([state[n].float().flatten() for n in names]) if self.rank == 0 else torch.empty(
                 sum(t.numel() for t in peer.state_dict().values()))
+            flat = flat.to(self.device)  # NCCL broadcasts device tensors
             dist.broadcast(flat, src=0)
             state, offset = {}, 0
             for name, tensor in peer.state_dict().items():
                 state[name] = flat[offset:offset + tensor.numel()].view_as(tensor)
                 offset += tensor.numel()
-        peer.load_state_dict(state)
+        state = {k: v.to(self.device) for k, v in state.items()}
+        peer.load_state_dict(state, assign=True)  # take the fresh tensors as they are: no copy in the step
         self.peer_steps[group] = step
 
     def usable_peers(self) -> list[int]:
@@ -197,14 +225,8 @@ class GroupTrainer:
         usable = self.usable_peers()
         for _ in range(self.config.deepspeed.grad_accum):
             batch = self.batch_to_device(to_torch(next(batches)))
-            logits = self.task.logits(self.engine, batch).float()
-            with torch.no_grad():
-                fp32 = {k: (v.float() if v.is_floating_point() else v) for k, v in batch.items()}
-                peer_logits = [self.task.logits(self.peers[g], fp32).float() for g in usable]
-            target = batch[self.task.target].float() if self.task.binary else batch[self.task.target]
-            parts = codistillation_loss(logits, target, peer_logits, self.step, self.distill, binary=self.task.binary)
-            self.engine.backward(parts.total)
-            self.engine.step()
+            parts = forward_backward(self.engine, self.task, [self.peers[g] for g in usable], batch, self.step,
+                                     self.distill)
         return {"loss": parts.total.item(), "label_loss": parts.label_loss.item(),
                 "distill_loss": parts.distill_loss.item(),
                 "peers": {str(g): self.step - self.peer_steps[g] for g in usable}}
@@ -252,7 +274,7 @@ class GroupTrainer:
                   f"peers[staleness] {peers}  {recent:.1f} ms/step", flush=True)
 
     def distill_weight(self) -> float:
-        return distill_weight(self.step, self.distill) if self.peer_groups else 0.0
+        return distill_weight(self.step - 1, self.distill) if self.peer_groups else 0.0  # the logged step's loss used w(step - 1)
 
     def write_metrics(self, kind: str, record: dict) -> None:
         if self.metrics_file is None:
