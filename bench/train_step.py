@@ -94,7 +94,7 @@ from training.data import ShardStream, StreamSpec, to_torch
 from training.exchange import PeerWatcher, SnapshotPublisher, model_signature
 from training.loss import DistillConfig
 from training.models import build
-from training.train import build_engine, deepspeed_config, forward_backward, lr_factor, make_optimizer
+from training.train import FlatPeer, build_engine, deepspeed_config, forward_backward, lr_factor, make_optimizer
 
 GOALS = {"ds_plain": 1.15, "cod1_ds": 1.35, "p99_exchange": 1.10}
 RUN = "bench"
@@ -199,7 +199,7 @@ class DeepSpeedBaseline(Variant):
 class Codistill(Variant):
     """GroupTrainer.train_step with grad_accum 1 and every peer usable."""
 
-    def __init__(self, config, engine, task, peers: dict[int, torch.nn.Module]):
+    def __init__(self, config, engine, task, peers: dict[int, FlatPeer]):
         super().__init__()
         self.engine, self.task, self.peers = engine, task, peers
         self.name = f"codist-{len(peers)}"
@@ -213,7 +213,7 @@ class Codistill(Variant):
 
     def train_step(self, batch):
         # GroupTrainer.train_step's micro-step, every peer fresh (usable)
-        parts = forward_backward(self.engine, self.task, list(self.peers.values()), batch,
+        parts = forward_backward(self.engine, self.task, [peer.module for peer in self.peers.values()], batch,
                                  self.past_burn_in + self.steps, self.distill)
         return {"loss": parts.total.item(), "label_loss": parts.label_loss.item(),  # as train_step's record
                 "distill_loss": parts.distill_loss.item()}
@@ -260,13 +260,13 @@ class CodistillExchange(Codistill):
         adopted = published = False
         for g in list(self.incoming):
             step, state = self.incoming.pop(g)
-            self.peers[g].load_state_dict(state, assign=True)  # as GroupTrainer._adopt
+            self.peers[g].load(state)  # as GroupTrainer._adopt
             self.adopted_step, adopted = step, True
         self.train_step(batch)
         # GroupTrainer.publish: full fp32 weights, upload in the background. Phase: mid-block (blocks start at
         # multiples of `every`), so an upload runs during timed steps, not into the untimed end of a block.
         if (self.steps + 1) % self.every == self.every // 2:
-            state = {k: v.detach().float().clone() for k, v in self.engine.module.state_dict().items()}
+            state = {k: v.detach().float() for k, v in self.engine.module.state_dict().items()}  # gathered_state
             published = self.publisher.publish_async(self.steps + 1, state)
             self.stats["published" if published else "publish_skipped"] += 1
         self.kinds.append("both" if adopted and published else "adopt" if adopted else "publish" if published else "")
@@ -398,9 +398,9 @@ def main() -> None:
     variants: list[Variant] = [
         Plain(config, student(), task),
         DeepSpeedBaseline(config, engine(), task),
-        Codistill(config, engine(), task, {1: frozen(101)}),
-        Codistill(config, engine(), task, {1: frozen(101), 2: frozen(102)}),
-        CodistillExchange(config, engine(), task, {1: frozen(101)}, f"{workdir}/store", frozen(201),
+        Codistill(config, engine(), task, {1: FlatPeer(frozen(101))}),
+        Codistill(config, engine(), task, {1: FlatPeer(frozen(101)), 2: FlatPeer(frozen(102))}),
+        CodistillExchange(config, engine(), task, {1: FlatPeer(frozen(101))}, f"{workdir}/store", frozen(201),
                           args.exchange_every),
     ]
     plain, ds, cod1, cod2, codx = variants

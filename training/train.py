@@ -14,6 +14,7 @@ only touched by background threads: training never waits on it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -21,6 +22,7 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -106,6 +108,31 @@ def lr_factor(schedule: ScheduleConfig):
     return factor
 
 
+class FlatPeer:
+    """A frozen peer model whose tensors are views into one flat fp32 buffer.
+
+    Adopting a snapshot is then one copy into that buffer (or one broadcast
+    into it on every rank), not a `load_state_dict` walking every tensor
+    inside the training step.
+    """
+
+    def __init__(self, module: torch.nn.Module):
+        self.module = module
+        tensors = dict(module.named_parameters()) | dict(module.named_buffers())
+        if any(t.dtype != torch.float32 for t in tensors.values()):
+            raise ValueError("FlatPeer needs an all-fp32 model")
+        self.names = list(module.state_dict())
+        self.flat = torch.cat([tensors[n].detach().reshape(-1) for n in self.names])
+        offset = 0
+        for name in self.names:
+            tensor = tensors[name]
+            tensor.data = self.flat[offset:offset + tensor.numel()].view_as(tensor)
+            offset += tensor.numel()
+
+    def load(self, state: dict[str, torch.Tensor]) -> None:
+        torch.cat([state[n].reshape(-1) for n in self.names], out=self.flat)
+
+
 class GroupTrainer:
     def __init__(self, config: ExperimentConfig, group: int):
         import deepspeed
@@ -149,9 +176,9 @@ class GroupTrainer:
         self.step_seconds: list[float] = []
         self.metrics_file = None
 
-    def _frozen_copy(self) -> torch.nn.Module:
+    def _frozen_copy(self) -> FlatPeer:
         peer, _ = build(self.config.model, self.dataset)
-        return peer.to(self.device).eval().requires_grad_(False)
+        return FlatPeer(peer.to(self.device).eval().requires_grad_(False))
 
     # --- peers -------------------------------------------------------------------------------------
 
@@ -170,18 +197,10 @@ class GroupTrainer:
 
     def _adopt(self, group: int, step: int, state: dict | None) -> None:
         peer = self.peers[group]
-        if self.world > 1:  # one flat fp32 broadcast from rank 0 instead of a pickle
-            names = list(peer.state_dict())
-            flat = torch.cat([state[n].float().flatten() for n in names]) if self.rank == 0 else torch.empty(
-                sum(t.numel() for t in peer.state_dict().values()))
-            flat = flat.to(self.device)  # NCCL broadcasts device tensors
-            dist.broadcast(flat, src=0)
-            state, offset = {}, 0
-            for name, tensor in peer.state_dict().items():
-                state[name] = flat[offset:offset + tensor.numel()].view_as(tensor)
-                offset += tensor.numel()
-        state = {k: v.to(self.device) for k, v in state.items()}
-        peer.load_state_dict(state, assign=True)  # take the fresh tensors as they are: no copy in the step
+        if self.rank == 0:
+            peer.load(state)
+        if self.world > 1:  # one flat broadcast from rank 0, straight into every rank's peer weights
+            dist.broadcast(peer.flat, src=0)
         self.peer_steps[group] = step
 
     def usable_peers(self) -> list[int]:
@@ -197,23 +216,25 @@ class GroupTrainer:
                 usable.append(g)
         return usable
 
-    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
-        """Full fp32 weights on rank 0 (gathered from every rank under ZeRO-3), None elsewhere."""
+    @contextlib.contextmanager
+    def gathered_state(self) -> Iterator[dict[str, torch.Tensor] | None]:
+        """The full fp32 weights on rank 0 while the context lasts (gathered from every rank
+        under ZeRO-3, so every rank must enter it); None on the other ranks."""
         import deepspeed
 
         module = self.engine.module
-        if self.config.deepspeed.zero_stage == 3:
-            with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-                return {k: v.detach().float().clone() for k, v in module.state_dict().items()} if self.rank == 0 else None
-        return {k: v.detach().float().clone() for k, v in module.state_dict().items()} if self.rank == 0 else None
+        gather = (deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
+                  if self.config.deepspeed.zero_stage == 3 else contextlib.nullcontext())
+        with gather:
+            yield {k: v.detach().float() for k, v in module.state_dict().items()} if self.rank == 0 else None
 
     def publish(self, final: bool = False) -> None:
-        state = self.full_state_dict()
-        if self.publisher is not None:
-            if final:
-                self.publisher.publish(self.step, state)
-            else:
-                self.publisher.publish_async(self.step, state)
+        with self.gathered_state() as state:
+            if self.publisher is not None:  # both serialise a copy before returning, inside the gather
+                if final:
+                    self.publisher.publish(self.step, state)
+                else:
+                    self.publisher.publish_async(self.step, state)
 
     # --- training ------------------------------------------------------------------------------------
 
@@ -225,8 +246,8 @@ class GroupTrainer:
         usable = self.usable_peers()
         for _ in range(self.config.deepspeed.grad_accum):
             batch = self.batch_to_device(to_torch(next(batches)))
-            parts = forward_backward(self.engine, self.task, [self.peers[g] for g in usable], batch, self.step,
-                                     self.distill)
+            parts = forward_backward(self.engine, self.task, [self.peers[g].module for g in usable], batch,
+                                     self.step, self.distill)
         return {"loss": parts.total.item(), "label_loss": parts.label_loss.item(),
                 "distill_loss": parts.distill_loss.item(),
                 "peers": {str(g): self.step - self.peer_steps[g] for g in usable}}
