@@ -333,27 +333,22 @@ def write_shard(url: str, blocks: list[Block], schema: Schema, fmt: str, sample_
     return WrittenShard(url, rows, out.bytes, out.sha256.hexdigest())
 
 
-class _HashingReader:
-    def __init__(self, raw: IO[bytes]):
-        self.raw, self.sha256, self.bytes = raw, hashlib.sha256(), 0
-
-    def read(self, size: int = -1) -> bytes:
-        data = self.raw.read(size)
-        self.sha256.update(data)
-        self.bytes += len(data)
-        return data
-
-
 def read_shard(url: str, schema: Schema, fmt: str, expect_sha256: str | None = None) -> Iterator[Block]:
-    """Blocks of a shard; with `expect_sha256`, raise at the end if the bytes were not the ones indexed."""
+    """Blocks of a shard, streamed; with `expect_sha256`, the whole shard is read and checked first,
+    so not one row of a shard that is not the one indexed ever reaches the caller."""
     with fsspec.open(url, "rb") as raw:
-        stream = _HashingReader(raw)
-        if fmt == "tfrecord":
-            for payload in iter_tfrecord(stream):
-                yield decode_example(payload, schema)
-        else:
-            yield from _iter_tar_samples(stream, schema)
-        while stream.read(1 << 20):  # hash any trailing bytes too
-            pass
-    if expect_sha256 is not None and stream.sha256.hexdigest() != expect_sha256:
-        raise ShardFormatError(f"{url}: sha256 {stream.sha256.hexdigest()} does not match the manifest")
+        stream: IO[bytes] = raw
+        if expect_sha256 is not None:
+            data = raw.read()
+            if hashlib.sha256(data).hexdigest() != expect_sha256:
+                raise ShardFormatError(f"{url}: sha256 {hashlib.sha256(data).hexdigest()} does not match the manifest")
+            stream = io.BytesIO(data)
+        yield from iter_blocks(stream, schema, fmt)
+
+
+def iter_blocks(stream: IO[bytes], schema: Schema, fmt: str) -> Iterator[Block]:
+    if fmt == "tfrecord":
+        for payload in iter_tfrecord(stream):
+            yield decode_example(payload, schema)
+    else:
+        yield from _iter_tar_samples(stream, schema)

@@ -4,12 +4,13 @@
 
 Reads `<work dir>/init.safetensors` (the starting weights) and `<work dir>/batches.npz`
 (`dense_<rank>`, `cat_<rank>`, `label_<rank>`: a different batch per rank). For each
-case: builds the CriteoDNN from those weights, `deepspeed.initialize` with the
-trainer's own `deepspeed_config` and a torch SGD optimizer (lr 1, no momentum),
-takes one optimizer step on this rank's batch (split into `grad accum` equal
-micro-batches), and writes the weights every rank now holds to
+case: builds the CriteoDNN from those weights, the DeepSpeed engine with the
+trainer's own `build_engine` (its DeepSpeed config; a torch SGD optimizer, lr 1,
+no momentum, constant schedule), takes one optimizer step on this rank's batch
+(split into `grad accum` equal micro-batches, each through the trainer's
+`forward_backward`), and writes the weights every rank now holds to
 `<work dir>/<case>-rank<r>.safetensors` (full weights gathered with the trainer's
-`GroupTrainer.full_state_dict` to `<case>-full.safetensors` on rank 0), where
+`GroupTrainer.gathered_state` to `<case>-full.safetensors` on rank 0), where
 <case> is `stage<s>-accum<a>`.
 No pickle anywhere.
 """
@@ -34,10 +35,12 @@ sys.path.insert(0, str(REPO))
 
 from codistill.config import ModelConfig, load_experiment  # noqa: E402
 from training.loss import DistillConfig, codistillation_loss  # noqa: E402
-from training.models import CriteoDNN  # noqa: E402
-from training.train import GroupTrainer, deepspeed_config  # noqa: E402
+from training.models import CriteoDNN, Task  # noqa: E402
+from training.train import GroupTrainer, build_engine, forward_backward  # noqa: E402
 
-MODEL = ModelConfig(embedding_dim=4, hidden=(16,))
+# hidden 1024: the first layer (117 x 1024 weights) is above DeepSpeed's stage3_param_persistence_threshold
+# (1e5), so ZeRO-3 really partitions it and the gathering is exercised.
+MODEL = ModelConfig(embedding_dim=4, hidden=(1024,))
 BUCKETS = [50] * 26
 
 
@@ -61,40 +64,44 @@ def main() -> None:
         dense = torch.from_numpy(data[f"dense_{rank}"])
         cat = torch.from_numpy(data[f"cat_{rank}"])
         label = torch.from_numpy(data[f"label_{rank}"])
+    task = Task(binary=True, inputs=("dense", "cat"), target="label")
     for stage, accum in cases:
         name = f"stage{stage}-accum{accum}"
         micro = len(label) // accum
-        config = load_experiment("criteo-tiny", [f"deepspeed.zero_stage={stage}", f"deepspeed.grad_accum={accum}",
-                                                 f"deepspeed.micro_batch_size={micro}",
-                                                 f"deepspeed.ranks_per_group={world}"])
+        # Plain SGD, lr 1, constant: one step moves the weights by exactly minus the (averaged) gradient.
+        config = load_experiment("criteo-tiny", [
+            f"deepspeed.zero_stage={stage}", f"deepspeed.grad_accum={accum}", f"deepspeed.micro_batch_size={micro}",
+            f"deepspeed.ranks_per_group={world}", "optimizer.name=sgd", "optimizer.lr=1.0", "optimizer.momentum=0.0",
+            "schedule.warmup_steps=0", "schedule.decay=constant"])
         model = make_model()
         model.load_state_dict(init)
-        optimizer = torch.optim.SGD(model.parameters(), lr=1.0, momentum=0.0)
-        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(config))
+        engine = build_engine(model, config, world)  # the trainer's engine: its optimizer, schedule and DS config
         losses = []
-        for i in range(accum):  # exactly as GroupTrainer.train_step: backward + step per micro-batch
+        for i in range(accum):  # GroupTrainer.train_step: one forward_backward (backward + step) per micro-batch
             part = slice(i * micro, (i + 1) * micro)
-            loss = loss_of(engine, dense[part], cat[part], label[part])
-            engine.backward(loss)
-            engine.step()
-            losses.append(float(loss.item()))
+            batch = {"dense": dense[part], "cat": cat[part], "label": label[part]}
+            parts = forward_backward(engine, task, [], batch, 0, DistillConfig())
+            losses.append(float(parts.total.item()))
         assert engine.global_steps == 1, f"{name}: {engine.global_steps} optimizer steps, expected 1"
+        partitioned = [n for n, p in engine.module.named_parameters() if p.data.numel() < p.ds_numel] \
+            if stage == 3 else []
         # The trainer's own gathering code, on a stand-in with just what it reads.
         trainer = SimpleNamespace(engine=engine, config=config, rank=rank)
-        full = GroupTrainer.full_state_dict(trainer)
-        if rank == 0:
-            assert full is not None
-            safetensors.torch.save_file({k: v.contiguous() for k, v in full.items()},
-                                        str(work / f"{name}-full.safetensors"))
-        else:
-            assert full is None, "full_state_dict must return None on ranks other than 0"
+        with GroupTrainer.gathered_state(trainer) as full:
+            if rank == 0:
+                assert full is not None
+                safetensors.torch.save_file({k: v.clone().contiguous() for k, v in full.items()},
+                                            str(work / f"{name}-full.safetensors"))
+            else:
+                assert full is None, "gathered_state must give None on ranks other than 0"
         if stage != 3:  # under ZeRO-3 a rank's module holds only placeholders; `full` is the check there
             local = {k: v.detach().float().clone().contiguous() for k, v in engine.module.state_dict().items()}
             safetensors.torch.save_file(local, str(work / f"{name}-rank{rank}.safetensors"))
-        (work / f"{name}-rank{rank}.json").write_text(json.dumps({"world": world, "losses": losses}))
+        (work / f"{name}-rank{rank}.json").write_text(json.dumps({"world": world, "losses": losses,
+                                                                   "partitioned": partitioned}))
         dist.barrier()
         engine.destroy()
-        del engine, optimizer, model
+        del engine, model
     dist.barrier()
     dist.destroy_process_group()
 

@@ -319,9 +319,7 @@ class GroupTrainer:
         self.engine.eval()
         with torch.no_grad():
             for i in range(int(count)):
-                batch = batches[i] if i < len(batches) else batches[0] if batches else None
-                if batch is None:
-                    continue
+                batch = batches[i] if i < len(batches) else self.placeholder_batch()  # forward, then discarded
                 logits = self.task.logits(self.engine, self.batch_to_device(to_torch(batch))).float()
                 if i < len(batches):
                     probs.append(torch.sigmoid(logits).cpu().numpy())
@@ -350,6 +348,11 @@ class GroupTrainer:
             order = np.argsort(keys)
             np.savez(self.out / "eval_predictions.npz", key=keys[order], prob=probs[order], label=labels[order])
         return metrics
+
+    def placeholder_batch(self) -> dict[str, np.ndarray]:
+        """One all-zero row of the dataset's schema: a rank with no data of its own still joins a collective forward."""
+        return {name: np.zeros((1, *f.shape), np.bytes_ if f.dtype == "bytes" else f.dtype)
+                for name, f in self.dataset.features.items()}
 
     # --- checkpoints -------------------------------------------------------------------------------
 
