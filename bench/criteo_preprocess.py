@@ -24,10 +24,9 @@ import numpy as np
 from codistill.config import CriteoConfig, DataConfig
 from codistill.dataset import join, load_manifest
 from pipelines.criteo import CAT_COLUMNS, CriteoToShards, layout_for, schema
-from pipelines.formats import write_shard
+from pipelines.formats import rebatch, write_shard
 from pipelines.run import pipeline_options
 from pipelines.sharding import string_hash
-from pipelines.sinks import rebatch
 from pipelines.synth_criteo import generate_criteo
 
 M64 = (1 << 64) - 1

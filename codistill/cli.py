@@ -34,6 +34,14 @@ def main(verbose: int) -> None:
     """Codistillation: Beam preprocessing, DeepSpeed training, fsspec snapshot exchange."""
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)]
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_without_gcp_client_warning)
+
+
+def _without_gcp_client_warning(record: logging.LogRecord) -> bool:
+    """Beam warns on every start that Google Cloud client libraries are missing: optional here (Dataflow users
+    install them), so the line is only noise."""
+    return "apitools not found" not in record.getMessage()
 
 
 @main.group()

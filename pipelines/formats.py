@@ -34,7 +34,7 @@ import io
 import struct
 import tarfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import IO
 
@@ -70,6 +70,29 @@ Schema = dict[str, Feature]
 
 def block_rows(block: Block) -> int:
     return len(block["key"])
+
+
+def concat_blocks(blocks: list[Block]) -> Block:
+    return {name: np.concatenate([b[name] for b in blocks]) for name in blocks[0]}
+
+
+def rebatch(blocks: Iterable[Block], rows_per_record: int) -> Iterator[Block]:
+    """The same rows in the same order, cut into records of exactly `rows_per_record` (the last may be short).
+
+    Records then depend only on the rows, not on how the input was split into pieces.
+    """
+    pending, count = [], 0
+    for block in blocks:
+        size, start = len(block["key"]), 0
+        while start < size:
+            take = min(rows_per_record - count, size - start)
+            pending.append({name: column[start:start + take] for name, column in block.items()})
+            count, start = count + take, start + take
+            if count == rows_per_record:
+                yield concat_blocks(pending)
+                pending, count = [], 0
+    if count:
+        yield concat_blocks(pending)
 
 
 # --- protobuf wire format for tf.train.Example ----------------------------------------------

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import collections
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import apache_beam as beam
@@ -20,7 +20,7 @@ import fsspec
 import numpy as np
 
 from codistill.dataset import DatasetManifest, ShardEntry, join, write_atomically, write_manifest
-from pipelines.formats import Block, Schema, write_shard
+from pipelines.formats import Block, Schema, concat_blocks, rebatch, write_shard
 from pipelines.sharding import ShardLayout
 
 PIECES = ".pieces"
@@ -46,29 +46,6 @@ class Piece:
     order: tuple  # pieces of a shard are concatenated in this order (e.g. (file name, range index))
     url: str
     rows: int
-
-
-def concat_blocks(blocks: list[Block]) -> Block:
-    return {name: np.concatenate([b[name] for b in blocks]) for name in blocks[0]}
-
-
-def rebatch(blocks: Iterable[Block], rows_per_record: int) -> Iterator[Block]:
-    """The same rows in the same order, cut into records of exactly `rows_per_record` (the last may be short).
-
-    Records then depend only on the rows, not on how the input was split into pieces.
-    """
-    pending, count = [], 0
-    for block in blocks:
-        size, start = len(block["key"]), 0
-        while start < size:
-            take = min(rows_per_record - count, size - start)
-            pending.append({name: column[start:start + take] for name, column in block.items()})
-            count, start = count + take, start + take
-            if count == rows_per_record:
-                yield concat_blocks(pending)
-                pending, count = [], 0
-    if count:
-        yield concat_blocks(pending)
 
 
 def write_pieces(output: str, schema: Schema, order: tuple,

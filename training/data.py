@@ -16,8 +16,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from codistill.dataset import DatasetManifest, ShardEntry, join
-from pipelines.formats import Block, read_shard
-from pipelines.sinks import concat_blocks, rebatch
+from pipelines.formats import Block, concat_blocks, read_shard, rebatch
 
 
 @dataclass(frozen=True)
