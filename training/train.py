@@ -130,7 +130,7 @@ class FlatPeer:
             offset += tensor.numel()
 
     def load(self, state: dict[str, torch.Tensor]) -> None:
-        torch.cat([state[n].reshape(-1) for n in self.names], out=self.flat)
+        torch.cat([state[n].reshape(-1).to(self.flat.device) for n in self.names], out=self.flat)
 
 
 class GroupTrainer:
@@ -188,7 +188,8 @@ class GroupTrainer:
             return
         if self.watcher is not None:
             self.incoming.update(self.watcher.take_updates())
-        decision = torch.tensor([self.incoming[g][0] if g in self.incoming else -1 for g in self.peer_groups])
+        decision = torch.tensor([self.incoming[g][0] if g in self.incoming else -1 for g in self.peer_groups],
+                                device=self.device)  # NCCL collectives take device tensors
         if self.world > 1:
             dist.broadcast(decision, src=0)
         for g, step in zip(self.peer_groups, decision.tolist()):
@@ -312,7 +313,7 @@ class GroupTrainer:
         if config.eval.max_rows is not None:
             batches = batches[:max(1, config.eval.max_rows // (config.eval.batch_size * self.world))]
         # Under ZeRO-3 every forward is a collective: all ranks run the same number of them.
-        count = torch.tensor(len(batches))
+        count = torch.tensor(len(batches), device=self.device)
         if self.world > 1:
             dist.all_reduce(count, op=dist.ReduceOp.MAX)
         probs, labels, keys = [], [], []
@@ -379,7 +380,7 @@ class GroupTrainer:
             if step is not None and int(g) in self.peers:
                 state = self.watcher.fetch(int(g), step) if self.watcher is not None else None
                 if self.world > 1:
-                    found = torch.tensor(int(state is not None))
+                    found = torch.tensor(int(state is not None), device=self.device)
                     dist.broadcast(found, src=0)
                     if not found:
                         continue
