@@ -7,6 +7,7 @@ others are stopped and the failure is reported; nothing is left running.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -48,10 +49,16 @@ def group_commands(manifest: str, groups: int, ranks: int, sets: list[str], resu
     return commands
 
 
+# DeepSpeed's own progress chatter (launcher INFO lines, the shm op load, "no hostfile" on a local
+# run): dozens of lines per group that say nothing about training. Warnings and errors still show.
+_CHATTER = re.compile(r"^\[[\d\- :,]+\] \[INFO\] |op built successfully$|Unable to find hostfile")
+
+
 def _forward(group: int, stream, out) -> None:
     for line in iter(stream.readline, ""):
-        out.write(f"[group {group}] {line}")
-        out.flush()
+        if not _CHATTER.search(line.rstrip("\n")):
+            out.write(f"[group {group}] {line}")
+            out.flush()
 
 
 def run_groups(commands: list[GroupCommand], ranks_per_group: int, out=sys.stdout, poll_seconds: float = 0.2) -> None:
