@@ -561,6 +561,28 @@ def test_churn_missing_run_is_a_clear_error(tmp_path):
     assert result.exit_code != 0 and "group-3" in result.output and "Traceback" not in result.output
 
 
+@pytest.mark.parametrize("damage", ["truncated", "empty", "not_npz", "wrong_type", "missing_array"])
+def test_churn_bad_prediction_files_are_a_clear_error(tmp_path, damage):
+    write_predictions(tmp_path / "a", [b"f:1", b"f:2"], [0.1, 0.2])
+    path = tmp_path / "b" / "group-0" / "eval_predictions.npz"
+    write_predictions(tmp_path / "b", [b"f:1", b"f:2"], [0.1, 0.2])
+    data = path.read_bytes()
+    if damage == "truncated":
+        path.write_bytes(data[:len(data) // 2])
+    elif damage == "empty":
+        path.write_bytes(b"")
+    elif damage == "not_npz":
+        path.write_text("key,prob\nf:1,0.1\n")
+    elif damage == "wrong_type":
+        np.savez(path, key=np.array([1, 2]), prob=np.array(["a", "b"]))
+    else:
+        np.savez(path, key=np.array([b"f:1", b"f:2"]))
+    result = CliRunner().invoke(cli, ["churn", str(tmp_path / "a"), str(tmp_path / "b")])
+    assert result.exit_code != 0
+    assert isinstance(result.exception, SystemExit), result.exception
+    assert "eval_predictions.npz" in result.output and "Traceback" not in result.output, result.output
+
+
 # --- 6. metrics ----------------------------------------------------------------------------------------
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -31,8 +32,15 @@ def predictions(run_dir: str | Path, group: int) -> tuple[np.ndarray, np.ndarray
     path = Path(run_dir) / f"group-{group}" / "eval_predictions.npz"
     if not path.exists():
         raise FileNotFoundError(f"{path}: no eval predictions; did group {group} of this run finish?")
-    with np.load(path, allow_pickle=False) as data:
-        return data["key"], data["prob"]
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            keys, probs = data["key"], data["prob"]
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        raise ValueError(f"{path}: not a readable eval predictions file ({type(e).__name__}: {e})") from None
+    if keys.dtype.kind != "S" or probs.dtype.kind != "f" or keys.shape != probs.shape:
+        raise ValueError(f"{path}: expected byte-string `key` and float `prob` arrays of one length, "
+                         f"got {keys.dtype} {keys.shape} and {probs.dtype} {probs.shape}")
+    return keys, probs
 
 
 def run_churn(run_a: str | Path, run_b: str | Path, group: int = 0, threshold: float = 0.5) -> dict:
