@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import sys
 
@@ -150,13 +151,27 @@ def _dataset_for(config) -> DatasetManifest:
     from codistill.dataset import load_manifest
     from pipelines.run import preprocess as run_preprocess
 
+    from pipelines.criteo import pipeline_parameters
+
     try:
-        return load_manifest(config.data.output)
+        dataset = load_manifest(config.data.output)
     except DatasetError:
         click.echo(f"no dataset at {config.data.output}: preprocessing it first")
         dataset = run_preprocess(config)
         click.echo(summarize(dataset, config.data.output))
         return dataset
+    wanted = json.loads(json.dumps(pipeline_parameters(config.data)))  # as stored: tuples become lists
+    # (`output` may differ: a dataset can be copied or moved.)
+    changed = sorted(k for k, v in wanted.items() if k != "output" and dataset.parameters.get(k) != v)
+    synth, built = config.data.synth, dataset.extra.get("synth", {})
+    if synth is not None and (synth.rows, synth.seed, synth.files) != (built.get("rows"), built.get("seed"),
+                                                                       built.get("num_files")):
+        changed.append("synth")
+    if changed:
+        raise click.ClickException(
+            f"the dataset at {config.data.output} was built with other data settings ({', '.join(changed)}); "
+            "rebuild it with `codistill preprocess criteo -m <manifest> --overwrite` or point data.output elsewhere")
+    return dataset
 
 
 def _train(manifest: str, sets: list[str], resume: bool):

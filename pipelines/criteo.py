@@ -331,11 +331,12 @@ class CriteoToShards(beam.PTransform):
         parsed = ranges | "Parse" >> beam.ParDo(ParseRange(data, layout, features),
                                                 first_lines=beam.pvalue.AsDict(counts)
                                                 ).with_outputs("rejected", "inputs", main="pieces")
-        parameters = {"input": self.paths, **_parameters(data)}
+        parameters = {"input": self.paths, **pipeline_parameters(data)}
         return {"pieces": parsed.pieces, "rejected": parsed.rejected, "inputs": parsed.inputs} | WriteDataset(
             output=data.output, layout=layout, schema=features, fmt=data.format, block_rows=data.block_rows,
             parameters=parameters, extra=self.extra)
 
 
-def _parameters(data: DataConfig) -> dict:
+def pipeline_parameters(data: DataConfig) -> dict:
+    """The data settings a dataset was built with (recorded in its manifest; inputs are recorded apart)."""
     return {k: v for k, v in to_dict(data).items() if k not in ("input", "synth")}

@@ -500,6 +500,16 @@ def test_zero3_evaluation_when_a_rank_holds_no_eval_rows(data_dir, tmp_path):
     assert records(run_dir, 0, "eval")[-1]["rows"] == len(eval_split(data_dir))
 
 
+@pytest.mark.parametrize("change", ["data.groups=3", "data.criteo.cat_buckets=[77]", "data.synth.rows=4001"])
+def test_cli_train_refuses_a_dataset_built_with_other_settings(data_dir, tmp_path, change):
+    sets = TINY + [f"data.output={data_dir}", change]
+    result = CliRunner().invoke(cli, ["train", "criteo-tiny", "--run-dir", str(tmp_path / "run"),
+                                      *sets_args(sets)])
+    assert result.exit_code != 0 and isinstance(result.exception, SystemExit), result.output
+    assert "was built with other data settings" in result.output and "--overwrite" in result.output
+    assert not (tmp_path / "run").exists(), "nothing may be launched"
+
+
 # --- 5. churn ------------------------------------------------------------------------------------------
 
 
