@@ -152,7 +152,8 @@ class DeepSpeedConfig:
         _require(self.zero_stage in (0, 1, 2, 3), f"{name}.zero_stage", f"must be 0, 1, 2 or 3, got {self.zero_stage}")
         _require(self.micro_batch_size >= 1, f"{name}.micro_batch_size", f"must be >= 1, got {self.micro_batch_size}")
         _require(self.grad_accum >= 1, f"{name}.grad_accum", f"must be >= 1, got {self.grad_accum}")
-        _require(self.gradient_clipping >= 0, f"{name}.gradient_clipping", f"must be >= 0, got {self.gradient_clipping}")
+        _require(self.gradient_clipping >= 0, f"{name}.gradient_clipping",
+                 f"must be >= 0, got {self.gradient_clipping}")
 
 
 @dataclass(frozen=True)

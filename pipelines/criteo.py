@@ -38,8 +38,8 @@ from codistill.config import CriteoConfig, DataConfig, to_dict
 from pipelines.formats import EXTENSIONS, Block, Feature, Schema
 from pipelines.sharding import ShardLayout, line_key_hashes, mix64, partition, string_hash
 from pipelines.sinks import Rejected, WriteDataset, write_pieces
-from pipelines.textfiles import DECOMPRESSION_ERRORS, InputRange, LineBlock, TruncatedInput, count_lines, first_lines, plan_ranges, \
-    read_line_blocks
+from pipelines.textfiles import (DECOMPRESSION_ERRORS, InputRange, LineBlock, TruncatedInput, count_lines,
+                                 first_lines, plan_ranges, read_line_blocks)
 
 INT_COLUMNS = [f"I{i}" for i in range(1, 14)]
 CAT_COLUMNS = [f"C{i}" for i in range(1, 27)]

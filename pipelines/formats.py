@@ -205,9 +205,10 @@ def _decode_example(payload: bytes, schema: Schema) -> Block:
         if name not in raw:
             raise ShardFormatError(f"record has no feature {name!r}")
         kind, values = raw[name]
-        if kind != (2 if feature.dtype == "float32" else 1):
+        expected = 2 if feature.dtype == "float32" else 1
+        if kind != expected:
             raise ShardFormatError(f"feature {name!r} is stored as {_KINDS.get(kind, kind)}, "
-                                   f"the schema's {feature.dtype} needs {_KINDS[2 if feature.dtype == 'float32' else 1]}")
+                                   f"the schema's {feature.dtype} needs {_KINDS[expected]}")
         if feature.dtype == "bytes":
             block[name] = np.array(_bytes_values(values), dtype=np.bytes_)
         else:

@@ -94,8 +94,8 @@ def good_fields(rng: random.Random) -> list[str]:
     for _ in range(13):
         r = rng.random()
         ints.append("" if r < 0.2 else str(rng.choice([-2, -1, 0, 1, 7])) if r < 0.5 else str(rng.randint(0, 10**6)))
-    cats = ["" if rng.random() < 0.15 else f"{rng.choice([0, 1, 0x7FFFFFFF, 0xFFFFFFFF, 0xDEADBEEF, rng.getrandbits(32)]):08x}"
-            for _ in range(26)]
+    edge_values = [0, 1, 0x7FFFFFFF, 0xFFFFFFFF, 0xDEADBEEF]
+    cats = ["" if rng.random() < 0.15 else f"{rng.choice([*edge_values, rng.getrandbits(32)]):08x}" for _ in range(26)]
     return [label, *ints, *cats]
 
 

@@ -27,7 +27,8 @@ from pipelines.synth_criteo import generate_criteo
 from pipelines.textfiles import LineBlock, plan_ranges
 
 from conftest import (FAULTS, RUNNER, RawCriteo, assert_row_matches, assert_tfrecord_package_agrees, criteo_config,
-                      expected_row, list_files, make_criteo_file, read_bytes, read_rejected, read_rows, run_criteo, shard_bytes, write_bytes)
+                      expected_row, list_files, make_criteo_file, read_bytes, read_rejected, read_rows, run_criteo,
+                      shard_bytes, write_bytes)
 
 BUCKETS = 1000  # conftest's default data.criteo.cat_buckets
 
@@ -202,7 +203,8 @@ def test_pipeline_webdataset_shards_read_back_with_webdataset(tmp_path, criteo_f
 
 HAND_ROWS = [
     # label, I1..I13, C1..C26
-    ["1", "0", "-1", "260", "", "5", "-2", "1000000", "", "", "", "", "", "1"] + ["00000000"] + [""] * 24 + ["ffffffff"],
+    ["1", "0", "-1", "260", "", "5", "-2", "1000000", "", "", "", "", "", "1"]
+    + ["00000000"] + [""] * 24 + ["ffffffff"],
     ["0"] + [""] * 13 + [""] * 26,
 ]
 
@@ -364,7 +366,7 @@ def test_only_bad_rows_gives_an_empty_dataset_and_all_rejections(tmp_path, crite
 
 
 def test_gzip_that_is_not_gzip_is_quarantined_not_lost(tmp_path, criteo_file):
-    raw = criteo_file(str(tmp_path / "src.tsv"), 5)
+    criteo_file(str(tmp_path / "src.tsv"), 5)
     fake = tmp_path / "in" / "fake.txt.gz"
     fake.parent.mkdir()
     fake.write_bytes((tmp_path / "src.tsv").read_bytes())
@@ -437,7 +439,8 @@ def test_empty_output_directory_is_fine(tmp_path, criteo_file):
 
 @pytest.fixture(scope="module")
 def big_input(tmp_path_factory):
-    """A ~360 KB plain file (several split ranges at 64 KB) with bad rows on both sides of range boundaries, + a gzip."""
+    """A ~360 KB plain file (several split ranges at 64 KB) with bad rows on both sides of range boundaries,
+    and a gzip."""
     root = tmp_path_factory.mktemp("big")
     generate_criteo(str(root / "gen"), 1500, files=1, seed=4)
     lines = (root / "gen" / "train-00000-of-00001.txt").read_bytes().split(b"\n")[:-1]

@@ -367,7 +367,8 @@ def test_appended_bytes_are_hashed_too(tfrecord_shard):
      .replace(b"key", b"k\xffy")),
 ], ids=["map_entry_without_value", "feature_name_not_utf8"])
 def test_malformed_but_crc_valid_example_is_a_shard_format_error(tmp_path, payload_name, payload):
-    """A record whose CRCs are right but whose protobuf is odd must still be a ShardFormatError (verify relies on it)."""
+    """A record whose CRCs are right but whose protobuf is odd must still be a ShardFormatError
+    (verify relies on it)."""
     url = str(tmp_path / "odd.tfrecord")
     write_bytes(url, frame_record(payload))
     with pytest.raises(ShardFormatError):

@@ -90,6 +90,7 @@ def test_deterministic_and_split_independent(tmp_path, monkeypatch):
     monkeypatch.setattr(synth_criteo, "CHUNK_ROWS", 3000)
     a = generate_criteo(str(tmp_path / "a"), 10_000, files=1, seed=3)
     b = generate_criteo(str(tmp_path / "b"), 10_000, files=1, seed=3)
+    assert a == b
     c = generate_criteo(str(tmp_path / "c"), 10_000, files=3, seed=3)
     d = generate_criteo(str(tmp_path / "d"), 10_000, files=1, seed=4)
     name = "train-00000-of-00001.txt"

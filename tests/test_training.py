@@ -164,7 +164,8 @@ def test_data_parallel_step_averages_gradients_over_both_ranks(data_parallel_ste
                 f"{name} {holder}: equals the step on rank {r}'s batch alone: gradients were not all-reduced"
         for k in both:
             torch.testing.assert_close(got[k], both[k], rtol=1e-5, atol=1e-6,
-                                       msg=lambda m: f"{name} {holder} {k}: not the step on both batches: {m}")
+                                       msg=lambda m, where=f"{name} {holder} {k}":
+                                       f"{where}: not the step on both batches: {m}")
 
 
 def test_zero3_full_state_dict_is_full_size_fp32_on_rank_zero(data_parallel_step):
@@ -477,7 +478,8 @@ def test_cli_train_reports_a_failing_group_and_stops_the_others(data_dir, tmp_pa
     assert took < 120
     time.sleep(0.5)
     assert processes_mentioning(str(run_dir)) == [], "group processes were left running"
-    steps = [r["step"] for r in records(run_dir, 0, "train")] if (run_dir / "group-0" / "metrics.jsonl").exists() else []
+    logged = (run_dir / "group-0" / "metrics.jsonl").exists()
+    steps = [r["step"] for r in records(run_dir, 0, "train")] if logged else []
     assert not steps or max(steps) < 100000
 
 

@@ -46,7 +46,8 @@ def deepspeed_config(config: ExperimentConfig) -> dict:
         "train_micro_batch_size_per_gpu": ds.micro_batch_size,
         "gradient_accumulation_steps": ds.grad_accum,
         "zero_optimization": {"stage": ds.zero_stage},
-        "zero_allow_untested_optimizer": True,  # torch SGD is fine under ZeRO; DeepSpeed only vouches for Adam(W)/Adagrad
+        # torch SGD is fine under ZeRO; DeepSpeed only vouches for Adam(W)/Adagrad.
+        "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,  # we log ourselves
     }
     # Always written: left out, DeepSpeed would clip at its default norm of 1.0.
@@ -296,7 +297,8 @@ class GroupTrainer:
                   f"peers[staleness] {peers}  {recent:.1f} ms/step", flush=True)
 
     def distill_weight(self) -> float:
-        return distill_weight(self.step - 1, self.distill) if self.peer_groups else 0.0  # the logged step's loss used w(step - 1)
+        # The step just logged computed its loss before the counter moved on: w(step - 1).
+        return distill_weight(self.step - 1, self.distill) if self.peer_groups else 0.0
 
     def write_metrics(self, kind: str, record: dict) -> None:
         if self.metrics_file is None:
