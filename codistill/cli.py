@@ -174,13 +174,35 @@ def _dataset_for(config) -> DatasetManifest:
     return dataset
 
 
-def _train(manifest: str, sets: list[str], resume: bool):
+def _start_afresh(config, overwrite: bool) -> None:
+    """A new run must not inherit an earlier one's checkpoints, metrics or snapshots: its groups
+    would adopt the old peers' weights as if they were fresh."""
+    import shutil
+    from pathlib import Path
+
+    import fsspec
+
+    run_dir = Path(config.run_dir)
+    store_fs, store_root = fsspec.core.url_to_fs(config.store)
+    old_snapshots = f"{store_root.rstrip('/')}/{config.run_id}"
+    if (run_dir.exists() and any(run_dir.iterdir())) or store_fs.exists(old_snapshots):
+        if not overwrite:
+            raise click.ClickException(f"{run_dir} (or {config.store}/{config.run_id}) holds an earlier run: "
+                                       "continue it with --resume, or start over with --overwrite")
+        shutil.rmtree(run_dir, ignore_errors=True)
+        if store_fs.exists(old_snapshots):
+            store_fs.rm(old_snapshots, recursive=True)
+
+
+def _train(manifest: str, sets: list[str], resume: bool, overwrite: bool = False):
     """Start every group of a run (one deepspeed launch each); returns the config."""
     from codistill.config import load_experiment
     from training.launch import GroupFailed, group_commands, run_groups
 
     config = load_experiment(manifest, sets)
     dataset = _dataset_for(config)
+    if not resume:
+        _start_afresh(config, overwrite)
     commands = group_commands(resolve_manifest(manifest), dataset.groups, config.deepspeed.ranks_per_group, sets,
                               resume)
     try:
@@ -195,13 +217,14 @@ def _train(manifest: str, sets: list[str], resume: bool):
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a manifest field.")
 @click.option("--run-dir", help="Where checkpoints, metrics and predictions go (default runs/<name>).")
 @click.option("--resume", is_flag=True, help="Continue every group from its latest checkpoint.")
+@click.option("--overwrite", is_flag=True, help="Delete an earlier run in the run directory and its snapshots first.")
 @_fail_cleanly
-def train(manifest: str, sets: tuple[str, ...], run_dir: str | None, resume: bool) -> None:
+def train(manifest: str, sets: tuple[str, ...], run_dir: str | None, resume: bool, overwrite: bool) -> None:
     """Train all groups of MANIFEST locally, one DeepSpeed job per group (ranks from the manifest)."""
     from training.report import final_eval
 
     sets = list(sets) + ([f"train.run_dir={run_dir}"] if run_dir else [])
-    config, dataset = _train(manifest, sets, resume)
+    config, dataset = _train(manifest, sets, resume, overwrite)
     for group in range(dataset.groups):
         m = final_eval(config.run_dir, group)
         click.echo(f"group {group}: step {m['step']} eval log loss {m['log_loss']:.4f} AUC {m['auc']:.4f} "
@@ -251,7 +274,7 @@ def demo(manifest: str, sets: tuple[str, ...], out: str) -> None:
             click.echo(f"== 2. train {name}: {dataset.groups} groups with DeepSpeed")
             runs[name] = f"{out}/{name}"
             _train(manifest, list(sets) + [f"codistill.enabled={mode == 'codistill'}", f"train.seed={seed}",
-                                           f"train.run_dir={runs[name]}"], resume=False)
+                                           f"train.run_dir={runs[name]}"], resume=False, overwrite=True)
 
     floor = dataset.extra.get("synth", {}).get("bayes_log_loss")
     click.echo("== 3. results on the shared eval split (mean over groups; churn between the two seeds, group 0)")

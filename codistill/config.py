@@ -243,6 +243,11 @@ class ExperimentConfig:
     def store(self) -> str:
         return self.train.store or f"{self.run_dir}/store"
 
+    @property
+    def run_id(self) -> str:
+        """Names the run in the snapshot store: `<store>/<run_id>/group-<g>/`."""
+        return Path(self.run_dir).name
+
 
 # --- parsing ---------------------------------------------------------------------------------
 

@@ -512,6 +512,19 @@ def test_cli_train_refuses_a_dataset_built_with_other_settings(data_dir, tmp_pat
     assert not (tmp_path / "run").exists(), "nothing may be launched"
 
 
+def test_cli_train_will_not_mix_a_new_run_with_an_earlier_one(data_dir, tmp_path):
+    """Old snapshots in the store would be adopted by the new run's groups as if their peers had published them."""
+    run_dir = tmp_path / "run"
+    old = run_dir / "store" / "run" / "group-1"
+    old.mkdir(parents=True)
+    (old / "LATEST").write_text("step-00000400.json")
+    argv = ["train", "criteo-tiny", "--run-dir", str(run_dir), *sets_args(TINY + [f"data.output={data_dir}"])]
+    result = CliRunner().invoke(cli, argv)
+    assert result.exit_code != 0 and isinstance(result.exception, SystemExit), result.output
+    assert "holds an earlier run" in result.output and "--resume" in result.output and "--overwrite" in result.output
+    assert (old / "LATEST").exists(), "nothing may be deleted without --overwrite"
+
+
 # --- 5. churn ------------------------------------------------------------------------------------------
 
 

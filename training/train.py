@@ -166,12 +166,11 @@ class GroupTrainer:
         self.peer_steps: dict[int, int | None] = {g: None for g in self.peer_groups}
         self.stale: set[int] = set()
         self.incoming: dict[int, tuple[int, dict]] = {}
-        self.run_id = Path(config.run_dir).name
         self.publisher = self.watcher = None
         if cod.enabled and self.rank == 0:
-            self.publisher = SnapshotPublisher(config.store, self.run_id, group, keep=cod.keep_snapshots)
+            self.publisher = SnapshotPublisher(config.store, config.run_id, group, keep=cod.keep_snapshots)
             if self.peer_groups:
-                self.watcher = PeerWatcher(config.store, self.run_id, group, self.peer_groups, self.signature,
+                self.watcher = PeerWatcher(config.store, config.run_id, group, self.peer_groups, self.signature,
                                            poll_interval=cod.poll_seconds, max_staleness=cod.max_staleness)
         self.step = 0
         self.step_seconds: list[float] = []
