@@ -94,7 +94,8 @@ from training.data import ShardStream, StreamSpec, to_torch
 from training.exchange import PeerWatcher, SnapshotPublisher, model_signature
 from training.loss import DistillConfig
 from training.models import build
-from training.train import FlatPeer, build_engine, deepspeed_config, forward_backward, lr_factor, make_optimizer
+from training.train import (FlatPeer, build_engine, deepspeed_config, forward_backward, init_distributed, lr_factor,
+                            make_optimizer)
 
 GOALS = {"ds_plain": 1.15, "cod1_ds": 1.35, "p99_exchange": 1.10}
 RUN = "bench"
@@ -104,15 +105,13 @@ RUN = "bench"
 
 
 def init_single_process() -> None:
-    import deepspeed
-
     with socket.socket() as s:  # a free port for the one-rank gloo group
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1",
                        "LOCAL_RANK": "0"}.items():
         os.environ[key] = value
-    deepspeed.init_distributed(dist_backend="gloo")
+    init_distributed()
 
 
 def prepare_data(config: ExperimentConfig, data_dir: str | None, workdir: str):

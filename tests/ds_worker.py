@@ -36,7 +36,7 @@ sys.path.insert(0, str(REPO))
 from codistill.config import ModelConfig, load_experiment  # noqa: E402
 from training.loss import DistillConfig, codistillation_loss  # noqa: E402
 from training.models import CriteoDNN, Task  # noqa: E402
-from training.train import GroupTrainer, build_engine, forward_backward  # noqa: E402
+from training.train import GroupTrainer, build_engine, forward_backward, init_distributed  # noqa: E402
 
 # hidden 1024: the first layer (117 x 1024 weights) is above DeepSpeed's stage3_param_persistence_threshold
 # (1e5), so ZeRO-3 really partitions it and the gathering is exercised.
@@ -54,11 +54,9 @@ def loss_of(model, dense, cat, label) -> torch.Tensor:
 
 
 def main() -> None:
-    import deepspeed
 
     work, cases = Path(sys.argv[1]), [tuple(int(x) for x in c.split(":")) for c in sys.argv[2:]]
-    deepspeed.init_distributed(dist_backend="gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank, world = init_distributed()
     init = safetensors.torch.load_file(str(work / "init.safetensors"))
     with np.load(work / "batches.npz", allow_pickle=False) as data:
         dense = torch.from_numpy(data[f"dense_{rank}"])

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import glob
 import json
 import logging
 import math
@@ -38,6 +39,23 @@ from training.metrics import binary_metrics
 from training.models import Task, build
 
 logger = logging.getLogger("codistill.train")
+
+
+def init_distributed() -> tuple[int, int]:
+    """DeepSpeed's process group (NCCL with CUDA, gloo without); returns (rank, world size)."""
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if not torch.cuda.is_available():
+        # DeepSpeed's CPU all-reduce maps a ~70 MB /dev/shm segment per rank and never unlinks
+        # it: every run would leak that much RAM until /dev/shm is full. Once every rank has
+        # mapped every segment (the barrier), the names can go; the mappings stay valid.
+        dist.barrier()
+        port = os.environ.get("MASTER_PORT", "*")
+        for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_{rank}"):
+            os.unlink(path)
+    return rank, world
 
 
 def deepspeed_config(config: ExperimentConfig) -> dict:
@@ -136,12 +154,9 @@ class FlatPeer:
 
 class GroupTrainer:
     def __init__(self, config: ExperimentConfig, group: int):
-        import deepspeed
-
         self.config, self.group = config, group
         self.cuda = torch.cuda.is_available()
-        deepspeed.init_distributed(dist_backend="nccl" if self.cuda else "gloo")
-        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.rank, self.world = init_distributed()
         self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if self.cuda else torch.device("cpu")
         self.out = Path(config.run_dir) / f"group-{group}"
         self.out.mkdir(parents=True, exist_ok=True)
