@@ -54,7 +54,6 @@ def loss_of(model, dense, cat, label) -> torch.Tensor:
 
 
 def main() -> None:
-
     work, cases = Path(sys.argv[1]), [tuple(int(x) for x in c.split(":")) for c in sys.argv[2:]]
     rank, world = init_distributed()
     init = safetensors.torch.load_file(str(work / "init.safetensors"))
