@@ -303,8 +303,8 @@ class ParseRange(beam.DoFn):
         yield from write_pieces(self.data.output, self.schema, (rng.source, rng.index), parts)
 
 
-def layout_for(data: DataConfig, dataset: str = "criteo") -> ShardLayout:
-    return ShardLayout(dataset, EXTENSIONS[data.format], data.groups, data.shards_per_group,
+def layout_for(data: DataConfig) -> ShardLayout:
+    return ShardLayout(data.dataset, EXTENSIONS[data.format], data.groups, data.shards_per_group,
                        data.eval_shards, data.eval_fraction)
 
 

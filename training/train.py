@@ -155,9 +155,9 @@ class FlatPeer:
 class GroupTrainer:
     def __init__(self, config: ExperimentConfig, group: int):
         self.config, self.group = config, group
-        self.cuda = torch.cuda.is_available()
         self.rank, self.world = init_distributed()
-        self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if self.cuda else torch.device("cpu")
+        cuda = torch.cuda.is_available()
+        self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
         self.out = Path(config.run_dir) / f"group-{group}"
         self.out.mkdir(parents=True, exist_ok=True)
 
@@ -284,7 +284,8 @@ class GroupTrainer:
             self.sync_peers()
             record = self.train_step(batches)
             self.step += 1
-            if config.codistill.enabled and self.step % config.codistill.exchange_every == 0:
+            # The last step is published once, synchronously, after the loop.
+            if config.codistill.enabled and self.step % config.codistill.exchange_every == 0 and self.step < total:
                 self.publish()
             self.step_seconds.append(time.perf_counter() - start)
             self.log_train(record)
