@@ -23,7 +23,8 @@ import numpy as np
 
 from codistill.config import CriteoConfig, DataConfig
 from codistill.dataset import join, load_manifest
-from pipelines.criteo import CAT_COLUMNS, CriteoToShards, layout_for, schema
+from pipelines.criteo import CAT_COLUMNS, CriteoToShards, schema
+from pipelines.sinks import layout_for
 from pipelines.formats import rebatch, write_shard
 from pipelines.run import pipeline_options
 from pipelines.sharding import string_hash

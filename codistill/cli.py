@@ -149,9 +149,8 @@ def verify(directory: str) -> None:
 def _dataset_for(config) -> DatasetManifest:
     """The run's dataset, built first (in-process Beam) if it is not there yet."""
     from codistill.dataset import load_manifest
+    from pipelines.run import pipeline_parameters
     from pipelines.run import preprocess as run_preprocess
-
-    from pipelines.criteo import pipeline_parameters
 
     try:
         dataset = load_manifest(config.data.output)

@@ -29,6 +29,12 @@ def _require(ok: bool, name: str, message: str) -> None:
         raise ConfigError(f"{name}: {message}")
 
 
+def tagged(tag: str, choices: dict[str, type], *, sibling: bool = False, **kwargs: Any) -> Any:
+    """A field whose dataclass is chosen by a tag: `model.kind` inside the section itself, or
+    (sibling=True) another field of the same section, as `data.dataset` chooses `data.synth`."""
+    return field(metadata={"tag": tag, "choices": choices, "sibling": sibling}, **kwargs)
+
+
 @dataclass(frozen=True)
 class SynthConfig:
     """Generate raw Criteo-format input instead of reading `data.input`."""
@@ -63,11 +69,58 @@ class CriteoConfig:
 
 
 @dataclass(frozen=True)
+class CommonCrawlSynthConfig:
+    """Generate WET files of a planted language instead of reading `data.input`."""
+
+    docs: int = 2_000
+    files: int = 2
+    seed: int = 0
+
+    def validate(self, name: str) -> None:
+        _require(self.docs >= 1, f"{name}.docs", f"must be >= 1, got {self.docs}")
+        _require(self.files >= 1, f"{name}.files", f"must be >= 1, got {self.files}")
+
+
+@dataclass(frozen=True)
+class CommonCrawlConfig:
+    """Reading, cleaning, deduplicating and tokenising web text (`data.dataset: commoncrawl`)."""
+
+    def validate(self, name: str) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class ImageNetSynthConfig:
+    """Generate an ILSVRC-layout folder of images instead of reading `data.input`."""
+
+    classes: int = 10
+    per_class: int = 100
+    seed: int = 0
+
+    def validate(self, name: str) -> None:
+        _require(self.classes >= 1, f"{name}.classes", f"must be >= 1, got {self.classes}")
+        _require(self.per_class >= 1, f"{name}.per_class", f"must be >= 1, got {self.per_class}")
+
+
+@dataclass(frozen=True)
+class ImageNetConfig:
+    """Labels, repairs and resizing of ILSVRC-layout JPEG folders (`data.dataset: imagenet`)."""
+
+    def validate(self, name: str) -> None:
+        pass
+
+
+SYNTH_CONFIGS = {"criteo": SynthConfig, "commoncrawl": CommonCrawlSynthConfig, "imagenet": ImageNetSynthConfig}
+
+
+@dataclass(frozen=True)
 class DataConfig:
-    dataset: Literal["criteo"] = "criteo"
+    dataset: Literal["criteo", "commoncrawl", "imagenet"] = "criteo"
     output: str = "runs/data"
     input: str | None = None  # glob or URL of raw files; None means `synth`
-    synth: SynthConfig | None = None
+    # The generator of `dataset` (fields differ per dataset).
+    synth: SynthConfig | CommonCrawlSynthConfig | ImageNetSynthConfig | None = tagged(
+        "dataset", SYNTH_CONFIGS, sibling=True, default=None)
     groups: int = 2
     eval_fraction: float = 0.1
     shards_per_group: int = 2
@@ -77,6 +130,8 @@ class DataConfig:
     block_rows: int = 1024  # most rows per stored record (TFRecord Example / WebDataset sample)
     split_bytes: int = 128 << 20  # uncompressed inputs are read in line-aligned ranges of about this size
     criteo: CriteoConfig = field(default_factory=CriteoConfig)
+    commoncrawl: CommonCrawlConfig = field(default_factory=CommonCrawlConfig)
+    imagenet: ImageNetConfig = field(default_factory=ImageNetConfig)
 
     def validate(self, name: str) -> None:
         _require((self.input is None) != (self.synth is None), name,
@@ -94,10 +149,12 @@ class DataConfig:
         if self.synth is not None:
             self.synth.validate(f"{name}.synth")
         self.criteo.validate(f"{name}.criteo")
+        self.commoncrawl.validate(f"{name}.commoncrawl")
+        self.imagenet.validate(f"{name}.imagenet")
 
 
 @dataclass(frozen=True)
-class ModelConfig:
+class CriteoDNNConfig:
     kind: Literal["criteo_dnn"] = "criteo_dnn"
     embedding_dim: int = 16
     hidden: tuple[int, ...] = (256, 128)
@@ -107,6 +164,30 @@ class ModelConfig:
         _require(self.embedding_dim >= 1, f"{name}.embedding_dim", f"must be >= 1, got {self.embedding_dim}")
         _require(all(h >= 1 for h in self.hidden), f"{name}.hidden", f"sizes must be >= 1, got {self.hidden}")
         _require(0.0 <= self.dropout < 1.0, f"{name}.dropout", f"must be in [0, 1), got {self.dropout}")
+
+
+@dataclass(frozen=True)
+class LSTMConfig:
+    """The language model: embedding, stacked LSTM, softmax over the tokenizer's vocabulary."""
+
+    kind: Literal["lstm"] = "lstm"
+
+    def validate(self, name: str) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class ResNetConfig:
+    """ResNet-18/34/50 for the image workload."""
+
+    kind: Literal["resnet"] = "resnet"
+
+    def validate(self, name: str) -> None:
+        pass
+
+
+MODEL_CONFIGS = {"criteo_dnn": CriteoDNNConfig, "lstm": LSTMConfig, "resnet": ResNetConfig}
+ModelConfig = CriteoDNNConfig | LSTMConfig | ResNetConfig
 
 
 @dataclass(frozen=True)
@@ -220,7 +301,7 @@ class TrainConfig:
 class ExperimentConfig:
     name: str
     data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: ModelConfig = tagged("kind", MODEL_CONFIGS, default_factory=CriteoDNNConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
@@ -306,12 +387,31 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     kwargs = {}
     for key, f in known.items():
         name = f"{prefix}.{key}" if prefix else key
-        if key in raw:
+        if key in raw and "choices" in f.metadata:
+            defaults = {k: d.default for k, d in known.items() if d.default is not dataclasses.MISSING}
+            kwargs[key] = _coerce_tagged(raw[key], f, defaults | kwargs, name)
+        elif key in raw:
             kwargs[key] = _coerce(raw[key], hints[key], name)
         else:
             _require(f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING,
                      name, "required field is missing")
     return cls(**kwargs)
+
+
+def _coerce_tagged(value: Any, f: dataclasses.Field, siblings: dict, name: str) -> Any:
+    """Build the dataclass that the field's tag chooses (siblings are the fields already built)."""
+    tag, choices = f.metadata["tag"], f.metadata["choices"]
+    if value is None:
+        _require(f.default is None, name, "must not be empty")
+        return None
+    if f.metadata["sibling"]:
+        chosen, where = siblings.get(tag), f"{name.rsplit('.', 1)[0]}.{tag}" if "." in name else tag
+    else:
+        _require(isinstance(value, dict), name, f"expected a mapping, got {type(value).__name__}")
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+        chosen, where = value.get(tag, getattr(default, tag, None)), f"{name}.{tag}"
+    _require(chosen in choices, where, f"must be one of {list(choices)}, got {chosen!r}")
+    return _build(choices[chosen], value, name)
 
 
 def set_field(raw: dict, dotted: str, value: Any) -> None:

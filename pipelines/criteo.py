@@ -34,12 +34,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 
-from codistill.config import CriteoConfig, DataConfig, to_dict
-from pipelines.formats import EXTENSIONS, Block, Feature, Schema
+from codistill.config import CriteoConfig, DataConfig
+from codistill.dataset import join
+from pipelines.formats import Block, Feature, Schema
+from pipelines.run import DatasetPipeline, pipeline_parameters
 from pipelines.sharding import ShardLayout, line_key_hashes, mix64, partition, string_hash
-from pipelines.sinks import Rejected, WriteDataset, write_pieces
+from pipelines.sinks import Rejected, WriteDataset, layout_for, write_pieces
 from pipelines.textfiles import (DECOMPRESSION_ERRORS, InputRange, LineBlock, TruncatedInput, count_lines,
-                                 first_lines, plan_ranges, read_line_blocks)
+                                 expand_inputs, first_lines, plan_ranges, read_line_blocks)
 
 INT_COLUMNS = [f"I{i}" for i in range(1, 14)]
 CAT_COLUMNS = [f"C{i}" for i in range(1, 27)]
@@ -303,11 +305,6 @@ class ParseRange(beam.DoFn):
         yield from write_pieces(self.data.output, self.schema, (rng.source, rng.index), parts)
 
 
-def layout_for(data: DataConfig) -> ShardLayout:
-    return ShardLayout(data.dataset, EXTENSIONS[data.format], data.groups, data.shards_per_group,
-                       data.eval_shards, data.eval_fraction)
-
-
 class CriteoToShards(beam.PTransform):
     """Raw Criteo files -> `<output>` with shards, `rejected/` and `manifest.json`."""
 
@@ -337,6 +334,13 @@ class CriteoToShards(beam.PTransform):
             parameters=parameters, extra=self.extra)
 
 
-def pipeline_parameters(data: DataConfig) -> dict:
-    """The data settings a dataset was built with (recorded in its manifest; inputs are recorded apart)."""
-    return {k: v for k, v in to_dict(data).items() if k not in ("input", "synth")}
+def _generate(raw: str, synth) -> tuple[str, dict]:
+    from pipelines.synth_criteo import generate_criteo
+
+    sidecar = generate_criteo(raw, synth.rows, files=synth.files, seed=synth.seed, gzip=synth.gzip)
+    return join(raw, "train-*"), sidecar
+
+
+PIPELINE = DatasetPipeline(
+    transform=lambda source, data, extra: CriteoToShards(expand_inputs(source), data, extra),
+    generate=_generate)

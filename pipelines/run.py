@@ -1,23 +1,50 @@
-"""Run a preprocessing pipeline for an experiment's `data` section on any Beam runner."""
+"""Run a preprocessing pipeline for an experiment's `data` section on any Beam runner.
+
+Each dataset module exposes one `PIPELINE` (a `DatasetPipeline`): how to
+generate its raw data, the PTransform that turns raw input into a dataset,
+and the parameters recorded in (and compared against) the dataset manifest.
+"""
 
 from __future__ import annotations
 
+import importlib
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import apache_beam as beam
 import fsspec
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
-from codistill.config import ExperimentConfig
+from codistill.config import DataConfig, ExperimentConfig, to_dict
 from codistill.dataset import DatasetManifest, join, load_manifest
-from pipelines.criteo import CriteoToShards
-from pipelines.textfiles import expand_inputs
 
 # Beam's DirectRunner first tries to download a Prism binary; the FnApiRunner is
 # the same in-process engine without that step.
 DEFAULT_RUNNER = "FnApiRunner"
 
+PIPELINE_MODULES = {"criteo": "pipelines.criteo", "commoncrawl": "pipelines.commoncrawl",
+                    "imagenet": "pipelines.imagenet"}
+
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DatasetPipeline:
+    # (raw input: glob, URL or folder; data section; extra facts for the manifest) -> PTransform on the pipeline
+    transform: Callable[[str, DataConfig, dict], beam.PTransform]
+    # (raw output folder, data.synth) -> (the input to read from it, the generator's sidecar)
+    generate: Callable[[str, Any], tuple[str, dict]]
+
+
+def dataset_pipeline(dataset: str) -> DatasetPipeline:
+    return importlib.import_module(PIPELINE_MODULES[dataset]).PIPELINE
+
+
+def pipeline_parameters(data: DataConfig) -> dict:
+    """The data settings a dataset was built with (recorded in its manifest; inputs are recorded apart)."""
+    return {k: v for k, v in to_dict(data).items() if k not in ("input", "synth")}
 
 
 class OutputExistsError(FileExistsError):
@@ -41,18 +68,13 @@ def prepare_output(output: str, overwrite: bool) -> None:
 
 def preprocess(config: ExperimentConfig, beam_args: list[str] = (), overwrite: bool = False) -> DatasetManifest:
     data = config.data
+    pipeline = dataset_pipeline(data.dataset)
     prepare_output(data.output, overwrite)
     extra = {}
-    pattern = data.input
+    source = data.input
     if data.synth is not None:
-        from pipelines.synth_criteo import generate_criteo
-
-        raw = join(data.output, "raw")
-        synth = data.synth
-        extra["synth"] = generate_criteo(raw, synth.rows, files=synth.files, seed=synth.seed, gzip=synth.gzip)
-        pattern = join(raw, "train-*")
-    paths = expand_inputs(pattern)
-    logger.info("preprocessing %d file(s) into %s", len(paths), data.output)
-    with beam.Pipeline(options=pipeline_options(list(beam_args))) as pipeline:
-        _ = pipeline | "Criteo" >> CriteoToShards(paths, data, extra)
+        source, extra["synth"] = pipeline.generate(join(data.output, "raw"), data.synth)
+    logger.info("preprocessing %s into %s", source, data.output)
+    with beam.Pipeline(options=pipeline_options(list(beam_args))) as p:
+        _ = p | data.dataset.capitalize() >> pipeline.transform(source, data, extra)
     return load_manifest(data.output)

@@ -20,10 +20,16 @@ import fsspec
 import numpy as np
 
 from codistill.dataset import DatasetManifest, ShardEntry, join, write_atomically, write_manifest
-from pipelines.formats import Block, Schema, concat_blocks, rebatch, write_shard
+from codistill.config import DataConfig
+from pipelines.formats import EXTENSIONS, Block, Schema, concat_blocks, rebatch, write_shard
 from pipelines.sharding import ShardLayout
 
 PIECES = ".pieces"
+
+
+def layout_for(data: DataConfig) -> ShardLayout:
+    return ShardLayout(data.dataset, EXTENSIONS[data.format], data.groups, data.shards_per_group,
+                       data.eval_shards, data.eval_fraction)
 
 
 @dataclass(frozen=True)

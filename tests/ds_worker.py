@@ -33,14 +33,14 @@ import torch.distributed as dist  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from codistill.config import ModelConfig, load_experiment  # noqa: E402
+from codistill.config import CriteoDNNConfig, load_experiment  # noqa: E402
 from training.loss import DistillConfig, codistillation_loss  # noqa: E402
 from training.models import CriteoDNN, Task  # noqa: E402
 from training.train import GroupTrainer, build_engine, forward_backward, init_distributed  # noqa: E402
 
 # hidden 1024: the first layer (117 x 1024 weights) is above DeepSpeed's stage3_param_persistence_threshold
 # (1e5), so ZeRO-3 really partitions it and the gathering is exercised.
-MODEL = ModelConfig(embedding_dim=4, hidden=(1024,))
+MODEL = CriteoDNNConfig(embedding_dim=4, hidden=(1024,))
 BUCKETS = [50] * 26
 
 

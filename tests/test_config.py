@@ -101,7 +101,7 @@ def test_unknown_key_is_named(dotted):
     ("data.eval_fraction", "a tenth"),
     ("data.eval_fraction", True),
     ("data.format", "parquet"),
-    ("data.dataset", "imagenet"),
+    ("data.dataset", "mnist"),
     ("data.criteo.dialect", "json"),
     ("data.criteo.keep_raw", "yes"),
     ("data.input", 5),

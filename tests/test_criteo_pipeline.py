@@ -20,7 +20,8 @@ from apache_beam.testing.util import assert_that, equal_to
 from codistill.config import CriteoConfig
 from codistill.dataset import MANIFEST_NAME, DatasetManifest, join, load_manifest
 from codistill.verify import verify_dataset
-from pipelines.criteo import CriteoToShards, HeaderError, ParseRange, layout_for, parse_block, schema
+from pipelines.criteo import CriteoToShards, HeaderError, ParseRange, parse_block, schema
+from pipelines.sinks import layout_for
 from pipelines.formats import read_shard
 from pipelines.run import OutputExistsError
 from pipelines.synth_criteo import generate_criteo

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from codistill.config import ModelConfig
+from codistill.config import CriteoDNNConfig, ModelConfig
 from codistill.dataset import DatasetManifest
 
 
@@ -17,7 +17,7 @@ class CriteoDNN(nn.Module):
     Returns one logit per row (click probability = sigmoid(logit)).
     """
 
-    def __init__(self, config: ModelConfig, cat_buckets: list[int], dense_features: int = 13):
+    def __init__(self, config: CriteoDNNConfig, cat_buckets: list[int], dense_features: int = 13):
         super().__init__()
         self.embeddings = nn.ModuleList(nn.Embedding(b, config.embedding_dim) for b in cat_buckets)
         layers: list[nn.Module] = []
