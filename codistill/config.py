@@ -82,11 +82,31 @@ class CommonCrawlSynthConfig:
 
 
 @dataclass(frozen=True)
-class CommonCrawlConfig:
-    """Reading, cleaning, deduplicating and tokenising web text (`data.dataset: commoncrawl`)."""
+class CleaningConfig:
+    """Language filter and C4/Gopher-style line and page rules (`data.commoncrawl.clean`)."""
 
     def validate(self, name: str) -> None:
         pass
+
+
+@dataclass(frozen=True)
+class DedupConfig:
+    """Whole-data-set deduplication before group assignment (`data.commoncrawl.dedup`)."""
+
+    def validate(self, name: str) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class CommonCrawlConfig:
+    """Reading, cleaning, deduplicating and tokenising web text (`data.dataset: commoncrawl`)."""
+
+    clean: CleaningConfig = field(default_factory=CleaningConfig)
+    dedup: DedupConfig = field(default_factory=DedupConfig)
+
+    def validate(self, name: str) -> None:
+        self.clean.validate(f"{name}.clean")
+        self.dedup.validate(f"{name}.dedup")
 
 
 @dataclass(frozen=True)
