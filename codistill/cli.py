@@ -8,11 +8,12 @@ import logging
 import sys
 
 import click
-import numpy as np
 
-from codistill.config import ConfigError, parse_experiment, read_manifest_yaml, resolve_manifest, set_field
+from codistill.config import (REPO_MANIFESTS, ConfigError, parse_experiment, read_manifest_yaml, resolve_manifest,
+                              set_field)
 from codistill.dataset import DatasetError, DatasetManifest
 
+REPO_EXPERIMENTS = REPO_MANIFESTS / "experiments"
 USER_ERRORS = (ConfigError, DatasetError, FileNotFoundError, FileExistsError, ValueError)
 
 
@@ -109,10 +110,10 @@ def preprocess_criteo(ctx, manifest, input_glob, output, groups, eval_fraction, 
     config = parse_experiment(raw, sets)
     beam_args = (["--runner", runner] if runner else []) + list(ctx.args)
     dataset = run_preprocess(config, beam_args, overwrite=overwrite)
-    click.echo(summarize(dataset, config.data.output))
+    click.echo(summarize_dataset(dataset, config.data.output))
 
 
-def summarize(dataset: DatasetManifest, where: str) -> str:
+def summarize_dataset(dataset: DatasetManifest, where: str) -> str:
     rejected = sum(dataset.rejected.values())
     reasons = ", ".join(f"{k}: {v}" for k, v in dataset.rejected.items())
     lines = [f"{dataset.dataset} ({dataset.format}) at {where}: {dataset.input_rows} rows read, "
@@ -157,7 +158,7 @@ def _dataset_for(config) -> DatasetManifest:
     except DatasetError:
         click.echo(f"no dataset at {config.data.output}: preprocessing it first")
         dataset = run_preprocess(config)
-        click.echo(summarize(dataset, config.data.output))
+        click.echo(summarize_dataset(dataset, config.data.output))
         return dataset
     wanted = json.loads(json.dumps(pipeline_parameters(config.data)))  # as stored: tuples become lists
     # (`output` may differ: a dataset can be copied or moved.)
@@ -202,8 +203,8 @@ def _train(manifest: str, sets: list[str], resume: bool, overwrite: bool = False
     dataset = _dataset_for(config)
     if not resume:
         _start_afresh(config, overwrite)
-    commands = group_commands(resolve_manifest(manifest), dataset.groups, config.deepspeed.ranks_per_group, sets,
-                              resume)
+    commands = group_commands(resolve_manifest(manifest), list(config.trained_groups), config.deepspeed.ranks_per_group,
+                              sets, resume)
     try:
         run_groups(commands, config.deepspeed.ranks_per_group)
     except GroupFailed as e:
@@ -226,9 +227,30 @@ def train(manifest: str, sets: tuple[str, ...], run_dir: str | None, resume: boo
     sets = list(sets) + ([f"train.run_dir={run_dir}"] if run_dir else [])
     config, dataset = _train(manifest, sets, resume, overwrite)
     workload = workload_for(dataset.dataset)
-    for group in range(dataset.groups):
+    for group in config.trained_groups:
         m = final_eval(config.run_dir, group)
         click.echo(f"group {group}: step {m['step']} eval {workload.describe(m)}")
+
+
+def _plan_path(plan: str) -> str:
+    return plan if "/" in plan or plan.endswith((".yaml", ".yml")) else f"{REPO_EXPERIMENTS}/{plan}.yaml"
+
+
+@main.command()
+@click.argument("plan")
+@click.option("--report-only", is_flag=True, help="Rebuild the report from finished runs; train nothing.")
+@_fail_cleanly
+def experiment(plan: str, report_only: bool) -> None:
+    """Run every (condition, seed) of PLAN (manifests/experiments/*.yaml) and write report.md with plots."""
+    from codistill.experiment import load_plan, run_plan, write_report
+
+    parsed = load_plan(_plan_path(plan))
+    if not report_only:
+        run_plan(parsed, lambda manifest, sets, resume, overwrite: _train(manifest, sets, resume, overwrite),
+                 echo=click.echo)
+    report = write_report(parsed)
+    click.echo(report.read_text())
+    click.echo(f"report: {report}")
 
 
 @main.command()
@@ -246,48 +268,46 @@ def churn(run_a: str, run_b: str, group: int, threshold: float) -> None:
 
 
 @main.command()
-@click.option("--manifest", "-m", default="criteo-tiny", show_default=True)
-@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE")
-@click.option("--out", default="runs/demo", show_default=True, help="Where the four runs and the plot go.")
+@click.option("--plan", default="demo", show_default=True, help="Experiment plan (manifests/experiments/).")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a field of every run.")
 @_fail_cleanly
-def demo(manifest: str, sets: tuple[str, ...], out: str) -> None:
-    """The embedded default, end to end: data, Beam, DeepSpeed baseline vs codistillation, table and plot."""
-    from codistill.config import load_experiment
-    from codistill.verify import verify_dataset
-    from pipelines.run import preprocess as run_preprocess
-    from training.report import final_eval, plot_eval_loss, run_churn
+def demo(plan: str, sets: tuple[str, ...]) -> None:
+    """The embedded default, end to end: data, Beam, verify, DeepSpeed baselines vs codistillation, report."""
+    import dataclasses
 
-    config = load_experiment(manifest, sets)
+    from codistill.experiment import load_plan, run_plan, summarize, write_report
+    from codistill.verify import verify_dataset
+
+    parsed = load_plan(_plan_path(plan))
+    parsed = dataclasses.replace(parsed, sets=parsed.sets + tuple(sets))
+    config = parsed.config(parsed.conditions[0], parsed.seeds[0])
     click.echo("== 1. generate Criteo-format data and shard it into groups with Beam")
+    from pipelines.run import preprocess as run_preprocess
+
     dataset = run_preprocess(config, overwrite=True)
-    click.echo(summarize(dataset, config.data.output))
+    click.echo(summarize_dataset(dataset, config.data.output))
     report = verify_dataset(config.data.output)
     if not report.ok:
         raise click.ClickException("verify failed: " + "; ".join(report.problems))
     click.echo(f"verify: OK ({report.rows} rows, no key in two places)")
-
-    runs = {}
-    for mode in ("baseline", "codistill"):
-        for seed in (0, 1):
-            name = f"{mode}-seed{seed}"
-            click.echo(f"== 2. train {name}: {dataset.groups} groups with DeepSpeed")
-            runs[name] = f"{out}/{name}"
-            _train(manifest, list(sets) + [f"codistill.enabled={mode == 'codistill'}", f"train.seed={seed}",
-                                           f"train.run_dir={runs[name]}"], resume=False, overwrite=True)
-
-    floor = dataset.extra.get("synth", {}).get("bayes_log_loss")
-    click.echo("== 3. results on the shared eval split (mean over groups; churn between the two seeds, group 0)")
-    click.echo(f"{'run':<10} {'eval log loss':>13} {'AUC':>7} {'gap to Bayes':>12} {'churn |dp|':>10} "
-               f"{'churn flips':>11}")
-    for mode in ("baseline", "codistill"):
-        finals = [final_eval(runs[f"{mode}-seed{s}"], g) for s in (0, 1) for g in range(dataset.groups)]
-        loss, auc = np.mean([f["log_loss"] for f in finals]), np.mean([f["auc"] for f in finals])
-        _, c = run_churn(runs[f"{mode}-seed0"], runs[f"{mode}-seed1"], group=0)
-        gap = f"{loss - floor:+.4f}" if floor is not None else "n/a"
-        click.echo(f"{mode:<10} {loss:>13.4f} {auc:>7.4f} {gap:>12} {c['mean_abs_diff']:>10.4f} "
-                   f"{100 * c['disagreement']:>10.2f}%")
+    click.echo(f"== 2. train every condition x seed with DeepSpeed ({len(parsed.conditions) * len(parsed.seeds)} runs)")
+    for path in parsed.out.glob("*/.complete"):
+        path.unlink()  # the data was just rebuilt: every run trains again
+    run_plan(parsed, lambda manifest, sets, resume, overwrite: _train(manifest, sets, False, True), echo=click.echo)
+    click.echo("== 3. results on the shared eval split")
+    summaries = summarize(parsed)
+    path = write_report(parsed, summaries)
+    base, cod = summaries[parsed.claims.baseline], summaries[parsed.claims.codistill]
+    floor = base.runs[0].floor
+    click.echo(f"{'condition':<22} {'final eval loss':>17} {'gap to floor':>13} {'churn |dp|':>10} {'flips':>7}")
+    for name, summary in summaries.items():
+        mean, sd = summary.stat("final")
+        churn = summary.churn
+        click.echo(f"{name:<22} {mean + (floor or 0):>8.4f} ± {sd:.4f} {mean:>+13.4f} "
+                   f"{churn.get('mean_abs_diff', float('nan')):>10.4f} {100 * churn.get('disagreement', 0):>6.2f}%")
+    diff = cod.stat("final")[0] - base.stat("final")[0]
+    click.echo(f"codistillation - baseline: {diff:+.4f} final eval loss; spread between seeds (sd): "
+               f"baseline {base.stat('final')[1]:.4f}, codistillation {cod.stat('final')[1]:.4f}")
     if floor is not None:
-        click.echo(f"Bayes-optimal eval log loss of the generated data: {floor:.4f}")
-    plot = f"{out}/eval_loss.png"
-    plot_eval_loss({"baseline": runs["baseline-seed0"], "codistill": runs["codistill-seed0"]}, plot, floor)
-    click.echo(f"plot: {plot}")
+        click.echo(f"floor (Bayes-optimal eval loss of the generated data): {floor:.4f}")
+    click.echo(f"report and plots: {path}")

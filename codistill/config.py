@@ -310,9 +310,18 @@ class TrainConfig:
     store: str | None = None  # snapshot store URL; default <run_dir>/store
     log_every: int = 50
     checkpoint_every: int = 500
+    # Which of the dataset's groups train in this run (null = all). One group alone is the plain
+    # baseline or, with `reads: union` and twice the batch, the synchronous 2x-batch control.
+    groups: tuple[int, ...] | None = None
+    # What each training group reads: its own split (disjoint data, the paper's set-up), the split
+    # of the first training group ("same": same-data codistillation), or every train split ("union").
+    reads: Literal["own", "same", "union"] = "own"
 
     def validate(self, name: str) -> None:
         _require(0 <= self.seed < 2**31, f"{name}.seed", f"must be in [0, 2^31), got {self.seed}")
+        if self.groups is not None:
+            _require(len(self.groups) >= 1 and len(set(self.groups)) == len(self.groups), f"{name}.groups",
+                     f"must list distinct groups, got {list(self.groups)}")
         _require(self.log_every >= 1, f"{name}.log_every", f"must be >= 1, got {self.log_every}")
         _require(self.checkpoint_every >= 1, f"{name}.checkpoint_every", f"must be >= 1, got {self.checkpoint_every}")
 
@@ -335,6 +344,13 @@ class ExperimentConfig:
                  f"must be a non-empty name without '/', got {self.name!r}")
         for section in ("data", "model", "optimizer", "schedule", "deepspeed", "loader", "codistill", "eval", "train"):
             getattr(self, section).validate(section)
+        for g in self.train.groups or ():
+            _require(0 <= g < self.data.groups, "train.groups",
+                     f"groups must be in [0, data.groups={self.data.groups}), got {g}")
+
+    @property
+    def trained_groups(self) -> tuple[int, ...]:
+        return self.train.groups if self.train.groups is not None else tuple(range(self.data.groups))
 
     @property
     def run_dir(self) -> str:
