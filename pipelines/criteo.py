@@ -28,7 +28,6 @@ import posixpath
 from dataclasses import dataclass
 
 import apache_beam as beam
-import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -40,8 +39,8 @@ from pipelines.formats import Block, Feature, Schema
 from pipelines.run import DatasetPipeline, pipeline_parameters
 from pipelines.sharding import ShardLayout, line_key_hashes, mix64, partition, string_hash
 from pipelines.sinks import Rejected, WriteDataset, layout_for, write_pieces
-from pipelines.textfiles import (DECOMPRESSION_ERRORS, InputRange, LineBlock, TruncatedInput, count_lines,
-                                 expand_inputs, first_lines, plan_ranges, read_line_blocks)
+from pipelines.textfiles import (InputRange, LineBlock, TruncatedInput, count_lines, expand_inputs, first_lines,
+                                 plan_ranges, read_head, read_line_blocks)
 
 INT_COLUMNS = [f"I{i}" for i in range(1, 14)]
 CAT_COLUMNS = [f"C{i}" for i in range(1, 27)]
@@ -88,10 +87,8 @@ def strip_header(block: LineBlock, dialect: str) -> LineBlock:
 def check_headers(paths: list[str], dialect: str) -> None:
     """Fail on the driver, before any work starts, if a file's first line does not fit the dialect."""
     for path in paths:
-        try:
-            with fsspec.open(path, "rb", compression="infer") as f:
-                head = f.read(1 << 16)
-        except DECOMPRESSION_ERRORS:
+        head = read_head(path, 1 << 16)
+        if head is None:
             continue  # a damaged file is quarantined by the pipeline itself
         strip_header(LineBlock(posixpath.basename(path), 1, head.split(b"\n", 1)[0] + b"\n"), dialect)
 

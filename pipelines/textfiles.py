@@ -9,13 +9,16 @@ one range, read from the start, so no counting is needed for them.
 
 from __future__ import annotations
 
+import contextlib
 import lzma
 import posixpath
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import IO
 
 import fsspec
+import fsspec.compression
 from fsspec.utils import infer_compression
 
 READ_CHUNK_BYTES = 4 << 20
@@ -105,8 +108,52 @@ def count_lines(rng: InputRange) -> int:
     return count
 
 
-# What a damaged compressed stream raises (BadGzipFile is an OSError; bz2 raises OSError too).
+# What a damaged compressed stream raises (BadGzipFile is an OSError; bz2 raises OSError too). An OSError
+# of the file underneath (EIO, a reset connection, a permission) is not damage: see `InputReadError`.
 DECOMPRESSION_ERRORS = (EOFError, OSError, zlib.error, lzma.LZMAError)
+
+
+class InputReadError(RuntimeError):
+    """Reading an input failed (an I/O error, not damaged data): the work item fails, so the runner can
+    retry it, instead of the rest of the file being booked as one corrupt record."""
+
+
+class _RawInput:
+    """The compressed bytes of an input, handed to the decompressor: an OSError raised while reading them
+    comes out as InputReadError, which no decompressor catches or raises, so it cannot pass for damage."""
+
+    def __init__(self, raw, path: str):
+        self._raw, self._path = raw, path
+
+    def read(self, size: int = -1) -> bytes:
+        try:
+            return self._raw.read(size)
+        except OSError as e:
+            raise InputReadError(f"{self._path}: read failed: {type(e).__name__}: {e}") from e
+
+    def __getattr__(self, name):
+        return getattr(self._raw, name)
+
+
+@contextlib.contextmanager
+def open_compressed(path: str) -> Iterator[IO[bytes]]:
+    """The decompressed stream of a compressed input (compression inferred from the name)."""
+    with fsspec.open(path, "rb") as raw:
+        with fsspec.compression.compr[infer_compression(path)](_RawInput(raw, path), mode="rb") as f:
+            yield f
+
+
+def read_head(path: str, size: int) -> bytes | None:
+    """The first `size` bytes of an input, decompressed; None if the compressed stream is damaged
+    (the pipeline quarantines it), InputReadError if reading fails."""
+    if infer_compression(path) is None:
+        with fsspec.open(path, "rb") as f:
+            return f.read(size)
+    try:
+        with open_compressed(path) as f:
+            return f.read(size)
+    except DECOMPRESSION_ERRORS:
+        return None
 
 
 class _DecompressionFailed(Exception):
@@ -137,7 +184,7 @@ def _read_compressed(path: str) -> Iterator[bytes]:
     `read1` hands over each decompressed piece as it comes: a plain `read(n)`
     would throw away everything it decoded before hitting the damage.
     """
-    with fsspec.open(path, "rb", compression="infer") as f:
+    with open_compressed(path) as f:
         buffer = bytearray()
         while True:
             try:
