@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -27,6 +28,15 @@ class ConfigError(ValueError):
 def _require(ok: bool, name: str, message: str) -> None:
     if not ok:
         raise ConfigError(f"{name}: {message}")
+
+
+_SHORT_REPR = reprlib.Repr()
+_SHORT_REPR.maxlevel, _SHORT_REPR.maxstring, _SHORT_REPR.maxother, _SHORT_REPR.maxlong = 2, 60, 60, 40
+
+
+def _bounded(value: Any) -> str:
+    """A short repr for error messages: it looks at a bounded part of the value, however big it is."""
+    return _SHORT_REPR.repr(value)
 
 
 def tagged(tag: str, choices: dict[str, type], *, sibling: bool = False, **kwargs: Any) -> Any:
@@ -331,8 +341,12 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def validate(self) -> None:
-        _require(bool(self.name) and "/" not in self.name, "name",
-                 f"must be a non-empty name without '/', got {self.name!r}")
+        # `runs/<name>` is the default run directory, which `--overwrite` deletes: `..` would be the working
+        # directory's parent.
+        _require(bool(self.name) and self.name not in (".", "..") and not any(c in self.name for c in "/\\"),
+                 "name", f"must be a plain name (not '.' or '..', no '/' or '\\'), got {_bounded(self.name)}")
+        _require(Path(self.run_dir).name not in ("", ".", ".."), "train.run_dir",
+                 f"must end in a directory name (it names the run in the store), got {_bounded(self.run_dir)}")
         for section in ("data", "model", "optimizer", "schedule", "deepspeed", "loader", "codistill", "eval", "train"):
             getattr(self, section).validate(section)
 

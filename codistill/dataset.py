@@ -17,6 +17,7 @@ from pipelines.formats import Feature, Schema
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
+TEMP_PREFIX = ".tmp-"  # files written under a temp name, then renamed
 
 
 class DatasetError(ValueError):
@@ -87,7 +88,7 @@ def write_atomically(url: str, text: str) -> None:
     fs, path = fsspec.core.url_to_fs(url)
     parent = path.rsplit("/", 1)[0]
     fs.makedirs(parent, exist_ok=True)
-    tmp = f"{parent}/.tmp-{uuid.uuid4().hex}"
+    tmp = f"{parent}/{TEMP_PREFIX}{uuid.uuid4().hex}"
     with fs.open(tmp, "w") as f:
         f.write(text)
     fs.mv(tmp, path)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
+import posixpath
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -16,9 +18,12 @@ from typing import Any
 import apache_beam as beam
 import fsspec
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from fsspec.implementations.local import LocalFileSystem
 
 from codistill.config import DataConfig, ExperimentConfig, to_dict
-from codistill.dataset import DatasetManifest, join, load_manifest
+from codistill.dataset import MANIFEST_NAME, TEMP_PREFIX, DatasetManifest, join, load_manifest
+from pipelines.sinks import PIECES
+from pipelines.textfiles import match_inputs
 
 # Beam's DirectRunner first tries to download a Prism binary; the FnApiRunner is
 # the same in-process engine without that step.
@@ -58,18 +63,52 @@ def pipeline_options(beam_args: list[str]) -> PipelineOptions:
     return options
 
 
-def prepare_output(output: str, overwrite: bool) -> None:
+# What a dataset directory holds (an interrupted run leaves some of it, without the manifest).
+DATASET_ENTRIES = (MANIFEST_NAME, "train", "eval", "rejected", "raw", PIECES)
+
+
+def _location(url: str) -> tuple[str, str]:
+    """(protocol, absolute path without a trailing slash): comparable across spellings and, locally, symlinks."""
+    fs, path = fsspec.core.url_to_fs(url)
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    if isinstance(fs, LocalFileSystem):
+        protocol, path = "file", os.path.realpath(path)
+    return protocol, path.rstrip("/") or "/"
+
+
+def is_under(url: str, root: str) -> bool:
+    (protocol, path), (root_protocol, root_path) = _location(url), _location(root)
+    return protocol == root_protocol and (path == root_path or path.startswith(root_path.rstrip("/") + "/"))
+
+
+def prepare_output(output: str, overwrite: bool, inputs: list[str] = ()) -> None:
+    """Make sure `output` is new or empty. `overwrite` deletes only a dataset directory (or what is left of
+    one), never one that holds anything else or any of the `inputs`."""
     fs, path = fsspec.core.url_to_fs(output)
-    if fs.exists(path) and fs.ls(path):
-        if not overwrite:
-            raise OutputExistsError(f"{output} exists and is not empty; choose another output or pass --overwrite")
-        fs.rm(path, recursive=True)
+    if not fs.exists(path):
+        return
+    inside = [i for i in inputs if is_under(i, output)]
+    if inside:
+        raise OutputExistsError(f"input {inside[0]} is inside the output directory {output}: choose another output")
+    if not fs.isdir(path):
+        raise OutputExistsError(f"{output} exists and is not a directory; choose another output")
+    entries = sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False))
+    if not entries:
+        return
+    if not overwrite:
+        raise OutputExistsError(f"{output} exists and is not empty; choose another output or pass --overwrite")
+    foreign = [e for e in entries if e not in DATASET_ENTRIES and not e.startswith(TEMP_PREFIX)]
+    if foreign:
+        raise OutputExistsError(f"{output} is not a codistill dataset (it holds {', '.join(foreign[:5])}"
+                                f"{', ...' if len(foreign) > 5 else ''}): --overwrite deletes only a dataset "
+                                "directory; remove it yourself or choose another output")
+    fs.rm(path, recursive=True)
 
 
 def preprocess(config: ExperimentConfig, beam_args: list[str] = (), overwrite: bool = False) -> DatasetManifest:
     data = config.data
     pipeline = dataset_pipeline(data.dataset)
-    prepare_output(data.output, overwrite)
+    prepare_output(data.output, overwrite, match_inputs(data.input) if data.input is not None else [])
     extra = {}
     source = data.input
     if data.synth is not None:

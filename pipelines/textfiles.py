@@ -54,19 +54,28 @@ class TruncatedInput:
     tail: bytes
 
 
-def expand_inputs(pattern: str) -> list[str]:
-    """Every file matching a glob (or a comma-separated list of globs), with its protocol."""
+def match_inputs(pattern: str) -> list[str]:
+    """Every path (file or folder) a glob, or a comma-separated list of globs, matches, with its protocol."""
     paths = []
     for part in pattern.split(","):
         fs, _ = fsspec.core.url_to_fs(part)
         found = sorted(fs.glob(part)) if any(c in part for c in "*?[") else ([part] if fs.exists(part) else [])
         if not found:
             raise FileNotFoundError(f"no input files match {part!r}")
-        directories = [p for p in found if fs.isdir(p)]
-        if directories:
-            raise IsADirectoryError(f"input {directories[0]!r} is a directory; give files or a glob such as "
-                                    f"{directories[0].rstrip('/')}/*")
         paths += [fs.unstrip_protocol(p) if "://" in part else p for p in found]
+    return paths
+
+
+def expand_inputs(pattern: str) -> list[str]:
+    """Every file matching a glob (or a comma-separated list of globs), with its protocol."""
+    paths = match_inputs(pattern)
+    for path in paths:
+        kind = fsspec.core.url_to_fs(path)[0].info(path)["type"]
+        if kind == "directory":
+            raise IsADirectoryError(f"input {path!r} is a directory; give files or a glob such as "
+                                    f"{path.rstrip('/')}/*")
+        if kind != "file":  # a FIFO would hang the reader, a device never end
+            raise ValueError(f"input {path!r} is not a regular file ({kind}: a FIFO, device or socket?)")
     names = [posixpath.basename(p) for p in paths]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:

@@ -12,12 +12,15 @@ import io
 import json
 from pathlib import Path
 
+import click
 import fsspec
 import pytest
 from fsspec.implementations.memory import MemoryFileSystem
 
+from codistill.config import ConfigError, parse_experiment
 from codistill.dataset import MANIFEST_NAME
 from conftest import read_rows, run_criteo
+from pipelines.run import OutputExistsError
 from pipelines.textfiles import InputReadError, read_head
 
 # --- an fsspec file system whose reads fail part-way ---------------------------------------------------------
@@ -101,3 +104,111 @@ def test_a_damaged_gzip_is_still_quarantined(tmp_path, criteo_file):
     assert len(read_rows(str(out))) + sum(manifest.rejected.values()) == manifest.input_rows
     last = json.loads((out / "rejected" / "damaged.txt.gz.jsonl").read_text().splitlines()[-1])
     assert last["reason"] == "corrupt_file" and "BadGzipFile" in last["detail"] or "Error" in last["detail"]
+
+
+# --- --overwrite deletes only what is ours --------------------------------------------------------------------
+
+
+@pytest.fixture
+def raw_folder(tmp_path, criteo_file) -> Path:
+    criteo_file(str(tmp_path / "raw" / "day-0.tsv"), 20)
+    criteo_file(str(tmp_path / "raw" / "day-1.tsv"), 20, seed=1)
+    return tmp_path / "raw"
+
+
+def folder_state(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("output", ["same", "parent", "symlink"])
+def test_overwrite_refuses_an_output_that_holds_the_input(raw_folder, output):
+    before = folder_state(raw_folder.parent)
+    if output == "symlink":
+        (raw_folder.parent / "link").symlink_to(raw_folder)
+        before = folder_state(raw_folder.parent)
+    out = {"same": raw_folder, "parent": raw_folder.parent, "symlink": raw_folder.parent / "link"}[output]
+    with pytest.raises(OutputExistsError, match="is inside the output directory"):
+        run_criteo(f"{raw_folder}/*.tsv", str(out), overwrite=True)
+    assert folder_state(raw_folder.parent) == before
+
+
+def test_overwrite_refuses_a_folder_that_is_not_a_dataset(raw_folder, tmp_path):
+    out = tmp_path / "home"
+    (out / "notes").mkdir(parents=True)
+    (out / "notes" / "todo.txt").write_text("mine")
+    (out / "train").mkdir()
+    with pytest.raises(OutputExistsError, match=r"not a codistill dataset \(it holds notes\)"):
+        run_criteo(f"{raw_folder}/*.tsv", str(out), overwrite=True)
+    assert (out / "notes" / "todo.txt").read_text() == "mine"
+
+
+def test_overwrite_refuses_a_file_as_output(raw_folder, tmp_path):
+    (tmp_path / "file").write_text("mine")
+    with pytest.raises(OutputExistsError, match="is not a directory"):
+        run_criteo(f"{raw_folder}/*.tsv", str(tmp_path / "file"), overwrite=True)
+    assert (tmp_path / "file").read_text() == "mine"
+
+
+def test_overwrite_lists_the_inputs_before_deleting_anything(tmp_path, raw_folder):
+    out = tmp_path / "ds"
+    run_criteo(f"{raw_folder}/*.tsv", str(out))
+    with pytest.raises(FileNotFoundError, match="no input files match"):
+        run_criteo(f"{raw_folder}/*.csv", str(out), overwrite=True)
+    assert (out / MANIFEST_NAME).exists()
+
+
+def test_overwrite_replaces_a_dataset_and_the_leftovers_of_an_interrupted_run(tmp_path, raw_folder):
+    out = tmp_path / "ds"
+    first = run_criteo(f"{raw_folder}/day-0.tsv", str(out))
+    (out / ".pieces" / "00001").mkdir(parents=True)
+    (out / ".pieces" / "00001" / "x.npys").write_bytes(b"old")
+    second = run_criteo(f"{raw_folder}/*.tsv", str(out), overwrite=True)
+    assert second.input_rows == 40 and first.input_rows == 20
+    assert not (out / ".pieces").exists()
+    (out / MANIFEST_NAME).unlink()  # killed before the manifest: still ours
+    assert run_criteo(f"{raw_folder}/*.tsv", str(out), overwrite=True).input_rows == 40
+
+
+@pytest.mark.parametrize("name", [".", "..", "a/b", "..\\\\x", ""])
+def test_manifest_name_must_be_a_plain_name(name):
+    with pytest.raises(ConfigError, match="^name: must be a plain name"):
+        parse_experiment({"name": name})
+
+
+@pytest.mark.parametrize("run_dir", [".", "..", "runs/.."])
+def test_run_dir_must_end_in_a_name(run_dir):
+    with pytest.raises(ConfigError, match="^train.run_dir: must end in a directory name"):
+        parse_experiment({"name": "x", "train": {"run_dir": run_dir}})
+
+
+def run_config(run_dir: Path, store: str | None = None):
+    return parse_experiment({"name": "x", "data": {"synth": {}},
+                             "train": {"run_dir": str(run_dir), **({"store": store} if store else {})}})
+
+
+def test_train_overwrite_deletes_only_a_run_directory(tmp_path):
+    from codistill.cli import _start_afresh
+
+    work = tmp_path / "work"
+    (work / "group-0").mkdir(parents=True)
+    (work / "src").mkdir()
+    (work / "src" / "main.py").write_text("mine")
+    with pytest.raises(click.ClickException, match=r"not a codistill run directory \(it holds src\)"):
+        _start_afresh(run_config(work), overwrite=True)
+    assert (work / "src" / "main.py").read_text() == "mine"
+
+    run = tmp_path / "runs" / "old"
+    (run / "group-1" / "checkpoints").mkdir(parents=True)
+    (run / "store" / "old" / "group-1").mkdir(parents=True)
+    _start_afresh(run_config(run), overwrite=True)
+    assert not run.exists()
+
+
+def test_train_overwrite_leaves_a_foreign_store_folder_alone(tmp_path):
+    from codistill.cli import _start_afresh
+
+    store = tmp_path / "bucket"
+    (store / "x" / "important").mkdir(parents=True)
+    with pytest.raises(click.ClickException, match=r"is not this run's snapshots \(it holds important\)"):
+        _start_afresh(run_config(tmp_path / "runs" / "x", str(store)), overwrite=True)
+    assert (store / "x" / "important").is_dir()

@@ -320,13 +320,13 @@ def test_preprocess_duplicate_basenames(tmp_path):
 
 def test_preprocess_refuses_a_non_empty_output_unless_overwrite(raw_dir, tmp_path):
     out = tmp_path / "ds"
-    out.mkdir()
-    (out / "keep.txt").write_text("mine")
     args = ["preprocess", "criteo", "--input", f"{raw_dir}/day-0.tsv", "--output", out, "--runner", "FnApiRunner"]
+    assert_ok(invoke(*args))
+    (out / "rejected" / "old.jsonl").write_text("{}\n")
     assert_user_error(invoke(*args), "exists and is not empty", "--overwrite")
-    assert (out / "keep.txt").read_text() == "mine"
+    assert (out / "rejected" / "old.jsonl").exists()
     assert_ok(invoke(*args, "--overwrite"))
-    assert not (out / "keep.txt").exists() and (out / MANIFEST_NAME).exists()
+    assert not (out / "rejected" / "old.jsonl").exists() and (out / MANIFEST_NAME).exists()
 
 
 def test_preprocess_unknown_format_is_a_usage_error(raw_dir, tmp_path):
