@@ -39,6 +39,11 @@ def _bounded(value: Any) -> str:
     return _SHORT_REPR.repr(value)
 
 
+def _key_text(key: Any) -> str:
+    """A manifest key as it goes into a dotted field name."""
+    return key if isinstance(key, str) and len(key) <= 80 else _bounded(key)
+
+
 def tagged(tag: str, choices: dict[str, type], *, sibling: bool = False, **kwargs: Any) -> Any:
     """A field whose dataclass is chosen by a tag: `model.kind` inside the section itself, or
     (sibling=True) another field of the same section, as `data.dataset` chooses `data.synth`."""
@@ -388,7 +393,7 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
         raise ConfigError(errors[0])
     if origin is Literal:
         _require(value in typing.get_args(tp), name,
-                 f"must be one of {list(typing.get_args(tp))}, got {value!r}")
+                 f"must be one of {list(typing.get_args(tp))}, got {_bounded(value)}")
         return value
     if origin is tuple:
         (item_tp, _) = typing.get_args(tp)
@@ -406,7 +411,7 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
             pass
     # bool is an int subclass: `groups: true` must not pass as 1.
     ok = isinstance(value, tp) and not (tp is not bool and isinstance(value, bool))
-    _require(ok, name, f"expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    _require(ok, name, f"expected {_type_name(tp)}, got {type(value).__name__} {_bounded(value)}")
     return value
 
 
@@ -416,7 +421,7 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     hints = typing.get_type_hints(cls)
     known = {f.name: f for f in dataclasses.fields(cls)}
     for key in raw:
-        _require(key in known, f"{prefix}.{key}" if prefix else str(key),
+        _require(key in known, f"{prefix}.{_key_text(key)}" if prefix else _key_text(key),
                  f"unknown key (known: {', '.join(known)})")
     kwargs = {}
     for key, f in known.items():
@@ -444,7 +449,7 @@ def _coerce_tagged(value: Any, f: dataclasses.Field, siblings: dict, name: str) 
         _require(isinstance(value, dict), name, f"expected a mapping, got {type(value).__name__}")
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
         chosen, where = value.get(tag, getattr(default, tag, None)), f"{name}.{tag}"
-    _require(chosen in choices, where, f"must be one of {list(choices)}, got {chosen!r}")
+    _require(chosen in choices, where, f"must be one of {list(choices)}, got {_bounded(chosen)}")
     return _build(choices[chosen], value, name)
 
 
@@ -458,12 +463,60 @@ def set_field(raw: dict, dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
+# A manifest is a few kB; with aliases, a few hundred bytes can stand for billions of nodes ("billion laughs"),
+# which anything walking the result (validation, deepcopy into dicts, an error message) would expand.
+MAX_MANIFEST_BYTES = 1 << 20
+MAX_YAML_NODES = 100_000
+
+
+class _YAMLTooLarge(yaml.YAMLError):
+    pass
+
+
+def _expanded_nodes(node: yaml.Node, memo: dict[int, int], active: set[int]) -> int:
+    """Nodes of the document once every alias is expanded, stopping as soon as that passes MAX_YAML_NODES."""
+    if id(node) in memo:
+        return memo[id(node)]
+    if id(node) in active:
+        raise _YAMLTooLarge("a recursive alias (a node that contains itself)")
+    active.add(id(node))
+    children = [] if isinstance(node, yaml.ScalarNode) else (
+        node.value if isinstance(node, yaml.SequenceNode) else [n for pair in node.value for n in pair])
+    total = 1
+    for child in children:
+        total += _expanded_nodes(child, memo, active)
+        if total > MAX_YAML_NODES:
+            raise _YAMLTooLarge(f"more than {MAX_YAML_NODES} values once its aliases are expanded (alias bomb?)")
+    active.discard(id(node))
+    memo[id(node)] = total
+    return total
+
+
+class _ManifestLoader(yaml.SafeLoader):
+    """yaml.safe_load's loader, refusing documents whose aliases expand past MAX_YAML_NODES."""
+
+    def get_single_node(self):
+        node = super().get_single_node()
+        if node is not None:
+            _expanded_nodes(node, {}, set())
+        return node
+
+
+def _load_yaml(text: str) -> Any:
+    try:
+        return yaml.load(text, Loader=_ManifestLoader)
+    except RecursionError:
+        raise _YAMLTooLarge("nested too deeply") from None
+
+
 def apply_override(raw: dict, assignment: str) -> None:
     """Apply `a.b=c` to the raw manifest; the value is parsed as YAML (`50`, `true`, `[1, 2]`)."""
     path, sep, text = assignment.partition("=")
-    _require(bool(sep) and bool(path), assignment, "override must look like section.field=value")
+    _require(bool(sep) and bool(path), _bounded(assignment), "override must look like section.field=value")
     try:
-        value = yaml.safe_load(text)
+        value = _load_yaml(text)
+    except _YAMLTooLarge as e:
+        raise ConfigError(f"{_key_text(path)}: the value is too large: {e}") from None
     except yaml.YAMLError:
         value = text  # e.g. a glob like *.txt: take it as a string
     set_field(raw, path, value)
@@ -490,11 +543,15 @@ def read_manifest_yaml(name_or_path: str) -> dict:
     path = resolve_manifest(name_or_path)
     try:
         with fsspec.open(path, "r") as f:
-            raw = yaml.safe_load(f)
+            text = f.read(MAX_MANIFEST_BYTES + 1)
+        _require(len(text) <= MAX_MANIFEST_BYTES, path, f"larger than {MAX_MANIFEST_BYTES} bytes: not a manifest")
+        raw = _load_yaml(text)
     except FileNotFoundError:
         raise ConfigError(f"{path}: manifest not found") from None
+    except (IsADirectoryError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not a manifest file ({type(e).__name__})") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        raise ConfigError(f"{path}: not valid YAML: {str(e)[:500]}") from None
     _require(isinstance(raw, dict), path, f"expected a mapping at the top, got {type(raw).__name__}")
     return raw
 

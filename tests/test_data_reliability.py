@@ -15,9 +15,10 @@ from pathlib import Path
 import click
 import fsspec
 import pytest
+import yaml
 from fsspec.implementations.memory import MemoryFileSystem
 
-from codistill.config import ConfigError, parse_experiment
+from codistill.config import ConfigError, load_experiment, parse_experiment, set_field
 from codistill.dataset import MANIFEST_NAME
 from conftest import read_rows, run_criteo
 from pipelines.run import OutputExistsError
@@ -212,3 +213,52 @@ def test_train_overwrite_leaves_a_foreign_store_folder_alone(tmp_path):
     with pytest.raises(click.ClickException, match=r"is not this run's snapshots \(it holds important\)"):
         _start_afresh(run_config(tmp_path / "runs" / "x", str(store)), overwrite=True)
     assert (store / "x" / "important").is_dir()
+
+
+# --- hostile manifests ------------------------------------------------------------------------------------------
+
+
+def alias_bomb(levels: int = 9) -> str:
+    """The 'billion laughs' document: each level holds 9 aliases of the one before (9^9 leaves, ~600 bytes)."""
+    items = ["&l0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    items += [f"&l{i} [{', '.join([f'*l{i - 1}'] * 9)}]" for i in range(1, levels)]
+    return "[" + ", ".join(items) + "]"
+
+
+@pytest.mark.parametrize("field", ["name", "model.hidden", "data.criteo.cat_buckets", "train.unknown"])
+def test_an_alias_bomb_in_a_manifest_is_refused(tmp_path, field):
+    raw = {"name": "x"}
+    set_field(raw, field, "BOMB")
+    path = tmp_path / "bomb.yaml"
+    path.write_text(yaml.safe_dump(raw).replace("BOMB", alias_bomb()))
+    assert len(path.read_bytes()) < 700
+    with pytest.raises(ConfigError, match="alias bomb"):
+        load_experiment(str(path))
+
+
+def test_an_alias_bomb_in_a_set_value_is_refused():
+    with pytest.raises(ConfigError, match="model.hidden: the value is too large.*alias bomb"):
+        parse_experiment({"name": "x"}, [f"model.hidden={alias_bomb()}"])
+
+
+def test_a_recursive_alias_is_refused(tmp_path):
+    (tmp_path / "loop.yaml").write_text("name: &a [*a]\n")
+    with pytest.raises(ConfigError, match="recursive alias"):
+        load_experiment(str(tmp_path / "loop.yaml"))
+
+
+def test_error_messages_about_a_big_value_stay_short():
+    with pytest.raises(ConfigError) as info:
+        parse_experiment({"name": list(range(50_000))})
+    assert len(str(info.value)) < 300 and str(info.value).startswith("name: expected str, got list [0, 1,")
+    with pytest.raises(ConfigError) as info:
+        parse_experiment({"name": "x", "model": {"kind": "k" * 100_000}})
+    assert len(str(info.value)) < 300
+
+
+def test_a_huge_or_special_manifest_file_is_refused(tmp_path):
+    (tmp_path / "big.yaml").write_text("name: x\n" + "#" * (2 << 20) + "\n")
+    with pytest.raises(ConfigError, match="larger than"):
+        load_experiment(str(tmp_path / "big.yaml"))
+    with pytest.raises(ConfigError, match="larger than"):
+        load_experiment("/dev/zero")
