@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import reprlib
 import types
 import typing
@@ -19,6 +20,13 @@ import fsspec
 import yaml
 
 REPO_MANIFESTS = Path(__file__).resolve().parent.parent / "manifests"
+
+
+# Bounds that keep a typo from sizing the pipeline or the model beyond reason: shard names have five digits,
+# and every categorical column gets an embedding table of cat_buckets rows.
+MAX_GROUPS = 1024
+MAX_SHARDS = 99_999
+MAX_CAT_BUCKETS = 1 << 24
 
 
 class ConfigError(ValueError):
@@ -76,8 +84,8 @@ class CriteoConfig:
     def validate(self, name: str) -> None:
         _require(len(self.cat_buckets) in (1, 26), f"{name}.cat_buckets",
                  f"must hold 1 or 26 numbers, got {len(self.cat_buckets)}")
-        for b in self.cat_buckets:
-            _require(2 <= b <= 2**31 - 1, f"{name}.cat_buckets", f"each must be in [2, 2^31), got {b}")
+        for b in self.cat_buckets:  # each column's embedding table has this many rows
+            _require(2 <= b <= MAX_CAT_BUCKETS, f"{name}.cat_buckets", f"each must be in [2, 2^24], got {b}")
 
     def buckets_per_column(self) -> tuple[int, ...]:
         return self.cat_buckets * 26 if len(self.cat_buckets) == 1 else self.cat_buckets
@@ -174,11 +182,13 @@ class DataConfig:
                  "manifest that generates its data, also set data.synth=null")
         _require(-2**63 <= self.seed < 2**63, f"{name}.seed", f"must fit in 64 bits, got {self.seed}")
         _require(self.groups >= 1, f"{name}.groups", f"must be >= 1, got {self.groups}")
+        _require(self.groups <= MAX_GROUPS, f"{name}.groups", f"must be <= {MAX_GROUPS}, got {self.groups}")
         _require(0.0 < self.eval_fraction < 1.0, f"{name}.eval_fraction",
                  f"must be in (0, 1), got {self.eval_fraction}")
-        _require(self.shards_per_group >= 1, f"{name}.shards_per_group",
-                 f"must be >= 1, got {self.shards_per_group}")
-        _require(self.eval_shards >= 1, f"{name}.eval_shards", f"must be >= 1, got {self.eval_shards}")
+        for shards in ("shards_per_group", "eval_shards"):
+            count = getattr(self, shards)
+            _require(count >= 1, f"{name}.{shards}", f"must be >= 1, got {count}")
+            _require(count <= MAX_SHARDS, f"{name}.{shards}", f"must be <= {MAX_SHARDS}, got {count}")
         _require(self.block_rows >= 1, f"{name}.block_rows", f"must be >= 1, got {self.block_rows}")
         _require(self.split_bytes >= 1 << 16, f"{name}.split_bytes", f"must be >= 65536, got {self.split_bytes}")
         if self.synth is not None:
@@ -403,12 +413,15 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, name)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        value = float(value) if abs(value) < 2**1023 else value
     if tp is float and isinstance(value, str):
         try:
-            return float(value)  # YAML 1.1 reads `1e-3` (no dot) as a string
+            value = float(value)  # YAML 1.1 reads `1e-3` (no dot) as a string
         except ValueError:
             pass
+    if tp is float and isinstance(value, float):
+        _require(math.isfinite(value), name, f"must be a finite number, got {value}")
+        return value
     # bool is an int subclass: `groups: true` must not pass as 1.
     ok = isinstance(value, tp) and not (tp is not bool and isinstance(value, bool))
     _require(ok, name, f"expected {_type_name(tp)}, got {type(value).__name__} {_bounded(value)}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import io
 import json
+import re
 from pathlib import Path
 
 import click
@@ -262,3 +263,19 @@ def test_a_huge_or_special_manifest_file_is_refused(tmp_path):
         load_experiment(str(tmp_path / "big.yaml"))
     with pytest.raises(ConfigError, match="larger than"):
         load_experiment("/dev/zero")
+
+
+@pytest.mark.parametrize("dotted, value, message", [
+    ("optimizer.lr", ".inf", "must be a finite number, got inf"),
+    ("codistill.weight", ".inf", "must be a finite number, got inf"),
+    ("codistill.temperature", ".nan", "must be a finite number, got nan"),
+    ("codistill.poll_seconds", "1e999", "must be a finite number, got inf"),
+    ("codistill.poll_seconds", str(10**400), "expected float, got int 1000"),
+    ("data.groups", "1000000000", "must be <= 1024"),
+    ("data.shards_per_group", "100000", "must be <= 99999"),
+    ("data.eval_shards", "100000", "must be <= 99999"),
+    ("data.criteo.cat_buckets", "[100000000]", "each must be in [2, 2^24]"),
+])
+def test_sizes_are_bounded_and_floats_finite(dotted, value, message):
+    with pytest.raises(ConfigError, match=f"^{dotted}: {re.escape(message)}"):
+        parse_experiment({"name": "x", "data": {"synth": {}}}, [f"{dotted}={value}"])
