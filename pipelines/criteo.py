@@ -16,7 +16,7 @@ Features (per row):
 
 Bad rows never stop the pipeline: each is rejected with a reason
 (undecodable, field_count, bad_label, bad_integer, bad_categorical,
-truncated_file) and written to `rejected/`.
+line_too_long, truncated_file, corrupt_file) and written to `rejected/`.
 """
 
 from __future__ import annotations
@@ -39,8 +39,8 @@ from pipelines.formats import Block, Feature, Schema
 from pipelines.run import DatasetPipeline, pipeline_parameters
 from pipelines.sharding import ShardLayout, line_key_hashes, mix64, partition, string_hash
 from pipelines.sinks import Rejected, WriteDataset, layout_for, write_pieces
-from pipelines.textfiles import (InputRange, LineBlock, TruncatedInput, count_lines, expand_inputs, first_lines,
-                                 plan_ranges, read_head, read_line_blocks)
+from pipelines.textfiles import (MAX_LINE_BYTES, InputRange, LineBlock, OverlongLine, TruncatedInput, count_lines,
+                                 expand_inputs, first_lines, plan_ranges, read_head, read_line_blocks)
 
 INT_COLUMNS = [f"I{i}" for i in range(1, 14)]
 CAT_COLUMNS = [f"C{i}" for i in range(1, 27)]
@@ -283,6 +283,12 @@ class ParseRange(beam.DoFn):
         first = first_lines[rng.source][rng.index] if rng.index else 1
         parts, rows_read = collections.defaultdict(list), 0
         for block in read_line_blocks(rng, first):
+            if isinstance(block, OverlongLine):
+                rows_read += 1
+                yield beam.pvalue.TaggedOutput("rejected", [Rejected(
+                    block.source, block.line, "line_too_long", f"{block.length} bytes, more than {MAX_LINE_BYTES}; "
+                    f"raw holds the first {len(block.head)}", _text(block.head))])
+                continue
             if isinstance(block, TruncatedInput):
                 rows_read += 1  # the rest of the file counts as one rejected record
                 reason = "truncated_file" if block.error.startswith("EOFError") else "corrupt_file"

@@ -8,9 +8,11 @@ symlinks and sparse files, real Beam runs.
 from __future__ import annotations
 
 import errno
+import gzip
 import io
 import json
 import re
+import tracemalloc
 from pathlib import Path
 
 import click
@@ -23,7 +25,9 @@ from codistill.config import ConfigError, load_experiment, parse_experiment, set
 from codistill.dataset import MANIFEST_NAME
 from conftest import read_rows, run_criteo
 from pipelines.run import OutputExistsError
-from pipelines.textfiles import InputReadError, read_head
+from pipelines import textfiles
+from pipelines.textfiles import (InputReadError, OverlongLine, count_lines, first_lines, plan_ranges, read_head,
+                                 read_line_blocks)
 
 # --- an fsspec file system whose reads fail part-way ---------------------------------------------------------
 
@@ -279,3 +283,74 @@ def test_a_huge_or_special_manifest_file_is_refused(tmp_path):
 def test_sizes_are_bounded_and_floats_finite(dotted, value, message):
     with pytest.raises(ConfigError, match=f"^{dotted}: {re.escape(message)}"):
         parse_experiment({"name": "x", "data": {"synth": {}}}, [f"{dotted}={value}"])
+
+
+# --- gzip bombs and overlong lines -----------------------------------------------------------------------------
+
+
+def read_all_lines(path: str, max_line_bytes: int, split_bytes: int | None = None) -> list:
+    """(kind, line number, bytes or length) of everything read_line_blocks yields for every range of a file."""
+    ranges = plan_ranges(path, split_bytes or 1 << 30)
+    firsts = first_lines([(r.index, count_lines(r)) for r in ranges if not r.last])
+    out = []
+    for rng in ranges:
+        for block in read_line_blocks(rng, firsts[rng.index], max_line_bytes):
+            if isinstance(block, OverlongLine):
+                out.append(("overlong", block.line, block.length, block.head))
+            else:
+                out += [("line", block.first_line + i, text, None) for i, text in
+                        enumerate(block.data.split(b"\n")[:-1])]
+    return out
+
+
+def expected_lines(lines: list[bytes], limit: int) -> list:
+    head = textfiles.OVERLONG_HEAD_BYTES
+    return [("overlong", n, len(t), t[:head]) if len(t) > limit else ("line", n, t, None)
+            for n, t in enumerate(lines, 1)]
+
+
+@pytest.mark.parametrize("compress", [False, True], ids=["plain", "gzip"])
+def test_overlong_lines_are_taken_out_wherever_chunks_fall(tmp_path, monkeypatch, compress):
+    monkeypatch.setattr(textfiles, "READ_CHUNK_BYTES", 1000)  # lines straddle many chunks
+    lines = [bytes([65 + i % 26]) * n for i, n in enumerate([5, 3000, 0, 99, 100, 101, 250, 7, 12000, 1, 100])]
+    data = b"\n".join(lines)
+    path = tmp_path / ("lines.txt.gz" if compress else "lines.txt")
+    for limit, ending in [(100, b"\n"), (99, b"")]:  # then the last line, over the limit, has no newline
+        path.write_bytes(gzip.compress(data + ending, mtime=0) if compress else data + ending)
+        for split_bytes in [None] if compress else [None, 2000, 5000]:
+            assert read_all_lines(str(path), limit, split_bytes) == expected_lines(lines, limit)
+
+
+def test_a_gzip_bomb_line_is_streamed_past_in_bounded_memory(tmp_path):
+    bomb = tmp_path / "bomb.txt.gz"
+    with gzip.open(bomb, "wb", compresslevel=9) as f:
+        f.write(b"first\n")
+        for _ in range(64):
+            f.write(b"x" * (1 << 20))  # one 64 MB line, ~64 KB compressed
+        f.write(b"\nlast\n")
+    assert bomb.stat().st_size < 200_000
+    tracemalloc.start()
+    try:
+        got = [(kind, line, value if kind == "line" else value) for kind, line, value, _ in
+               read_all_lines(str(bomb), textfiles.MAX_LINE_BYTES)]
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert got == [("line", 1, b"first"), ("overlong", 2, 64 << 20), ("line", 3, b"last")]
+    assert peak < 48 << 20, f"reading one long line took {peak >> 20} MB"
+
+
+def test_an_overlong_row_is_quarantined_with_a_bounded_prefix(tmp_path, criteo_file):
+    raw = criteo_file(str(tmp_path / "src.tsv"), 30)
+    lines = Path(raw.url).read_bytes().split(b"\n")
+    lines[9] = lines[9] + b"\t" * (3 << 20)  # row 10: 3 MB of empty fields
+    path = tmp_path / "in" / "bomb.txt.gz"
+    path.parent.mkdir()
+    path.write_bytes(gzip.compress(b"\n".join(lines), mtime=0))
+    out = tmp_path / "ds"
+    manifest = run_criteo(str(path), str(out))
+    assert manifest.rejected == {"line_too_long": 1} and manifest.written_rows == 29
+    (record,) = [json.loads(x) for x in (out / "rejected" / "bomb.txt.gz.jsonl").read_text().splitlines()]
+    assert record["line"] == 10 and record["detail"].startswith(f"{len(lines[9])} bytes, more than 1048576")
+    assert len(record["raw"]) == textfiles.OVERLONG_HEAD_BYTES
+    assert set(read_rows(str(out))) == {f"bomb.txt.gz:{n}" for n in range(1, 31) if n != 10}
