@@ -34,9 +34,9 @@ import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 
 from codistill.config import CriteoConfig, DataConfig
-from codistill.dataset import join
+from codistill.dataset import DatasetManifest, join
 from pipelines.formats import Block, Feature, Schema
-from pipelines.run import DatasetPipeline, pipeline_parameters
+from pipelines.run import DatasetChecks, DatasetPipeline, ValueCheck, pipeline_parameters
 from pipelines.sharding import ShardLayout, line_key_hashes, mix64, partition, string_hash
 from pipelines.sinks import Rejected, WriteDataset, layout_for, write_pieces
 from pipelines.textfiles import (MAX_LINE_BYTES, InputRange, LineBlock, OverlongLine, TruncatedInput, count_lines,
@@ -344,6 +344,32 @@ def _generate(raw: str, synth) -> tuple[str, dict]:
     return join(raw, "train-*"), sidecar
 
 
+def dataset_checks(manifest: DatasetManifest) -> DatasetChecks:
+    """Labels in {0, 1}, finite dense features, ids in range; keys `<file>:<line>` of a line the file had."""
+    options, seed = manifest.parameters["criteo"], manifest.parameters["seed"]
+    buckets = np.array(CriteoConfig(cat_buckets=tuple(options["cat_buckets"])).buckets_per_column())
+    last_line = {i["source"]: i["rows"] + (options["dialect"] == "csv") for i in manifest.inputs}  # + the header
+
+    def key_hashes(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        sources, _, numbers = np.strings.rpartition(keys, b":")
+        valid = np.strings.isdigit(numbers) & (np.strings.str_len(numbers) <= 18)
+        lines = np.zeros(len(keys), np.int64)
+        lines[valid] = numbers[valid].astype(np.int64)
+        hashes = np.zeros(len(keys), np.uint64)
+        for source in np.unique(sources[valid]).tolist():
+            rows = sources == source
+            name = source.decode("utf-8", "replace")
+            valid[rows] &= (lines[rows] >= 1) & (lines[rows] <= last_line.get(name, 0))
+            hashes[rows] = line_key_hashes(name, lines[rows], seed)
+        return hashes, valid
+
+    return DatasetChecks(values=(
+        ValueCheck("label", lambda v: (v == 0) | (v == 1), "labels in {0, 1}"),
+        ValueCheck("dense", lambda v: np.isfinite(v).all(axis=1), "finite dense features"),
+        ValueCheck("cat", lambda v: ((v >= 0) & (v < buckets)).all(axis=1), "categorical ids in [0, cat_buckets)"),
+    ), key_hashes=key_hashes)
+
+
 PIPELINE = DatasetPipeline(
     transform=lambda source, data, extra: CriteoToShards(expand_inputs(source), data, extra),
-    generate=_generate)
+    generate=_generate, checks=dataset_checks)

@@ -17,6 +17,7 @@ from typing import Any
 
 import apache_beam as beam
 import fsspec
+import numpy as np
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 from fsspec.implementations.local import LocalFileSystem
 
@@ -36,11 +37,32 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
+class ValueCheck:
+    """A rule every stored row of one column must satisfy (`codistill verify` counts the rows that break it)."""
+
+    column: str
+    ok: Callable[[np.ndarray], np.ndarray]  # a block's column -> True for each row that passes
+    description: str  # e.g. "labels in {0, 1}"
+
+
+@dataclass(frozen=True)
+class DatasetChecks:
+    """What verify recomputes for a dataset, so that it proves more than the manifest's self-consistency."""
+
+    values: tuple[ValueCheck, ...]
+    # A block's keys -> (each key's assignment hash, as the pipeline computed it; True where the key is well
+    # formed and names a record of this dataset's inputs). The hash goes through `ShardLayout.assign`.
+    key_hashes: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+
+@dataclass(frozen=True)
 class DatasetPipeline:
     # (raw input: glob, URL or folder; data section; extra facts for the manifest) -> PTransform on the pipeline
     transform: Callable[[str, DataConfig, dict], beam.PTransform]
     # (raw output folder, data.synth) -> (the input to read from it, the generator's sidecar)
     generate: Callable[[str, Any], tuple[str, dict]]
+    # (dataset manifest) -> what verify checks in every row; None: only bytes, counts, layout and disjointness
+    checks: Callable[[DatasetManifest], DatasetChecks] | None = None
 
 
 def dataset_pipeline(dataset: str) -> DatasetPipeline:

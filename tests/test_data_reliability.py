@@ -7,23 +7,35 @@ symlinks and sparse files, real Beam runs.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import gzip
+import hashlib
 import io
 import json
+import os
 import re
+import shutil
+import struct
+import tarfile
+import threading
 import tracemalloc
 from pathlib import Path
 
 import click
 import fsspec
+import numpy as np
 import pytest
 import yaml
+from click.testing import CliRunner
 from fsspec.implementations.memory import MemoryFileSystem
 
 from codistill.config import ConfigError, load_experiment, parse_experiment, set_field
-from codistill.dataset import MANIFEST_NAME
-from conftest import read_rows, run_criteo
+from codistill.cli import main as cli_main
+from codistill.dataset import MANIFEST_NAME, DatasetError, DatasetManifest, load_manifest, write_atomically
+from codistill.verify import verify_dataset
+from conftest import make_criteo_file, read_rows, run_criteo
+from pipelines.formats import Feature, ShardFormatError, read_shard, write_shard
 from pipelines.run import OutputExistsError
 from pipelines import textfiles
 from pipelines.textfiles import (InputReadError, OverlongLine, count_lines, first_lines, plan_ranges, read_head,
@@ -354,3 +366,292 @@ def test_an_overlong_row_is_quarantined_with_a_bounded_prefix(tmp_path, criteo_f
     assert record["line"] == 10 and record["detail"].startswith(f"{len(lines[9])} bytes, more than 1048576")
     assert len(record["raw"]) == textfiles.OVERLONG_HEAD_BYTES
     assert set(read_rows(str(out))) == {f"bomb.txt.gz:{n}" for n in range(1, 31) if n != 10}
+
+
+# --- verify proves the split, not only the manifest's self-consistency ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def built_dataset(tmp_path_factory) -> Path:
+    raw = tmp_path_factory.mktemp("raw")
+    make_criteo_file(str(raw / "a.tsv"), 150, {7: "bad_label", 20: "empty_line"}, seed=1)
+    make_criteo_file(str(raw / "b.tsv"), 90, {3: "bad_hex"}, seed=2)
+    out = tmp_path_factory.mktemp("built") / "ds"
+    run_criteo(f"{raw}/*", str(out))
+    return out
+
+
+@pytest.fixture
+def ds(built_dataset, tmp_path) -> Path:
+    shutil.copytree(built_dataset, tmp_path / "ds")
+    return tmp_path / "ds"
+
+
+def edit_manifest(root: Path, **changes) -> DatasetManifest:
+    manifest = dataclasses.replace(load_manifest(str(root)), **changes)
+    write_atomically(str(root / MANIFEST_NAME), manifest.to_json())
+    return manifest
+
+
+def rewrite(root: Path, path: str, change) -> None:
+    """Replace a shard's blocks by `change(blocks)` and index the new bytes, so the manifest is consistent."""
+    manifest = load_manifest(str(root))
+    blocks = change(list(read_shard(str(root / path), manifest.features, manifest.format)))
+    written = write_shard(str(root / path), blocks, manifest.features, manifest.format, "x")
+    edit_manifest(root, shards=tuple(dataclasses.replace(s, records=written.records, bytes=written.bytes,
+                                                         sha256=written.sha256) if s.path == path else s
+                                     for s in manifest.shards))
+
+
+def problems(root: Path) -> list[str]:
+    report = verify_dataset(str(root))
+    assert not report.ok
+    return report.problems
+
+
+EVAL, G0S0, G0S1, G1S1 = ("eval/criteo-00000-of-00001.tfrecord", "train/0/criteo-00000-of-00002.tfrecord",
+                          "train/0/criteo-00001-of-00002.tfrecord", "train/1/criteo-00001-of-00002.tfrecord")
+
+
+def set_column(column: str, value, row: int = 0):
+    def change(blocks):
+        if column == "key":  # (a wider key needs a wider fixed-width array)
+            keys = blocks[0]["key"].tolist()
+            keys[row] = value
+            blocks[0]["key"] = np.array(keys, dtype=np.bytes_)
+        else:
+            blocks[0][column] = blocks[0][column].copy()
+            blocks[0][column].reshape(len(blocks[0][column]), -1)[row, -1] = value
+        return blocks
+    return change
+
+
+@pytest.mark.parametrize("column, value, rule", [
+    ("label", np.nan, "labels in {0, 1}"),
+    ("label", 0.5, "labels in {0, 1}"),
+    ("dense", np.inf, "finite dense features"),
+    ("dense", np.nan, "finite dense features"),
+    ("cat", 1000, "categorical ids in [0, cat_buckets)"),
+    ("cat", -1, "categorical ids in [0, cat_buckets)"),
+])
+def test_verify_checks_the_values(ds, column, value, rule):
+    rewrite(ds, G0S1, set_column(column, value, row=3))
+    key = next(read_shard(str(ds / G0S1), load_manifest(str(ds)).features, "tfrecord"))["key"][3].decode()
+    assert problems(ds) == [f"{G0S1}: 1 row(s) fail the check: {rule} (first: key {key!r})"]
+
+
+def swap_files(root: Path, a: str, b: str) -> None:
+    """Swap two shard files and their manifest entries' bytes, so everything the manifest says still holds."""
+    manifest = load_manifest(str(root))
+    (root / a).rename(root / "tmp")
+    (root / b).rename(root / a)
+    (root / "tmp").rename(root / b)
+    entry = {s.path: s for s in manifest.shards}
+    fields = lambda s: {"records": s.records, "bytes": s.bytes, "sha256": s.sha256}  # noqa: E731
+    swapped = {a: dataclasses.replace(entry[a], **fields(entry[b])),
+               b: dataclasses.replace(entry[b], **fields(entry[a]))}
+    edit_manifest(root, shards=tuple(swapped.get(s.path, s) for s in manifest.shards))
+
+
+@pytest.mark.parametrize("a, b", [(EVAL, G0S0), (G0S0, G0S1)], ids=["eval_and_train", "two_train_shards"])
+def test_verify_finds_consistently_swapped_shards(ds, a, b):
+    swap_files(ds, a, b)
+    found = problems(ds)
+    assert len(found) == 2 and all("belong to another shard by the manifest's seed" in p for p in found)
+    assert {p.split(":")[0] for p in found} == {a, b}
+
+
+def test_verify_finds_a_dropped_shard_with_counts_lowered_to_match(ds):
+    manifest = load_manifest(str(ds))
+    dropped = next(s for s in manifest.shards if s.path == G1S1)
+    (ds / G1S1).unlink()
+    lowered = ({"source": "a.tsv", "rows": manifest.inputs[0]["rows"] - dropped.records}, manifest.inputs[1])
+    edit_manifest(ds, shards=tuple(s for s in manifest.shards if s.path != G1S1), inputs=lowered)
+    found = problems(ds)
+    assert f"1 shard(s) of the layout are not in the manifest: {G1S1}" in found
+    assert any("have a key that names no record of the inputs" in p for p in found)
+
+
+def test_verify_finds_a_whole_missing_group_even_with_the_layout_edited(ds):
+    manifest = load_manifest(str(ds))
+    group1 = [s for s in manifest.shards if s.group == 1]
+    for shard in group1:
+        (ds / shard.path).unlink()
+    (ds / "train" / "1").rmdir()
+    lost = sum(s.records for s in group1)
+    edit_manifest(ds, groups=1, parameters={**manifest.parameters, "groups": 1},
+                  shards=tuple(s for s in manifest.shards if s.group != 1),
+                  inputs=({"source": "a.tsv", "rows": manifest.inputs[0]["rows"] - lost}, manifest.inputs[1]))
+    assert any("have a key that names no record of the inputs" in p for p in problems(ds))
+
+
+@pytest.mark.parametrize("key, rule", [
+    (b"other.tsv:5", "have a key that names no record of the inputs"),
+    (b"a.tsv:151", "have a key that names no record of the inputs"),
+    (b"a.tsv:0", "have a key that names no record of the inputs"),
+    (b"a.tsv", "have a key that names no record of the inputs"),
+    (b"a.tsv:1e3", "have a key that names no record of the inputs"),
+])
+def test_verify_parses_keys_and_refuses_foreign_ones(ds, key, rule):
+    rewrite(ds, EVAL, set_column("key", key))
+    assert f"{EVAL}: 1 row(s) {rule} (first: key {key.decode()!r})" in problems(ds)
+
+
+def test_verify_counts_the_quarantined_records(ds):
+    manifest = load_manifest(str(ds))
+    assert manifest.rejected == {"bad_label": 1, "field_count": 1, "bad_categorical": 1}
+    edit_manifest(ds, rejected={**manifest.rejected, "bad_label": 2},
+                  inputs=({"source": "a.tsv", "rows": manifest.inputs[0]["rows"] + 1}, manifest.inputs[1]))
+    assert problems(ds) == ["rejected/ holds {'bad_categorical': 1, 'bad_label': 1, 'field_count': 1} records, "
+                            "the manifest counts {'bad_categorical': 1, 'bad_label': 2, 'field_count': 1}"]
+
+
+def test_verify_refuses_a_quarantine_file_of_no_input_or_not_json(ds):
+    (ds / "rejected" / "c.tsv.jsonl").write_text("{}\n")
+    with open(ds / "rejected" / "a.tsv.jsonl", "a") as f:
+        f.write("not json\n")
+    found = problems(ds)
+    assert "rejected/c.tsv.jsonl: not the quarantine of an input of this dataset" in found
+    assert "rejected/a.tsv.jsonl: line 3 is not a rejected record of a.tsv" in found
+
+
+def test_verify_requires_the_whole_layout(ds):
+    manifest = load_manifest(str(ds))
+    edit_manifest(ds, shards=tuple(dataclasses.replace(s, split="eval", group=None) if s.path == G0S0 else s
+                                   for s in manifest.shards))
+    assert f"{G0S0}: indexed as eval group None, its path says train group 0" in problems(ds)
+
+
+# --- crafted shards: bounded, regular files under the root, one clear error ---------------------------------------
+
+
+def index_as(root: Path, path: str, data: bytes | None = None) -> None:
+    """Index `path` in the manifest with the size and sha256 of `data` (as a forger with write access would)."""
+    manifest = load_manifest(str(root))
+    sha = hashlib.sha256(data or b"").hexdigest()
+    edit_manifest(root, shards=tuple(dataclasses.replace(s, bytes=len(data or b""), sha256=sha)
+                                     if s.path == path else s for s in manifest.shards))
+
+
+def read_in_training(root: Path, path: str):
+    manifest = load_manifest(str(root))
+    shard = next(s for s in manifest.shards if s.path == path)
+    return list(read_shard(str(root / path), manifest.features, manifest.format, expect_sha256=shard.sha256,
+                           expect_bytes=shard.bytes))
+
+
+def verify_in_a_thread(root: Path) -> list[str]:
+    """verify, failing (not hanging the suite) if it does not come back: a FIFO used to block it for ever."""
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(report=verify_dataset(str(root))), daemon=True)
+    thread.start()
+    thread.join(timeout=60)
+    assert not thread.is_alive(), "verify hangs"
+    return result["report"].problems
+
+
+@pytest.mark.parametrize("kind", ["symlink_to_dev_zero", "fifo", "symlink_to_a_good_copy", "directory"])
+def test_a_shard_that_is_not_a_regular_file_is_refused(ds, kind):
+    shard = ds / G0S1
+    good = shard.read_bytes()
+    shard.unlink()
+    if kind == "symlink_to_dev_zero":
+        shard.symlink_to("/dev/zero")
+    elif kind == "fifo":
+        os.mkfifo(shard)
+    elif kind == "directory":
+        shard.mkdir()
+    else:
+        (ds / "copy").write_bytes(good)
+        shard.symlink_to(ds / "copy")
+    found = verify_in_a_thread(ds)
+    message = "a symbolic link" if kind.startswith("symlink") else "not a regular file"
+    assert any(p.startswith(f"{G0S1}: {message}") for p in found), found
+    with pytest.raises(ShardFormatError, match=message):
+        read_in_training(ds, G0S1)
+
+
+@pytest.mark.parametrize("path", ["../../../dev/zero", "/dev/zero", "train/../../x", "train//0/x", "s3://b/x",
+                                  "train\\\\0\\\\x"])
+def test_a_manifest_path_outside_the_dataset_is_refused(ds, path):
+    manifest = load_manifest(str(ds))
+    edit_manifest(ds, shards=(dataclasses.replace(manifest.shards[0], path=path), *manifest.shards[1:]))
+    with pytest.raises(DatasetError, match="is not a relative path inside the dataset"):
+        load_manifest(str(ds))
+    result = CliRunner().invoke(cli_main, ["verify", str(ds)])
+    assert result.exit_code == 1 and "Traceback" not in result.output and "inside the dataset" in result.output
+
+
+@pytest.mark.parametrize("field, value", [("records", "10"), ("bytes", -1), ("sha256", 5), ("group", "0"),
+                                          ("split", "test")])
+def test_a_mistyped_manifest_field_is_one_clear_error(ds, field, value):
+    text = json.loads((ds / MANIFEST_NAME).read_text())
+    text["shards"][0][field] = value
+    (ds / MANIFEST_NAME).write_text(json.dumps(text))
+    with pytest.raises(DatasetError, match="not a valid dataset manifest"):
+        load_manifest(str(ds))
+
+
+def test_a_shard_whose_size_differs_from_the_manifest_is_refused_before_reading(ds):
+    with open(ds / G0S1, "ab") as f:
+        f.write(b"\0" * 10)
+    with pytest.raises(ShardFormatError, match="bytes, the manifest says"):
+        read_in_training(ds, G0S1)
+
+
+def test_a_tfrecord_length_of_2_64_minus_1_is_a_format_error(ds):
+    header = struct.pack("<Q", 2**64 - 1)
+    data = header + textfiles_masked_crc(header) + b"\0" * 100
+    (ds / G0S1).write_bytes(data)
+    index_as(ds, G0S1, data)
+    assert any("over the 268435456-byte record limit" in p for p in problems(ds))
+    with pytest.raises(ShardFormatError, match="record limit"):
+        read_in_training(ds, G0S1)
+
+
+def textfiles_masked_crc(data: bytes) -> bytes:
+    from pipelines.formats import _masked_crc
+
+    return _masked_crc(data)
+
+
+def tar_with(member: tarfile.TarInfo, payload: bytes, header_patch=None) -> bytes:
+    header = bytearray(member.tobuf(format=tarfile.GNU_FORMAT))
+    if header_patch:
+        header_patch(header)
+        header[148:156] = b" " * 8
+        header[148:156] = b"%06o\0 " % sum(header[:512])
+    return bytes(header) + payload + b"\0" * (-len(payload) % 512) + b"\0" * 1024
+
+
+def test_a_sparse_tar_member_is_refused_not_expanded(tmp_path):
+    """10 kB on disk, 4.4 GB once read: a GNU sparse member whose map holds no data at all."""
+    member = tarfile.TarInfo("s-000000.key.npy")
+    member.size = 0
+
+    def make_sparse(header: bytearray) -> None:
+        header[156:157] = tarfile.GNUTYPE_SPARSE
+        header[483:495] = b"%011o\0" % (4_400_000_000)  # realsize
+    data = tar_with(member, b"", make_sparse)
+    assert tarfile.open(fileobj=io.BytesIO(data)).next().issparse()
+    path = tmp_path / "s.tar"
+    path.write_bytes(data)
+    with pytest.raises(ShardFormatError, match="not a plain file|record limit"):
+        list(read_shard(str(path), {"key": Feature("bytes")}, "webdataset"))
+
+
+def test_an_npy_header_with_a_huge_shape_is_refused(tmp_path):
+    npy = _npy_with_shape((10**13,), np.int32, np.arange(4, dtype=np.int32).tobytes())
+    info = tarfile.TarInfo("s-000000.key.npy")
+    info.size = len(npy)
+    path = tmp_path / "s.tar"
+    path.write_bytes(tar_with(info, npy))
+    with pytest.raises(ShardFormatError, match=r"the header says shape \(10000000000000,\)"):
+        list(read_shard(str(path), {"key": Feature("int32")}, "webdataset"))
+
+
+def _npy_with_shape(shape: tuple, dtype, payload: bytes) -> bytes:
+    stream = io.BytesIO()
+    np.lib.format.write_array_header_1_0(stream, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+                                                  "fortran_order": False, "shape": shape})
+    return stream.getvalue() + payload

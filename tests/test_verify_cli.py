@@ -130,8 +130,10 @@ def test_verify_finds_a_key_in_two_groups(dataset):
     other = next(read_shard(join(str(dataset), "train/1/criteo-00000-of-00002.tfrecord"), manifest.features,
                             manifest.format))["key"][0]
     rewrite_shard(dataset, "train/0/criteo-00000-of-00002.tfrecord", lambda blocks: with_first_key(blocks, other))
-    output = assert_user_error(invoke("verify", dataset), "1 problem(s) found")
+    output = assert_user_error(invoke("verify", dataset), "2 problem(s) found")
     assert fail_lines(output) == [
+        f"FAIL train/0/criteo-00000-of-00002.tfrecord: 1 row(s) belong to another shard by the manifest's seed "
+        f"(first: key {other.decode()!r})",
         f"FAIL key {other.decode()!r} is in more than one place: train/0/criteo-00000-of-00002.tfrecord, "
         "train/1/criteo-00000-of-00002.tfrecord"]
 
