@@ -13,8 +13,10 @@ import numpy as np
 
 from codistill.config import ConfigError, parse_experiment, read_manifest_yaml, resolve_manifest, set_field
 from codistill.dataset import DatasetError, DatasetManifest
+from pipelines.textfiles import InputReadError
 
-USER_ERRORS = (ConfigError, DatasetError, FileNotFoundError, FileExistsError, ValueError)
+# OSError: a missing, unreadable or special input, a full disk: the message says what and where.
+USER_ERRORS = (ConfigError, DatasetError, OSError, ValueError, InputReadError)
 
 
 def _fail_cleanly(func):
@@ -111,6 +113,9 @@ def preprocess_criteo(ctx, manifest, input_glob, output, groups, eval_fraction, 
     beam_args = (["--runner", runner] if runner else []) + list(ctx.args)
     dataset = run_preprocess(config, beam_args, overwrite=overwrite)
     click.echo(summarize(dataset, config.data.output))
+    if dataset.input_rows and not dataset.written_rows:
+        raise click.ClickException(f"every one of the {dataset.input_rows} rows read was rejected (wrong "
+                                   f"--dialect or not Criteo data?); see {config.data.output}/rejected/")
 
 
 def summarize(dataset: DatasetManifest, where: str) -> str:

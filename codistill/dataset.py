@@ -158,13 +158,14 @@ def load_manifest(root: str) -> DatasetManifest:
 
 def check_shards_present(root: str, manifest: DatasetManifest) -> None:
     """Cheap check before training: every shard exists with the indexed size (hashes are checked on read)."""
-    fs, base = fsspec.core.url_to_fs(root)
     problems = []
     for shard in manifest.shards:
-        path = f"{base.rstrip('/')}/{shard.path}"
-        if not fs.exists(path):
+        url = join(root, shard.path)
+        try:
+            open_regular_file(url, shard.bytes).close()
+        except FileNotFoundError:
             problems.append(f"missing shard {shard.path}")
-        elif fs.size(path) != shard.bytes:
-            problems.append(f"shard {shard.path} has {fs.size(path)} bytes, manifest says {shard.bytes}")
+        except ShardFormatError as e:
+            problems.append(f"shard {shard.path}{str(e).removeprefix(url)}")
     if problems:
         raise DatasetError(f"{root}: " + "; ".join(problems))

@@ -412,7 +412,7 @@ def open_regular_file(url: str, expect_bytes: int | None = None) -> IO[bytes]:
         size, stream = info.get("size"), fs.open(path, "rb")
     if expect_bytes is not None and size != expect_bytes:
         stream.close()
-        raise ShardFormatError(f"{url}: {size} bytes, the manifest says {expect_bytes}")
+        raise ShardFormatError(f"{url} has {size} bytes, manifest says {expect_bytes}")
     return stream
 
 

@@ -7,6 +7,7 @@ and the parameters recorded in (and compared against) the dataset manifest.
 
 from __future__ import annotations
 
+import builtins
 import importlib
 import logging
 import os
@@ -24,7 +25,7 @@ from fsspec.implementations.local import LocalFileSystem
 from codistill.config import DataConfig, ExperimentConfig, to_dict
 from codistill.dataset import MANIFEST_NAME, TEMP_PREFIX, DatasetManifest, join, load_manifest
 from pipelines.sinks import PIECES
-from pipelines.textfiles import match_inputs
+from pipelines.textfiles import InputReadError, match_inputs
 
 # Beam's DirectRunner first tries to download a Prism binary; the FnApiRunner is
 # the same in-process engine without that step.
@@ -136,6 +137,34 @@ def preprocess(config: ExperimentConfig, beam_args: list[str] = (), overwrite: b
     if data.synth is not None:
         source, extra["synth"] = pipeline.generate(join(data.output, "raw"), data.synth)
     logger.info("preprocessing %s into %s", source, data.output)
-    with beam.Pipeline(options=pipeline_options(list(beam_args))) as p:
-        _ = p | data.dataset.capitalize() >> pipeline.transform(source, data, extra)
+    try:
+        with beam.Pipeline(options=pipeline_options(list(beam_args))) as p:
+            _ = p | data.dataset.capitalize() >> pipeline.transform(source, data, extra)
+    except BaseException as e:
+        _remove_pieces(data.output)  # a failed run (a full disk, say) must not leave a copy of the data behind
+        if _is_io_error(e):
+            raise PipelineIOError(str(e)) from e
+        raise
     return load_manifest(data.output)
+
+
+class PipelineIOError(OSError):
+    """The pipeline stopped on an I/O error (a full disk, an unreadable input): the message says where."""
+
+
+def _is_io_error(error: BaseException) -> bool:
+    """An OSError, raised here or in a worker (runners re-raise a worker's error as `RuntimeError('OSError: ...')`)."""
+    if isinstance(error, (OSError, InputReadError)):
+        return True
+    name = str(error).split(":", 1)[0]
+    return name == InputReadError.__name__ or isinstance(getattr(builtins, name, None), type) and issubclass(
+        getattr(builtins, name), OSError)
+
+
+def _remove_pieces(output: str) -> None:
+    fs, path = fsspec.core.url_to_fs(join(output, PIECES))
+    try:
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+    except OSError as e:
+        logger.warning("could not remove %s: %s", path, e)

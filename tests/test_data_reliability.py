@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 import yaml
 from click.testing import CliRunner
-from fsspec.implementations.memory import MemoryFileSystem
+from fsspec.implementations.memory import MemoryFile, MemoryFileSystem
 
 from codistill.config import ConfigError, load_experiment, parse_experiment, set_field
 from codistill.cli import main as cli_main
@@ -595,7 +595,7 @@ def test_a_mistyped_manifest_field_is_one_clear_error(ds, field, value):
 def test_a_shard_whose_size_differs_from_the_manifest_is_refused_before_reading(ds):
     with open(ds / G0S1, "ab") as f:
         f.write(b"\0" * 10)
-    with pytest.raises(ShardFormatError, match="bytes, the manifest says"):
+    with pytest.raises(ShardFormatError, match=r"has \d+ bytes, manifest says \d+"):
         read_in_training(ds, G0S1)
 
 
@@ -655,3 +655,92 @@ def _npy_with_shape(shape: tuple, dtype, payload: bytes) -> bytes:
     np.lib.format.write_array_header_1_0(stream, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
                                                   "fortran_order": False, "shape": shape})
     return stream.getvalue() + payload
+
+
+# --- one line where a traceback was ------------------------------------------------------------------------------
+
+
+def preprocess_cli(*args) -> "click.testing.Result":
+    return CliRunner().invoke(cli_main, ["preprocess", "criteo", "--runner", "FnApiRunner", *map(str, args)])
+
+
+def assert_one_line_error(result, fragment: str) -> None:
+    assert result.exit_code == 1, result.output
+    assert isinstance(result.exception, SystemExit), f"escaped: {result.exception!r}"
+    assert fragment in result.output and "Traceback" not in result.output, result.output
+
+
+def test_a_fifo_input_is_refused_instead_of_hanging(tmp_path, raw_folder):
+    os.mkfifo(raw_folder / "day-2.tsv")
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(r=preprocess_cli(
+        "--input", f"{raw_folder}/*.tsv", "--output", tmp_path / "ds")), daemon=True)
+    thread.start()
+    thread.join(timeout=120)
+    assert not thread.is_alive(), "preprocess hangs on a FIFO"
+    assert_one_line_error(result["r"], "is not a regular file")
+
+
+def test_a_directory_matched_by_the_glob_is_one_line(tmp_path, raw_folder):
+    (raw_folder / "sub.tsv").mkdir()
+    assert_one_line_error(preprocess_cli("--input", f"{raw_folder}/*.tsv", "--output", tmp_path / "ds"),
+                          "is a directory")
+
+
+def test_preprocess_exits_non_zero_when_every_row_is_rejected(tmp_path, criteo_file):
+    raw = criteo_file(str(tmp_path / "bad.tsv"), 3, {1: "bad_label", 2: "bad_hex", 3: "empty_line"})
+    result = preprocess_cli("--input", raw.url, "--output", tmp_path / "ds")
+    assert_one_line_error(result, "every one of the 3 rows read was rejected")
+    assert (tmp_path / "ds" / MANIFEST_NAME).exists()  # still a valid (empty) dataset, for inspection
+
+
+class _QuotaFile(io.BytesIO):
+    def __init__(self, fs, path):
+        super().__init__()
+        self.fs, self.path = fs, path
+
+    def write(self, data) -> int:
+        type(self.fs).written += len(data)
+        if type(self.fs).quota is not None and type(self.fs).written > type(self.fs).quota:
+            raise OSError(errno.ENOSPC, "No space left on device", self.path)
+        return super().write(data)
+
+    def close(self) -> None:
+        if not self.closed:
+            MemoryFile(self.fs, self.path, self.getvalue()).commit()
+        super().close()
+
+
+class FullDiskFileSystem(MemoryFileSystem):
+    """`full://`: an in-memory file system that raises ENOSPC once `quota` bytes have been written."""
+
+    protocol = "full"
+    store: dict = {}
+    pseudo_dirs = [""]
+    quota: int | None = None
+    written = 0
+
+    def _open(self, path, mode="rb", **kwargs):
+        if "w" in mode:
+            path = self._strip_protocol(path)
+            return _QuotaFile(self, path)
+        return super()._open(path, mode, **kwargs)
+
+
+fsspec.register_implementation("full", FullDiskFileSystem, clobber=True)
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_pieces(raw_folder):
+    fs = FullDiskFileSystem
+    fs.store.clear()
+    fs.written = 0
+    assert_ok_cli = preprocess_cli("--input", f"{raw_folder}/*.tsv", "--output", "full://ok")
+    assert assert_ok_cli.exit_code == 0, assert_ok_cli.output
+    fs.quota, fs.written = fs.written * 6 // 10, 0
+    try:
+        result = preprocess_cli("--input", f"{raw_folder}/*.tsv", "--output", "full://ds")
+        assert_one_line_error(result, "No space left on device")
+        assert not fsspec.filesystem("full").exists("/ds/.pieces")
+    finally:
+        fs.quota = None
+        fs.store.clear()
