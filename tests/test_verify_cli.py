@@ -323,7 +323,7 @@ def test_preprocess_duplicate_basenames(tmp_path):
 def test_preprocess_refuses_a_non_empty_output_unless_overwrite(raw_dir, tmp_path):
     out = tmp_path / "ds"
     args = ["preprocess", "criteo", "--input", f"{raw_dir}/day-0.tsv", "--output", out, "--runner", "FnApiRunner"]
-    assert_ok(invoke(*args))
+    (out / "rejected").mkdir(parents=True)  # what an earlier, interrupted run left
     (out / "rejected" / "old.jsonl").write_text("{}\n")
     assert_user_error(invoke(*args), "exists and is not empty", "--overwrite")
     assert (out / "rejected" / "old.jsonl").exists()
