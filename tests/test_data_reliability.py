@@ -744,3 +744,17 @@ def test_a_full_disk_is_one_line_and_leaves_no_pieces(raw_folder):
     finally:
         fs.quota = None
         fs.store.clear()
+
+
+@pytest.mark.parametrize("kind", ["fifo", "symlink_to_dev_zero"])
+def test_a_special_manifest_or_quarantine_file_is_refused(ds, kind):
+    def make(path: Path) -> None:
+        path.unlink()
+        os.mkfifo(path) if kind == "fifo" else path.symlink_to("/dev/zero")
+
+    make(ds / "rejected" / "a.tsv.jsonl")
+    found = verify_in_a_thread(ds)
+    assert any(p.startswith("rejected/a.tsv.jsonl: ") for p in found), found
+    make(ds / MANIFEST_NAME)
+    with pytest.raises(DatasetError, match="symbolic link" if kind != "fifo" else "not a regular file"):
+        load_manifest(str(ds))
