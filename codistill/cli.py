@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import re
 import sys
 
 import click
@@ -12,9 +13,11 @@ import click
 from codistill.config import (REPO_MANIFESTS, ConfigError, parse_experiment, read_manifest_yaml, resolve_manifest,
                               set_field)
 from codistill.dataset import DatasetError, DatasetManifest
+from pipelines.textfiles import InputReadError
 
 REPO_EXPERIMENTS = REPO_MANIFESTS / "experiments"
-USER_ERRORS = (ConfigError, DatasetError, FileNotFoundError, FileExistsError, ValueError)
+# OSError: a missing, unreadable or special input, a full disk: the message says what and where.
+USER_ERRORS = (ConfigError, DatasetError, OSError, ValueError, InputReadError)
 
 
 def _fail_cleanly(func):
@@ -111,6 +114,9 @@ def preprocess_criteo(ctx, manifest, input_glob, output, groups, eval_fraction, 
     beam_args = (["--runner", runner] if runner else []) + list(ctx.args)
     dataset = run_preprocess(config, beam_args, overwrite=overwrite)
     click.echo(summarize_dataset(dataset, config.data.output))
+    if dataset.input_rows and not dataset.written_rows:
+        raise click.ClickException(f"every one of the {dataset.input_rows} rows read was rejected (wrong "
+                                   f"--dialect or not Criteo data?); see {config.data.output}/rejected/")
 
 
 def summarize_dataset(dataset: DatasetManifest, where: str) -> str:
@@ -174,6 +180,15 @@ def _dataset_for(config) -> DatasetManifest:
     return dataset
 
 
+# What a run directory holds (`store` is the default snapshot store); `--overwrite` deletes nothing else.
+RUN_ENTRIES = re.compile(r"group-\d+|store|\.?run\.lock|\.lock|\.complete")  # .complete: codistill experiment
+
+
+def _foreign_entries(names: list[str], allowed: re.Pattern) -> str:
+    foreign = sorted(n for n in names if not allowed.fullmatch(n))
+    return ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+
+
 def _start_afresh(config, overwrite: bool) -> None:
     """A new run must not inherit an earlier one's checkpoints, metrics or snapshots: its groups
     would adopt the old peers' weights as if they were fresh."""
@@ -183,12 +198,25 @@ def _start_afresh(config, overwrite: bool) -> None:
     import fsspec
 
     run_dir = Path(config.run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise click.ClickException(f"run directory {run_dir} exists and is not a directory")
     store_fs, store_root = fsspec.core.url_to_fs(config.store)
     old_snapshots = f"{store_root.rstrip('/')}/{config.run_id}"
     if (run_dir.exists() and any(run_dir.iterdir())) or store_fs.exists(old_snapshots):
         if not overwrite:
             raise click.ClickException(f"{run_dir} (or {config.store}/{config.run_id}) holds an earlier run: "
                                        "continue it with --resume, or start over with --overwrite")
+        foreign = _foreign_entries([p.name for p in run_dir.iterdir()] if run_dir.exists() else [], RUN_ENTRIES)
+        if foreign:
+            raise click.ClickException(f"{run_dir} is not a codistill run directory (it holds {foreign}): "
+                                       "--overwrite deletes only a run directory; remove it yourself or choose "
+                                       "another train.run_dir")
+        if store_fs.exists(old_snapshots):
+            names = [p.rstrip("/").rsplit("/", 1)[-1] for p in store_fs.ls(old_snapshots, detail=False)]
+            foreign = _foreign_entries(names, re.compile(r"group-\d+"))
+            if foreign:
+                raise click.ClickException(f"{config.store}/{config.run_id} is not this run's snapshots (it holds "
+                                           f"{foreign}); remove it yourself or choose another train.store")
         shutil.rmtree(run_dir, ignore_errors=True)
         if store_fs.exists(old_snapshots):
             store_fs.rm(old_snapshots, recursive=True)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,6 +22,13 @@ import yaml
 REPO_MANIFESTS = Path(__file__).resolve().parent.parent / "manifests"
 
 
+# Bounds that keep a typo from sizing the pipeline or the model beyond reason: shard names have five digits,
+# and every categorical column gets an embedding table of cat_buckets rows.
+MAX_GROUPS = 1024
+MAX_SHARDS = 99_999
+MAX_CAT_BUCKETS = 1 << 24
+
+
 class ConfigError(ValueError):
     """A manifest field is missing, unknown, of the wrong type or impossible."""
 
@@ -27,6 +36,20 @@ class ConfigError(ValueError):
 def _require(ok: bool, name: str, message: str) -> None:
     if not ok:
         raise ConfigError(f"{name}: {message}")
+
+
+_SHORT_REPR = reprlib.Repr()
+_SHORT_REPR.maxlevel, _SHORT_REPR.maxstring, _SHORT_REPR.maxother, _SHORT_REPR.maxlong = 2, 60, 60, 40
+
+
+def _bounded(value: Any) -> str:
+    """A short repr for error messages: it looks at a bounded part of the value, however big it is."""
+    return _SHORT_REPR.repr(value)
+
+
+def _key_text(key: Any) -> str:
+    """A manifest key as it goes into a dotted field name."""
+    return key if isinstance(key, str) and len(key) <= 80 else _bounded(key)
 
 
 def tagged(tag: str, choices: dict[str, type], *, sibling: bool = False, **kwargs: Any) -> Any:
@@ -61,8 +84,8 @@ class CriteoConfig:
     def validate(self, name: str) -> None:
         _require(len(self.cat_buckets) in (1, 26), f"{name}.cat_buckets",
                  f"must hold 1 or 26 numbers, got {len(self.cat_buckets)}")
-        for b in self.cat_buckets:
-            _require(2 <= b <= 2**31 - 1, f"{name}.cat_buckets", f"each must be in [2, 2^31), got {b}")
+        for b in self.cat_buckets:  # each column's embedding table has this many rows
+            _require(2 <= b <= MAX_CAT_BUCKETS, f"{name}.cat_buckets", f"each must be in [2, 2^24], got {b}")
 
     def buckets_per_column(self) -> tuple[int, ...]:
         return self.cat_buckets * 26 if len(self.cat_buckets) == 1 else self.cat_buckets
@@ -159,11 +182,13 @@ class DataConfig:
                  "manifest that generates its data, also set data.synth=null")
         _require(-2**63 <= self.seed < 2**63, f"{name}.seed", f"must fit in 64 bits, got {self.seed}")
         _require(self.groups >= 1, f"{name}.groups", f"must be >= 1, got {self.groups}")
+        _require(self.groups <= MAX_GROUPS, f"{name}.groups", f"must be <= {MAX_GROUPS}, got {self.groups}")
         _require(0.0 < self.eval_fraction < 1.0, f"{name}.eval_fraction",
                  f"must be in (0, 1), got {self.eval_fraction}")
-        _require(self.shards_per_group >= 1, f"{name}.shards_per_group",
-                 f"must be >= 1, got {self.shards_per_group}")
-        _require(self.eval_shards >= 1, f"{name}.eval_shards", f"must be >= 1, got {self.eval_shards}")
+        for shards in ("shards_per_group", "eval_shards"):
+            count = getattr(self, shards)
+            _require(count >= 1, f"{name}.{shards}", f"must be >= 1, got {count}")
+            _require(count <= MAX_SHARDS, f"{name}.{shards}", f"must be <= {MAX_SHARDS}, got {count}")
         _require(self.block_rows >= 1, f"{name}.block_rows", f"must be >= 1, got {self.block_rows}")
         _require(self.split_bytes >= 1 << 16, f"{name}.split_bytes", f"must be >= 65536, got {self.split_bytes}")
         if self.synth is not None:
@@ -340,8 +365,12 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def validate(self) -> None:
-        _require(bool(self.name) and "/" not in self.name, "name",
-                 f"must be a non-empty name without '/', got {self.name!r}")
+        # `runs/<name>` is the default run directory, which `--overwrite` deletes: `..` would be the working
+        # directory's parent.
+        _require(bool(self.name) and self.name not in (".", "..") and not any(c in self.name for c in "/\\"),
+                 "name", f"must be a plain name (not '.' or '..', no '/' or '\\'), got {_bounded(self.name)}")
+        _require(Path(self.run_dir).name not in ("", ".", ".."), "train.run_dir",
+                 f"must end in a directory name (it names the run in the store), got {_bounded(self.run_dir)}")
         for section in ("data", "model", "optimizer", "schedule", "deepspeed", "loader", "codistill", "eval", "train"):
             getattr(self, section).validate(section)
         for g in self.train.groups or ():
@@ -390,7 +419,7 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
         raise ConfigError(errors[0])
     if origin is Literal:
         _require(value in typing.get_args(tp), name,
-                 f"must be one of {list(typing.get_args(tp))}, got {value!r}")
+                 f"must be one of {list(typing.get_args(tp))}, got {_bounded(value)}")
         return value
     if origin is tuple:
         (item_tp, _) = typing.get_args(tp)
@@ -400,15 +429,18 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, name)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        value = float(value) if abs(value) < 2**1023 else value
     if tp is float and isinstance(value, str):
         try:
-            return float(value)  # YAML 1.1 reads `1e-3` (no dot) as a string
+            value = float(value)  # YAML 1.1 reads `1e-3` (no dot) as a string
         except ValueError:
             pass
+    if tp is float and isinstance(value, float):
+        _require(math.isfinite(value), name, f"must be a finite number, got {value}")
+        return value
     # bool is an int subclass: `groups: true` must not pass as 1.
     ok = isinstance(value, tp) and not (tp is not bool and isinstance(value, bool))
-    _require(ok, name, f"expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    _require(ok, name, f"expected {_type_name(tp)}, got {type(value).__name__} {_bounded(value)}")
     return value
 
 
@@ -418,7 +450,7 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     hints = typing.get_type_hints(cls)
     known = {f.name: f for f in dataclasses.fields(cls)}
     for key in raw:
-        _require(key in known, f"{prefix}.{key}" if prefix else str(key),
+        _require(key in known, f"{prefix}.{_key_text(key)}" if prefix else _key_text(key),
                  f"unknown key (known: {', '.join(known)})")
     kwargs = {}
     for key, f in known.items():
@@ -446,7 +478,7 @@ def _coerce_tagged(value: Any, f: dataclasses.Field, siblings: dict, name: str) 
         _require(isinstance(value, dict), name, f"expected a mapping, got {type(value).__name__}")
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
         chosen, where = value.get(tag, getattr(default, tag, None)), f"{name}.{tag}"
-    _require(chosen in choices, where, f"must be one of {list(choices)}, got {chosen!r}")
+    _require(chosen in choices, where, f"must be one of {list(choices)}, got {_bounded(chosen)}")
     return _build(choices[chosen], value, name)
 
 
@@ -460,12 +492,60 @@ def set_field(raw: dict, dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
+# A manifest is a few kB; with aliases, a few hundred bytes can stand for billions of nodes ("billion laughs"),
+# which anything walking the result (validation, deepcopy into dicts, an error message) would expand.
+MAX_MANIFEST_BYTES = 1 << 20
+MAX_YAML_NODES = 100_000
+
+
+class _YAMLTooLarge(yaml.YAMLError):
+    pass
+
+
+def _expanded_nodes(node: yaml.Node, memo: dict[int, int], active: set[int]) -> int:
+    """Nodes of the document once every alias is expanded, stopping as soon as that passes MAX_YAML_NODES."""
+    if id(node) in memo:
+        return memo[id(node)]
+    if id(node) in active:
+        raise _YAMLTooLarge("a recursive alias (a node that contains itself)")
+    active.add(id(node))
+    children = [] if isinstance(node, yaml.ScalarNode) else (
+        node.value if isinstance(node, yaml.SequenceNode) else [n for pair in node.value for n in pair])
+    total = 1
+    for child in children:
+        total += _expanded_nodes(child, memo, active)
+        if total > MAX_YAML_NODES:
+            raise _YAMLTooLarge(f"more than {MAX_YAML_NODES} values once its aliases are expanded (alias bomb?)")
+    active.discard(id(node))
+    memo[id(node)] = total
+    return total
+
+
+class _ManifestLoader(yaml.SafeLoader):
+    """yaml.safe_load's loader, refusing documents whose aliases expand past MAX_YAML_NODES."""
+
+    def get_single_node(self):
+        node = super().get_single_node()
+        if node is not None:
+            _expanded_nodes(node, {}, set())
+        return node
+
+
+def _load_yaml(text: str) -> Any:
+    try:
+        return yaml.load(text, Loader=_ManifestLoader)
+    except RecursionError:
+        raise _YAMLTooLarge("nested too deeply") from None
+
+
 def apply_override(raw: dict, assignment: str) -> None:
     """Apply `a.b=c` to the raw manifest; the value is parsed as YAML (`50`, `true`, `[1, 2]`)."""
     path, sep, text = assignment.partition("=")
-    _require(bool(sep) and bool(path), assignment, "override must look like section.field=value")
+    _require(bool(sep) and bool(path), _bounded(assignment), "override must look like section.field=value")
     try:
-        value = yaml.safe_load(text)
+        value = _load_yaml(text)
+    except _YAMLTooLarge as e:
+        raise ConfigError(f"{_key_text(path)}: the value is too large: {e}") from None
     except yaml.YAMLError:
         value = text  # e.g. a glob like *.txt: take it as a string
     set_field(raw, path, value)
@@ -492,11 +572,15 @@ def read_manifest_yaml(name_or_path: str) -> dict:
     path = resolve_manifest(name_or_path)
     try:
         with fsspec.open(path, "r") as f:
-            raw = yaml.safe_load(f)
+            text = f.read(MAX_MANIFEST_BYTES + 1)
+        _require(len(text) <= MAX_MANIFEST_BYTES, path, f"larger than {MAX_MANIFEST_BYTES} bytes: not a manifest")
+        raw = _load_yaml(text)
     except FileNotFoundError:
         raise ConfigError(f"{path}: manifest not found") from None
+    except (IsADirectoryError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not a manifest file ({type(e).__name__})") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        raise ConfigError(f"{path}: not valid YAML: {str(e)[:500]}") from None
     _require(isinstance(raw, dict), path, f"expected a mapping at the top, got {type(raw).__name__}")
     return raw
 

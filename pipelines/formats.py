@@ -29,8 +29,11 @@ byte-reproducible and `webdataset.WebDataset(...).decode()` reads them.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
+import os
+import stat
 import struct
 import tarfile
 import uuid
@@ -42,8 +45,11 @@ import fsspec
 import google_crc32c
 import numpy as np
 import webdataset as wds
+from fsspec.implementations.local import LocalFileSystem
 
 EXTENSIONS = {"tfrecord": "tfrecord", "webdataset": "tar"}
+# Records (a block of rows) are ~100 kB; a length field or tar header claiming more is hostile or corrupt.
+MAX_RECORD_BYTES = 1 << 28
 
 Block = dict[str, np.ndarray]
 
@@ -243,6 +249,8 @@ def iter_tfrecord(stream: IO[bytes]) -> Iterator[bytes]:
         if _masked_crc(header[:8]) != header[8:]:
             raise ShardFormatError(f"record {index}: length CRC mismatch (corrupt shard)")
         (size,) = struct.unpack("<Q", header[:8])
+        if size > MAX_RECORD_BYTES:  # read(size) would allocate it before finding the shard shorter
+            raise ShardFormatError(f"record {index}: length {size} is over the {MAX_RECORD_BYTES}-byte record limit")
         body = stream.read(size + 4)
         if len(body) < size + 4:
             raise ShardFormatError(f"record {index}: truncated payload")
@@ -273,8 +281,13 @@ def _iter_tar_samples(stream: IO[bytes], schema: Schema) -> Iterator[Block]:
     try:
         with tarfile.open(fileobj=stream, mode="r|", tarinfo=_StrictTarInfo) as tar:
             for member in tar:
-                if not member.isfile():
+                if member.isdir():
                     continue
+                if not member.isfile() or member.issparse():  # a sparse member of 10 KB can expand to terabytes
+                    raise ShardFormatError(f"bad tar shard: member {member.name[:80]!r} is not a plain file")
+                if member.size > MAX_RECORD_BYTES:
+                    raise ShardFormatError(f"bad tar shard: member {member.name[:80]!r} has {member.size} bytes, "
+                                           f"over the {MAX_RECORD_BYTES}-byte record limit")
                 key, _, suffix = member.name.partition(".")
                 if key != sample_key and sample:
                     yield _npy_block(sample_key, sample, schema)
@@ -294,10 +307,28 @@ def _npy_block(key: str, sample: dict[str, bytes], schema: Schema) -> Block:
         if data is None:
             raise ShardFormatError(f"sample {key!r} has no member {name}.npy (truncated shard?)")
         try:
-            block[name] = np.lib.format.read_array(io.BytesIO(data), allow_pickle=False)
+            block[name] = _npy_array(data)
         except ValueError as e:
             raise ShardFormatError(f"sample {key!r}: bad {name}.npy: {e}") from None
     return _checked(block, schema)
+
+
+def _npy_array(data: bytes) -> np.ndarray:
+    """A `.npy` member, read only if its header's shape and dtype account for exactly the bytes present
+    (`np.lib.format.read_array` allocates whatever the header claims before reading)."""
+    stream = io.BytesIO(data)
+    version = np.lib.format.read_magic(stream)
+    readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+    if version not in readers:
+        raise ValueError(f"npy format version {version} is not supported")
+    shape, fortran_order, dtype = readers[version](stream)
+    if dtype.hasobject:
+        raise ValueError("object arrays (pickles) are refused")
+    count = int(np.prod(shape, dtype=object))
+    if count * dtype.itemsize != len(data) - stream.tell():
+        raise ValueError(f"the header says shape {shape} of {dtype}, but {len(data) - stream.tell()} bytes follow")
+    array = np.frombuffer(data, dtype, count=count, offset=stream.tell())
+    return array.reshape(shape[::-1]).T if fortran_order else array.reshape(shape)
 
 
 def _checked(block: Block, schema: Schema) -> Block:
@@ -357,10 +388,39 @@ def write_shard(url: str, blocks: list[Block], schema: Schema, fmt: str, sample_
     return WrittenShard(url, rows, out.bytes, out.sha256.hexdigest())
 
 
-def read_shard(url: str, schema: Schema, fmt: str, expect_sha256: str | None = None) -> Iterator[Block]:
+def open_regular_file(url: str, expect_bytes: int | None = None) -> IO[bytes]:
+    """A shard (or manifest) opened for reading: a regular file only (a FIFO would hang the reader, a symlink to
+    /dev/zero never end), opened without following a symlink where the file system has them, and with
+    `expect_bytes`, of that size before one byte is read."""
+    fs, path = fsspec.core.url_to_fs(url)
+    if isinstance(fs, LocalFileSystem):
+        try:  # O_NONBLOCK: opening a FIFO must not wait for a writer
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError as e:
+            if e.errno != errno.ELOOP:
+                raise
+            raise ShardFormatError(f"{url}: a symbolic link; shards must be regular files") from None
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            os.close(fd)
+            raise ShardFormatError(f"{url}: not a regular file (a FIFO, device or directory?)")
+        size, stream = info.st_size, os.fdopen(fd, "rb")
+    else:
+        info = fs.info(path)
+        if info.get("type") != "file" or info.get("islink"):
+            raise ShardFormatError(f"{url}: not a regular file ({info.get('type')})")
+        size, stream = info.get("size"), fs.open(path, "rb")
+    if expect_bytes is not None and size != expect_bytes:
+        stream.close()
+        raise ShardFormatError(f"{url} has {size} bytes, manifest says {expect_bytes}")
+    return stream
+
+
+def read_shard(url: str, schema: Schema, fmt: str, expect_sha256: str | None = None,
+               expect_bytes: int | None = None) -> Iterator[Block]:
     """Blocks of a shard, streamed; with `expect_sha256`, the whole shard is read and checked first,
     so not one row of a shard that is not the one indexed ever reaches the caller."""
-    with fsspec.open(url, "rb") as raw:
+    with open_regular_file(url, expect_bytes) as raw:
         stream: IO[bytes] = raw
         if expect_sha256 is not None:
             data = raw.read()
