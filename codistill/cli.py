@@ -169,14 +169,11 @@ def _dataset_for(config) -> DatasetManifest:
     wanted = json.loads(json.dumps(pipeline_parameters(config.data)))  # as stored: tuples become lists
     # (`output` may differ: a dataset can be copied or moved.)
     changed = sorted(k for k, v in wanted.items() if k != "output" and dataset.parameters.get(k) != v)
-    synth, built = config.data.synth, dataset.extra.get("synth", {})
-    if synth is not None and (synth.rows, synth.seed, synth.files) != (built.get("rows"), built.get("seed"),
-                                                                       built.get("num_files")):
-        changed.append("synth")
     if changed:
         raise click.ClickException(
             f"the dataset at {config.data.output} was built with other data settings ({', '.join(changed)}); "
-            "rebuild it with `codistill preprocess criteo -m <manifest> --overwrite` or point data.output elsewhere")
+            f"rebuild it with `codistill preprocess {config.data.dataset} -m <manifest> --overwrite` or point "
+            "data.output elsewhere")
     return dataset
 
 

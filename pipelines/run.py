@@ -71,12 +71,13 @@ def dataset_pipeline(dataset: str) -> DatasetPipeline:
 
 
 def pipeline_parameters(data: DataConfig) -> dict:
-    """The data settings a dataset was built with (recorded in its manifest; inputs are recorded apart).
+    """The data settings a dataset was built with (recorded in its manifest; input files are recorded apart;
+    `synth` is the generator's settings, or None for real input).
 
     Only the dataset's own section is included: another dataset's defaults changing must not make a
     built dataset look stale."""
     others = set(PIPELINE_MODULES) - {data.dataset}
-    return {k: v for k, v in to_dict(data).items() if k not in {"input", "synth", *others}}
+    return {k: v for k, v in to_dict(data).items() if k not in {"input", *others}}
 
 
 class OutputExistsError(FileExistsError):
