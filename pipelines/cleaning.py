@@ -43,6 +43,7 @@ DROP_REASONS = ("language", "lorem_ipsum", "curly_braces", "too_few_lines", "too
 _CITATION = re.compile(r"\[\d*\]|\[edit\]|\[citation needed\]", re.IGNORECASE)
 _TERMINAL = (".", "!", "?", '"')  # C4's line ends (but not an ellipsis)
 _CLD2_REJECTS = re.compile(r"[\x00-\x08\x0b\x0e-\x1f\x7f-\x9f\ud800-\udfff]")  # control chars, lone surrogates
+_CLD2_LEGACY = {"iw": "he", "jw": "jv"}  # CLD2 still says Hebrew and Javanese with withdrawn ISO 639-1 codes
 _WORD = re.compile(r"\w+")
 _PRIME = np.uint64(0x9E3779B97F4A7C15)  # odd multiplier that mixes word hashes into n-gram hashes
 
@@ -73,7 +74,8 @@ def detect_language(text: str) -> str:
         details = pycld2.detect(text)[2]
     except pycld2.error:  # it refuses some code points that valid UTF-8 can hold
         details = pycld2.detect(_CLD2_REJECTS.sub(" ", text))[2]
-    return details[0][1].split("-", 1)[0]  # "zh-Hant" -> "zh"
+    code = details[0][1].split("-", 1)[0]  # "zh-Hant" -> "zh"
+    return _CLD2_LEGACY.get(code, code)
 
 
 def read_blocklist(url: str) -> tuple[frozenset[str], re.Pattern | None]:
@@ -213,6 +215,7 @@ def _top_ngram_too_frequent(words: list[str], word_chars: int, max_fractions: tu
     """Gopher's rule: the characters of the most frequent word n-gram (n = 2, 3, ...), counted once per
     occurrence, above the n's fraction of all word characters (of tied n-grams, the longest counts, so
     the result does not depend on hash order). An n-gram seen once is not repetition."""
+    # str hashes differ between processes (PYTHONHASHSEED); only a 64-bit collision could change the answer.
     hashes = np.fromiter(map(hash, words), np.int64, len(words)).view(np.uint64)
     ends = np.zeros(len(words) + 1, np.int64)  # ends[i] = characters of words[:i]
     np.cumsum(np.fromiter(map(len, words), np.int64, len(words)), out=ends[1:])

@@ -86,6 +86,8 @@ class Skipped:
 
 
 ReadResult = WebDocument | Quarantined | Skipped
+QUARANTINE_REASONS = ("not_warc", "empty_file", "corrupt_gzip", "truncated", "too_large", "malformed_header",
+                      "missing_record_id", "bad_content_length", "undecodable", "bad_http", "bad_html")
 
 
 class WarcInputError(ValueError):
@@ -126,19 +128,12 @@ class _Window:
         self._f, self._buf, self._base = f, b"", 0
 
     def view(self, pos: int, at_least: int = 1) -> memoryview:
-        """Bytes from file offset `pos` (>= any offset asked before) on: at least `at_least` of them unless the
-        file ends first; empty at the end of the file."""
+        """Bytes from file offset `pos` on (never before an offset asked for earlier): at least `at_least` of
+        them unless the file ends first; empty at the end of the file."""
         end = self._base + len(self._buf)
         if pos + at_least > end:
-            if pos > end:  # skipping forward past what is buffered: read and drop, never hold it
-                self._buf, self._base = b"", end
-                while self._base < pos and (piece := self._f.read(min(_READ_BYTES, pos - self._base))):
-                    self._base += len(piece)
-                if self._base < pos:
-                    return memoryview(b"")
-            keep = self._buf[pos - self._base:]
-            pieces = [keep]
-            have = len(keep)
+            pieces = [self._buf[pos - self._base:]]
+            have = len(pieces[0])
             while have < at_least and (piece := self._f.read(max(_READ_BYTES, at_least - have))):
                 pieces.append(piece)
                 have += len(piece)

@@ -19,7 +19,7 @@ from fastwarc.warc import ArchiveIterator, WarcRecordType
 
 from codistill.config import CleaningConfig, ConfigError, parse_experiment
 from pipelines.cleaning import DROP_REASONS, LINE_REASONS, Cleaner, detect_language
-from pipelines.warc import Quarantined, Skipped, WarcInputError, WebDocument, read_web_documents
+from pipelines.warc import QUARANTINE_REASONS, Quarantined, Skipped, WarcInputError, WebDocument, read_web_documents
 
 SAMPLES = "commoncrawl"
 WET, WARC, RESILIPARSE = "whirlwind.warc.wet.gz", "whirlwind.warc.gz", "resiliparse_CC-MAIN-2020-34_warcfile.warc.gz"
@@ -185,11 +185,19 @@ def test_truncated_last_member_is_quarantined_and_the_members_before_kept(tmp_pa
         assert len(results) == 4
 
 
-def test_corrupt_member_in_the_middle_reading_resumes_after_it(tmp_path):
+def flip(data: bytes, start: int, stop: int) -> bytes:
+    return data[:start] + bytes(b ^ 0xFF for b in data[start:stop]) + data[stop:]
+
+
+@pytest.mark.parametrize("damage", [
+    lambda m: flip(m, 12, 30),  # deflate data
+    lambda m: flip(m, len(m) - 8, len(m) - 4),  # CRC-32 of the trailer
+    lambda m: flip(m, 3, 4),  # header flags
+])
+def test_corrupt_member_in_the_middle_reading_resumes_after_it(tmp_path, damage):
     parts = members(*good(5))
     at = offsets(parts)
-    broken = parts[2][:12] + bytes(b ^ 0xFF for b in parts[2][12:30]) + parts[2][30:]
-    results = read(write(tmp_path, b"".join(parts[:2] + [broken] + parts[3:])))
+    results = read(write(tmp_path, b"".join(parts[:2] + [damage(parts[2])] + parts[3:])))
     assert labels(results) == [key(0), key(1), "corrupt_gzip", key(3), key(4)]
     assert results[2].offset == at[2]
 
@@ -254,6 +262,7 @@ def test_malformed_record_is_quarantined_and_reading_goes_on(tmp_path, record, r
     parts = members(*good(1), record, *good(1, start=1))
     results = read(write(tmp_path, b"".join(parts)))
     assert labels(results) == [key(0), reason, key(1)]
+    assert reason in QUARANTINE_REASONS
     assert results[1].offset == len(parts[0])
 
 
@@ -487,6 +496,9 @@ def test_language_from_the_warc_header_then_pycld2():
         assert Cleaner(dataclasses.replace(ALL_OFF, languages=codes)).clean(doc(german, None)).drop_reason is None
     assert Cleaner(ALL_OFF).clean(doc(german, "spa")).drop_reason is None  # languages=() keeps all
     assert detect_language("Hello\x00 world, this text has a NUL byte in it and is English.") == "en"
+    hebrew = "שלום עולם, זהו טקסט בעברית לבדיקה של זיהוי השפה. אנחנו כותבים עוד משפט כדי שיהיה מספיק טקסט."
+    assert detect_language(hebrew) == "he"  # CLD2 says "iw"
+    assert Cleaner(dataclasses.replace(ALL_OFF, languages=("heb",))).clean(doc(hebrew, None)).drop_reason is None
 
 
 def test_cleaning_the_real_samples(samples):
