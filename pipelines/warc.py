@@ -42,7 +42,7 @@ import fsspec
 from fastwarc.warc import WarcRecord, WarcRecordType
 from resiliparse.extract.html2text import extract_plain_text
 from resiliparse.parse.encoding import bytes_to_str, detect_encoding
-from resiliparse.parse.html import HTMLTree
+from resiliparse.parse.html import HTMLParserException, HTMLTree
 
 DEFAULT_MAX_RECORD_BYTES = 16 << 20  # Common Crawl truncates payloads at 1 MiB (5 MiB since 2024)
 MAX_HEADER_BYTES = 64 << 10
@@ -360,24 +360,29 @@ def _html_document(data: bytes, headers: dict[str, str], source: str, offset: in
     if not record.is_http:
         return Skipped(source, offset, "not_html")
     try:
-        record.parse_http(auto_decode="all")  # undoes Content-Encoding (gzip, br, ...) and chunking
+        record.parse_http(auto_decode="all")  # the payload is read with Content-Encoding and chunking undone
+    except OSError as e:
+        raise _Damage("bad_http", str(e)) from None
+    status = record.http_headers.status_code
+    if status is None:
+        raise _Damage("bad_http", "no HTTP status line")
+    if not 200 <= status < 300:
+        return Skipped(source, offset, f"http_status:{status}")
+    mime = (record.http_content_type or headers.get("warc-identified-payload-type") or "").lower()
+    if mime not in HTML_TYPES:
+        return Skipped(source, offset, "not_html")
+    try:
         payload = record.reader.read(limit + 1)
     except OSError as e:
         raise _Damage("bad_http", str(e)) from None
     if len(payload) > limit:
         raise _Damage("too_large", f"HTTP payload decodes to more than max_record_bytes={limit}")
-    status = record.http_headers.status_code
-    if status is None or not 200 <= status < 300:
-        return Skipped(source, offset, f"http_status:{status}")
-    mime = (record.http_content_type or headers.get("warc-identified-payload-type") or "").lower()
-    if mime not in HTML_TYPES:
-        return Skipped(source, offset, "not_html")
     # The HTTP charset wins over the page's <meta>, as in browsers; otherwise meta, then uchardet.
     encoding = record.http_charset or detect_encoding(payload, from_html_meta=True)
     try:
         tree = HTMLTree.parse(bytes_to_str(payload, encoding, errors="replace"))
         text = extract_plain_text(tree, preserve_formatting=True, main_content=True, list_bullets=False,
                                   alt_texts=False)
-    except Exception as e:  # resiliparse's HTMLParserException has no public base to catch more narrowly
+    except (HTMLParserException, LookupError, UnicodeError) as e:
         raise _Damage("bad_html", f"{type(e).__name__}: {e}") from None
     return _document(headers, text, source, offset)

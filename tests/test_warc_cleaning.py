@@ -327,10 +327,13 @@ def test_warc_responses(tmp_path):
         http_response(b"<html>gone</html>", status=b"404 Not Found", index=4),
         http_response(b"<html><body><script>only()</script></body></html>", index=5),
         warc_record(b"GET / HTTP/1.1\r\nHost: example.com\r\n\r\n", kind=b"request", index=6),
+        warc_record(b"not an HTTP message", kind=b"response", index=7).replace(
+            b"Content-Type: text/plain", b"Content-Type: application/http; msgtype=response"),
+        warc_record(b"<html>a response record that holds no HTTP</html>", kind=b"response", index=8),
     ]
     results = read(write(tmp_path, b"".join(members(*records)), "input.warc.gz"))
-    assert labels(results) == [
-        key(0), key(1), key(2), "not_html", "http_status:404", "empty_text", "record_type:request"]
+    assert labels(results) == [key(0), key(1), key(2), "not_html", "http_status:404", "empty_text",
+                               "record_type:request", "bad_http", "not_html"]
     for doc in results[:3]:
         assert "Caf\u00e9 news" in doc.text and "The first paragraph of the article is here." in doc.text
         assert "var x" not in doc.text and "<p>" not in doc.text
