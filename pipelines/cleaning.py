@@ -4,7 +4,8 @@
 many lines each line rule removed. In order:
 
 1. Language: the record's WARC-Identified-Content-Language (its first, primary code) when
-   present and trusted, else pycld2 (its model ships inside the wheel), must be configured.
+   present and trusted, else pycld2's guess (its model ships inside the wheel), must be one of
+   the configured languages (`language`).
 2. Line rules (C4, Raffel et al. 2020), each line stripped first: blank lines go (`line:empty`),
    citation marks are cut, then a line is removed without terminal punctuation
    (`line:no_terminal_punctuation`), with too few words (`line:too_few_words`), mentioning
@@ -42,7 +43,9 @@ DROP_REASONS = ("language", "lorem_ipsum", "curly_braces", "too_few_lines", "too
 
 _CITATION = re.compile(r"\[\d*\]|\[edit\]|\[citation needed\]", re.IGNORECASE)
 _TERMINAL = (".", "!", "?", '"')  # C4's line ends (but not an ellipsis)
-_CLD2_REJECTS = re.compile(r"[\x00-\x08\x0b\x0e-\x1f\x7f-\x9f\ud800-\udfff]")  # control chars, lone surrogates
+# What pycld2 refuses: C0/C1 controls but tab, newlines and form feed; lone surrogates; noncharacters.
+_NONCHARACTERS = "".join(chr(plane << 16 | 0xFFFE) + chr(plane << 16 | 0xFFFF) for plane in range(17))
+_CLD2_REJECTS = re.compile(f"[\x00-\x08\x0b\x0e-\x1f\x7f-\x9f\ud800-\udfff\ufdd0-\ufdef{_NONCHARACTERS}]")
 _CLD2_LEGACY = {"iw": "he", "jw": "jv"}  # CLD2 still says Hebrew and Javanese with withdrawn ISO 639-1 codes
 _WORD = re.compile(r"\w+")
 _PRIME = np.uint64(0x9E3779B97F4A7C15)  # odd multiplier that mixes word hashes into n-gram hashes
@@ -72,7 +75,7 @@ def detect_language(text: str) -> str:
     """pycld2's top language as an ISO 639-1 code ("un" if unknown); nothing is downloaded."""
     try:
         details = pycld2.detect(text)[2]
-    except pycld2.error:  # it refuses some code points that valid UTF-8 can hold
+    except (pycld2.error, UnicodeEncodeError):  # it refuses some code points a str can hold
         details = pycld2.detect(_CLD2_REJECTS.sub(" ", text))[2]
     code = details[0][1].split("-", 1)[0]  # "zh-Hant" -> "zh"
     return _CLD2_LEGACY.get(code, code)

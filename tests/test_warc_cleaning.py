@@ -498,7 +498,8 @@ def test_language_from_the_warc_header_then_pycld2():
     for codes in (("de",), ("deu",), ("ger",), ("en", "de")):
         assert Cleaner(dataclasses.replace(ALL_OFF, languages=codes)).clean(doc(german, None)).drop_reason is None
     assert Cleaner(ALL_OFF).clean(doc(german, "spa")).drop_reason is None  # languages=() keeps all
-    assert detect_language("Hello\x00 world, this text has a NUL byte in it and is English.") == "en"
+    for odd in ("\x00", "\x85", "\ufdd0", "\U0010ffff", "\ud800"):  # code points pycld2 refuses
+        assert detect_language(f"Hello{odd} world, this text has an odd code point in it and is English.") == "en"
     hebrew = "שלום עולם, זהו טקסט בעברית לבדיקה של זיהוי השפה. אנחנו כותבים עוד משפט כדי שיהיה מספיק טקסט."
     assert detect_language(hebrew) == "he"  # CLD2 says "iw"
     assert Cleaner(dataclasses.replace(ALL_OFF, languages=("heb",))).clean(doc(hebrew, None)).drop_reason is None
