@@ -12,9 +12,11 @@ member's WARC and HTTP headers are parsed by fastwarc. A damaged member is quara
 byte offset, and reading resumes at the next verified member header: one quarantine stands for
 the damaged stretch, however many records it held. Damage reasons:
 
-- `not_warc`: the file starts with neither a gzip member nor `WARC/` (one quarantine, nothing read).
+- `not_warc`: the file starts with neither a gzip member nor `WARC/` and holds no gzip member of a
+  WARC record, or its first member is not WARC (one quarantine, nothing read).
 - `empty_file`: zero bytes.
-- `corrupt_gzip`: a member that zlib rejects (bad header, data or CRC), or bytes between members.
+- `corrupt_gzip`: a member that zlib rejects (bad header, data or CRC), or bytes before or between
+  members.
 - `truncated`: the file ends inside a member or record (always the last thing in the file).
 - `too_large`: declared Content-Length or inflated member size above `max_record_bytes`;
   the member is inflated through in bounded pieces and discarded, never allocated.
@@ -114,11 +116,14 @@ def read_web_documents(url: str, max_record_bytes: int = DEFAULT_MAX_RECORD_BYTE
         if not head:
             yield Quarantined(url, 0, "empty_file", "the file has no bytes")
         elif head.startswith(GZIP_MAGIC):
-            yield from _read_gzip_members(window, url, max_record_bytes)
+            yield from _read_gzip_members(window, url, max_record_bytes, 0)
         elif head.startswith(b"WARC/"):
             yield from _read_plain(window, url, max_record_bytes)
+        elif window.view(first := _next_member(window, 1)):  # junk before the first member
+            yield Quarantined(url, 0, "corrupt_gzip", f"{first} bytes that are not a gzip member before offset {first}")
+            yield from _read_gzip_members(window, url, max_record_bytes, first)
         else:
-            yield Quarantined(url, 0, "not_warc", f"starts with {head!r}: neither a gzip member nor a WARC/1.x record")
+            yield Quarantined(url, 0, "not_warc", f"starts with {head!r} and holds no gzip member of a WARC record")
 
 
 class _Window:
@@ -144,8 +149,7 @@ class _Window:
 # --- gzip members ----------------------------------------------------------------------------
 
 
-def _read_gzip_members(window: _Window, source: str, limit: int) -> Iterator[ReadResult]:
-    pos = 0
+def _read_gzip_members(window: _Window, source: str, limit: int, pos: int) -> Iterator[ReadResult]:
     while window.view(pos):
         if window.view(pos, 3)[:3] != GZIP_MAGIC:
             following = _next_member(window, pos + 1)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import os
+import random
 import tracemalloc
 from collections import Counter
 
@@ -211,17 +212,49 @@ def test_member_cut_short_then_a_good_member(tmp_path):
     assert results[2].offset == len(parts[0]) + len(parts[1]) // 2
 
 
-def test_garbage_between_members(tmp_path):
+@pytest.mark.parametrize("seed", range(40))
+def test_random_damage_loses_only_the_damaged_members(tmp_path, seed):
+    """Flip bytes inside a member, cut the file, or insert junk between members: every member the damage
+    did not touch is still read, in order, and the damage is quarantined, never raised."""
+    rng = random.Random(seed)
+    parts = members(*[warc_record(b"Document %d. " % i * rng.randint(1, 200), index=i) for i in range(6)])
+    intact = set(range(6))
+    damage = rng.choice(["flip", "cut", "junk"])
+    target = rng.randrange(6)
+    if damage == "flip":
+        start = rng.randrange(len(parts[target]))
+        parts[target] = flip(parts[target], start, min(start + rng.randint(1, 20), len(parts[target])))
+        intact.discard(target)  # (a flip in the gzip header's mtime or OS byte leaves the member readable)
+    elif damage == "cut":
+        parts[target] = parts[target][:rng.randrange(len(parts[target]))]
+        parts = parts[:target + 1]
+        intact -= set(range(target, 6))
+    else:
+        parts.insert(target, bytes(rng.getrandbits(8) for _ in range(rng.randint(1, 300))))
+    results = read(write(tmp_path, b"".join(parts)))
+    documents = [r for r in results if isinstance(r, WebDocument)]
+    assert {key(i) for i in intact} <= {d.key for d in documents}
+    assert all(isinstance(r, (WebDocument, Quarantined)) for r in results)
+    assert [r.offset for r in results] == sorted({r.offset for r in results})  # file order, one result each
+    if damage == "cut" and parts[-1]:
+        assert results[-1].reason == "truncated"
+
+
+def test_garbage_before_and_between_members(tmp_path):
     parts = members(*good(3))
     results = read(write(tmp_path, parts[0] + b"\x1f\x8b\x08 not a member at all" + parts[1] + parts[2]))
     assert labels(results) == [key(0), "corrupt_gzip", key(1), key(2)]
     assert results[1].offset == len(parts[0])
+    junk = b"a download error page, then the data\n"
+    results = read(write(tmp_path, junk + b"".join(parts)))
+    assert labels(results) == ["corrupt_gzip", key(0), key(1), key(2)]
+    assert [r.offset for r in results] == [0] + [len(junk) + at for at in offsets(parts)]
 
 
 @pytest.mark.parametrize("data, detail", [
-    (b"label,value\n1,2\n", "neither a gzip member nor a WARC/1.x record"),
+    (b"label,value\n1,2\n", "holds no gzip member of a WARC record"),
     (gzip.compress(b"label,value\n1,2\n"), "not a WARC/1.x record"),
-    (b"\x89PNG\r\n\x1a\n" + bytes(200), "neither a gzip member"),
+    (b"\x89PNG\r\n\x1a\n" + bytes(200) + gzip.compress(b"IDAT"), "holds no gzip member of a WARC record"),
 ])
 def test_non_warc_file_is_one_quarantine(tmp_path, data, detail):
     (result,) = read(write(tmp_path, data))
