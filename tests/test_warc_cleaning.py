@@ -16,6 +16,7 @@ from collections import Counter
 
 import fsspec
 import pytest
+import warcio
 from fastwarc.warc import ArchiveIterator, WarcRecordType
 
 from codistill.config import CleaningConfig, ConfigError, parse_experiment
@@ -136,8 +137,7 @@ def test_reads_any_fsspec_url(shared_data, memory_root):
 
 
 def warc_record(text: bytes = b"Some text.\n", *, kind: bytes = b"conversion", record_id: bytes | None = None,
-                length: bytes | None = None, version: bytes = b"WARC/1.0", extra: bytes = b"",
-                index: int = 0) -> bytes:
+                length: bytes | None = None, version: bytes = b"WARC/1.0", index: int = 0) -> bytes:
     """One WARC record, as bytes (a WET conversion record unless `kind` says otherwise)."""
     fields = [version, b"WARC-Type: " + kind, b"WARC-Target-URI: http://example.com/%d" % index,
               b"WARC-Date: 2024-05-18T01:58:10Z"]
@@ -147,7 +147,7 @@ def warc_record(text: bytes = b"Some text.\n", *, kind: bytes = b"conversion", r
         fields.append(b"WARC-Record-ID: " + record_id)
     fields.append(b"Content-Type: text/plain")
     fields.append(b"Content-Length: " + (str(len(text)).encode() if length is None else length))
-    return b"\r\n".join(fields) + b"\r\n" + extra + b"\r\n" + text + b"\r\n\r\n"
+    return b"\r\n".join(fields) + b"\r\n\r\n" + text + b"\r\n\r\n"
 
 
 def members(*records: bytes) -> list[bytes]:
@@ -174,6 +174,14 @@ def offsets(parts: list[bytes]) -> list[int]:
         out.append(at)
         at += len(part)
     return out
+
+
+def test_records_written_here_are_valid_warc(tmp_path):
+    path = write(tmp_path, b"".join(members(*good(3))))
+    with open(path, "rb") as f:  # an independent reader agrees
+        ids = [r.rec_headers.get_header("WARC-Record-ID") for r in warcio.ArchiveIterator(f)]
+    assert ids == [key(i) for i in range(3)]
+    assert labels(read(path)) == [key(i) for i in range(3)]
 
 
 def test_truncated_last_member_is_quarantined_and_the_members_before_kept(tmp_path):
