@@ -106,6 +106,8 @@ class _Damage(Exception):
 
 def read_web_documents(url: str, max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> Iterator[ReadResult]:
     """Every record of one WET or WARC file (gzip member per record, or uncompressed), in file order."""
+    if max_record_bytes < 1:
+        raise ValueError(f"max_record_bytes must be >= 1, got {max_record_bytes}")
     fs, path = fsspec.core.url_to_fs(url)
     kind = fs.info(path).get("type")
     if kind != "file":

@@ -392,9 +392,11 @@ def test_special_files_raise_a_clear_error_without_hanging(tmp_path):
             read(path)
 
 
-def test_missing_file(tmp_path):
+def test_missing_file_and_bad_limit(tmp_path):
     with pytest.raises(FileNotFoundError):
         read(tmp_path / "absent.warc.gz")
+    with pytest.raises(ValueError, match="max_record_bytes must be >= 1"):
+        read(write(tmp_path, b"".join(members(*good(1)))), max_record_bytes=0)
 
 
 # --- cleaning ------------------------------------------------------------------------------------------
@@ -522,6 +524,8 @@ def test_blocklist_whole_words_any_case_and_phrases(memory_root):
         text = PROSE + "\n" + extra
         assert (blocked.clean(doc(text)).drop_reason == "blocklist") == dropped, text
     assert Cleaner(ALL_OFF).clean(doc(PROSE + "\nA BadWord here.")).drop_reason is None
+    with pytest.raises(FileNotFoundError):
+        Cleaner(dataclasses.replace(ALL_OFF, blocklist=f"{memory_root}/absent.txt"))
 
 
 def test_language_from_the_warc_header_then_pycld2():
