@@ -5,8 +5,9 @@ warcinfo, request, metadata, non-HTML or non-2xx responses, empty text) or `Quar
 (damaged), so records in = documents + skipped + quarantined.
 
 Files are gzip-compressed WARC with one gzip member per record (Common Crawl's layout), or
-uncompressed WARC. Both WARC libraries stop silently at a damaged or truncated gzip member, so
-the members are inflated here with zlib, one at a time from a streamed window of the file (a
+uncompressed WARC (which has no checksum: damage inside a payload cannot be seen there). fastwarc
+and warcio both pass a truncated member silently and stop at a corrupt one, so the members are
+inflated here with zlib, one at a time from a streamed window of the file (a
 member is never longer than `max_record_bytes` in memory, the file never read whole), and each
 member's WARC and HTTP headers are parsed by fastwarc. A damaged member is quarantined with its
 byte offset, and reading resumes at the next verified member header: one quarantine stands for
