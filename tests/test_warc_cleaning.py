@@ -509,6 +509,12 @@ def test_page_rule_drops_the_page_and_its_switch_turns_it_off(rule, value, text,
     assert reason in DROP_REASONS
 
 
+def test_symbol_ratio_counts_hashes_and_ellipses_apart_as_gopher_does():
+    text = PROSE + "\nWait... so #1 #2 #3 #4 #5... and then... #6 #7."  # 81 words, 7 hashes, 3 ellipses
+    assert clean(text, max_symbol_word_ratio=0.1).drop_reason is None
+    assert clean(text, max_symbol_word_ratio=0.08).drop_reason == "symbol_ratio"
+
+
 def test_top_ngram_once_is_not_repetition():
     # Six words: each bigram is a big share of the characters, but none repeats.
     assert clean("Quick brown foxes jump over dogs.", max_top_ngram_char_fraction=(0.2,)).drop_reason is None
