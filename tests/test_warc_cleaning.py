@@ -124,6 +124,22 @@ def test_resiliparse_warc_sample(samples, shared_data):
     assert "KUNSHAN STANLEY TRADING CO.,LTD." in by_url["http://037426.cn/"]
 
 
+def test_damaged_real_warc_loses_only_the_damaged_records(samples, shared_data, tmp_path):
+    data = (shared_data / SAMPLES / RESILIPARSE).read_bytes()
+    clean_results = samples[RESILIPARSE]
+    at = [r.offset for r in clean_results] + [len(data)]
+    k = 20  # a response record: its member's deflate data is damaged
+    assert isinstance(clean_results[k], WebDocument)
+    damaged = data[:at[k] + 100] + bytes(b ^ 0x55 for b in data[at[k] + 100:at[k] + 140]) + data[at[k] + 140:]
+    results = read(write(tmp_path, damaged, "damaged.warc.gz"))
+    assert results[:k] + results[k + 1:] == [dataclasses.replace(r, source=results[0].source)
+                                             for r in clean_results[:k] + clean_results[k + 1:]]
+    assert (results[k].reason, results[k].offset) == ("corrupt_gzip", at[k])
+    cut = read(write(tmp_path, data[:at[40] + (at[41] - at[40]) // 2], "cut.warc.gz"))
+    assert labels(cut[:40]) == labels(clean_results[:40])
+    assert (cut[40].reason, cut[40].offset, len(cut)) == ("truncated", at[40], 41)
+
+
 def test_reads_any_fsspec_url(shared_data, memory_root):
     url = f"{memory_root}/{WET}"
     with fsspec.open(url, "wb") as f:
