@@ -80,6 +80,8 @@ class CommonCrawlParams:
             if not ok:
                 raise ValueError(f"CommonCrawlParams.{field}: {what}, got {getattr(self, field)}")
         need(self.vocab_size > len(T.ENGLISH) + 10, "vocab_size", f"must be > {len(T.ENGLISH) + 10}")
+        need(0 < self.topic_words * self.vocab_size <= self.vocab_size - len(T.ENGLISH), "topic_words",
+             "times vocab_size must be in (0, the number of made-up words]")
         need(self.zipf_exponent > 0, "zipf_exponent", "must be > 0")
         need(self.successors >= 1 and self.topics >= 2, "topics", "need topics >= 2 and successors >= 1")
         need(0 < self.topic_switch < 1, "topic_switch", "must be in (0, 1)")
@@ -216,39 +218,50 @@ def sentence_log_likelihood(lang: Language, d: Docs) -> np.ndarray:
     return np.add.reduceat(per_word, off[:-1], axis=0) if len(d.sent_len) else np.zeros((0, lang.p.topics))
 
 
-def doc_bits(lang: Language, d: Docs) -> tuple[np.ndarray, np.ndarray]:
-    """(bits, end_bits) per document: exact -log2 P(main text) filtering over the topic, and -log2 P(end | text)."""
-    p = lang.p
+def words_log_prob(lang: Language, d: Docs) -> np.ndarray:
+    """log P(words | sentence lengths) per document: the forward pass over each sentence's latent topic."""
     ll = sentence_log_likelihood(lang, d)
-    n_docs, off = len(d.doc_sents), d.doc_offsets()
+    n_docs, pos = len(d.doc_sents), _position(d)
     s_max = int(d.doc_sents.max(initial=0))
-    pos = np.arange(len(d.sent_len)) - np.repeat(off[:-1], d.doc_sents)  # sentence index within its doc
-    padded = np.zeros((n_docs, s_max, p.topics))
+    padded = np.zeros((n_docs, s_max, lang.p.topics))
     padded[np.repeat(np.arange(n_docs), d.doc_sents), pos] = ll
     log_alpha = lang.log_prior + padded[:, 0]
-    for s in range(1, s_max):  # forward pass, one sentence of every document at a time
+    switch = np.exp(lang.log_switch)
+    for s in range(1, s_max):  # one sentence of every document at a time
         top = log_alpha.max(1, keepdims=True)
-        step = np.log(np.exp(log_alpha - top) @ np.exp(lang.log_switch)) + top + padded[:, s]
+        step = np.log(np.exp(log_alpha - top) @ switch) + top + padded[:, s]
         log_alpha = np.where((d.doc_sents > s)[:, None], step, log_alpha)
     top = log_alpha.max(1)
-    words = top + np.log(np.exp(log_alpha - top[:, None]).sum(1))
-    # Sentence lengths, punctuation and separators do not depend on the topic.
-    span = p.sentence_max_words - p.sentence_min_words
+    return top + np.log(np.exp(log_alpha - top[:, None]).sum(1))
+
+
+def layout_log_prob(p: CommonCrawlParams, d: Docs) -> np.ndarray:
+    """log P(sentence lengths, punctuation, separators) per document (none depends on the topic)."""
+    pos = _position(d)
     extra = d.sent_len - p.sentence_min_words
-    log_len = extra * np.log(p.sentence_continue) + np.where(extra < span, np.log1p(-p.sentence_continue), 0.0)
+    log_len = extra * np.log(p.sentence_continue)
+    log_len += np.where(extra < p.sentence_max_words - p.sentence_min_words, np.log1p(-p.sentence_continue), 0.0)
     index = np.arange(len(d.sent_len))
     starts = (pos == 0) | np.r_[True, d.newline[:-1]]
     line = index - np.maximum.accumulate(np.where(starts, index, 0)) + 1  # sentences in the line so far
     eligible = line >= p.line_min_sentences
-    may_end = eligible & (pos + 1 >= p.doc_min_sentences)
-    # The separator after each sentence but the document's last: " " or "\n", and "not the end".
-    log_sep = np.where(may_end, np.log1p(-p.doc_end), 0.0)
+    # The separator after each sentence but the document's last: "not the end", then " " or "\n".
+    log_sep = np.where(eligible & (pos + 1 >= p.doc_min_sentences), np.log1p(-p.doc_end), 0.0)
     log_sep += np.where(eligible, np.where(d.newline, np.log(p.line_break), np.log1p(-p.line_break)), 0.0)
-    last = off[1:] - 1
-    log_sep[last] = 0.0
-    per_sent = log_len + np.log(np.array(p.punctuation))[d.punct] + log_sep
-    total = words + np.add.reduceat(per_sent, off[:-1]) if n_docs else words
-    return -total / np.log(2), np.full(n_docs, -np.log2(p.doc_end))
+    log_sep[d.doc_offsets()[1:] - 1] = 0.0
+    per_sentence = log_len + np.log(np.array(p.punctuation))[d.punct] + log_sep
+    return np.bincount(np.repeat(np.arange(len(d.doc_sents)), d.doc_sents), per_sentence, len(d.doc_sents))
+
+
+def _position(d: Docs) -> np.ndarray:
+    """Index of each sentence within its document."""
+    return np.arange(len(d.sent_len)) - np.repeat(d.doc_offsets()[:-1], d.doc_sents)
+
+
+def doc_bits(lang: Language, d: Docs) -> tuple[np.ndarray, np.ndarray]:
+    """(bits, end_bits) per document: exact -log2 P(main text), and -log2 P(end of document | main text)."""
+    total = words_log_prob(lang, d) + layout_log_prob(lang.p, d)
+    return -total / np.log(2), np.full(len(d.doc_sents), -np.log2(lang.p.doc_end))
 
 
 def render(lang: Language, d: Docs) -> list[str]:
@@ -531,6 +544,7 @@ def _write(out, files, seed, p, n, records, order, pool) -> dict:
         "repeated_lines": [{"text": line, "records": seen[line]} for line in sorted(seen)],
         "documents": documents,
     }
+    text = json.dumps(sidecar)  # in one piece, no indent: the C encoder, ~10x faster than json.dump's
     with fs.open(f"{root.rstrip('/')}/synth.json", "w") as f:
-        f.write(json.dumps(sidecar))  # in one piece, no indent: the C encoder, ~10x faster than json.dump's
-    return sidecar
+        f.write(text)
+    return json.loads(text)  # as stored (tuples become lists)
