@@ -39,6 +39,7 @@ from pipelines import synth_commoncrawl_words as T
 GENERATOR = "codistill.synth_commoncrawl"
 VERSION = 1
 CHUNK_DOCS = 1024  # planted documents per RNG stream (and per vectorised batch)
+NEAR_MIN_WORDS = 150
 _LANGUAGE, _DOCS, _NEAR, _NOISE = 0, 1, 2, 3  # RNG streams: [seed, stream, index]
 CRAWL_START = datetime(2024, 5, 17, tzinfo=timezone.utc)
 FLOOR_COVERS = ("bits = -log2 P(main text) under the generating process, main text = the document's planted lines "
@@ -113,6 +114,8 @@ class Language:
 
 
 def plant(p: CommonCrawlParams, seed: int) -> Language:
+    """Draw the vocabulary, the background chain (successors by Zipf rank, log-normal weights), the topics'
+    keywords, the topic prior; precompute what sampling and scoring need."""
     rng = np.random.default_rng([seed, _LANGUAGE, 0])
     V, K = p.vocab_size, p.topics
     words = np.array(T.vocabulary(V, rng))
@@ -130,8 +133,8 @@ def plant(p: CommonCrawlParams, seed: int) -> Language:
         beta[k, rng.choice(np.arange(len(T.ENGLISH), V), n_topic, replace=False)] = p.topic_boost
     w = b[None, :] * np.exp(beta[:, succ])  # (K, nnz)
     row_sum = np.add.reduceat(w, row_ptr[:-1], axis=1)  # (K, V + 1)
-    within = np.cumsum(w, axis=1) - np.concatenate([np.zeros((K, 1)), np.cumsum(w, axis=1)], 1)[:, row_ptr[rows]]
-    within /= row_sum[:, rows]
+    total = np.cumsum(w, axis=1)
+    within = (total - (total - w)[:, row_ptr[rows]]) / row_sum[:, rows]  # CDF within each row
     within[:, row_ptr[1:] - 1] = 1.0  # exact row ends: a draw never leaves its row
     cum = (within + rows[None, :] + (np.arange(K) * (V + 1))[:, None]).ravel()
     prior = rng.dirichlet(np.full(K, p.topic_concentration))
@@ -296,19 +299,14 @@ def take(d: Docs, docs: np.ndarray) -> Docs:
 
 
 def edit_one_sentence(lang: Language, d: Docs, rng) -> Docs:
-    """Near-duplicates: each document with one sentence redrawn (same topic, new length, punctuation, words)."""
-    p = lang.p
-    doc_off, off = d.doc_offsets(), d.sentence_offsets()
-    which = doc_off[:-1] + rng.integers(d.doc_sents)  # one sentence per document
-    span = p.sentence_max_words - p.sentence_min_words
-    new_len = p.sentence_min_words + np.minimum(rng.geometric(1 - p.sentence_continue, len(which)) - 1, span)
-    new_words = np.split(sample_words(lang, d.topic[which], new_len, rng), np.cumsum(new_len)[:-1])
-    pieces = [d.words[off[s]:off[s + 1]] for s in range(len(d.sent_len))]
-    for s, w in zip(which, new_words):
-        pieces[s] = w
-    sent_len, punct = d.sent_len.copy(), d.punct.copy()
-    sent_len[which], punct[which] = new_len, rng.choice(3, len(which), p=p.punctuation)
-    return dataclasses.replace(d, words=np.concatenate(pieces) if pieces else d.words, sent_len=sent_len, punct=punct)
+    """Near-duplicates: each document with the words of its shortest sentence redrawn (same topic and length)."""
+    doc_of = np.repeat(np.arange(len(d.doc_sents)), d.doc_sents)
+    which = np.lexsort((d.sent_len, doc_of))[d.doc_offsets()[:-1]]
+    off = d.sentence_offsets()
+    at = np.concatenate([np.arange(off[s], off[s + 1]) for s in which])
+    words = d.words.copy()
+    words[at] = sample_words(lang, d.topic[which], d.sent_len[which], rng)
+    return dataclasses.replace(d, words=words)
 
 
 def _counts(docs: int, p: CommonCrawlParams) -> dict[str, int]:
@@ -400,7 +398,7 @@ def generate_commoncrawl(out: str, docs: int, files: int = 1, seed: int = 0,
     lang = plant(p, seed)
     n = _counts(docs, p)
     planted = n["clean"] + n["stale_capture"]
-    chunks, texts, bits, end_bits = [], [], [], []
+    chunks, texts, bits, end_bits, n_words = [], [], [], [], []
     for c, start in enumerate(range(0, planted, CHUNK_DOCS)):
         d = sample_docs(lang, min(CHUNK_DOCS, planted - start), np.random.default_rng([seed, _DOCS, c]))
         b, e = doc_bits(lang, d)
@@ -408,12 +406,15 @@ def generate_commoncrawl(out: str, docs: int, files: int = 1, seed: int = 0,
         texts += render(lang, d)
         bits += b.tolist()
         end_bits += e.tolist()
+        n_words += np.add.reduceat(d.sent_len, d.doc_offsets()[:-1]).tolist()
 
     rng = np.random.default_rng([seed, _NOISE, 0])
     sources = rng.permutation(n["clean"])
-    near_src = sources[:n["near_duplicate"]]
-    exact_src = sources[len(near_src):len(near_src) + n["exact_duplicate"]]
-    newer = sources[len(near_src) + len(exact_src):][:n["stale_capture"]]
+    # Near-duplicates of long enough pages only, so one edited sentence leaves them similar (Jaccard >~ 0.8).
+    by_length = sources[np.argsort(np.array(n_words)[sources] < NEAR_MIN_WORDS, kind="stable")]
+    near_src = by_length[:n["near_duplicate"]]
+    sources = sources[~np.isin(sources, near_src)]
+    exact_src, newer = sources[:n["exact_duplicate"]], sources[n["exact_duplicate"]:][:n["stale_capture"]]
     near = {}  # source -> (text, bits, end_bits) of its near-duplicate
     near_rng = np.random.default_rng([seed, _NEAR, 0])
     for c in np.unique(near_src // CHUNK_DOCS):

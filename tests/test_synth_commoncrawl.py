@@ -185,7 +185,7 @@ def test_planted_lines_pass_c4_rules_and_noise_is_what_it_says(generated):
         if d["kind"] == "exact_duplicate":
             assert bodies[rid] == bodies[d["source"]] and d["url"] != src["url"] and src["kind"] == "clean"
         if d["kind"] == "near_duplicate":
-            assert 0.5 < d["similarity"] < 1 and bodies[rid] != bodies[d["source"]] and src["kind"] == "clean"
+            assert 0.8 < d["similarity"] < 1 and bodies[rid] != bodies[d["source"]] and src["kind"] == "clean"
         if d["kind"] == "stale_capture":
             assert d["url"] == src["url"] and d["date"] < src["date"] and src["kind"] == "clean"
         if d["kind"] == "spam":
