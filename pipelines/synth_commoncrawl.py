@@ -52,7 +52,7 @@ class CommonCrawlParams:
     """Generating parameters. Probabilities are per decision; fractions are of all records."""
 
     vocab_size: int = 4096
-    zipf_exponent: float = 1.0
+    zipf_exponent: float = 0.9
     successors: int = 32  # draws (with replacement) of each word's successors in the background chain
     topics: int = 8
     topic_words: float = 0.05  # fraction of the vocabulary boosted by each topic

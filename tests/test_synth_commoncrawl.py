@@ -5,6 +5,7 @@ import json
 import re
 import uuid
 import zlib
+from collections import Counter
 from dataclasses import replace
 
 import fsspec
@@ -197,6 +198,38 @@ def test_planted_lines_pass_c4_rules_and_noise_is_what_it_says(generated):
     assert len(set(urls)) == len(urls)
 
 
+def _duplicate_ngram_chars(words: list[str], n: int) -> float:
+    """Gopher: fraction of characters inside word n-grams that occur more than once."""
+    grams = list(zip(*[words[i:] for i in range(n)]))
+    counts, covered = Counter(grams), np.zeros(len(words), bool)
+    for i, g in enumerate(grams):
+        covered[i:i + n] |= counts[g] > 1
+    return sum(len(w) for w, c in zip(words, covered) if c) / sum(map(len, words))
+
+
+def test_planted_text_passes_gopher_quality_rules(generated):
+    """At the published thresholds (Rae et al. 2021, table A1), with a margin."""
+    docs = generated[1]["documents"]
+    texts = [t for t in _main_texts(generated) if docs[t[0]]["kind"] == "clean"]
+    for _, text in texts:
+        words = text.split()
+        assert len(words) >= 50 and 3 <= np.mean([len(w) for w in words]) <= 10
+        assert sum(w in {"the", "be", "to", "of", "and", "that", "have", "with"} for w in words) >= 2
+        (gram, count), = Counter(zip(words, words[1:])).most_common(1)
+        assert count * len("".join(gram)) / sum(map(len, words)) < 0.15  # threshold 0.20
+        assert _duplicate_ngram_chars(words, 5) < 0.12  # threshold 0.15
+        assert _duplicate_ngram_chars(words, 10) < 0.08  # threshold 0.10
+
+
+def _main_texts(generated) -> list[tuple[str, str]]:
+    """(record id, main text) of every planted record, as the exact cleaner leaves it."""
+    _, sidecar, records = generated
+    repeated = {r["text"] for r in sidecar["repeated_lines"]}
+    return [(h.get_header("WARC-Record-ID"), "\n".join(_clean(b.decode().split("\n")[:-1], repeated)[0]))
+            for _, h, b in records if h.get_header("WARC-Type") == "conversion"
+            and sidecar["documents"][h.get_header("WARC-Record-ID")]["bits"] is not None]
+
+
 def _parse(lang: S.Language, texts: list[str]) -> S.Docs:
     """Planted main texts back into token arrays (the rendering must be a bijection)."""
     index = {w: i for i, w in enumerate(lang.words.tolist())}
@@ -221,12 +254,9 @@ def _parse(lang: S.Language, texts: list[str]) -> S.Docs:
 def test_bits_are_those_of_the_text(generated):
     """Re-deriving the floor from the rendered text alone gives the sidecar's bits: text and token sequence
     carry the same probability."""
-    _, sidecar, records = generated
+    sidecar = generated[1]
     docs, lang = sidecar["documents"], S.plant(S.CommonCrawlParams(), seed=3)
-    repeated = {r["text"] for r in sidecar["repeated_lines"]}
-    ids = [rid for rid, d in docs.items() if d["bits"] is not None]
-    bodies = {h.get_header("WARC-Record-ID"): b.decode() for _, h, b in records[1:]}
-    texts = ["\n".join(_clean(bodies[rid].split("\n")[:-1], repeated)[0]) for rid in ids]
+    ids, texts = zip(*_main_texts(generated))
     assert [len(t.encode()) for t in texts] == [docs[rid]["bytes"] for rid in ids]
     bits, end_bits = S.doc_bits(lang, _parse(lang, texts))
     np.testing.assert_allclose(bits, [docs[rid]["bits"] for rid in ids], rtol=1e-12)
