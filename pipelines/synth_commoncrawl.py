@@ -72,9 +72,15 @@ class CommonCrawlParams:
     exact_duplicates: float = 0.03
     near_duplicates: float = 0.03
     stale_captures: float = 0.02  # older capture of a clean page's URL
-    repeated_line_pages: float = 0.1  # clean pages carrying a line that also appears on >= 1 other page
-    no_language_header: float = 0.1  # of English pages; foreign pages: half
-    secondary_language: float = 0.05  # English pages labelled e.g. "eng,fra"
+    repeated_line_pages: float = 0.1  # clean pages carrying a footer line that >= 2 other pages carry too
+    no_language_header: float = 0.1  # of English pages
+    secondary_language: float = 0.05  # of English pages: labelled e.g. "eng,fra"
+    foreign_language_header: float = 0.5  # of foreign pages
+    # Page layout: per page, except inline_boilerplate (per gap between two planted lines).
+    cookie_notice: float = 0.3
+    javascript_notice: float = 0.1
+    policy_footer: float = 0.5
+    inline_boilerplate: float = 0.1  # a lorem ipsum, curly-brace or navigation line
 
     def __post_init__(self):
         def need(ok, field, what):
@@ -90,8 +96,13 @@ class CommonCrawlParams:
              "must be >= 5 (C4 keeps lines of >= 5 words) and <= sentence_max_words")
         need(abs(sum(self.punctuation) - 1) < 1e-9 and min(self.punctuation) > 0, "punctuation", "must sum to 1")
         need(self.doc_min_sentences >= 3, "doc_min_sentences", "must be >= 3 (C4 drops shorter pages)")
+        need(self.topic_concentration > 0, "topic_concentration", "must be > 0")
         for f in ("sentence_continue", "line_break", "doc_end", "no_language_header", "secondary_language"):
             need(0 < getattr(self, f) < 1, f, "must be in (0, 1)")
+        for f in ("spam", "foreign", "exact_duplicates", "near_duplicates", "stale_captures", "repeated_line_pages",
+                  "foreign_language_header", "cookie_notice", "javascript_notice", "policy_footer",
+                  "inline_boilerplate"):
+            need(0 <= getattr(self, f) <= 1, f, "must be in [0, 1]")
         noise = self.spam + self.foreign + self.exact_duplicates + self.near_duplicates + self.stale_captures
         need(noise < 0.5, "spam", "spam + foreign + duplicates + stale captures must be < 0.5 of records")
 
@@ -334,7 +345,7 @@ def _date(t: datetime) -> str:
     return t.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _page(main_lines: list[str], title: str, rnd: random.Random, repeated: str | None):
+def _page(p: CommonCrawlParams, main_lines: list[str], title: str, rnd: random.Random, repeated: str | None):
     """Body lines of a page (title, menus, notices, the main lines, footer) and its boilerplate counts."""
     B, lines, counts = T.BOILERPLATE, [], {}
 
@@ -343,18 +354,18 @@ def _page(main_lines: list[str], title: str, rnd: random.Random, repeated: str |
         counts[category] = counts.get(category, 0) + len(texts)
 
     add("nav", title, *rnd.sample(B["nav"], rnd.randint(1, 4)))
-    if rnd.random() < 0.3:
+    if rnd.random() < p.cookie_notice:
         add("cookie", rnd.choice(B["cookie"]))
-    if rnd.random() < 0.1:
+    if rnd.random() < p.javascript_notice:
         add("javascript", rnd.choice(B["javascript"]))
     for j, line in enumerate(main_lines):
         lines.append(line)
-        if j + 1 < len(main_lines) and rnd.random() < 0.1:
+        if j + 1 < len(main_lines) and rnd.random() < p.inline_boilerplate:
             category = rnd.choice(["lorem_ipsum", "curly_braces", "nav"])
             add(category, rnd.choice(B[category]))
     if repeated:
         lines.append(repeated)
-    if rnd.random() < 0.5:
+    if rnd.random() < p.policy_footer:
         add("policy", rnd.choice(B["policy"]))
     add("nav", *rnd.sample(B["nav"], rnd.randint(0, 3)))
     return lines, counts
@@ -445,7 +456,7 @@ def generate_commoncrawl(out: str, docs: int, files: int = 1, seed: int = 0,
 
     def planted_page(i, main, r):
         title = " ".join(main.split(maxsplit=4)[:random.Random(f"{seed}/title/{i}").randint(2, 4)]).rstrip(".!?")
-        lines, counts = _page(main.split("\n"), f"{title} | {r['site']}", random.Random(f"{seed}/layout/{i}"),
+        lines, counts = _page(p, main.split("\n"), f"{title} | {r['site']}", random.Random(f"{seed}/layout/{i}"),
                               repeated.get(i))
         r.update(lines=lines, boilerplate=counts)
 
@@ -474,13 +485,13 @@ def generate_commoncrawl(out: str, docs: int, files: int = 1, seed: int = 0,
         language = list(T.FOREIGN)[j % len(T.FOREIGN)]
         main = _foreign_lines(language, rnd)
         r = record("foreign", rnd, "\n".join(main), None, tld=T.FOREIGN_TLD[language], true_language=language,
-                   language=language if rnd.random() < 0.5 else None)
+                   language=language if rnd.random() < p.foreign_language_header else None)
         r["lines"], r["boilerplate"] = [f"{main[0].split()[0]} | {r['site']}", *main], {"nav": 1}  # no English
     for j in range(n["spam"]):
         rnd = random.Random(f"{seed}/spam/{j}")
         main = _spam_lines(rnd)
         r = record("spam", rnd, "\n".join(main), None, language=english(rnd))
-        r["lines"], r["boilerplate"] = _page(main, f"{main[0][:30]} | {r['site']}", rnd, None)
+        r["lines"], r["boilerplate"] = _page(p, main, f"{main[0][:30]} | {r['site']}", rnd, None)
     return _write(out, files, seed, p, n, records, rng.permutation(len(records)), pool)
 
 
