@@ -500,10 +500,14 @@ def _write(out, files, seed, p, n, records, order, pool) -> dict:
     ids = [_uuid(seed, "record", g) for g in range(len(records))]
     fs, root = fsspec.core.url_to_fs(out)
     fs.makedirs(root, exist_ok=True)
+    names = [f"synth-{k:05d}-of-{files:05d}.warc.wet.gz" for k in range(files)]
+    # An earlier run's files under another split would be read along with these by `<out>/*.warc.wet.gz`.
+    for old in fs.glob(f"{root.rstrip('/')}/synth-*-of-*.warc.wet.gz"):
+        if old.rsplit("/", 1)[-1] not in names:
+            fs.rm(old)
     bounds = [len(order) * k // files for k in range(files + 1)]
     written, documents, seen, pool = [], {}, {}, set(pool)
-    for k in range(files):
-        name = f"synth-{k:05d}-of-{files:05d}.warc.wet.gz"
+    for k, name in enumerate(names):
         info = (f"Software-Info: {GENERATOR}/{VERSION}\r\nExtracted-Date: Fri, 31 May 2024 01:16:46 GMT\r\n"
                 f"isPartOf: CC-MAIN-SYNTH\r\noperator: codistill\r\ndescription: synthetic WET file (seed {seed}) "
                 f"of a planted language\r\npublisher: codistill\r\n\r\n").encode()

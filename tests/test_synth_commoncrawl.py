@@ -66,6 +66,11 @@ def test_deterministic_by_seed_whatever_the_files(generated, memory_root):
     assert set(other["documents"]).isdisjoint(sidecar["documents"])
     with fsspec.open(f"{out}/synth.json") as f:
         assert json.load(f) == sidecar
+    # Regenerating into the same place under another split leaves no file of the earlier one behind.
+    S.generate_commoncrawl(memory_root + "/a", 50, files=2, seed=3)
+    fs = fsspec.filesystem("memory")
+    assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls(memory_root + "/a", detail=False)) == [
+        "synth-00000-of-00002.warc.wet.gz", "synth-00001-of-00002.warc.wet.gz", "synth.json"]
 
 
 def test_one_gzip_member_per_record(generated):
@@ -176,6 +181,8 @@ def test_planted_lines_pass_c4_rules_and_noise_is_what_it_says(generated):
     docs = sidecar["documents"]
     bodies = {h.get_header("WARC-Record-ID"): b.decode() for _, h, b in records[1:]}
     repeated = {r["text"] for r in sidecar["repeated_lines"]}
+    position = {h.get_header("WARC-Record-ID"): i for i, (_, h, _) in enumerate(records)}
+    order = []  # is the older capture read first?
     for rid, d in docs.items():
         main_lines, _ = _clean(bodies[rid].split("\n")[:-1], repeated)
         if d["kind"] in ("clean", "near_duplicate", "exact_duplicate", "stale_capture"):
@@ -189,8 +196,10 @@ def test_planted_lines_pass_c4_rules_and_noise_is_what_it_says(generated):
             assert 0.8 < d["similarity"] < 1 and bodies[rid] != bodies[d["source"]] and src["kind"] == "clean"
         if d["kind"] == "stale_capture":
             assert d["url"] == src["url"] and d["date"] < src["date"] and src["kind"] == "clean"
+            order.append(position[rid] < position[d["source"]])
         if d["kind"] == "spam":
             assert len(main_lines) - len(set(main_lines)) > len(main_lines) / 3  # mostly repeated lines
+    assert any(order) and not all(order)  # "newest wins" is not "first wins"
     for category, texts in T.BOILERPLATE.items():
         for line in texts:
             assert (category == "nav") == (len(line.split()) < 5 or not line.endswith(TERMINAL)), line
