@@ -348,6 +348,34 @@ def test_the_chains_are_distributions():
     np.testing.assert_allclose(np.bincount(first, minlength=TINY.vocab_size) / len(first), expected, atol=0.005)
 
 
+def test_sampler_draws_what_the_floor_scores():
+    """Layouts (sentence lengths, punctuation, line breaks, end), first topics and topic switches are drawn with
+    the probabilities the floor assigns them (within 4 standard errors; fixed seed)."""
+    lang = S.plant(TINY, seed=5)
+    n = 50_000
+    d = S.sample_docs(lang, n, np.random.default_rng(3))
+    off = d.doc_offsets()
+    layouts = Counter(tuple(zip(d.sent_len[a:b].tolist(), d.punct[a:b].tolist(), d.newline[a:b].tolist()))
+                      for a, b in zip(off[:-1], off[1:]))
+    top = [k for k, _ in layouts.most_common(20)]
+    sents = [s for layout in top for s in layout]
+    lens, punct, newline = (np.array(x) for x in zip(*sents))
+    probe = S.Docs(np.zeros(lens.sum(), np.int32), lens, np.zeros(len(lens), np.int64), punct, newline,
+                   np.array([len(layout) for layout in top]))
+    expected = np.exp(S.layout_log_prob(TINY, probe)) * TINY.doc_end  # ... and then the document ends
+    seen = np.array([layouts[k] for k in top]) / n
+    assert np.all(np.abs(seen - expected) < 4 * np.sqrt(expected * (1 - expected) / n)), (seen, expected)
+
+    prior = np.exp(lang.log_prior)
+    first = np.bincount(d.topic[off[:-1]], minlength=TINY.topics) / n
+    assert np.all(np.abs(first - prior) < 4 * np.sqrt(prior * (1 - prior) / n))
+    later = np.ones(len(d.topic), bool)
+    later[off[:-1]] = False
+    switched = (d.topic[1:] != d.topic[:-1])[later[1:]]
+    q = TINY.topic_switch
+    assert abs(switched.mean() - q) < 4 * np.sqrt(q * (1 - q) / len(switched))
+
+
 def test_filter_sits_between_knowing_the_topics_and_ignoring_their_persistence():
     """Knowing the latent topics (which no predictor of the text can) beats the floor; a predictor that treats
     each sentence's topic as independent does worse than it."""
