@@ -42,6 +42,10 @@ CHUNK_DOCS = 1024  # planted documents per RNG stream (and per vectorised batch)
 NEAR_MIN_WORDS = 150
 _LANGUAGE, _DOCS, _NEAR, _NOISE = 0, 1, 2, 3  # RNG streams: [seed, stream, index]
 CRAWL_START = datetime(2024, 5, 17, tzinfo=timezone.utc)
+# Record kinds besides "clean" -> the parameter giving their share of all records.
+NOISE_KINDS = {"stale_capture": "stale_captures", "near_duplicate": "near_duplicates",
+               "exact_duplicate": "exact_duplicates", "foreign": "foreign", "spam": "spam",
+               "placeholder": "placeholders"}
 FLOOR_COVERS = ("bits = -log2 P(main text) under the generating process, main text = the document's planted lines "
                 "joined by '\\n' (no trailing newline): what a cleaner that drops exactly the planted noise keeps. "
                 "The end of the document is not included; end_bits = -log2 P(end | main text) is given apart.")
@@ -65,9 +69,11 @@ class CommonCrawlParams:
     punctuation: tuple[float, float, float] = (0.9, 0.06, 0.04)  # . ! ?
     line_min_sentences: int = 2
     line_break: float = 0.35  # after a sentence once the line is long enough, if the document goes on
-    doc_min_sentences: int = 8
-    doc_end: float = 0.08  # after a sentence from the minimum on, at the end of a line
+    doc_min_sentences: int = 9
+    doc_min_lines: int = 3
+    doc_end: float = 0.08  # after a sentence once both minimums are met and the line is long enough
     spam: float = 0.03
+    placeholders: float = 0.02  # template pages of lorem ipsum
     foreign: float = 0.06
     exact_duplicates: float = 0.03
     near_duplicates: float = 0.03
@@ -80,7 +86,7 @@ class CommonCrawlParams:
     cookie_notice: float = 0.3
     javascript_notice: float = 0.1
     policy_footer: float = 0.5
-    inline_boilerplate: float = 0.1  # a lorem ipsum, curly-brace or navigation line
+    inline_boilerplate: float = 0.1  # a curly-brace or navigation line
 
     def __post_init__(self):
         def need(ok, field, what):
@@ -95,16 +101,17 @@ class CommonCrawlParams:
         need(5 <= self.sentence_min_words <= self.sentence_max_words, "sentence_min_words",
              "must be >= 5 (C4 keeps lines of >= 5 words) and <= sentence_max_words")
         need(abs(sum(self.punctuation) - 1) < 1e-9 and min(self.punctuation) > 0, "punctuation", "must sum to 1")
-        need(self.doc_min_sentences >= 3, "doc_min_sentences", "must be >= 3 (C4 drops shorter pages)")
+        # (The defaults keep pages above C4's and Gopher's minimums: >= 3 lines, >= 50 words.)
+        need(self.doc_min_sentences >= 1 and self.doc_min_lines >= 1, "doc_min_sentences",
+             "and doc_min_lines must be >= 1")
         need(self.topic_concentration > 0, "topic_concentration", "must be > 0")
         for f in ("sentence_continue", "line_break", "doc_end", "no_language_header", "secondary_language"):
             need(0 < getattr(self, f) < 1, f, "must be in (0, 1)")
-        for f in ("spam", "foreign", "exact_duplicates", "near_duplicates", "stale_captures", "repeated_line_pages",
-                  "foreign_language_header", "cookie_notice", "javascript_notice", "policy_footer",
-                  "inline_boilerplate"):
+        for f in (*NOISE_KINDS.values(), "repeated_line_pages", "foreign_language_header", "cookie_notice",
+                  "javascript_notice", "policy_footer", "inline_boilerplate"):
             need(0 <= getattr(self, f) <= 1, f, "must be in [0, 1]")
-        noise = self.spam + self.foreign + self.exact_duplicates + self.near_duplicates + self.stale_captures
-        need(noise < 0.5, "spam", "spam + foreign + duplicates + stale captures must be < 0.5 of records")
+        noise = sum(getattr(self, f) for f in NOISE_KINDS.values())
+        need(noise < 0.5, "spam", f"the noise kinds ({', '.join(NOISE_KINDS.values())}) must add up to < 0.5")
 
 
 @dataclass(frozen=True)
@@ -190,17 +197,19 @@ def sample_words(lang: Language, topic: np.ndarray, sent_len: np.ndarray, rng) -
 def sample_docs(lang: Language, n: int, rng) -> Docs:
     """n planted documents. The structure is drawn one sentence position at a time for all documents."""
     p = lang.p
-    line, live = np.zeros(n, np.int64), np.ones(n, bool)
+    line, lines, live = np.zeros(n, np.int64), np.ones(n, np.int64), np.ones(n, bool)
     doc_sents, newline = np.zeros(n, np.int64), []
     s = 0
     while live.any():
         s += 1
         u_end, u_break = rng.random(n), rng.random(n)
-        line += 1
+        line += 1  # sentences in the current line; `lines`: the current line's number
         eligible = line >= p.line_min_sentences
-        end = live & eligible & (s >= p.doc_min_sentences) & (u_end < p.doc_end)
+        may_end = eligible & (s >= p.doc_min_sentences) & (lines >= p.doc_min_lines)
+        end = live & may_end & (u_end < p.doc_end)
         nl = end | (eligible & (u_break < p.line_break))
         line[nl] = 0
+        lines += nl
         newline.append(nl)
         doc_sents[end] = s
         live &= ~end
@@ -258,9 +267,12 @@ def layout_log_prob(p: CommonCrawlParams, d: Docs) -> np.ndarray:
     index = np.arange(len(d.sent_len))
     starts = (pos == 0) | np.r_[True, d.newline[:-1]]
     line = index - np.maximum.accumulate(np.where(starts, index, 0)) + 1  # sentences in the line so far
+    started = np.cumsum(starts)
+    lines = started - started[index - pos] + 1  # the line's number in its document
     eligible = line >= p.line_min_sentences
+    may_end = eligible & (pos + 1 >= p.doc_min_sentences) & (lines >= p.doc_min_lines)
     # The separator after each sentence but the document's last: "not the end", then " " or "\n".
-    log_sep = np.where(eligible & (pos + 1 >= p.doc_min_sentences), np.log1p(-p.doc_end), 0.0)
+    log_sep = np.where(may_end, np.log1p(-p.doc_end), 0.0)
     log_sep += np.where(eligible, np.where(d.newline, np.log(p.line_break), np.log1p(-p.line_break)), 0.0)
     log_sep[d.doc_offsets()[1:] - 1] = 0.0
     per_sentence = log_len + np.log(np.array(p.punctuation))[d.punct] + log_sep
@@ -321,8 +333,7 @@ def edit_one_sentence(lang: Language, d: Docs, rng) -> Docs:
 
 
 def _counts(docs: int, p: CommonCrawlParams) -> dict[str, int]:
-    n = {k: int(getattr(p, f) * docs) for k, f in [("stale_capture", "stale_captures"), ("near_duplicate",
-         "near_duplicates"), ("exact_duplicate", "exact_duplicates"), ("foreign", "foreign"), ("spam", "spam")]}
+    n = {kind: int(getattr(p, share) * docs) for kind, share in NOISE_KINDS.items()}
     return {"clean": docs - sum(n.values()), **n}
 
 
@@ -361,7 +372,7 @@ def _page(p: CommonCrawlParams, main_lines: list[str], title: str, rnd: random.R
     for j, line in enumerate(main_lines):
         lines.append(line)
         if j + 1 < len(main_lines) and rnd.random() < p.inline_boilerplate:
-            category = rnd.choice(["lorem_ipsum", "curly_braces", "nav"])
+            category = rnd.choice(["curly_braces", "nav"])
             add(category, rnd.choice(B[category]))
     if repeated:
         lines.append(repeated)
@@ -382,6 +393,11 @@ def _foreign_lines(language: str, rnd: random.Random) -> list[str]:
             sentences.append(s[0][0].upper() + " ".join(s)[1:] + rnd.choice("...!?"))
         lines.append(" ".join(sentences))
     return lines
+
+
+def _placeholder_lines(rnd: random.Random) -> list[str]:
+    return [" ".join(f"Lorem ipsum {' '.join(rnd.choices(T.LOREM, k=rnd.randint(5, 12)))}."
+                     for _ in range(rnd.randint(1, 3))) for _ in range(rnd.randint(3, 8))]
 
 
 def _spam_lines(rnd: random.Random) -> list[str]:
@@ -492,6 +508,11 @@ def generate_commoncrawl(out: str, docs: int, files: int = 1, seed: int = 0,
         main = _spam_lines(rnd)
         r = record("spam", rnd, "\n".join(main), None, language=english(rnd))
         r["lines"], r["boilerplate"] = _page(p, main, f"{main[0][:30]} | {r['site']}", rnd, None)
+    for j in range(n["placeholder"]):
+        rnd = random.Random(f"{seed}/placeholder/{j}")
+        main = _placeholder_lines(rnd)
+        r = record("placeholder", rnd, "\n".join(main), None, language=english(rnd))
+        r["lines"], r["boilerplate"] = _page(p, main, f"Sample Page | {r['site']}", rnd, None)
     return _write(out, files, seed, p, n, records, rng.permutation(len(records)), pool)
 
 
