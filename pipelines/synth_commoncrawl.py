@@ -419,8 +419,8 @@ def generate_commoncrawl(out: str, docs: int, files: int = 1, seed: int = 0,
 
     Returns the sidecar dict (also written to `<out>/synth.json`).
     """
-    if docs < 1 or files < 1:
-        raise ValueError(f"need docs >= 1 and files >= 1, got docs={docs} files={files}")
+    if docs < 1 or files < 1 or seed < 0:
+        raise ValueError(f"need docs >= 1, files >= 1 and seed >= 0, got docs={docs} files={files} seed={seed}")
     p = params or CommonCrawlParams()
     lang = plant(p, seed)
     n = _counts(docs, p)

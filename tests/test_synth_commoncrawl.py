@@ -400,6 +400,8 @@ def test_filter_sits_between_knowing_the_topics_and_ignoring_their_persistence()
 def test_bad_arguments():
     with pytest.raises(ValueError, match="docs >= 1"):
         S.generate_commoncrawl("memory://unused", 0)
+    with pytest.raises(ValueError, match="seed >= 0"):
+        S.generate_commoncrawl("memory://unused", 5, seed=-1)
     with pytest.raises(ValueError, match="CommonCrawlParams.sentence_min_words"):
         S.CommonCrawlParams(sentence_min_words=3)
     with pytest.raises(ValueError, match="CommonCrawlParams.topic_switch"):
