@@ -347,7 +347,11 @@ def _digest(block: bytes) -> str:
 
 
 def _member(headers: list[tuple[str, str]], block: bytes) -> bytes:
-    """One WARC/1.0 record as its own gzip member (as Common Crawl writes them)."""
+    """One WARC/1.0 record as its own gzip member (as Common Crawl writes them).
+
+    Not warcio's WARCWriter: it reorders the headers (WARC-Date and WARC-Record-ID before WARC-Type), where
+    these follow Common Crawl's order, and it took 1.6x the time here (2,500 records: 0.38 s vs 0.23 s).
+    """
     head = "WARC/1.0\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers) + "\r\n"
     return gzip.compress(head.encode() + block + b"\r\n\r\n", compresslevel=6, mtime=0)
 
