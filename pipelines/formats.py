@@ -43,6 +43,7 @@ allocating it.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -135,7 +136,12 @@ def rebatch(blocks: Iterable[Block], rows_per_record: int) -> Iterator[Block]:
 # --- protobuf wire format for tf.train.Example ----------------------------------------------
 
 
+_ONE_BYTE = [bytes((v,)) for v in range(0x80)]  # varints below 128: the tags and most lengths
+
+
 def _varint(value: int) -> bytes:
+    if value < 0x80:
+        return _ONE_BYTE[value]
     out = bytearray()
     while value >= 0x80:
         out.append((value & 0x7F) | 0x80)
@@ -271,6 +277,11 @@ def _row_values(block: Block, schema: Schema) -> Iterator[dict]:
         yield {name: values[i] for name, values in columns.items()}
 
 
+@functools.lru_cache(maxsize=1024)
+def _feature_key(name: str) -> bytes:
+    return _field(1, name.encode())
+
+
 def encode_row_example(row: dict, schema: Schema) -> bytes:
     features = []
     for name, feature in schema.items():
@@ -281,7 +292,7 @@ def encode_row_example(row: dict, schema: Schema) -> bytes:
             stored = _field(2, _field(1, struct.pack("<f", value)))  # float_list
         else:
             stored = _field(3, _field(1, _varint(value % _SIGN)))  # int64_list (two's complement varint)
-        features.append(_field(1, _field(1, feature.tfrecord.encode()) + _field(2, stored)))
+        features.append(_field(1, _feature_key(feature.tfrecord) + _field(2, stored)))
     return _field(1, b"".join(features))
 
 

@@ -77,6 +77,7 @@ SCHEMA: Schema = {
 }
 
 _KEPT_MODES = {"RGB": "RGB", "L": "Grayscale"}
+_JPEG_FORMATS = ("JPEG", "MPO")  # Pillow names a JPEG with an MPF segment (several pictures) MPO
 
 
 # --- the input: folders, labels -------------------------------------------------------------------
@@ -242,14 +243,18 @@ def configure_pillow(options: ImageNetConfig) -> None:
     warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # such images are quarantined anyway
 
 
-def read_file(fs, path: str, file: InputFile, max_bytes: int) -> bytes:
-    """The file's bytes, after checks on its listing entry (a FIFO would block, a symlink may point anywhere)."""
+def check_entry(file: InputFile, max_bytes: int) -> None:
+    """Checks on the listing entry, before any read (a FIFO would block, a symlink may point anywhere)."""
     if file.kind == "symlink":
         raise Quarantine("symlink", "symbolic links are not followed")
     if file.kind != "file":
         raise Quarantine("not_a_regular_file", f"a {file.kind}, not a regular file")
     if file.size > max_bytes:
         raise Quarantine("too_large", f"{file.size} bytes, more than data.imagenet.max_image_bytes={max_bytes}")
+
+
+def read_file(fs, path: str, max_bytes: int) -> bytes:
+    """At most `max_bytes` of the file (a file may grow after it was listed)."""
     try:
         with fs.open(path, "rb") as f:
             data = f.read(max_bytes + 1)
@@ -262,7 +267,7 @@ def read_file(fs, path: str, file: InputFile, max_bytes: int) -> bytes:
 
 def _decode(image: Image.Image, size: tuple[int, int] | None) -> None:
     """Decode (checking every byte of the stream); JPEGs at reduced size via `draft` when `size` is given."""
-    if size is not None and image.format == "JPEG":
+    if size is not None and image.format in _JPEG_FORMATS:
         image.draft(image.mode, size)
     try:
         image.load()
@@ -310,13 +315,13 @@ def check_image(data: bytes, options: ImageNetConfig) -> tuple[bytes, int, int, 
                          f"data.imagenet.max_image_pixels={options.max_image_pixels}")
     target = _target_size(width, height, options.resize_shorter)
     mode = image.mode
-    keep = (image.format == "JPEG" and mode in _KEPT_MODES and target is None
+    keep = (image.format in _JPEG_FORMATS and mode in _KEPT_MODES and target is None
             and not (mode == "L" and options.grayscale == "rgb"))
     if keep:  # validation only: a 1/8-scale decode still reads every byte of the stream
         _decode(image, (max(1, width // 8), max(1, height // 8)))
         return data, width, height, mode, []
     _decode(image, target)
-    repairs = [] if image.format == "JPEG" else [f"{image.format.lower()}_to_jpeg"]
+    repairs = [] if image.format in _JPEG_FORMATS else [f"{image.format.lower()}_to_jpeg"]
     if mode == "CMYK":
         repairs.append("ycck_to_rgb" if image.info.get("adobe_transform") == 2 else "cmyk_to_rgb")
         image = image.convert("RGB")
@@ -363,10 +368,11 @@ class ImageChecker:
 
     def __call__(self, file: InputFile) -> ImageRow | Rejected:
         try:
+            check_entry(file, self.options.max_image_bytes)
             if file.wnid is None:
                 raise Quarantine("no_label", "not inside a class folder" if file.split == "train"
                                  else "not in the val label file")
-            data = read_file(self.fs, f"{self.root}/{file.key}", file, self.options.max_image_bytes)
+            data = read_file(self.fs, f"{self.root}/{file.key}", self.options.max_image_bytes)
             image, width, height, mode, repairs = check_image(data, self.options)
         except Quarantine as q:
             return Rejected(file.key, 0, q.reason, q.detail, "")

@@ -518,3 +518,35 @@ def test_cli_synth_then_preprocess_from_the_tiny_manifest(tmp_path):
     assert result.exit_code == 0, result.output
     assert "42 rows read, 38 written, 4 rejected" in result.output
     assert verify_dataset(str(tmp_path / "out")).ok
+
+
+def test_memory_file_system_in_and_out(memory_root):
+    raw, out = f"{memory_root}/raw", f"{memory_root}/out"
+    sidecar = generate_imagenet(raw, classes=2, per_class=8, val_per_class=1, seed=2, min_size=32, max_size=48)
+    manifest = run_imagenet(raw, out, "webdataset")
+    assert manifest.rejected == sidecar["expected"]["quarantined"]
+    assert manifest.written_rows == sidecar["expected"]["written"]["train"] + 2
+    assert manifest.extra["classes"] == sidecar["all_wnids"]
+    assert verify_dataset(out).ok
+
+
+def test_other_formats_and_modes_are_repaired_by_content(small, tmp_path):
+    root = tmp_path / "formats"
+    shutil.copytree(small / "train", root / "train")
+    folder = next(p for p in sorted((root / "train").iterdir()))
+    rgb = Image.open(next(folder.iterdir())).convert("RGB")
+    files = {"rgba.JPEG": ("PNG", rgb.convert("RGBA"), {}), "palette.JPEG": ("GIF", rgb.convert("P"), {}),
+             "bmp.JPEG": ("BMP", rgb, {}), "two-pictures.JPEG": ("MPO", rgb, {"save_all": True,
+                                                                             "append_images": [rgb]})}
+    for name, (fmt, image, options) in files.items():
+        image.save(folder / name, fmt, **options)
+    run_imagenet(root, tmp_path / "out")
+    records = read_records(tmp_path / "out")
+    key = f"train/{folder.name}"
+    assert records[f"{key}/rgba.JPEG"]["repairs"] == b"png_to_jpeg,rgba_to_rgb"
+    assert records[f"{key}/palette.JPEG"]["repairs"] == b"gif_to_jpeg,p_to_rgb"
+    assert records[f"{key}/bmp.JPEG"]["repairs"] == b"bmp_to_jpeg"
+    mpo = records[f"{key}/two-pictures.JPEG"]
+    assert mpo["repairs"] == b"" and mpo["image"] == (folder / "two-pictures.JPEG").read_bytes()
+    for name in files:
+        assert Image.open(io.BytesIO(records[f"{key}/{name}"]["image"])).format in ("JPEG", "MPO")
