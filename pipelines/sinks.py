@@ -134,7 +134,7 @@ class FinalizeShardFn(beam.DoFn):
             raise RuntimeError(f"{relative}: pieces hold {written.records} rows, expected "
                                f"{sum(p.rows for p in pieces)}; were they changed while the pipeline ran?")
         if self.indexes and self.fmt == "tfrecord":
-            write_atomically(join(self.output, index_path(relative)), dali_index(written))
+            write_atomically(join(self.output, index_path(relative)), dali_index(written.offsets, written.bytes))
         for piece in pieces:
             fs, path = fsspec.core.url_to_fs(piece.url)
             fs.rm(path)

@@ -550,3 +550,17 @@ def test_other_formats_and_modes_are_repaired_by_content(small, tmp_path):
     assert mpo["repairs"] == b"" and mpo["image"] == (folder / "two-pictures.JPEG").read_bytes()
     for name in files:
         assert Image.open(io.BytesIO(records[f"{key}/{name}"]["image"])).format in ("JPEG", "MPO")
+
+
+def test_verify_catches_stale_indexes(built, tmp_path):
+    tf, web = tmp_path / "tf", tmp_path / "web"
+    shutil.copytree(built["tfrecord"], tf)
+    shutil.copytree(built["webdataset"], web)
+    manifest = load_manifest(str(tf))
+    idx = tf / manifest.extra["indexes"]["dali"][1]
+    idx.write_text(idx.read_text().replace(" ", " 1", 1))
+    spec = json.loads((web / "train-0.wids.json").read_text())
+    spec["shardlist"][0]["nsamples"] += 1
+    (web / "train-0.wids.json").write_text(json.dumps(spec))
+    assert [p for p in verify_dataset(str(tf)).problems if "record offsets do not match" in p]
+    assert [p for p in verify_dataset(str(web)).problems if "sample counts listed differ" in p]
