@@ -564,3 +564,35 @@ def test_verify_catches_stale_indexes(built, tmp_path):
     (web / "train-0.wids.json").write_text(json.dumps(spec))
     assert [p for p in verify_dataset(str(tf)).problems if "record offsets do not match" in p]
     assert [p for p in verify_dataset(str(web)).problems if "sample counts listed differ" in p]
+
+
+def test_listing_and_task_planning_transforms(small):
+    """ListFolder -> AssignShards -> GroupByKey -> plan_tasks: every file in one task, tasks in key-hash order."""
+    import apache_beam as beam
+    from apache_beam.options.pipeline_options import PipelineOptions
+    from apache_beam.testing.test_pipeline import TestPipeline
+    from apache_beam.testing.util import assert_that, equal_to
+
+    from pipelines.imagenet import AssignShards, ListFolder, plan_input, plan_tasks
+    from pipelines.sharding import ShardLayout, string_hash
+
+    config = imagenet_config(str(small), "unused", eval_source="train")
+    plan = plan_input(str(small), config.data.imagenet)
+    layout = ShardLayout("imagenet", "tfrecord", 2, 2, 1, 0.2)
+    expected_keys = sorted(p.relative_to(small).as_posix() for p in (small / "train").glob("*/*"))
+
+    def summary(task):
+        dest, index, files = task
+        hashes = [string_hash(f.key, 3) for f in files]
+        return dest, index, hashes == sorted(hashes), [f.key for f in files]
+
+    with TestPipeline(options=PipelineOptions(["--runner=FnApiRunner"])) as p:
+        listed = (p | beam.Create([f for f in plan.folders if f.split == "train"])
+                  | beam.ParDo(ListFolder(str(small), {})).with_outputs("inputs", main="files"))
+        tasks = (listed.files | beam.ParDo(AssignShards(layout, 3, False)) | beam.GroupByKey()
+                 | beam.FlatMapTuple(lambda dest, batches: plan_tasks(dest, batches, 4)) | beam.Map(summary))
+        keys = tasks | "Keys" >> beam.FlatMap(lambda t: t[3])
+        assert_that(keys, equal_to(expected_keys), label="EveryFileOnce")
+        assert_that(tasks | beam.Map(lambda t: t[2]) | beam.Distinct(), equal_to([True]), label="HashOrder")
+        assert_that(listed.inputs, equal_to([("train", 0)] + [(f"train/{w}", 6) for w in plan.classes]),
+                    label="InputCounts")
