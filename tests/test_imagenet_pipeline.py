@@ -444,14 +444,17 @@ def test_hostile_inputs_are_quarantined_and_nothing_good_is_lost(small, tmp_path
     (folder / "huge.JPEG").write_bytes(good.read_bytes() + b"\0" * 200_000)
     (folder / "bomb.JPEG").write_bytes(png_bomb(100_000, 100_000))
     (root / "train" / "stray.JPEG").write_bytes(good.read_bytes())
+    with open(os.fsencode(folder) + b"/latin1-\xe9.JPEG", "wb") as f:  # a name that is not UTF-8
+        f.write(good.read_bytes())
     manifest = run_imagenet(root, tmp_path / "out", max_image_bytes=100_000)
     assert manifest.rejected == {"symlink": 2, "not_a_regular_file": 2, "too_large": 1, "decompression_bomb": 1,
-                                 "no_label": 1}
-    assert manifest.written_rows == 18 and manifest.input_rows == 18 + 7
+                                 "no_label": 1, "bad_file_name": 1}
+    assert manifest.written_rows == 18 and manifest.input_rows == 18 + 8
     rejected = {r["source"]: r["reason"] for r in read_rejected_tree(tmp_path / "out")}
     assert rejected[f"train/{wnid}/fifo.JPEG"] == "not_a_regular_file"
     assert rejected[f"train/{wnid}/nested"] == "not_a_regular_file"
     assert rejected["train/stray.JPEG"] == "no_label"
+    assert rejected[f"train/{wnid}/latin1-\\xe9.JPEG"] == "bad_file_name"
     assert verify_dataset(str(tmp_path / "out")).ok
 
 
