@@ -99,12 +99,11 @@ class InputFile:
     split: str
     wnid: str | None  # None: no label known
     size: int
-    kind: str  # "file", "symlink", "directory", "other"
+    kind: str  # "file", "symlink", "directory", "other" (FIFO, device), "bad_name" (not UTF-8)
 
 
 @dataclass(frozen=True)
 class InputPlan:
-    root: str
     classes: tuple[str, ...]  # wnids in label order
     folders: tuple[Folder, ...]
     val_labels: dict[str, str]  # flat val: file stem -> wnid
@@ -185,7 +184,7 @@ def plan_input(source: str, options: ImageNetConfig) -> InputPlan:
         where = f"the synset list {options.synsets}" if options.synsets else "train/"
         raise ValueError(f"{source}: {len(unknown)} class(es) not in {where} ({', '.join(unknown[:5])}"
                          f"{', ...' if len(unknown) > 5 else ''}); remove the folders or use a synset list with them")
-    return InputPlan(root, tuple(classes), tuple(folders), val_labels, val_is_eval)
+    return InputPlan(tuple(classes), tuple(folders), val_labels, val_is_eval)
 
 
 class ListFolder(beam.DoFn):

@@ -599,3 +599,21 @@ def test_listing_and_task_planning_transforms(small):
         assert_that(tasks | beam.Map(lambda t: t[2]) | beam.Distinct(), equal_to([True]), label="HashOrder")
         assert_that(listed.inputs, equal_to([("train", 0)] + [(f"train/{w}", 6) for w in plan.classes]),
                     label="InputCounts")
+
+
+def test_label_files_parse_both_formats_and_bad_ones_fail_clearly(tmp_path):
+    from pipelines.imagenet import read_val_labels
+
+    kaggle = tmp_path / "LOC_val_solution.csv"
+    kaggle.write_text("ImageId,PredictionString\nILSVRC2012_val_00000002,n01 1 2 3 4 n01 5 6 7 8 \n"
+                      "ILSVRC2012_val_00000001,n02 1 2 3 4 \n")
+    assert read_val_labels(str(kaggle)) == {"ILSVRC2012_val_00000002": "n01", "ILSVRC2012_val_00000001": "n02"}
+    tsv = tmp_path / "val.txt"
+    tsv.write_text("a.JPEG\tn01\n\nb.JPEG\tn02\n")
+    assert read_val_labels(str(tsv)) == {"a": "n01", "b": "n02"}
+    tsv.write_text("a.JPEG\tn01\na.JPEG\tn02\n")
+    with pytest.raises(ValueError, match=":2: a labelled both n01 and n02"):
+        read_val_labels(str(tsv))
+    tsv.write_text("a.JPEG n01\n")
+    with pytest.raises(ValueError, match=r"val.txt:1: expected filename<TAB>wnid"):
+        read_val_labels(str(tsv))
