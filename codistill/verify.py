@@ -11,7 +11,8 @@ import fsspec
 import numpy as np
 
 from codistill.dataset import DatasetManifest, join, load_manifest
-from pipelines.formats import ShardFormatError, dali_index, iter_blocks, read_shard, tfrecord_offsets
+from pipelines.formats import (ShardFormatError, dali_index, dali_index_path, iter_blocks, read_shard,
+                               tfrecord_offsets)
 
 
 @dataclass
@@ -37,7 +38,7 @@ def verify_dataset(root: str) -> VerifyReport:
     fs, base = fsspec.core.url_to_fs(root)
     digests, owners = [], []
     indexes = manifest.extra.get("indexes", {})
-    dali = dict(zip((s.path for s in manifest.shards), indexes.get("dali", [])))
+    dali = {s.path: dali_index_path(s.path) for s in manifest.shards} if "dali" in indexes else {}
     for index, shard in enumerate(manifest.shards):
         path = f"{base.rstrip('/')}/{shard.path}"
         if not fs.exists(path):

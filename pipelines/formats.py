@@ -508,6 +508,11 @@ def dali_index(offsets: tuple[int, ...], total_bytes: int) -> str:
     return "".join(f"{start} {end - start}\n" for start, end in zip(offsets, ends))
 
 
+def dali_index_path(relative: str) -> str:
+    """Where a TFRecord shard's DALI index goes in the dataset: `idx/<shard path without extension>.idx`."""
+    return f"idx/{relative.rsplit('.', 1)[0]}.idx"
+
+
 def tfrecord_offsets(data: bytes) -> tuple[int, ...]:
     """Where each record of a (well-framed) TFRecord file starts."""
     offsets, pos = [], 0

@@ -23,10 +23,10 @@ from codistill.cli import main
 from codistill.config import ConfigError, parse_experiment
 from codistill.dataset import join, load_manifest
 from codistill.verify import verify_dataset
-from pipelines.formats import Feature, ShardFormatError, frame_record, iter_tfrecord, read_shard, write_shard
+from pipelines.formats import (Feature, ShardFormatError, dali_index_path, frame_record, iter_tfrecord, read_shard,
+                               write_shard)
 from pipelines.imagenet import SCHEMA
 from pipelines.run import preprocess
-from pipelines.sinks import index_path
 from pipelines.synth_imagenet import generate_imagenet
 
 from conftest import RUNNER, list_files, read_bytes, shard_bytes
@@ -265,11 +265,11 @@ def unblock(block) -> list[dict]:
 
 def test_dali_index_seeks_to_every_record(built):
     manifest = load_manifest(str(built["tfrecord"]))
-    assert manifest.extra["indexes"]["dali"] == [index_path(s.path) for s in manifest.shards]
+    assert manifest.extra["indexes"]["dali"] == [dali_index_path(s.path) for s in manifest.shards]
     for shard in manifest.shards:
         data = read_bytes(join(str(built["tfrecord"]), shard.path))
         entries = [tuple(map(int, line.split())) for line in
-                   (built["tfrecord"] / index_path(shard.path)).read_text().splitlines()]
+                   (built["tfrecord"] / dali_index_path(shard.path)).read_text().splitlines()]
         assert len(entries) == shard.records and sum(size for _, size in entries) == len(data)
         for offset, size in entries:
             (payload,) = list(iter_tfrecord(io.BytesIO(data[offset:offset + size])))
