@@ -17,7 +17,8 @@ from pipelines.formats import Feature, Schema, ShardFormatError, open_regular_fi
 
 SCHEMA_VERSION = 1
 MAX_MANIFEST_BYTES = 1 << 28  # ~1M shard entries
-FEATURE_DTYPES = ("bytes", "float32", "int32", "int64", "uint8", "int8", "int16", "uint16", "float16")
+# "object": variable-length bytes (e.g. JPEG images), stored as bytes and read back as bytes, never pickled.
+FEATURE_DTYPES = ("bytes", "object", "float32", "int32", "int64", "uint8", "int8", "int16", "uint16", "float16")
 MANIFEST_NAME = "manifest.json"
 TEMP_PREFIX = ".tmp-"  # files written under a temp name, then renamed
 
@@ -89,7 +90,7 @@ class DatasetManifest:
         def count(v) -> bool:
             return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
-        if self.features.get("key") != Feature("bytes"):
+        if self.features.get("key") is None or self.features["key"].dtype != "bytes" or self.features["key"].shape:
             return "features must hold `key` (bytes)"
         for name, feature in self.features.items():
             if feature.dtype not in FEATURE_DTYPES or not all(count(d) for d in feature.shape):

@@ -14,7 +14,6 @@ from __future__ import annotations
 import collections
 import hashlib
 import json
-import posixpath
 from dataclasses import dataclass, field
 
 import fsspec
@@ -22,8 +21,8 @@ import numpy as np
 
 from codistill.config import MAX_GROUPS, MAX_SHARDS
 from codistill.dataset import DatasetManifest, join, load_manifest
-from pipelines.formats import (EXTENSIONS, MAX_RECORD_BYTES, ShardFormatError, iter_blocks, open_regular_file,
-                               read_shard)
+from pipelines.formats import (EXTENSIONS, MAX_RECORD_BYTES, ShardFormatError, dali_index, dali_index_path,
+                               iter_blocks, open_regular_file, read_shard, tfrecord_offsets)
 from pipelines.sharding import ShardLayout
 
 READ_CHUNK_BYTES = 1 << 20
@@ -88,6 +87,8 @@ def verify_dataset(root: str) -> VerifyReport:
     report.problems += problems
     destination = {layout.relative_path(d): d for d in range(layout.destinations)} if layout else {}
     digests, owners = [], []
+    indexes = manifest.extra.get("indexes", {})
+    dali = {s.path: dali_index_path(s.path) for s in manifest.shards} if "dali" in indexes else {}
     for index, shard in enumerate(manifest.shards):
         url = join(root, shard.path)
         findings = _Findings()
@@ -118,6 +119,8 @@ def verify_dataset(root: str) -> VerifyReport:
         if rows != shard.records:
             report.problems.append(f"{shard.path}: {rows} rows, manifest says {shard.records}")
         report.problems += findings.problems(shard.path)
+        if shard.path in dali:
+            report.problems += _dali_problems(root, shard.path, dali[shard.path])
         report.rows += rows
     rejected = sum(manifest.rejected.values())
     if manifest.input_rows != manifest.written_rows + rejected:
@@ -126,6 +129,7 @@ def verify_dataset(root: str) -> VerifyReport:
     fs, base = fsspec.core.url_to_fs(root)
     report.problems += _unindexed_files(fs, base, manifest)
     report.problems += _quarantine_problems(root, fs, base, manifest)
+    report.problems += _wids_problems(fs, base, manifest, indexes.get("wids", []))
     if digests:
         report.problems += _duplicate_keys(root, manifest, np.concatenate(digests), np.concatenate(owners))
     return report
@@ -185,6 +189,41 @@ def _check_block(block, checks, layout: ShardLayout | None, destination: int | N
                      keys)
 
 
+def _text(fs, base: str, relative: str) -> str | None:
+    path = f"{base.rstrip('/')}/{relative}"
+    if not fs.exists(path):
+        return None
+    with fs.open(path, "r") as f:
+        return f.read()
+
+
+def _wids_problems(fs, base: str, manifest: DatasetManifest, lists: list[str]) -> list[str]:
+    """The wids shard lists together name every shard once, with its sample count."""
+    listed, problems = {}, []
+    for relative in lists:
+        text = _text(fs, base, relative)
+        try:
+            listed |= {s["url"]: s["nsamples"] for s in json.loads(text)["shardlist"]}
+        except (TypeError, ValueError, KeyError):
+            problems.append(f"{relative}: missing or not a wids shard list")
+    if lists and not problems and listed != {s.path: s.records for s in manifest.shards}:
+        problems.append(f"{', '.join(lists)}: the shards or sample counts listed differ from the manifest")
+    return problems
+
+
+def _dali_problems(root: str, shard: str, index: str) -> list[str]:
+    """A DALI-style `.idx` must list the shard's record offsets (a second read: the check needs the offsets)."""
+    try:
+        with open_regular_file(join(root, shard)) as f:
+            data = f.read()
+        fs, base = fsspec.core.url_to_fs(root)
+        if _text(fs, base, index) == dali_index(tfrecord_offsets(data), len(data)):
+            return []
+    except (OSError, ShardFormatError):
+        pass
+    return [f"{index}: missing, or its record offsets do not match {shard}"]
+
+
 def _unindexed_files(fs, base: str, manifest: DatasetManifest) -> list[str]:
     indexed = {s.path for s in manifest.shards}
     found = set()
@@ -198,10 +237,13 @@ def _quarantine_problems(root: str, fs, base: str, manifest: DatasetManifest) ->
     """Every rejected count must be backed by that many records in `rejected/<input>.jsonl`, and no more."""
     sources = {i["source"] for i in manifest.inputs}
     counts, problems = collections.Counter(), []
-    for path in sorted(fs.glob(f"{base.rstrip('/')}/rejected/*")):
-        name = posixpath.basename(path)
+    top = f"{base.rstrip('/')}/rejected/"
+    for path in sorted(fs.find(top)) if fs.exists(top) else []:  # nested for inputs named by relative path
+        name = path[len(top):]
         source = name.removesuffix(".jsonl")
-        if not name.endswith(".jsonl") or source not in sources:
+        # An input is a file (Criteo) or a folder whose files each have a quarantine file (ImageNet).
+        ancestors = {source, *("/".join(source.split("/")[:i]) for i in range(1, source.count("/") + 1))}
+        if not name.endswith(".jsonl") or not ancestors & sources:
             problems.append(f"rejected/{name}: not the quarantine of an input of this dataset")
             continue
         try:
