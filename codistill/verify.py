@@ -58,8 +58,8 @@ def verify_dataset(root: str) -> VerifyReport:
             report.problems.append(f"{shard.path}: {rows} rows, manifest says {shard.records}")
         report.rows += rows
     rejected = sum(manifest.rejected.values())
-    if manifest.input_rows != manifest.written_rows + rejected:
-        report.problems.append(f"rows read {manifest.input_rows} != written {manifest.written_rows} "
+    if manifest.input_rows != manifest.kept_rows + rejected:
+        report.problems.append(f"rows read {manifest.input_rows} != written {manifest.kept_rows} "
                                f"+ rejected {rejected}")
     report.problems += _unindexed_files(fs, base, manifest)
     if digests:

@@ -37,14 +37,16 @@ class Rejected:
     """An input row kept out of the dataset, and why."""
 
     source: str
-    line: int
+    line: int  # position in the source: line number, or record number for record formats
     reason: str
     detail: str
     raw: str
+    offset: int | None = None  # byte offset in the source, for record formats (e.g. a WARC record's gzip member)
 
     def to_json(self) -> str:
-        return json.dumps({"source": self.source, "line": self.line, "reason": self.reason,
-                           "detail": self.detail, "raw": self.raw}, ensure_ascii=False)
+        fields = {"source": self.source, "line": self.line, "reason": self.reason, "detail": self.detail,
+                  "raw": self.raw}
+        return json.dumps(fields | ({} if self.offset is None else {"offset": self.offset}), ensure_ascii=False)
 
 
 @dataclass(frozen=True)
@@ -108,28 +110,33 @@ class WriteRejectedFn(beam.DoFn):
 
     def process(self, element):
         source, batches = element
-        rows = sorted((r for batch in batches for r in batch), key=lambda r: r.line)
+        rows = sorted((r for batch in batches for r in batch), key=lambda r: (r.line, r.offset or 0))
         write_atomically(join(self.output, f"rejected/{source}.jsonl"), "".join(r.to_json() + "\n" for r in rows))
         yield dict(collections.Counter(r.reason for r in rows))
 
 
 class WriteManifestFn(beam.DoFn):
-    def __init__(self, output: str, layout: ShardLayout, schema: Schema, fmt: str, parameters: dict, extra: dict):
+    def __init__(self, output: str, layout: ShardLayout, schema: Schema, fmt: str, parameters: dict, extra: dict,
+                 tokenizer_sha256: str | None):
         self.output, self.layout, self.schema, self.fmt = output, layout, schema, fmt
-        self.parameters, self.extra = parameters, extra
+        self.parameters, self.extra, self.tokenizer_sha256 = parameters, extra, tokenizer_sha256
 
-    def process(self, _, shards, reject_counts, inputs):
+    def process(self, _, shards, reject_counts, inputs, kept, extra):
         rejected = collections.Counter()
         for counts in reject_counts:
             rejected.update(counts)
         rows_read = collections.Counter()
         for source, rows in inputs:
             rows_read[source] += rows
+        facts = dict(self.extra)
+        for more in extra:
+            facts.update(more)
         manifest = DatasetManifest(
             dataset=self.layout.dataset, format=self.fmt, features=self.schema, groups=self.layout.groups,
             shards=tuple(sorted(shards, key=lambda s: s.path)),
             inputs=tuple({"source": s, "rows": n} for s, n in sorted(rows_read.items())),
-            rejected=dict(sorted(rejected.items())), parameters=self.parameters, extra=self.extra)
+            rejected=dict(sorted(rejected.items())), parameters=self.parameters,
+            tokenizer_sha256=self.tokenizer_sha256, extra=facts, kept=sum(kept) if kept else None)
         fs, path = fsspec.core.url_to_fs(join(self.output, PIECES))
         if fs.exists(path):
             fs.rm(path, recursive=True)
@@ -143,13 +150,20 @@ class WriteDataset(beam.PTransform):
     `pieces` holds `(destination, Piece)`; `rejected` lists of `Rejected` rows
     of one source each; `inputs` `(source, rows read)`, possibly several per
     source. The manifest is written only after everything else.
+
+    Optional, for pipelines whose rows are not their input records (e.g.
+    documents packed into token sequences): `reject_counts` dicts reason ->
+    records rejected without a row each in `rejected/` (counted, e.g. sampled
+    elsewhere); `kept` ints summing to the input records written (the balance
+    then reads inputs = kept + rejected); `extra` dicts of facts computed by the
+    pipeline, merged into the manifest's `extra`.
     """
 
     def __init__(self, output: str, layout: ShardLayout, schema: Schema, fmt: str, block_rows: int,
-                 parameters: dict, extra: dict):
+                 parameters: dict, extra: dict, tokenizer_sha256: str | None = None):
         super().__init__()
         self.output, self.layout, self.schema, self.fmt, self.block_rows = output, layout, schema, fmt, block_rows
-        self.parameters, self.extra = parameters, extra
+        self.parameters, self.extra, self.tokenizer_sha256 = parameters, extra, tokenizer_sha256
 
     def expand(self, pcolls):
         pipeline = pcolls["pieces"].pipeline
@@ -164,9 +178,15 @@ class WriteDataset(beam.PTransform):
                          | "RejectedBySource" >> beam.Map(lambda batch: (batch[0].source, batch))
                          | "GroupRejected" >> beam.GroupByKey()
                          | "WriteRejected" >> beam.ParDo(WriteRejectedFn(self.output)))
+        if "reject_counts" in pcolls:
+            reject_counts = (reject_counts, pcolls["reject_counts"]) | "AllRejectCounts" >> beam.Flatten()
+        optional = {name: pcolls[name] if name in pcolls else pipeline | f"No{name.capitalize()}" >> beam.Create([])
+                    for name in ("kept", "extra")}
         return (pipeline
                 | "Once" >> beam.Create([None])
                 | "WriteManifest" >> beam.ParDo(
-                    WriteManifestFn(self.output, self.layout, self.schema, self.fmt, self.parameters, self.extra),
+                    WriteManifestFn(self.output, self.layout, self.schema, self.fmt, self.parameters, self.extra,
+                                    self.tokenizer_sha256),
                     beam.pvalue.AsList(shards), beam.pvalue.AsList(reject_counts),
-                    beam.pvalue.AsList(pcolls["inputs"])))
+                    beam.pvalue.AsList(pcolls["inputs"]), beam.pvalue.AsList(optional["kept"]),
+                    beam.pvalue.AsList(optional["extra"])))
