@@ -67,6 +67,23 @@ def synth_criteo(rows: int, out: str, files: int, seed: int, gzip: bool) -> None
                f"(base rate {sidecar['base_rate_log_loss']:.4f})")
 
 
+@synth.command("commoncrawl")
+@click.option("--docs", type=click.IntRange(min=1), required=True, help="WET conversion records in all files together.")
+@click.option("--out", required=True, help="Output directory (local path or fsspec URL).")
+@click.option("--files", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@_fail_cleanly
+def synth_commoncrawl(docs: int, out: str, files: int, seed: int) -> None:
+    """WET files of a planted language with known noise, plus synth.json with the Bayes floor per document."""
+    from pipelines.synth_commoncrawl import generate_commoncrawl
+
+    sidecar = generate_commoncrawl(out, docs, files=files, seed=seed)
+    kinds = ", ".join(f"{v} {k}" for k, v in sidecar["counts"]["kinds"].items())
+    floor = sidecar["floor"]
+    click.echo(f"wrote {docs} records in {files} file(s) to {out}: {kinds}; Bayes floor over the clean documents "
+               f"{floor['value']:.4f} bits per byte ({floor['bytes']} bytes of planted text)")
+
+
 @main.group()
 def preprocess() -> None:
     """Run a Beam pipeline: raw files -> disjoint per-group shards + manifest.json."""
