@@ -108,40 +108,112 @@ def preprocess() -> None:
 def preprocess_criteo(ctx, manifest, input_glob, output, groups, eval_fraction, fmt, dialect, cat_buckets, keep_raw,
                       runner, sets, overwrite) -> None:
     """Criteo TSV (or gzip) files -> shards. Unknown options go to Beam (e.g. --direct_num_workers=2)."""
-    from pipelines.run import preprocess as run_preprocess
+    _run_preprocess(ctx, "criteo", manifest, input_glob, sets, runner, overwrite, {
+        "data.output": output, "data.groups": groups, "data.eval_fraction": eval_fraction, "data.format": fmt,
+        "data.criteo.dialect": dialect, "data.criteo.cat_buckets": cat_buckets, "data.criteo.keep_raw": keep_raw})
 
-    raw = read_manifest_yaml(manifest) if manifest else {"name": "criteo-cli", "data": {"dataset": "criteo"}}
-    flags = {"data.input": input_glob, "data.output": output, "data.groups": groups,
-             "data.eval_fraction": eval_fraction, "data.format": fmt, "data.criteo.dialect": dialect,
-             "data.criteo.cat_buckets": cat_buckets, "data.criteo.keep_raw": keep_raw}
-    for dotted, value in flags.items():
+
+def _raw_manifest(dataset: str, manifest: str | None, input_glob: str | None, flags: dict) -> dict:
+    """The manifest as YAML data with the flags given set (an --input replaces a manifest's `synth`)."""
+    raw = read_manifest_yaml(manifest) if manifest else {"name": f"{dataset}-cli", "data": {"dataset": dataset}}
+    for dotted, value in {"data.input": input_glob, **flags}.items():
         if value is not None:
             set_field(raw, dotted, value)
     if input_glob is not None:
         raw["data"].pop("synth", None)
+    return raw
+
+
+def _beam_args(ctx, runner: str | None) -> list[str]:
     stray = [a for a in ctx.args if not a.startswith("-")]
     if stray:
         raise click.UsageError(f"unexpected argument {stray[0]!r}: quote a glob given to --input "
                                "(--input 'dir/*.txt') so the shell does not expand it")
-    config = parse_experiment(raw, sets)
-    beam_args = (["--runner", runner] if runner else []) + list(ctx.args)
-    dataset = run_preprocess(config, beam_args, overwrite=overwrite)
-    click.echo(summarize(dataset, config.data.output))
+    return (["--runner", runner] if runner else []) + list(ctx.args)
+
+
+def _run_preprocess(ctx, dataset: str, manifest, input_glob, sets, runner, overwrite: bool, flags: dict,
+                    resume: bool = False) -> None:
+    from pipelines.run import preprocess as run_preprocess
+
+    config = parse_experiment(_raw_manifest(dataset, manifest, input_glob, flags), sets)
+    result = run_preprocess(config, _beam_args(ctx, runner), overwrite=overwrite, resume=resume)
+    click.echo(summarize(result, config.data.output))
+
+
+@preprocess.command("commoncrawl", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.option("-m", "--manifest", help="Experiment manifest (path or name in manifests/); flags override it.")
+@click.option("--input", "input_glob", help="WET/WARC files (*.warc.wet.gz, *.warc.gz): glob or URL, comma-separated.")
+@click.option("--output", help="Dataset directory (local path or fsspec URL).")
+@click.option("--groups", type=int)
+@click.option("--eval-fraction", type=float)
+@click.option("--tokenizer", help="sentencepiece model URL (with its .json sidecar); default: train one first.")
+@click.option("--sequence-length", type=int, help="Tokens per packed row.")
+@click.option("--format", "fmt", type=click.Choice(["tfrecord", "webdataset"]))
+@click.option("--runner", help="Beam runner (default FnApiRunner, in-process); e.g. DataflowRunner, FlinkRunner.")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a manifest field.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run in the same output: input files already "
+              "staged (.done/ markers) are not read again.")
+@click.pass_context
+@_fail_cleanly
+def preprocess_commoncrawl(ctx, manifest, input_glob, output, groups, eval_fraction, tokenizer, sequence_length, fmt,
+                           runner, sets, overwrite, resume) -> None:
+    """WET/WARC files -> cleaned, deduplicated, tokenised, packed shards. Unknown options go to Beam."""
+    _run_preprocess(ctx, "commoncrawl", manifest, input_glob, sets, runner, overwrite, {
+        "data.output": output, "data.groups": groups, "data.eval_fraction": eval_fraction, "data.format": fmt,
+        "data.commoncrawl.tokenizer": tokenizer, "data.commoncrawl.sequence_length": sequence_length},
+        resume=resume)
+
+
+@main.group()
+def tokenizer() -> None:
+    """sentencepiece models with an exact round trip."""
+
+
+@tokenizer.command("train", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.option("--input", "input_glob", required=True, help="WET/WARC files: glob or URL, comma-separated.")
+@click.option("--out", required=True, help="Model URL (any fsspec URL); the sidecar goes to <out>.json.")
+@click.option("--vocab-size", type=click.IntRange(min=300), required=True)
+@click.option("--type", "model_type", type=click.Choice(["unigram", "bpe"]), default="unigram", show_default=True)
+@click.option("--sample-docs", type=click.IntRange(min=1), default=20_000, show_default=True,
+              help="Cleaned documents to train on (the lowest keyed hashes of their WARC-Record-IDs).")
+@click.option("-m", "--manifest", help="Take the cleaning rules and seed from this experiment manifest.")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a manifest field.")
+@click.option("--runner", help="Beam runner for the sampling pipeline (default FnApiRunner).")
+@click.pass_context
+@_fail_cleanly
+def tokenizer_train(ctx, input_glob, out, vocab_size, model_type, sample_docs, manifest, sets, runner) -> None:
+    """Train sentencepiece on a deterministic sample of the cleaned text (read and cleaned with Beam)."""
+    from pipelines.textfiles import expand_inputs
+    from tokenizer.train import train_tokenizer
+
+    raw = _raw_manifest("commoncrawl", manifest, input_glob, {})
+    data = parse_experiment(raw, sets).data
+    info = train_tokenizer(expand_inputs(input_glob), out, vocab_size, model_type, sample_docs,
+                           data.commoncrawl.clean, data.seed, _beam_args(ctx, runner))
+    click.echo(f"wrote {out} ({info['type']}, {info['vocab_size']} pieces, trained on {info['trained_on_documents']} "
+               f"documents), sha256 {info['sha256']}")
 
 
 def summarize(dataset: DatasetManifest, where: str) -> str:
     rejected = sum(dataset.rejected.values())
     reasons = ", ".join(f"{k}: {v}" for k, v in dataset.rejected.items())
-    lines = [f"{dataset.dataset} ({dataset.format}) at {where}: {dataset.input_rows} rows read, "
-             f"{dataset.written_rows} written, {rejected} rejected" + (f" ({reasons})" if reasons else ""),
+    # Rows are input records, or (`kept` set) packed sequences of the documents kept.
+    read, written = ("rows", f"{dataset.written_rows} written") if dataset.kept is None else (
+        "documents", f"{dataset.kept} kept, packed into {dataset.written_rows} rows")
+    lines = [f"{dataset.dataset} ({dataset.format}) at {where}: {dataset.input_rows} {read} read, "
+             f"{written}, {rejected} rejected" + (f" ({reasons})" if reasons else ""),
              f"{'split':<6} {'group':>5} {'shards':>6} {'rows':>10} {'bytes':>12}"]
     parts = [("eval", None)] + [("train", g) for g in range(dataset.groups)]
     for split, group in parts:
         shards = dataset.shards_of(split, group)
         lines.append(f"{split:<6} {'-' if group is None else group:>5} {len(shards):>6} "
                      f"{sum(s.records for s in shards):>10} {sum(s.bytes for s in shards):>12}")
-    synth = dataset.extra.get("synth")
-    if synth:
+    synth, floor = dataset.extra.get("synth"), dataset.extra.get("floor")
+    if floor:
+        lines.append(f"generated data: Bayes floor over the eval documents {floor['value']:.4f} {floor['metric']}")
+    elif synth:
         lines.append(f"generated data: Bayes-optimal log loss {synth['bayes_log_loss']:.4f}, "
                      f"base-rate log loss {synth['base_rate_log_loss']:.4f}")
     return "\n".join(lines)
@@ -180,8 +252,9 @@ def _dataset_for(config) -> DatasetManifest:
     # (`output` may differ: a dataset can be copied or moved.)
     changed = sorted(k for k, v in wanted.items() if k != "output" and dataset.parameters.get(k) != v)
     synth, built = config.data.synth, dataset.extra.get("synth", {})
-    if synth is not None and (synth.rows, synth.seed, synth.files) != (built.get("rows"), built.get("seed"),
-                                                                       built.get("num_files")):
+    size = getattr(synth, "rows", getattr(synth, "docs", None))
+    if synth is not None and (size, synth.seed, synth.files) != (built.get("rows", built.get("docs")),
+                                                                 built.get("seed"), built.get("num_files")):
         changed.append("synth")
     if changed:
         raise click.ClickException(

@@ -18,7 +18,7 @@ import fsspec
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 from codistill.config import DataConfig, ExperimentConfig, to_dict
-from codistill.dataset import DatasetManifest, join, load_manifest
+from codistill.dataset import MANIFEST_NAME, DatasetManifest, join, load_manifest
 
 # Beam's DirectRunner first tries to download a Prism binary; the FnApiRunner is
 # the same in-process engine without that step.
@@ -58,18 +58,30 @@ def pipeline_options(beam_args: list[str]) -> PipelineOptions:
     return options
 
 
-def prepare_output(output: str, overwrite: bool) -> None:
+def prepare_output(output: str, overwrite: bool, resume: bool = False) -> None:
+    """An empty output; with `resume`, an interrupted run's output (no manifest yet) is continued."""
     fs, path = fsspec.core.url_to_fs(output)
+    if resume and overwrite:
+        raise ValueError("--resume continues an interrupted run, --overwrite starts afresh: give one of them")
     if fs.exists(path) and fs.ls(path):
+        if resume:
+            if fs.exists(f"{path.rstrip('/')}/{MANIFEST_NAME}"):
+                raise OutputExistsError(f"{output} holds a complete dataset (it has a {MANIFEST_NAME}); "
+                                        "nothing to resume")
+            return
         if not overwrite:
-            raise OutputExistsError(f"{output} exists and is not empty; choose another output or pass --overwrite")
+            raise OutputExistsError(f"{output} exists and is not empty; choose another output, pass --overwrite, "
+                                    "or --resume an interrupted run")
         fs.rm(path, recursive=True)
 
 
-def preprocess(config: ExperimentConfig, beam_args: list[str] = (), overwrite: bool = False) -> DatasetManifest:
+def preprocess(config: ExperimentConfig, beam_args: list[str] = (), overwrite: bool = False,
+               resume: bool = False) -> DatasetManifest:
+    """Build the dataset of `config.data`. `resume` continues an interrupted run in the same output: pipelines
+    that keep per-input completion markers (Common Crawl) skip the inputs already done."""
     data = config.data
     pipeline = dataset_pipeline(data.dataset)
-    prepare_output(data.output, overwrite)
+    prepare_output(data.output, overwrite, resume)
     extra = {}
     source = data.input
     if data.synth is not None:
