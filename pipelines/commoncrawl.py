@@ -471,7 +471,8 @@ class EncodeDocuments(beam.DoFn):
         source = self.sources[index]
         _, staged = read_staged(join(data.output, f"{STAGED}/{source}.npz"), index, texts=True)
         kept = np.flatnonzero(fp.dropped == KEPT)
-        texts, keys = final_texts(fp, staged["text"]), [staged["key"][i] for i in kept]
+        texts, keys, urls = final_texts(fp, staged["text"]), [staged["key"][i] for i in kept], [
+            staged["url"][i] for i in kept]
         yield from self._dropped(fp, staged, source)
         dest = self.layout.assign(np.array([document_hash(k, data.seed) for k in keys], np.uint64))
         facts = {"lines_dropped": {"duplicate_line": int(fp.line_dropped.sum())},
@@ -481,7 +482,8 @@ class EncodeDocuments(beam.DoFn):
             tokens, lengths = encode_documents(self.tokenizer, [texts[i] for i in rows])
             url = join(data.output, f"{PIECES}/documents/{d:05d}/{source}.npz")
             buffer = io.BytesIO()
-            np.savez(buffer, tokens=tokens, lengths=lengths, keys=np.array([keys[i].encode() for i in rows], "S"))
+            np.savez(buffer, tokens=tokens, lengths=lengths, keys=np.array([keys[i].encode() for i in rows], "S"),
+                     urls=np.array([urls[i].encode() for i in rows], "S"))
             with fsspec.open(url, "wb", auto_mkdir=True) as f:
                 f.write(buffer.getvalue())
             split = self.layout.describe(d)[0]
@@ -554,10 +556,15 @@ def _rows(tokens: np.ndarray, keys, lengths: np.ndarray, piece_bytes: np.ndarray
 
 
 class PackShards(beam.DoFn):
-    """(destination, [DocumentPiece]) -> (destination, Piece) of packed rows for the shared sink."""
+    """(destination, [DocumentPiece]) -> (destination, Piece) of packed rows for the shared sink.
 
-    def __init__(self, output: str, schema: Schema, tokenizer_url: str, sequence_length: int):
-        self.output, self.schema, self.tokenizer_url, self.length = output, schema, tokenizer_url, sequence_length
+    Also writes `<output>/documents/<shard path>.jsonl`: each document of the shard, in stream order, with
+    the row and position in it where it starts and its token count (end-of-document included).
+    """
+
+    def __init__(self, output: str, layout: ShardLayout, schema: Schema, tokenizer_url: str, sequence_length: int):
+        self.output, self.layout, self.schema = output, layout, schema
+        self.tokenizer_url, self.length = tokenizer_url, sequence_length
 
     def setup(self):
         self.tokenizer = load_tokenizer(self.tokenizer_url)
@@ -566,10 +573,19 @@ class PackShards(beam.DoFn):
         dest, pieces = element
         pieces = sorted(pieces, key=lambda p: p.order)
 
+        index, position = [], 0
+
         def read():
+            nonlocal position
             for piece in pieces:
                 with fsspec.open(piece.url, "rb") as f:
                     z = np.load(io.BytesIO(f.read()), allow_pickle=False)
+                starts = position + np.concatenate([[0], np.cumsum(z["lengths"])[:-1]])
+                for key, url, start, size in zip(z["keys"].tolist(), z["urls"].tolist(), starts.tolist(),
+                                                 z["lengths"].tolist()):
+                    index.append(json.dumps({"key": key.decode(), "url": url.decode(), "row": start // self.length,
+                                             "position": start % self.length, "tokens": size}) + "\n")
+                position += int(z["lengths"].sum())
                 yield z["tokens"], z["lengths"], z["keys"]
 
         rows = tail = pad = 0
@@ -580,6 +596,7 @@ class PackShards(beam.DoFn):
             tail += int(short.sum())
             pad += int((self.length - block["length"][short]).sum())
             yield from write_pieces(self.output, self.schema, (dest, part), {dest: [block]})
+        write_atomically(join(self.output, f"documents/{self.layout.relative_path(dest)}.jsonl"), "".join(index))
         for piece in pieces:
             fs, path = fsspec.core.url_to_fs(piece.url)
             fs.rm(path)
@@ -645,7 +662,7 @@ class CommonCrawlToShards(beam.PTransform):
                                                                   "eval_keys", main="pieces"))
         packed = (encoded.pieces
                   | "ByShard" >> beam.GroupByKey()
-                  | "Pack" >> beam.ParDo(PackShards(data.output, features, self.tokenizer,
+                  | "Pack" >> beam.ParDo(PackShards(data.output, layout, features, self.tokenizer,
                                                     options.sequence_length)).with_outputs("facts", main="pieces"))
         _ = ((staged.samples, encoded.samples)
              | "AllSamples" >> beam.Flatten()
