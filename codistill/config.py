@@ -16,6 +16,8 @@ from typing import Any, Literal
 
 import fsspec
 import yaml
+from iso639 import Lang
+from iso639.exceptions import DeprecatedLanguageValue, InvalidLanguageValue
 
 REPO_MANIFESTS = Path(__file__).resolve().parent.parent / "manifests"
 
@@ -83,10 +85,67 @@ class CommonCrawlSynthConfig:
 
 @dataclass(frozen=True)
 class CleaningConfig:
-    """Language filter and C4/Gopher-style line and page rules (`data.commoncrawl.clean`)."""
+    """Language filter and C4/Gopher-style line and page rules (`data.commoncrawl.clean`).
+
+    Every rule can be switched off: a true/false rule by `false`, a threshold by `null`. Defaults
+    follow C4 (Raffel et al. 2020) for line rules and Gopher (Rae et al. 2021) for page rules.
+    """
+
+    # ISO 639-1 or 639-3 codes of the languages to keep; [] keeps every language.
+    languages: tuple[str, ...] = ("en",)
+    # Trust the record's WARC-Identified-Content-Language (its first, primary language) when present;
+    # otherwise, and always when false, pycld2 decides.
+    use_warc_language: bool = True
+    # Line rules (C4): a line that fails one is removed and counted as `line:<rule>`.
+    remove_citations: bool = True  # "[1]", "[edit]", "[citation needed]" removed from lines (not counted)
+    terminal_punctuation: bool = True  # keep lines ending in . ! ? or " (not in ...)
+    min_words_per_line: int | None = 5
+    max_word_length: int | None = 1000  # a line with a longer word is removed
+    javascript_lines: bool = True  # remove lines mentioning javascript ("enable JavaScript" notices)
+    policy_lines: bool = True  # remove terms-of-use / privacy / cookie-policy lines
+    # Page rules on lines: as in C4, checked on lines that pass the rules above; the page is dropped.
+    lorem_ipsum: bool = True
+    curly_braces: bool = True  # "{" in a line: most likely code
+    # Page rules on the kept text (Gopher): the page is dropped.
+    min_lines: int | None = 3
+    min_words: int | None = 50
+    max_chars: int | None = 500_000
+    min_mean_word_length: float | None = 3.0
+    max_mean_word_length: float | None = 10.0
+    max_symbol_word_ratio: float | None = 0.1  # ("#" + "..." + "…") per word
+    max_duplicate_line_fraction: float | None = 0.3  # lines equal to an earlier line, per line
+    max_duplicate_line_char_fraction: float | None = 0.2  # their characters, per character
+    # Most frequent word n-gram's characters per word character, for n = 2, 3, 4, ...
+    max_top_ngram_char_fraction: tuple[float, ...] | None = (0.20, 0.18, 0.16)
+    # Words or phrases, one a line, at any fsspec URL: a page holding one (whole words, any case) is dropped.
+    blocklist: str | None = None
 
     def validate(self, name: str) -> None:
-        pass
+        for i, code in enumerate(self.languages):
+            try:
+                Lang(code)
+            except (InvalidLanguageValue, DeprecatedLanguageValue):
+                raise ConfigError(f"{name}.languages[{i}]: {code!r} is not an ISO 639 language code") from None
+        for field_name in ("min_words_per_line", "max_word_length", "min_lines", "min_words", "max_chars"):
+            value = getattr(self, field_name)
+            _require(value is None or value >= 1, f"{name}.{field_name}", f"must be >= 1 or null, got {value}")
+        for field_name in ("min_mean_word_length", "max_mean_word_length", "max_symbol_word_ratio"):
+            value = getattr(self, field_name)
+            _require(value is None or value >= 0, f"{name}.{field_name}", f"must be >= 0 or null, got {value}")
+        if self.min_mean_word_length is not None and self.max_mean_word_length is not None:
+            _require(self.min_mean_word_length <= self.max_mean_word_length, f"{name}.max_mean_word_length",
+                     f"must be >= min_mean_word_length ({self.min_mean_word_length}), "
+                     f"got {self.max_mean_word_length}")
+        for field_name in ("max_duplicate_line_fraction", "max_duplicate_line_char_fraction"):
+            value = getattr(self, field_name)
+            _require(value is None or 0 <= value <= 1, f"{name}.{field_name}",
+                     f"must be in [0, 1] or null, got {value}")
+        for i, value in enumerate(self.max_top_ngram_char_fraction or ()):
+            _require(0 <= value <= 1, f"{name}.max_top_ngram_char_fraction[{i}]", f"must be in [0, 1], got {value}")
+        _require(self.max_top_ngram_char_fraction != (), f"{name}.max_top_ngram_char_fraction",
+                 "must hold one fraction per n-gram size from 2 on, or be null")
+        _require(self.blocklist is None or bool(self.blocklist.strip()), f"{name}.blocklist",
+                 "must be a file URL or null, got an empty string")
 
 
 @dataclass(frozen=True)
