@@ -475,7 +475,7 @@ class EncodeDocuments(beam.DoFn):
             staged["url"][i] for i in kept]
         yield from self._dropped(fp, staged, source)
         dest = self.layout.assign(np.array([document_hash(k, data.seed) for k in keys], np.uint64))
-        facts = {"lines_dropped": {"duplicate_line": int(fp.line_dropped.sum())},
+        facts = {"lines_dropped": {"repeated_line": int(fp.line_dropped.sum())},
                  "documents": collections.Counter(), "tokens": collections.Counter()}
         eval_keys = []
         for d, rows in partition(dest):
@@ -502,7 +502,7 @@ class EncodeDocuments(beam.DoFn):
         counts = collections.Counter(DEDUP_REASONS[r] for r in fp.dropped[fp.dropped != KEPT].tolist())
         for reason, n in counts.items():
             Metrics.counter(METRICS, f"dropped_{reason}").inc(n)
-        Metrics.counter(METRICS, "lines_dropped_duplicate_line").inc(int(fp.line_dropped.sum()))
+        Metrics.counter(METRICS, "lines_dropped_repeated_line").inc(int(fp.line_dropped.sum()))
         if counts:
             yield beam.pvalue.TaggedOutput("reject_counts", dict(counts))
         k = self.data.commoncrawl.samples_per_reason
@@ -645,10 +645,11 @@ class CommonCrawlToShards(beam.PTransform):
         data, options = self.data, self.data.commoncrawl
         layout, features = layout_for(data), schema(options.sequence_length)
         tokenizer = load_tokenizer(self.tokenizer)
-        synth = self.extra.get("synth") or {}
-        documents = synth.pop("documents", None)  # the per-document table stays in raw/synth.json
-        synth.pop("repeated_lines", None)
         extra = {**self.extra, "tokenizer": tokenizer.manifest_entry(self.tokenizer)}
+        documents = None
+        if "synth" in extra:  # the per-document and per-line tables stay in raw/synth.json
+            documents = extra["synth"]["documents"]
+            extra["synth"] = {k: v for k, v in extra["synth"].items() if k not in ("documents", "repeated_lines")}
         staged = (pbegin
                   | "Files" >> beam.Create(list(enumerate(self.paths)))
                   | "Spread" >> beam.Reshuffle()

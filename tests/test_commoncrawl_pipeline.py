@@ -3,6 +3,7 @@ known noise, damaged inputs, both formats, two worker processes, resume after a 
 
 from __future__ import annotations
 
+import collections
 import gzip
 import json
 import os
@@ -23,6 +24,7 @@ from pipelines.cleaning import Cleaner
 from pipelines.formats import read_shard
 from pipelines.run import preprocess
 from pipelines.synth_commoncrawl import generate_commoncrawl
+from pipelines.synth_commoncrawl_words import BOILERPLATE
 from pipelines.textfiles import expand_inputs
 from pipelines.warc import WebDocument, read_web_documents
 from tokenizer.encode import load_tokenizer
@@ -94,37 +96,56 @@ def shard_rows(out: str, shard) -> dict[str, np.ndarray]:
 # --- generated data: the planted noise goes, the rest is packed as the contract says ----------------------
 
 
-def test_planted_noise_is_removed_and_counted(built, generated):
+def decoded_documents(out: str, tokenizer) -> dict[str, str]:
+    """key -> text of every kept document, decoded from the shards' token streams (documents/ gives the order)."""
+    manifest, index = load_manifest(out), documents_index(out)
+    texts = {}
+    for shard in manifest.shards:
+        rows = shard_rows(out, shard)
+        if not rows:
+            continue
+        stream = rows["tokens"].reshape(-1)[:LENGTH * (len(rows["length"]) - 1) + rows["length"][-1]]
+        parts = np.split(stream, np.flatnonzero(stream == tokenizer.eod_id) + 1)[:-1]
+        keys = [k for k, d in sorted(index.items(), key=lambda kv: (kv[1]["row"], kv[1]["position"]))
+                if d["shard"] == shard.path]
+        assert len(keys) == len(parts)
+        texts |= {key: tokenizer.decode(part[:-1]) for key, part in zip(keys, parts)}
+    return texts
+
+
+def test_planted_noise_is_removed_and_counted(built, generated, tokenizer_url):
     out, manifest = built
     sidecar = generated[2]
     kinds = sidecar["counts"]["kinds"]
     assert manifest.input_rows == DOCS
     assert manifest.input_rows == manifest.kept + sum(manifest.rejected.values())
-    assert manifest.rejected["duplicate_url"] == kinds["stale_capture"]
-    assert manifest.rejected["duplicate_document"] == kinds["exact_duplicate"]
     kept = documents_index(out)
     assert len(kept) == manifest.kept
     docs = sidecar["documents"]
     kept_kinds = {k: sum(docs[key]["kind"] == k for key in kept) for k in kinds}
-    assert kept_kinds["stale_capture"] == 0  # the newest capture of a URL wins
+    assert kept_kinds["stale_capture"] == 0 and manifest.rejected["duplicate_url"] >= 1  # the newest capture wins
     # Of an exact copy and its source, whichever has the lower keyed hash stays: one of them, never both.
     copies = [(k, d["source"]) for k, d in docs.items() if d["kind"] == "exact_duplicate"]
     assert not [pair for pair in copies if pair[0] in kept and pair[1] in kept]
-    assert 0 < sum(k in kept for k, _ in copies) < len(copies)
+    assert manifest.rejected["duplicate_document"] >= 1 and 0 < sum(k in kept for k, _ in copies)
     assert kept_kinds["foreign"] <= 0.1 * kinds["foreign"], kept_kinds
     # Near-duplicates (planted Jaccard of 5-word shingles): LSH at threshold 0.7 (14 bands x 9 rows) catches a
     # pair at J=0.8 with probability 0.87, at 0.9 with 0.999.
     near = {k: d["similarity"] for k, d in docs.items() if d["kind"] == "near_duplicate"}
     both = {k for k in near if k in kept and docs[k]["source"] in kept}
-    assert not [k for k in both if near[k] >= 0.9]
+    assert not [k for k in both if near[k] >= 0.9] and manifest.rejected["near_duplicate"] >= 1
     assert len([k for k in near if near[k] >= 0.8 and k not in both]) >= 0.8 * len([k for k in near if near[k] >= 0.8])
     # Every copy pair that survives lies in one split and group: no near-duplicate crosses them.
     for key, doc in docs.items():
         if doc["kind"] in ("near_duplicate", "exact_duplicate") and key in kept and doc["source"] in kept:
             assert (kept[key]["split"], kept[key]["group"]) == (kept[doc["source"]]["split"],
                                                                 kept[doc["source"]]["group"])
-    # Lines repeated across pages survive once at most.
-    assert manifest.extra["lines_dropped"]["duplicate_line"] >= 1
+    # Lines repeated across pages survive once at most; no boilerplate line is left.
+    texts = decoded_documents(out, load_tokenizer(tokenizer_url))
+    lines = collections.Counter(line for text in texts.values() for line in text.split("\n"))
+    assert manifest.extra["lines_dropped"]["repeated_line"] >= 1
+    assert not [r["text"] for r in sidecar["repeated_lines"] if lines[r["text"]] > 1]
+    assert not [line for category in BOILERPLATE.values() for line in category if lines[line]]
     # Every reason has a sample a user can read.
     for reason in manifest.rejected:
         samples = [json.loads(line) for line in Path(out, "rejected/samples", f"{reason}.jsonl").read_text().split(
