@@ -38,6 +38,7 @@ import dataclasses
 import datetime
 import hashlib
 import io
+import itertools
 import json
 import posixpath
 from dataclasses import dataclass
@@ -450,7 +451,7 @@ def encode_documents(tokenizer: Tokenizer, texts: list[str], batch_bytes: int = 
             lengths.append(len(ids))
         start = end
     lengths = np.array(lengths, np.int64)
-    flat = np.fromiter((t for ids in chunks for t in ids), np.int32, count=int(lengths.sum()))
+    flat = np.fromiter(itertools.chain.from_iterable(chunks), np.int32, count=int(lengths.sum()))
     return flat, lengths
 
 
