@@ -19,7 +19,8 @@ Steps (each a Beam transform below):
 4. `PackShards`: per shard, the documents in a deterministic order (input file,
    then position in it) as ONE token stream cut into rows of
    `sequence_length`; the shard's last row holds the tail, padded (`length` <
-   L). Rows go to the shared sink (`pipelines.sinks.WriteDataset`).
+   L). Rows go to the shared sink (`pipelines.sinks.WriteDataset`); each shard's
+   documents are listed in `<output>/documents/<shard path>.jsonl`.
 
 Features (per row = one packed sequence): `key` bytes `<WARC-Record-ID>#<token
 offset>` of the document the row starts in; `tokens` int32[L]; `length` int32
