@@ -64,15 +64,7 @@ def plain_loop(paths: list[str], data: DataConfig, tokenizer_url: str) -> dict[s
         cleaned = cc.clean_file(path, cleaner, data.seed, options.samples_per_reason)
         documents[index] = cleaned.documents
         fingerprints[index] = cc.fingerprint_documents(index, cleaned.documents, options, data.seed)
-    steps = [(cc.url_rows, cc.resolve_urls, None), (cc.text_rows, cc.resolve_texts, None),
-             (cc.band_rows, cc.band_edges, cc.resolve_clusters), (cc.line_rows, cc.resolve_lines, None)]
-    for rows, resolve, combine in steps:
-        found = list(resolve(cc._concat(rows(fp) for fp in fingerprints.values())))
-        drops = collections.defaultdict(list)
-        for file, drop in (combine(found) if combine else found):
-            drops[file].append(drop)
-        for file, fp in fingerprints.items():
-            cc.apply_drops(fp, drops[file], options.dedup.min_words)
+    fingerprints = cc.deduplicate_in_memory(fingerprints, options)
     streams = collections.defaultdict(list)
     for index, fp in fingerprints.items():
         kept = np.flatnonzero(fp.dropped == cc.KEPT)

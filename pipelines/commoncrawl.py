@@ -317,12 +317,10 @@ def band_rows(fp: dedup.Fingerprints) -> Block:
 
 def band_edges(rows: Block):
     """Edges (document -> the lowest-prio document sharing a band hash with it), with both prios."""
-    prio_of = dict(zip(rows["gid"].tolist(), rows["prio"].tolist()))
     members, heads = dedup.band_edges(rows["hash"], rows["prio"], rows["gid"])
     if len(members):
-        yield {"member": members, "head": heads,
-               "member_prio": np.array([prio_of[g] for g in members.tolist()], np.uint64),
-               "head_prio": np.array([prio_of[g] for g in heads.tolist()], np.uint64)}
+        yield {"member": rows["gid"][members], "head": rows["gid"][heads], "member_prio": rows["prio"][members],
+               "head_prio": rows["prio"][heads]}
 
 
 def resolve_clusters(edges):
@@ -349,7 +347,9 @@ def resolve_lines(rows: Block):
 
 def apply_drops(fp: dedup.Fingerprints, drops: list, min_words: int) -> dedup.Fingerprints:
     """Mark dropped documents (lower reason codes first: an exact duplicate stays one, even if it is also in
-    a near-duplicate cluster) and dropped lines; a page left with too few words is dropped."""
+    a near-duplicate cluster) and dropped lines; a page left with too few words is dropped. Returns a new
+    Fingerprints (Beam's inputs are not to be mutated)."""
+    fp = dataclasses.replace(fp, dropped=fp.dropped.copy(), line_dropped=fp.line_dropped.copy())
     for reason, indices in sorted(drops, key=lambda d: (d[0] == "lines", 0 if d[0] == "lines" else d[0])):
         if reason == "lines":
             fp.line_dropped[indices] = True
@@ -360,6 +360,28 @@ def apply_drops(fp: dedup.Fingerprints, drops: list, min_words: int) -> dedup.Fi
         left = np.bincount(fp.line_doc, weights=np.where(fp.line_dropped, 0, fp.line_words), minlength=len(fp.prio))
         fp.dropped[(fp.dropped == KEPT) & (left < min_words)] = SHORT_AFTER_LINE_DEDUP
     return fp
+
+
+def dedup_steps(options: CommonCrawlConfig) -> list[tuple]:
+    """(name, rows, resolve, combine) of each enabled deduplication step, in order."""
+    d = options.dedup
+    steps = [("Urls", d.urls, url_rows, resolve_urls, None), ("Exact", d.exact, text_rows, resolve_texts, None),
+             ("Near", d.near, band_rows, band_edges, resolve_clusters),
+             ("Lines", d.lines, line_rows, resolve_lines, None)]
+    return [(name, rows, resolve, combine) for name, enabled, rows, resolve, combine in steps if enabled]
+
+
+def deduplicate_in_memory(fingerprints: dict[int, dedup.Fingerprints],
+                          options: CommonCrawlConfig) -> dict[int, dedup.Fingerprints]:
+    """The `Deduplicate` transform's decisions in one process, all rows in one bucket (benchmark, tests)."""
+    for _, rows, resolve, combine in dedup_steps(options):
+        found = list(resolve(_concat(rows(fp) for fp in fingerprints.values())))
+        drops = collections.defaultdict(list)
+        for file, drop in (combine(found) if combine else found):
+            drops[file].append(drop)
+        fingerprints = {file: apply_drops(fp, drops[file], options.dedup.min_words)
+                        for file, fp in fingerprints.items()}
+    return fingerprints
 
 
 class Resolve(beam.PTransform):
@@ -399,15 +421,8 @@ class Deduplicate(beam.PTransform):
 
     def expand(self, fingerprints):
         d = self.options.dedup
-        if d.urls:
-            fingerprints = fingerprints | "Urls" >> Resolve(url_rows, resolve_urls, d.buckets, d.min_words)
-        if d.exact:
-            fingerprints = fingerprints | "Exact" >> Resolve(text_rows, resolve_texts, d.buckets, d.min_words)
-        if d.near:
-            fingerprints = fingerprints | "Near" >> Resolve(band_rows, band_edges, d.buckets, d.min_words,
-                                                            combine=resolve_clusters)
-        if d.lines:
-            fingerprints = fingerprints | "Lines" >> Resolve(line_rows, resolve_lines, d.buckets, d.min_words)
+        for name, rows, resolve, combine in dedup_steps(self.options):
+            fingerprints = fingerprints | name >> Resolve(rows, resolve, d.buckets, d.min_words, combine)
         return fingerprints
 
 

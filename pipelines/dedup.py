@@ -270,13 +270,14 @@ def _not_first(key: np.ndarray, order: np.ndarray) -> np.ndarray:
 
 
 def band_edges(band_key: np.ndarray, prio: np.ndarray, gid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(gid, gid of the lowest-prio document sharing its band hash) for every document that shares one."""
+    """Row indices (member, head): every row sharing its band hash with a lower-prio row, and the lowest-prio
+    row of that band hash."""
     order = np.lexsort((gid, prio, band_key))
     ordered = band_key[order]
     head = np.flatnonzero(np.concatenate([[True], ordered[1:] != ordered[:-1]]))
     head_of = np.repeat(head, np.diff(np.concatenate([head, [len(order)]])))
     member = np.arange(len(order)) != head_of
-    return gid[order[member]], gid[order[head_of[member]]]
+    return order[member], order[head_of[member]]
 
 
 def cluster_losers(member: np.ndarray, member_prio: np.ndarray, head: np.ndarray,

@@ -4,6 +4,7 @@ known noise, damaged inputs, both formats, two worker processes, resume after a 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import gzip
 import json
 import os
@@ -12,14 +13,19 @@ import shutil
 import uuid
 from pathlib import Path
 
+import apache_beam as beam
 import numpy as np
 import pytest
+from apache_beam.testing import test_pipeline
+from apache_beam.testing.util import assert_that, equal_to
 from warcio.archiveiterator import ArchiveIterator
 
 from codistill.config import ConfigError, parse_experiment
 from codistill.dataset import load_manifest
 from codistill.verify import verify_dataset
 from conftest import RUNNER, read_bytes, shard_bytes, write_bytes
+from pipelines import commoncrawl as cc
+from pipelines import dedup
 from pipelines.cleaning import Cleaner
 from pipelines.formats import read_shard
 from pipelines.run import preprocess
@@ -362,3 +368,68 @@ def test_config_errors_name_the_field():
                                   ("dedup", {"num_perm": 1}, "data.commoncrawl.dedup.num_perm")]:
         with pytest.raises(ConfigError, match=message):
             config("x", "y", "z", commoncrawl={field: value})
+
+
+# --- deduplication core -------------------------------------------------------------------------------------
+
+
+def test_url_normalisation_and_newest_capture():
+    assert dedup.normalize_url("HTTPS://www.Example.com:443/a/?b=2&a=1#top") == dedup.normalize_url(
+        "http://example.com/a?a=1&b=2")
+    assert dedup.normalize_url("http://example.com:8080/a") != dedup.normalize_url("http://example.com/a")
+    url = np.array([7, 7, 7, 9], np.uint64)
+    date = np.array([10, 30, 30, 5])
+    prio = np.array([1, 5, 3, 2], np.uint64)
+    assert dedup.url_losers(url, date, prio).tolist() == [True, True, False, False]  # newest; tie: lowest prio
+
+
+def test_near_duplicate_clusters_are_transitive_and_keep_the_lowest_prio():
+    # a~b share a band, b~c share another: one cluster {a, b, c}; d alone.
+    gid = np.array([10, 11, 12, 13, 10, 11, 12, 13], np.uint64)
+    band = np.array([1, 1, 2, 3, 4, 5, 5, 6], np.uint64)
+    prio = np.array([9, 4, 6, 1, 9, 4, 6, 1], np.uint64)
+    members, heads = dedup.band_edges(band, prio, gid)
+    losers = dedup.cluster_losers(gid[members], prio[members], gid[heads], prio[heads])
+    assert losers.tolist() == [10, 12]
+
+
+def test_repeated_lines_survive_once_in_a_hash_chosen_page():
+    line = np.array([5, 5, 5, 8, 8, 9], np.uint64)
+    doc_prio = np.array([1, 2, 3, 1, 1, 2], np.uint64)
+    gid = np.array([0, 1, 2, 0, 0, 1], np.uint64)
+    position = np.arange(6)
+    losers = dedup.line_losers(line, doc_prio, gid, position)
+    assert [int((~losers[line == h]).sum()) for h in (5, 8, 9)] == [1, 1, 1]
+    assert not losers[3]  # within one page, the first occurrence is the one kept
+
+
+def _fingerprints(file: int, texts: list[str], urls: list[str]) -> dedup.Fingerprints:
+    docs = [WebDocument(f"<urn:{file}:{i}>", u, f"2024-01-0{1 + i % 9}T00:00:00Z", "eng", t, "", 0)
+            for i, (t, u) in enumerate(zip(texts, urls))]
+    return cc.fingerprint_documents(file, docs, config("x", "x", "x").data.commoncrawl, 5)
+
+
+def test_deduplicate_transform_does_not_depend_on_buckets():
+    """The Beam transform, with rows spread over 1 or 5 buckets, decides as the plain functions do in memory."""
+    rng = random.Random(3)
+    pages = [" ".join(rng.choice(WORDS) for _ in range(60)) for _ in range(12)]
+    files = {}
+    for file in range(3):
+        texts = [pages[(file * 5 + i) % 12] + ("" if i % 3 else " extra words here") for i in range(8)]
+        texts.append(" ".join(rng.choice(WORDS) for _ in range(60)) + "\nthe one line repeated across pages")
+        files[file] = _fingerprints(file, texts, [f"http://site/{(file * 8 + i) % 20}" for i in range(9)])
+    options = config("x", "x", "x").data.commoncrawl
+
+    def summary(file, fp):
+        return file, fp.dropped.tolist(), fp.line_dropped.tolist()
+
+    expected = [summary(f, fp) for f, fp in cc.deduplicate_in_memory(files, options).items()]
+    codes = {code for _, dropped, _ in expected for code in dropped}
+    assert {cc.DUPLICATE_URL, cc.DUPLICATE_DOCUMENT, cc.NEAR_DUPLICATE, cc.KEPT} <= codes
+    assert any(any(lines) for _, _, lines in expected)
+    for buckets in (1, 5):
+        d = dataclasses.replace(options.dedup, buckets=buckets)
+        with test_pipeline.TestPipeline(runner=RUNNER.split("=")[1]) as p:
+            found = (p | beam.Create(list(files.items())) | cc.Deduplicate(dataclasses.replace(options, dedup=d))
+                     | beam.MapTuple(summary))
+            assert_that(found, equal_to(expected))
