@@ -86,12 +86,15 @@ def dedup_prio(key_hashes: np.ndarray) -> np.ndarray:
     return mix64(np.asarray(key_hashes, np.uint64) ^ _SALT_PRIO)
 
 
+UNDATED = -(2**62)  # older than any real capture, and still negatable in int64
+
+
 def capture_seconds(date: str) -> int:
-    """WARC-Date as seconds since the epoch (unparseable: the oldest possible, so any dated capture wins)."""
+    """WARC-Date as seconds since the epoch (unparseable: UNDATED, so any dated capture of the URL wins)."""
     try:
         return int(datetime.datetime.fromisoformat(date.replace("Z", "+00:00")).timestamp())
-    except (ValueError, AttributeError):
-        return np.iinfo(np.int64).min
+    except (ValueError, AttributeError, TypeError):
+        return UNDATED
 
 
 def merge_counts(a: dict, b: dict) -> dict:
