@@ -12,9 +12,11 @@ member's WARC and HTTP headers are parsed by fastwarc. A damaged member is quara
 byte offset, and reading resumes at the next verified member header: one quarantine stands for
 the damaged stretch, however many records it held. Damage reasons:
 
-- `not_warc`: the file starts with neither a gzip member nor `WARC/` (one quarantine, nothing read).
+- `not_warc`: the file starts with neither a gzip member nor `WARC/` and holds no gzip member of a
+  WARC record, or its first member is not WARC (one quarantine, nothing read).
 - `empty_file`: zero bytes.
-- `corrupt_gzip`: a member that zlib rejects (bad header, data or CRC), or bytes between members.
+- `corrupt_gzip`: a member that zlib rejects (bad header, data or CRC), or bytes before or between
+  members.
 - `truncated`: the file ends inside a member or record (always the last thing in the file).
 - `too_large`: declared Content-Length or inflated member size above `max_record_bytes`;
   the member is inflated through in bounded pieces and discarded, never allocated.
@@ -42,7 +44,7 @@ import fsspec
 from fastwarc.warc import WarcRecord, WarcRecordType
 from resiliparse.extract.html2text import extract_plain_text
 from resiliparse.parse.encoding import bytes_to_str, detect_encoding
-from resiliparse.parse.html import HTMLTree
+from resiliparse.parse.html import HTMLParserException, HTMLTree
 
 DEFAULT_MAX_RECORD_BYTES = 16 << 20  # Common Crawl truncates payloads at 1 MiB (5 MiB since 2024)
 MAX_HEADER_BYTES = 64 << 10
@@ -86,6 +88,8 @@ class Skipped:
 
 
 ReadResult = WebDocument | Quarantined | Skipped
+QUARANTINE_REASONS = ("not_warc", "empty_file", "corrupt_gzip", "truncated", "too_large", "malformed_header",
+                      "missing_record_id", "bad_content_length", "undecodable", "bad_http", "bad_html")
 
 
 class WarcInputError(ValueError):
@@ -102,6 +106,8 @@ class _Damage(Exception):
 
 def read_web_documents(url: str, max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> Iterator[ReadResult]:
     """Every record of one WET or WARC file (gzip member per record, or uncompressed), in file order."""
+    if max_record_bytes < 1:
+        raise ValueError(f"max_record_bytes must be >= 1, got {max_record_bytes}")
     fs, path = fsspec.core.url_to_fs(url)
     kind = fs.info(path).get("type")
     if kind != "file":
@@ -112,11 +118,14 @@ def read_web_documents(url: str, max_record_bytes: int = DEFAULT_MAX_RECORD_BYTE
         if not head:
             yield Quarantined(url, 0, "empty_file", "the file has no bytes")
         elif head.startswith(GZIP_MAGIC):
-            yield from _read_gzip_members(window, url, max_record_bytes)
+            yield from _read_gzip_members(window, url, max_record_bytes, 0)
         elif head.startswith(b"WARC/"):
             yield from _read_plain(window, url, max_record_bytes)
+        elif window.view(first := _next_member(window, 1)):  # junk before the first member
+            yield Quarantined(url, 0, "corrupt_gzip", f"{first} bytes that are not a gzip member before offset {first}")
+            yield from _read_gzip_members(window, url, max_record_bytes, first)
         else:
-            yield Quarantined(url, 0, "not_warc", f"starts with {head!r}: neither a gzip member nor a WARC/1.x record")
+            yield Quarantined(url, 0, "not_warc", f"starts with {head!r} and holds no gzip member of a WARC record")
 
 
 class _Window:
@@ -126,19 +135,12 @@ class _Window:
         self._f, self._buf, self._base = f, b"", 0
 
     def view(self, pos: int, at_least: int = 1) -> memoryview:
-        """Bytes from file offset `pos` (>= any offset asked before) on: at least `at_least` of them unless the
-        file ends first; empty at the end of the file."""
+        """Bytes from file offset `pos` on (never before an offset asked for earlier): at least `at_least` of
+        them unless the file ends first; empty at the end of the file."""
         end = self._base + len(self._buf)
         if pos + at_least > end:
-            if pos > end:  # skipping forward past what is buffered: read and drop, never hold it
-                self._buf, self._base = b"", end
-                while self._base < pos and (piece := self._f.read(min(_READ_BYTES, pos - self._base))):
-                    self._base += len(piece)
-                if self._base < pos:
-                    return memoryview(b"")
-            keep = self._buf[pos - self._base:]
-            pieces = [keep]
-            have = len(keep)
+            pieces = [self._buf[pos - self._base:]]
+            have = len(pieces[0])
             while have < at_least and (piece := self._f.read(max(_READ_BYTES, at_least - have))):
                 pieces.append(piece)
                 have += len(piece)
@@ -149,8 +151,7 @@ class _Window:
 # --- gzip members ----------------------------------------------------------------------------
 
 
-def _read_gzip_members(window: _Window, source: str, limit: int) -> Iterator[ReadResult]:
-    pos = 0
+def _read_gzip_members(window: _Window, source: str, limit: int, pos: int) -> Iterator[ReadResult]:
     while window.view(pos):
         if window.view(pos, 3)[:3] != GZIP_MAGIC:
             following = _next_member(window, pos + 1)
@@ -365,24 +366,29 @@ def _html_document(data: bytes, headers: dict[str, str], source: str, offset: in
     if not record.is_http:
         return Skipped(source, offset, "not_html")
     try:
-        record.parse_http(auto_decode="all")  # undoes Content-Encoding (gzip, br, ...) and chunking
+        record.parse_http(auto_decode="all")  # the payload is read with Content-Encoding and chunking undone
+    except OSError as e:
+        raise _Damage("bad_http", str(e)) from None
+    status = record.http_headers.status_code
+    if status is None:
+        raise _Damage("bad_http", "no HTTP status line")
+    if not 200 <= status < 300:
+        return Skipped(source, offset, f"http_status:{status}")
+    mime = (record.http_content_type or headers.get("warc-identified-payload-type") or "").lower()
+    if mime not in HTML_TYPES:
+        return Skipped(source, offset, "not_html")
+    try:
         payload = record.reader.read(limit + 1)
     except OSError as e:
         raise _Damage("bad_http", str(e)) from None
     if len(payload) > limit:
         raise _Damage("too_large", f"HTTP payload decodes to more than max_record_bytes={limit}")
-    status = record.http_headers.status_code
-    if status is None or not 200 <= status < 300:
-        return Skipped(source, offset, f"http_status:{status}")
-    mime = (record.http_content_type or headers.get("warc-identified-payload-type") or "").lower()
-    if mime not in HTML_TYPES:
-        return Skipped(source, offset, "not_html")
     # The HTTP charset wins over the page's <meta>, as in browsers; otherwise meta, then uchardet.
     encoding = record.http_charset or detect_encoding(payload, from_html_meta=True)
     try:
         tree = HTMLTree.parse(bytes_to_str(payload, encoding, errors="replace"))
         text = extract_plain_text(tree, preserve_formatting=True, main_content=True, list_bullets=False,
                                   alt_texts=False)
-    except Exception as e:  # resiliparse's HTMLParserException has no public base to catch more narrowly
+    except (HTMLParserException, LookupError, UnicodeError) as e:
         raise _Damage("bad_html", f"{type(e).__name__}: {e}") from None
     return _document(headers, text, source, offset)

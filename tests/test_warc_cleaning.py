@@ -10,16 +10,18 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import os
+import random
 import tracemalloc
 from collections import Counter
 
 import fsspec
 import pytest
+import warcio
 from fastwarc.warc import ArchiveIterator, WarcRecordType
 
 from codistill.config import CleaningConfig, ConfigError, parse_experiment
 from pipelines.cleaning import DROP_REASONS, LINE_REASONS, Cleaner, detect_language
-from pipelines.warc import Quarantined, Skipped, WarcInputError, WebDocument, read_web_documents
+from pipelines.warc import QUARANTINE_REASONS, Quarantined, Skipped, WarcInputError, WebDocument, read_web_documents
 
 SAMPLES = "commoncrawl"
 WET, WARC, RESILIPARSE = "whirlwind.warc.wet.gz", "whirlwind.warc.gz", "resiliparse_CC-MAIN-2020-34_warcfile.warc.gz"
@@ -135,8 +137,7 @@ def test_reads_any_fsspec_url(shared_data, memory_root):
 
 
 def warc_record(text: bytes = b"Some text.\n", *, kind: bytes = b"conversion", record_id: bytes | None = None,
-                length: bytes | None = None, version: bytes = b"WARC/1.0", extra: bytes = b"",
-                index: int = 0) -> bytes:
+                length: bytes | None = None, version: bytes = b"WARC/1.0", index: int = 0) -> bytes:
     """One WARC record, as bytes (a WET conversion record unless `kind` says otherwise)."""
     fields = [version, b"WARC-Type: " + kind, b"WARC-Target-URI: http://example.com/%d" % index,
               b"WARC-Date: 2024-05-18T01:58:10Z"]
@@ -146,7 +147,7 @@ def warc_record(text: bytes = b"Some text.\n", *, kind: bytes = b"conversion", r
         fields.append(b"WARC-Record-ID: " + record_id)
     fields.append(b"Content-Type: text/plain")
     fields.append(b"Content-Length: " + (str(len(text)).encode() if length is None else length))
-    return b"\r\n".join(fields) + b"\r\n" + extra + b"\r\n" + text + b"\r\n\r\n"
+    return b"\r\n".join(fields) + b"\r\n\r\n" + text + b"\r\n\r\n"
 
 
 def members(*records: bytes) -> list[bytes]:
@@ -175,6 +176,14 @@ def offsets(parts: list[bytes]) -> list[int]:
     return out
 
 
+def test_records_written_here_are_valid_warc(tmp_path):
+    path = write(tmp_path, b"".join(members(*good(3))))
+    with open(path, "rb") as f:  # an independent reader agrees
+        ids = [r.rec_headers.get_header("WARC-Record-ID") for r in warcio.ArchiveIterator(f)]
+    assert ids == [key(i) for i in range(3)]
+    assert labels(read(path)) == [key(i) for i in range(3)]
+
+
 def test_truncated_last_member_is_quarantined_and_the_members_before_kept(tmp_path):
     parts = members(*good(4))
     at = offsets(parts)
@@ -185,11 +194,19 @@ def test_truncated_last_member_is_quarantined_and_the_members_before_kept(tmp_pa
         assert len(results) == 4
 
 
-def test_corrupt_member_in_the_middle_reading_resumes_after_it(tmp_path):
+def flip(data: bytes, start: int, stop: int) -> bytes:
+    return data[:start] + bytes(b ^ 0xFF for b in data[start:stop]) + data[stop:]
+
+
+@pytest.mark.parametrize("damage", [
+    lambda m: flip(m, 12, 30),  # deflate data
+    lambda m: flip(m, len(m) - 8, len(m) - 4),  # CRC-32 of the trailer
+    lambda m: flip(m, 3, 4),  # header flags
+])
+def test_corrupt_member_in_the_middle_reading_resumes_after_it(tmp_path, damage):
     parts = members(*good(5))
     at = offsets(parts)
-    broken = parts[2][:12] + bytes(b ^ 0xFF for b in parts[2][12:30]) + parts[2][30:]
-    results = read(write(tmp_path, b"".join(parts[:2] + [broken] + parts[3:])))
+    results = read(write(tmp_path, b"".join(parts[:2] + [damage(parts[2])] + parts[3:])))
     assert labels(results) == [key(0), key(1), "corrupt_gzip", key(3), key(4)]
     assert results[2].offset == at[2]
 
@@ -203,17 +220,49 @@ def test_member_cut_short_then_a_good_member(tmp_path):
     assert results[2].offset == len(parts[0]) + len(parts[1]) // 2
 
 
-def test_garbage_between_members(tmp_path):
+@pytest.mark.parametrize("seed", range(40))
+def test_random_damage_loses_only_the_damaged_members(tmp_path, seed):
+    """Flip bytes inside a member, cut the file, or insert junk between members: every member the damage
+    did not touch is still read, in order, and the damage is quarantined, never raised."""
+    rng = random.Random(seed)
+    parts = members(*[warc_record(b"Document %d. " % i * rng.randint(1, 200), index=i) for i in range(6)])
+    intact = set(range(6))
+    damage = rng.choice(["flip", "cut", "junk"])
+    target = rng.randrange(6)
+    if damage == "flip":
+        start = rng.randrange(len(parts[target]))
+        parts[target] = flip(parts[target], start, min(start + rng.randint(1, 20), len(parts[target])))
+        intact.discard(target)  # (a flip in the gzip header's mtime or OS byte leaves the member readable)
+    elif damage == "cut":
+        parts[target] = parts[target][:rng.randrange(len(parts[target]))]
+        parts = parts[:target + 1]
+        intact -= set(range(target, 6))
+    else:
+        parts.insert(target, bytes(rng.getrandbits(8) for _ in range(rng.randint(1, 300))))
+    results = read(write(tmp_path, b"".join(parts)))
+    documents = [r for r in results if isinstance(r, WebDocument)]
+    assert {key(i) for i in intact} <= {d.key for d in documents}
+    assert all(isinstance(r, (WebDocument, Quarantined)) for r in results)
+    assert [r.offset for r in results] == sorted({r.offset for r in results})  # file order, one result each
+    if damage == "cut" and parts[-1]:
+        assert results[-1].reason == "truncated"
+
+
+def test_garbage_before_and_between_members(tmp_path):
     parts = members(*good(3))
     results = read(write(tmp_path, parts[0] + b"\x1f\x8b\x08 not a member at all" + parts[1] + parts[2]))
     assert labels(results) == [key(0), "corrupt_gzip", key(1), key(2)]
     assert results[1].offset == len(parts[0])
+    junk = b"a download error page, then the data\n"
+    results = read(write(tmp_path, junk + b"".join(parts)))
+    assert labels(results) == ["corrupt_gzip", key(0), key(1), key(2)]
+    assert [r.offset for r in results] == [0] + [len(junk) + at for at in offsets(parts)]
 
 
 @pytest.mark.parametrize("data, detail", [
-    (b"label,value\n1,2\n", "neither a gzip member nor a WARC/1.x record"),
+    (b"label,value\n1,2\n", "holds no gzip member of a WARC record"),
     (gzip.compress(b"label,value\n1,2\n"), "not a WARC/1.x record"),
-    (b"\x89PNG\r\n\x1a\n" + bytes(200), "neither a gzip member"),
+    (b"\x89PNG\r\n\x1a\n" + bytes(200) + gzip.compress(b"IDAT"), "holds no gzip member of a WARC record"),
 ])
 def test_non_warc_file_is_one_quarantine(tmp_path, data, detail):
     (result,) = read(write(tmp_path, data))
@@ -254,6 +303,7 @@ def test_malformed_record_is_quarantined_and_reading_goes_on(tmp_path, record, r
     parts = members(*good(1), record, *good(1, start=1))
     results = read(write(tmp_path, b"".join(parts)))
     assert labels(results) == [key(0), reason, key(1)]
+    assert reason in QUARANTINE_REASONS
     assert results[1].offset == len(parts[0])
 
 
@@ -318,10 +368,13 @@ def test_warc_responses(tmp_path):
         http_response(b"<html>gone</html>", status=b"404 Not Found", index=4),
         http_response(b"<html><body><script>only()</script></body></html>", index=5),
         warc_record(b"GET / HTTP/1.1\r\nHost: example.com\r\n\r\n", kind=b"request", index=6),
+        warc_record(b"not an HTTP message", kind=b"response", index=7).replace(
+            b"Content-Type: text/plain", b"Content-Type: application/http; msgtype=response"),
+        warc_record(b"<html>a response record that holds no HTTP</html>", kind=b"response", index=8),
     ]
     results = read(write(tmp_path, b"".join(members(*records)), "input.warc.gz"))
-    assert labels(results) == [
-        key(0), key(1), key(2), "not_html", "http_status:404", "empty_text", "record_type:request"]
+    assert labels(results) == [key(0), key(1), key(2), "not_html", "http_status:404", "empty_text",
+                               "record_type:request", "bad_http", "not_html"]
     for doc in results[:3]:
         assert "Caf\u00e9 news" in doc.text and "The first paragraph of the article is here." in doc.text
         assert "var x" not in doc.text and "<p>" not in doc.text
@@ -339,9 +392,11 @@ def test_special_files_raise_a_clear_error_without_hanging(tmp_path):
             read(path)
 
 
-def test_missing_file(tmp_path):
+def test_missing_file_and_bad_limit(tmp_path):
     with pytest.raises(FileNotFoundError):
         read(tmp_path / "absent.warc.gz")
+    with pytest.raises(ValueError, match="max_record_bytes must be >= 1"):
+        read(write(tmp_path, b"".join(members(*good(1)))), max_record_bytes=0)
 
 
 # --- cleaning ------------------------------------------------------------------------------------------
@@ -469,6 +524,8 @@ def test_blocklist_whole_words_any_case_and_phrases(memory_root):
         text = PROSE + "\n" + extra
         assert (blocked.clean(doc(text)).drop_reason == "blocklist") == dropped, text
     assert Cleaner(ALL_OFF).clean(doc(PROSE + "\nA BadWord here.")).drop_reason is None
+    with pytest.raises(FileNotFoundError):
+        Cleaner(dataclasses.replace(ALL_OFF, blocklist=f"{memory_root}/absent.txt"))
 
 
 def test_language_from_the_warc_header_then_pycld2():
@@ -486,7 +543,11 @@ def test_language_from_the_warc_header_then_pycld2():
     for codes in (("de",), ("deu",), ("ger",), ("en", "de")):
         assert Cleaner(dataclasses.replace(ALL_OFF, languages=codes)).clean(doc(german, None)).drop_reason is None
     assert Cleaner(ALL_OFF).clean(doc(german, "spa")).drop_reason is None  # languages=() keeps all
-    assert detect_language("Hello\x00 world, this text has a NUL byte in it and is English.") == "en"
+    for odd in ("\x00", "\x85", "\ufdd0", "\U0010ffff", "\ud800"):  # code points pycld2 refuses
+        assert detect_language(f"Hello{odd} world, this text has an odd code point in it and is English.") == "en"
+    hebrew = "שלום עולם, זהו טקסט בעברית לבדיקה של זיהוי השפה. אנחנו כותבים עוד משפט כדי שיהיה מספיק טקסט."
+    assert detect_language(hebrew) == "he"  # CLD2 says "iw"
+    assert Cleaner(dataclasses.replace(ALL_OFF, languages=("heb",))).clean(doc(hebrew, None)).drop_reason is None
 
 
 def test_cleaning_the_real_samples(samples):
