@@ -71,7 +71,7 @@ def synth_criteo(rows: int, out: str, files: int, seed: int, gzip: bool) -> None
 @click.option("--docs", type=click.IntRange(min=1), required=True, help="WET conversion records in all files together.")
 @click.option("--out", required=True, help="Output directory (local path or fsspec URL).")
 @click.option("--files", type=click.IntRange(min=1), default=1, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @_fail_cleanly
 def synth_commoncrawl(docs: int, out: str, files: int, seed: int) -> None:
     """WET files of a planted language with known noise, plus synth.json with the Bayes floor per document."""

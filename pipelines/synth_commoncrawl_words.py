@@ -62,8 +62,10 @@ FOREIGN = {
 }
 FOREIGN_TLD = {"fra": "fr", "deu": "de", "spa": "es"}
 
-# Boilerplate by category. All but "nav" pass the minimum-words and terminal-punctuation rules, so only the
-# category's own rule removes them.
+# Boilerplate by category. "cookie", "javascript" and "policy" lines pass the minimum-words and
+# terminal-punctuation rules, so only their own rule removes them. "nav" and "curly_braces" lines lack terminal
+# punctuation: a curly-brace line that had it would make C4 drop the whole page (as "lorem ipsum" does, so that
+# phrase only appears on placeholder pages).
 BOILERPLATE = {
     "nav": ["Home", "About Us", "Contact", "Menu", "Skip to content", "Search", "Log in", "Sign up", "Categories",
             "Recent Posts", "Share", "Tweet", "Read more", "Back to top", "Facebook", "Twitter", "Newsletter",
@@ -75,11 +77,13 @@ BOILERPLATE = {
                    "JavaScript is disabled in your browser, so some features will not work."],
     "policy": ["Copyright 2024, all rights reserved, see our privacy policy.",
                "By using this site you agree to the terms of use and the privacy policy."],
-    "lorem_ipsum": ["Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod tempor.",
-                    "Ut enim ad minim veniam, quis nostrud exercitation, lorem ipsum dolor."],
-    "curly_braces": ["The widget loads its settings from {theme: dark, lazy: true} on every page.",
-                     "Template error near {{ post.title }} in the sidebar of this page."],
+    "curly_braces": ["body { margin: 0; padding: 0 }", ".site-header { position: sticky; top: 0; z-index: 10 }",
+                     "window.dataLayer = window.dataLayer || []; function gtag(){dataLayer.push(arguments);}"],
 }
+
+# Placeholder pages: every line holds "lorem ipsum" and passes the minimum-words and punctuation rules.
+LOREM = """dolor sit amet consectetur adipiscing elit sed do eiusmod tempor incididunt ut labore et dolore magna
+aliqua enim ad minim veniam quis nostrud exercitation ullamco laboris nisi aliquip ex ea commodo consequat""".split()
 
 # Lines repeated across pages: they pass every line rule; only line dedup catches them.
 REPEATED = (["Thank you for reading, and please share this post", "Sign up for our weekly newsletter and get",

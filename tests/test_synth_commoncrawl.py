@@ -5,6 +5,7 @@ import json
 import re
 import uuid
 import zlib
+from collections import Counter
 from dataclasses import replace
 
 import fsspec
@@ -65,6 +66,11 @@ def test_deterministic_by_seed_whatever_the_files(generated, memory_root):
     assert set(other["documents"]).isdisjoint(sidecar["documents"])
     with fsspec.open(f"{out}/synth.json") as f:
         assert json.load(f) == sidecar
+    # Regenerating into the same place under another split leaves no file of the earlier one behind.
+    S.generate_commoncrawl(memory_root + "/a", 50, files=2, seed=3)
+    fs = fsspec.filesystem("memory")
+    assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls(memory_root + "/a", detail=False)) == [
+        "synth-00000-of-00002.warc.wet.gz", "synth-00001-of-00002.warc.wet.gz", "synth.json"]
 
 
 def test_one_gzip_member_per_record(generated):
@@ -175,6 +181,8 @@ def test_planted_lines_pass_c4_rules_and_noise_is_what_it_says(generated):
     docs = sidecar["documents"]
     bodies = {h.get_header("WARC-Record-ID"): b.decode() for _, h, b in records[1:]}
     repeated = {r["text"] for r in sidecar["repeated_lines"]}
+    position = {h.get_header("WARC-Record-ID"): i for i, (_, h, _) in enumerate(records)}
+    order = []  # is the older capture read first?
     for rid, d in docs.items():
         main_lines, _ = _clean(bodies[rid].split("\n")[:-1], repeated)
         if d["kind"] in ("clean", "near_duplicate", "exact_duplicate", "stale_capture"):
@@ -185,16 +193,53 @@ def test_planted_lines_pass_c4_rules_and_noise_is_what_it_says(generated):
         if d["kind"] == "exact_duplicate":
             assert bodies[rid] == bodies[d["source"]] and d["url"] != src["url"] and src["kind"] == "clean"
         if d["kind"] == "near_duplicate":
-            assert 0.5 < d["similarity"] < 1 and bodies[rid] != bodies[d["source"]] and src["kind"] == "clean"
+            assert 0.8 < d["similarity"] < 1 and bodies[rid] != bodies[d["source"]] and src["kind"] == "clean"
         if d["kind"] == "stale_capture":
             assert d["url"] == src["url"] and d["date"] < src["date"] and src["kind"] == "clean"
+            order.append(position[rid] < position[d["source"]])
         if d["kind"] == "spam":
             assert len(main_lines) - len(set(main_lines)) > len(main_lines) / 3  # mostly repeated lines
+        if d["kind"] == "placeholder":  # every line would drop the page under C4's rule, or itself
+            assert all("lorem ipsum" in line.lower() and len(line.split()) >= 5 and line.endswith(TERMINAL)
+                       for line in main_lines)
+    assert any(order) and not all(order)  # "newest wins" is not "first wins"
     for category, texts in T.BOILERPLATE.items():
         for line in texts:
-            assert (category == "nav") == (len(line.split()) < 5 or not line.endswith(TERMINAL)), line
+            assert (category in ("nav", "curly_braces")) == (len(line.split()) < 5 or not line.endswith(TERMINAL))
     urls = [d["url"] for d in docs.values() if d["kind"] != "stale_capture"]
     assert len(set(urls)) == len(urls)
+
+
+def _duplicate_ngram_chars(words: list[str], n: int) -> float:
+    """Gopher: fraction of characters inside word n-grams that occur more than once."""
+    grams = list(zip(*[words[i:] for i in range(n)]))
+    counts, covered = Counter(grams), np.zeros(len(words), bool)
+    for i, g in enumerate(grams):
+        covered[i:i + n] |= counts[g] > 1
+    return sum(len(w) for w, c in zip(words, covered) if c) / sum(map(len, words))
+
+
+def test_planted_text_passes_gopher_quality_rules(generated):
+    """At the published thresholds (Rae et al. 2021, table A1), with a margin."""
+    docs = generated[1]["documents"]
+    texts = [t for t in _main_texts(generated) if docs[t[0]]["kind"] == "clean"]
+    for _, text in texts:
+        words = text.split()
+        assert len(words) >= 50 and 3 <= np.mean([len(w) for w in words]) <= 10
+        assert sum(w in {"the", "be", "to", "of", "and", "that", "have", "with"} for w in words) >= 2
+        (gram, count), = Counter(zip(words, words[1:])).most_common(1)
+        assert count * len("".join(gram)) / sum(map(len, words)) < 0.15  # threshold 0.20
+        assert _duplicate_ngram_chars(words, 5) < 0.12  # threshold 0.15
+        assert _duplicate_ngram_chars(words, 10) < 0.08  # threshold 0.10
+
+
+def _main_texts(generated) -> list[tuple[str, str]]:
+    """(record id, main text) of every planted record, as the exact cleaner leaves it."""
+    _, sidecar, records = generated
+    repeated = {r["text"] for r in sidecar["repeated_lines"]}
+    return [(h.get_header("WARC-Record-ID"), "\n".join(_clean(b.decode().split("\n")[:-1], repeated)[0]))
+            for _, h, b in records if h.get_header("WARC-Type") == "conversion"
+            and sidecar["documents"][h.get_header("WARC-Record-ID")]["bits"] is not None]
 
 
 def _parse(lang: S.Language, texts: list[str]) -> S.Docs:
@@ -221,12 +266,9 @@ def _parse(lang: S.Language, texts: list[str]) -> S.Docs:
 def test_bits_are_those_of_the_text(generated):
     """Re-deriving the floor from the rendered text alone gives the sidecar's bits: text and token sequence
     carry the same probability."""
-    _, sidecar, records = generated
+    sidecar = generated[1]
     docs, lang = sidecar["documents"], S.plant(S.CommonCrawlParams(), seed=3)
-    repeated = {r["text"] for r in sidecar["repeated_lines"]}
-    ids = [rid for rid, d in docs.items() if d["bits"] is not None]
-    bodies = {h.get_header("WARC-Record-ID"): b.decode() for _, h, b in records[1:]}
-    texts = ["\n".join(_clean(bodies[rid].split("\n")[:-1], repeated)[0]) for rid in ids]
+    ids, texts = zip(*_main_texts(generated))
     assert [len(t.encode()) for t in texts] == [docs[rid]["bytes"] for rid in ids]
     bits, end_bits = S.doc_bits(lang, _parse(lang, texts))
     np.testing.assert_allclose(bits, [docs[rid]["bits"] for rid in ids], rtol=1e-12)
@@ -240,7 +282,8 @@ def test_bits_are_those_of_the_text(generated):
 
 TINY = S.CommonCrawlParams(vocab_size=T.ENGLISH.__len__() + 40, topics=3, successors=4, topic_switch=0.3,
                            sentence_min_words=5, sentence_max_words=8, sentence_continue=0.5, line_min_sentences=2,
-                           doc_min_sentences=3, doc_end=0.6, topic_boost=3.0, topic_words=0.1)
+                           line_break=0.6, doc_min_sentences=3, doc_min_lines=2, doc_end=0.6, topic_boost=3.0,
+                           topic_words=0.1)
 
 
 def _brute_force_bits(lang: S.Language, d: S.Docs) -> list[float]:
@@ -257,7 +300,7 @@ def _brute_force_bits(lang: S.Language, d: S.Docs) -> list[float]:
     for n in d.doc_sents:
         like = np.ones((n, p.topics))  # P(words of sentence | topic)
         rest = 1.0  # lengths, punctuation, separators
-        line = 0
+        line, lines = 0, 1  # sentences in the current line, its number
         for j in range(n):
             prev = V
             for _ in range(d.sent_len[s + j]):
@@ -270,9 +313,9 @@ def _brute_force_bits(lang: S.Language, d: S.Docs) -> list[float]:
             rest *= p.punctuation[d.punct[s + j]]
             line += 1
             if j + 1 < n and line >= p.line_min_sentences:
-                rest *= (1 - p.doc_end) if j + 1 >= p.doc_min_sentences else 1
+                rest *= (1 - p.doc_end) if j + 1 >= p.doc_min_sentences and lines >= p.doc_min_lines else 1
                 rest *= p.line_break if d.newline[s + j] else 1 - p.line_break
-                line = 0 if d.newline[s + j] else line
+                line, lines = (0, lines + 1) if d.newline[s + j] else (line, lines)
         total = 0.0
         for path in itertools.product(range(p.topics), repeat=n):
             q = prior[path[0]] * np.prod([switch[a, b] for a, b in zip(path, path[1:])])
@@ -309,6 +352,34 @@ def test_the_chains_are_distributions():
     np.testing.assert_allclose(np.bincount(first, minlength=TINY.vocab_size) / len(first), expected, atol=0.005)
 
 
+def test_sampler_draws_what_the_floor_scores():
+    """Layouts (sentence lengths, punctuation, line breaks, end), first topics and topic switches are drawn with
+    the probabilities the floor assigns them (within 4 standard errors; fixed seed)."""
+    lang = S.plant(TINY, seed=5)
+    n = 50_000
+    d = S.sample_docs(lang, n, np.random.default_rng(3))
+    off = d.doc_offsets()
+    layouts = Counter(tuple(zip(d.sent_len[a:b].tolist(), d.punct[a:b].tolist(), d.newline[a:b].tolist()))
+                      for a, b in zip(off[:-1], off[1:]))
+    top = [k for k, _ in layouts.most_common(20)]
+    sents = [s for layout in top for s in layout]
+    lens, punct, newline = (np.array(x) for x in zip(*sents))
+    probe = S.Docs(np.zeros(lens.sum(), np.int32), lens, np.zeros(len(lens), np.int64), punct, newline,
+                   np.array([len(layout) for layout in top]))
+    expected = np.exp(S.layout_log_prob(TINY, probe)) * TINY.doc_end  # ... and then the document ends
+    seen = np.array([layouts[k] for k in top]) / n
+    assert np.all(np.abs(seen - expected) < 4 * np.sqrt(expected * (1 - expected) / n)), (seen, expected)
+
+    prior = np.exp(lang.log_prior)
+    first = np.bincount(d.topic[off[:-1]], minlength=TINY.topics) / n
+    assert np.all(np.abs(first - prior) < 4 * np.sqrt(prior * (1 - prior) / n))
+    later = np.ones(len(d.topic), bool)
+    later[off[:-1]] = False
+    switched = (d.topic[1:] != d.topic[:-1])[later[1:]]
+    q = TINY.topic_switch
+    assert abs(switched.mean() - q) < 4 * np.sqrt(q * (1 - q) / len(switched))
+
+
 def test_filter_sits_between_knowing_the_topics_and_ignoring_their_persistence():
     """Knowing the latent topics (which no predictor of the text can) beats the floor; a predictor that treats
     each sentence's topic as independent does worse than it."""
@@ -329,6 +400,8 @@ def test_filter_sits_between_knowing_the_topics_and_ignoring_their_persistence()
 def test_bad_arguments():
     with pytest.raises(ValueError, match="docs >= 1"):
         S.generate_commoncrawl("memory://unused", 0)
+    with pytest.raises(ValueError, match="seed >= 0"):
+        S.generate_commoncrawl("memory://unused", 5, seed=-1)
     with pytest.raises(ValueError, match="CommonCrawlParams.sentence_min_words"):
         S.CommonCrawlParams(sentence_min_words=3)
     with pytest.raises(ValueError, match="CommonCrawlParams.topic_switch"):
