@@ -213,7 +213,7 @@ def summarize(dataset: DatasetManifest, where: str) -> str:
     synth, floor = dataset.extra.get("synth"), dataset.extra.get("floor")
     if floor:
         lines.append(f"generated data: Bayes floor over the eval documents {floor['value']:.4f} {floor['metric']}")
-    elif synth:
+    elif synth and "bayes_log_loss" in synth:
         lines.append(f"generated data: Bayes-optimal log loss {synth['bayes_log_loss']:.4f}, "
                      f"base-rate log loss {synth['base_rate_log_loss']:.4f}")
     return "\n".join(lines)
