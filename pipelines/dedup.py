@@ -54,25 +54,37 @@ def normalize_url(url: str) -> str:
 
 
 def span_hashes(data: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
-    """64-bit hashes of the byte spans data[starts[i]:ends[i]] (uint8 data), all at once.
+    """64-bit hashes of the byte spans data[starts[i]:ends[i]] (bytes widened to uint64), all at once.
 
     h = sum_j data[s + j] * P^j mod 2^64, from prefix sums of data[i] * P^i divided
     by P^s (P is odd, so invertible mod 2^64); then the length and an avalanche mix.
     """
     n = len(data)
+    powers, inverse = _power_tables(n + 1)
     with np.errstate(over="ignore"):
-        powers = np.empty(n + 1, np.uint64)
-        powers[0] = 1
-        powers[1:] = _P
-        np.cumprod(powers, out=powers)
-        inverse = np.empty(n + 1, np.uint64)
-        inverse[0] = 1
-        inverse[1:] = _P_INVERSE
-        np.cumprod(inverse, out=inverse)
         prefix = np.zeros(n + 1, np.uint64)
-        np.cumsum(data.astype(np.uint64) * powers[:n], out=prefix[1:])
+        np.cumsum(data * powers[:n], out=prefix[1:])
         poly = (prefix[ends] - prefix[starts]) * inverse[starts]
         return mix64(poly ^ mix64(ends - starts))
+
+
+_POWERS = (np.ones(1, np.uint64), np.ones(1, np.uint64))
+
+
+def _power_tables(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """P^i and P^-i mod 2^64 for i < n, computed once per process and grown when needed."""
+    global _POWERS
+    if len(_POWERS[0]) < n:
+        size = max(n, 2 * len(_POWERS[0]))
+        tables = []
+        for base in (_P, _P_INVERSE):
+            table = np.full(size, base, np.uint64)
+            table[0] = 1
+            with np.errstate(over="ignore"):
+                np.cumprod(table, out=table)
+            tables.append(table)
+        _POWERS = tuple(tables)
+    return _POWERS
 
 
 def word_spans(data: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -173,25 +185,42 @@ class Fingerprints:
 
 
 def fingerprint(file: int, texts: list[str], urls: list[str], dates: np.ndarray, prio: np.ndarray,
-                shingle_words: int, num_perm: int, params: LSHParams) -> Fingerprints:
-    """Hashes of the documents, their lines and their word shingles (lower-cased), one numpy pass per file."""
-    docs = len(texts)
-    if not docs:
-        empty = np.zeros(0, np.uint64)
-        return Fingerprints(file, empty, empty, np.zeros(0, np.int64), empty, np.zeros((0, params.bands), np.uint64),
-                            np.zeros(0, np.int32), empty, np.zeros(0, np.int32), np.zeros(0, np.uint8),
-                            np.zeros(0, bool))
+                shingle_words: int, num_perm: int, params: LSHParams, chunk_bytes: int = 1 << 20) -> Fingerprints:
+    """Hashes of the documents, their lines and their word shingles (lower-cased): numpy passes over chunks of
+    about `chunk_bytes` of text (memory stays bounded whatever the file's size)."""
     url_hash = np.array([int.from_bytes(_blake(normalize_url(u)), "little") for u in urls], np.uint64)
+    parts, start = [], 0
+    sizes = np.cumsum([len(t) for t in texts])
+    while start < len(texts):
+        end = max(start + 1, int(np.searchsorted(sizes, (sizes[start - 1] if start else 0) + chunk_bytes)))
+        parts.append(_fingerprint_chunk(texts[start:end], prio[start:end], shingle_words, num_perm, params))
+        start = end
+    text_hash, bands, line_doc, line_hash, line_words = (
+        [np.concatenate([p[i] for p in parts]) for i in range(5)] if parts else
+        [np.zeros(0, np.uint64), np.zeros((0, params.bands), np.uint64), np.zeros(0, np.int32),
+         np.zeros(0, np.uint64), np.zeros(0, np.int32)])
+    first_doc = np.cumsum([0] + [len(p[0]) for p in parts])[:-1]
+    line_doc = line_doc + np.repeat(first_doc, [len(p[2]) for p in parts]).astype(np.int32)
+    docs = len(texts)
+    return Fingerprints(file, prio, url_hash, dates, text_hash, bands, line_doc, line_hash, line_words,
+                        np.zeros(docs, np.uint8), np.zeros(len(line_doc), bool))
+
+
+def _fingerprint_chunk(texts: list[str], prio: np.ndarray, shingle_words: int, num_perm: int,
+                       params: LSHParams) -> tuple[np.ndarray, ...]:
+    """(text_hash, bands, line_doc, line_hash, line_words) of some documents (line_doc counted from 0)."""
+    docs = len(texts)
     raw = "\n".join(texts).encode()
     lower = "\n".join(texts).lower().encode()
     # Documents are joined by "\n", so every document is a run of lines: split lines once for all.
     data, lower_data = np.frombuffer(raw, np.uint8), np.frombuffer(lower, np.uint8)
+    wide, lower_wide = data.astype(np.uint64), lower_data.astype(np.uint64)
     newlines = np.flatnonzero(data == 10)
     line_starts = np.concatenate([[0], newlines + 1])
     line_ends = np.concatenate([newlines, [len(data)]])
     lines_per_doc = np.array([t.count("\n") + 1 for t in texts], np.int64)
     line_doc = np.repeat(np.arange(docs, dtype=np.int32), lines_per_doc)
-    line_hash = span_hashes(data, line_starts, line_ends)
+    line_hash = span_hashes(wide, line_starts, line_ends)
 
     word_starts, word_ends = word_spans(lower_data)
     # lower() can change byte lengths (rarely); words are located in the lower-cased bytes, so map them
@@ -200,7 +229,7 @@ def fingerprint(file: int, texts: list[str], urls: list[str], dates: np.ndarray,
     word_line = np.searchsorted(lower_newlines, word_starts)
     line_words = np.bincount(word_line, minlength=len(line_starts)).astype(np.int32)
     word_doc = line_doc[word_line]
-    word_hash = span_hashes(lower_data, word_starts, word_ends)
+    word_hash = span_hashes(lower_wide, word_starts, word_ends)
     shingles, shingle_doc = _shingles(word_hash, word_doc, docs, shingle_words)
     doc_words = np.bincount(word_doc, minlength=docs)
     # Normalised text: the lower-cased words, whitespace collapsed.
@@ -209,8 +238,7 @@ def fingerprint(file: int, texts: list[str], urls: list[str], dates: np.ndarray,
     # A document without words has no shingles: give it bands of its own, not the shared empty signature's.
     wordless = doc_words == 0
     bands[wordless] = mix64(prio[wordless, None] + np.arange(params.bands, dtype=np.uint64) + _SALT_SHINGLE)
-    return Fingerprints(file, prio, url_hash, dates, text_hash, bands, line_doc,
-                        line_hash, line_words, np.zeros(docs, np.uint8), np.zeros(len(line_doc), bool))
+    return text_hash, bands, line_doc, line_hash, line_words
 
 
 def _blake(text: str) -> bytes:

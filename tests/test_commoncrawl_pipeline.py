@@ -432,3 +432,13 @@ def test_deduplicate_transform_does_not_depend_on_buckets():
         found = (p | beam.Create(list(files.items())) | cc.Deduplicate(dataclasses.replace(options, dedup=d))
                  | beam.MapTuple(summary))
         assert_that(found, equal_to(expected))
+
+
+def test_fingerprints_do_not_depend_on_how_a_file_is_chunked():
+    rng = random.Random(4)
+    texts = [" ".join(rng.choice(WORDS + ["Straße", "İstanbul"]) for _ in range(rng.randint(0, 90)))
+             + "\nsecond line" for _ in range(40)]
+    args = (0, texts, [f"http://x/{i}" for i in range(40)], np.zeros(40, np.int64), np.arange(40, dtype=np.uint64),
+            5, 128, dedup.lsh_params(0.7, 128))
+    whole, chunked = dedup.fingerprint(*args), dedup.fingerprint(*args, chunk_bytes=200)
+    assert all(np.array_equal(whole.arrays()[k], chunked.arrays()[k]) for k in whole.arrays())
