@@ -442,3 +442,27 @@ def test_fingerprints_do_not_depend_on_how_a_file_is_chunked():
             5, 128, dedup.lsh_params(0.7, 128))
     whole, chunked = dedup.fingerprint(*args), dedup.fingerprint(*args, chunk_bytes=200)
     assert all(np.array_equal(whole.arrays()[k], chunked.arrays()[k]) for k in whole.arrays())
+
+
+def test_cli_trains_a_tokenizer_and_preprocesses(generated, tmp_path):
+    from click.testing import CliRunner
+
+    from codistill.cli import main
+
+    _, pattern, _ = generated
+    model = tmp_path / "tok" / "spm.model"
+    result = CliRunner().invoke(main, ["tokenizer", "train", "--input", pattern, "--out", str(model),
+                                       "--vocab-size", "600", "--type", "bpe", "--sample-docs", "100", "--runner",
+                                       "FnApiRunner"])
+    assert result.exit_code == 0, result.output
+    assert "bpe, 600 pieces, trained on 100 documents" in result.output
+    args = ["preprocess", "commoncrawl", "--input", pattern, "--output", str(tmp_path / "out"), "--groups", "3",
+            "--tokenizer", str(model), "--sequence-length", "9", "--set", "data.commoncrawl.dedup.near=false"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert f"{DOCS} documents read" in result.output and "near_duplicate" not in result.output
+    manifest = load_manifest(str(tmp_path / "out"))
+    assert manifest.groups == 3 and manifest.features["tokens"].shape == (9,)
+    assert manifest.extra["tokenizer"]["type"] == "bpe"
+    again = CliRunner().invoke(main, args)
+    assert again.exit_code != 0 and "--resume" in again.output and "Traceback" not in again.output
