@@ -226,11 +226,11 @@ class StageFiles(beam.DoFn):
                                                                                    f"{DONE}/{source}.json")
         marker = self._marker(marker_url, path)
         if marker is None:
-            marker = self._stage(index, path, staged)
+            marker, fingerprints = self._stage(index, path, staged)
             write_atomically(marker_url, json.dumps(marker, sort_keys=True))  # only after the staged file is whole
         else:
             Metrics.counter(METRICS, "files_resumed").inc()
-        fingerprints, _ = read_staged(staged, index)
+            fingerprints, _ = read_staged(staged, index)
         yield index, fingerprints
         yield beam.pvalue.TaggedOutput("inputs", (source, marker["records"]))
         if marker["dropped"]:
@@ -253,11 +253,11 @@ class StageFiles(beam.DoFn):
             return None  # made with other settings or from another file of the same name
         return marker
 
-    def _stage(self, index: int, path: str, staged: str) -> dict:
+    def _stage(self, index: int, path: str, staged: str) -> tuple[dict, dedup.Fingerprints]:
         options = self.data.commoncrawl
         cleaned = clean_file(path, self.cleaner, self.data.seed, options.samples_per_reason)
-        write_staged(staged, cleaned.documents, fingerprint_documents(index, cleaned.documents, options,
-                                                                      self.data.seed))
+        fingerprints = fingerprint_documents(index, cleaned.documents, options, self.data.seed)
+        write_staged(staged, cleaned.documents, fingerprints)
         Metrics.counter(METRICS, "documents_read").inc(cleaned.records)
         for reason, n in cleaned.dropped.items():
             Metrics.counter(METRICS, f"dropped_{reason}").inc(n)
@@ -266,10 +266,11 @@ class StageFiles(beam.DoFn):
         for rejected in cleaned.quarantined:
             Metrics.counter(METRICS, f"quarantined_{rejected.reason}").inc()
         input_fs, input_path = fsspec.core.url_to_fs(path)
-        return {"input": path, "input_bytes": input_fs.size(input_path), "parameters": self.digest,
-                "records": cleaned.records, "kept": len(cleaned.documents), "dropped": cleaned.dropped,
-                "lines_dropped": cleaned.lines_dropped, "skipped": cleaned.skipped,
-                "quarantined": [dataclasses.asdict(r) for r in cleaned.quarantined], "samples": cleaned.samples}
+        marker = {"input": path, "input_bytes": input_fs.size(input_path), "parameters": self.digest,
+                  "records": cleaned.records, "kept": len(cleaned.documents), "dropped": cleaned.dropped,
+                  "lines_dropped": cleaned.lines_dropped, "skipped": cleaned.skipped,
+                  "quarantined": [dataclasses.asdict(r) for r in cleaned.quarantined], "samples": cleaned.samples}
+        return marker, fingerprints
 
 
 # --- 2. deduplication over the whole data set ------------------------------------------------------
