@@ -112,7 +112,7 @@ class CleaningConfig:
     max_chars: int | None = 500_000
     min_mean_word_length: float | None = 3.0
     max_mean_word_length: float | None = 10.0
-    max_symbol_word_ratio: float | None = 0.1  # ("#" + "..." + "…") per word
+    max_symbol_word_ratio: float | None = 0.1  # "#" per word, or ellipses ("...", "…") per word
     max_duplicate_line_fraction: float | None = 0.3  # lines equal to an earlier line, per line
     max_duplicate_line_char_fraction: float | None = 0.2  # their characters, per character
     # Most frequent word n-gram's characters per word character, for n = 2, 3, 4, ...

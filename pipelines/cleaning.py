@@ -191,7 +191,7 @@ class Cleaner:
                     c.max_mean_word_length is not None and mean > c.max_mean_word_length):
                 return "mean_word_length"
         if c.max_symbol_word_ratio is not None:
-            symbols = text.count("#") + text.count("...") + text.count("\u2026")
+            symbols = max(text.count("#"), text.count("...") + text.count("\u2026"))  # Gopher: each on its own
             if symbols / len(words) > c.max_symbol_word_ratio:
                 return "symbol_ratio"
         if c.max_duplicate_line_fraction is not None or c.max_duplicate_line_char_fraction is not None:

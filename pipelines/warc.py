@@ -5,8 +5,9 @@ warcinfo, request, metadata, non-HTML or non-2xx responses, empty text) or `Quar
 (damaged), so records in = documents + skipped + quarantined.
 
 Files are gzip-compressed WARC with one gzip member per record (Common Crawl's layout), or
-uncompressed WARC. Both WARC libraries stop silently at a damaged or truncated gzip member, so
-the members are inflated here with zlib, one at a time from a streamed window of the file (a
+uncompressed WARC (which has no checksum: damage inside a payload cannot be seen there). fastwarc
+and warcio both pass a truncated member silently and stop at a corrupt one, so the members are
+inflated here with zlib, one at a time from a streamed window of the file (a
 member is never longer than `max_record_bytes` in memory, the file never read whole), and each
 member's WARC and HTTP headers are parsed by fastwarc. A damaged member is quarantined with its
 byte offset, and reading resumes at the next verified member header: one quarantine stands for
@@ -20,8 +21,8 @@ the damaged stretch, however many records it held. Damage reasons:
 - `truncated`: the file ends inside a member or record (always the last thing in the file).
 - `too_large`: declared Content-Length or inflated member size above `max_record_bytes`;
   the member is inflated through in bounded pieces and discarded, never allocated.
-- `malformed_header`: no `WARC/1.x` line, no blank line ending the headers, or a missing
-  WARC-Type, WARC-Date or (documents) WARC-Target-URI.
+- `malformed_header`: no `WARC/1.x` line, no blank line ending the headers, headers that are not
+  UTF-8, or a missing WARC-Type, WARC-Date or (documents) WARC-Target-URI.
 - `missing_record_id`: no WARC-Record-ID (documents are keyed by it).
 - `bad_content_length`: missing or non-numeric Content-Length, or one that does not end at the
   record's closing CRLF CRLF.
@@ -147,6 +148,19 @@ class _Window:
             self._buf, self._base = b"".join(pieces), pos
         return memoryview(self._buf)[pos - self._base:]
 
+    def find(self, sub: bytes, pos: int, within: int | None = None) -> int:
+        """Offset of the first `sub` at or after `pos` (and before `pos + within`), or -1. Reads forward in
+        pieces; nothing is copied."""
+        stop = None if within is None else pos + within
+        while True:
+            data = self.view(pos, _READ_BYTES)
+            found = self._buf.find(sub, pos - self._base)
+            if found >= 0 and (stop is None or self._base + found < stop):
+                return self._base + found
+            pos += len(data) - len(sub) + 1
+            if found >= 0 or len(data) < _READ_BYTES or (stop is not None and pos >= stop):
+                return -1
+
 
 # --- gzip members ----------------------------------------------------------------------------
 
@@ -206,18 +220,17 @@ def _inflate_member(window: _Window, start: int, limit: int) -> tuple[bytes, int
 def _next_member(window: _Window, pos: int) -> int:
     """Offset of the next gzip member header at or after `pos` whose data inflates to a WARC record
     (the three magic bytes alone occur in compressed data); the end of the file if none."""
-    while True:
-        data = window.view(pos, 3)
-        if len(data) < 3:
-            return pos + len(data)
-        found = bytes(data).find(GZIP_MAGIC)
-        if found < 0:
-            pos += len(data) - 2
-            continue
-        pos += found
-        if _starts_warc_member(window.view(pos, 4096)[:4096]):
-            return pos
-        pos += 1
+    while (found := window.find(GZIP_MAGIC, pos)) >= 0:
+        if _starts_warc_member(window.view(found, 4096)[:4096]):
+            return found
+        pos = found + 1
+    return _end_of_file(window, pos)
+
+
+def _end_of_file(window: _Window, pos: int) -> int:
+    while data := window.view(pos, _READ_BYTES):
+        pos += len(data)
+    return pos
 
 
 def _starts_warc_member(data: memoryview) -> bool:
@@ -232,53 +245,58 @@ def _starts_warc_member(data: memoryview) -> bool:
 
 def _read_plain(window: _Window, source: str, limit: int) -> Iterator[ReadResult]:
     """Uncompressed WARC: records are framed by their headers and Content-Length; after damage, reading
-    resumes at the next `WARC/1.` line."""
+    resumes at the next `WARC/1.`."""
     pos = 0
     while window.view(pos):
         head = window.view(pos, MAX_HEADER_BYTES)[:MAX_HEADER_BYTES]
-        header_end = bytes(head).find(_END)
         try:
-            if not bytes(head[:5]) == b"WARC/":
-                raise _Damage("malformed_header", "no WARC/1.x line where a record should start")
+            header_end = window.find(_END, pos, MAX_HEADER_BYTES)
             if header_end < 0:
-                if len(head) < MAX_HEADER_BYTES:
-                    raise _Damage("truncated", "the file ends inside the WARC headers")
-                raise _Damage("malformed_header", f"no blank line ends the WARC headers in {MAX_HEADER_BYTES} bytes")
-            record = WarcRecord.from_reader(io.BytesIO(bytes(head[:header_end + 4])))
-            length = _content_length(_header_fields(record), limit)
-        except (_Damage, OSError) as e:
-            damage = e if isinstance(e, _Damage) else _Damage("malformed_header", str(e))
+                raise _Damage("truncated" if len(head) < MAX_HEADER_BYTES else "malformed_header",
+                              f"no blank line ends the WARC headers in {len(head)} bytes")
+            if head[:5] != b"WARC/":
+                raise _Damage("malformed_header", "no WARC/1.x line where a record should start")
+            body = header_end + 4 - pos
+            length = _content_length(_header_fields(_parse_headers(bytes(head[:body]))), limit)
+        except _Damage as damage:
             yield Quarantined(source, pos, damage.reason, damage.detail)
             if damage.reason == "truncated":
                 return
             pos = _next_plain_record(window, pos + 1)
             continue
-        end = pos + header_end + 4 + length + 4
-        record = window.view(pos, end - pos)[:end - pos]
-        if len(record) < end - pos:
+        size = body + length + 4
+        record = window.view(pos, size)[:size]
+        if len(record) < size:
             yield Quarantined(source, pos, "truncated", f"the file ends inside the record (Content-Length {length})")
             return
-        if bytes(record[-4:]) != _END:
+        if record[-4:] != _END:
             yield Quarantined(source, pos, "bad_content_length",
                               f"Content-Length {length} does not end at the record's closing CRLF CRLF")
             pos = _next_plain_record(window, pos + 1)
             continue
         yield from _member_records(bytes(record), source, pos, limit)
-        pos = end
+        pos += size
 
 
 def _next_plain_record(window: _Window, pos: int) -> int:
-    while True:
-        data = bytes(window.view(pos, 10))
-        if len(data) < 10:
-            return pos + len(data)
-        found = data.find(b"\nWARC/1.")
-        if found >= 0:
-            return pos + found + 1
-        pos += len(data) - 9
+    """Where the next record may start: the next `WARC/1.` (the end of the file if none)."""
+    found = window.find(b"WARC/1.", pos)
+    return found if found >= 0 else _end_of_file(window, pos)
 
 
 # --- records ---------------------------------------------------------------------------------
+
+
+def _parse_headers(block: bytes) -> WarcRecord:
+    """fastwarc's parse of a WARC header block (up to and including its blank line), which must be UTF-8
+    (WARC 1.1; fastwarc would quietly replace what is not)."""
+    try:
+        block.decode("utf-8")
+        return WarcRecord.from_reader(io.BytesIO(block))
+    except UnicodeDecodeError as e:
+        raise _Damage("malformed_header", f"WARC headers are not UTF-8 at byte {e.start}") from None
+    except OSError as e:
+        raise _Damage("malformed_header", str(e)) from None
 
 
 def _header_fields(record: WarcRecord) -> dict[str, str]:
@@ -316,10 +334,7 @@ def _record_at(data: bytes, pos: int, source: str, offset: int, limit: int) -> t
     if header_end < 0:
         raise _Damage("malformed_header", "no blank line ends the WARC headers")
     body = header_end + 4
-    try:
-        record = WarcRecord.from_reader(io.BytesIO(data[pos:body]))
-    except OSError as e:
-        raise _Damage("malformed_header", str(e)) from None
+    record = _parse_headers(data[pos:body])
     headers = _header_fields(record)
     length = _content_length(headers, limit)
     end = body + length

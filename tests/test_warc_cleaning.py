@@ -124,6 +124,22 @@ def test_resiliparse_warc_sample(samples, shared_data):
     assert "KUNSHAN STANLEY TRADING CO.,LTD." in by_url["http://037426.cn/"]
 
 
+def test_damaged_real_warc_loses_only_the_damaged_records(samples, shared_data, tmp_path):
+    data = (shared_data / SAMPLES / RESILIPARSE).read_bytes()
+    clean_results = samples[RESILIPARSE]
+    at = [r.offset for r in clean_results] + [len(data)]
+    k = 20  # a response record: its member's deflate data is damaged
+    assert isinstance(clean_results[k], WebDocument)
+    damaged = data[:at[k] + 100] + bytes(b ^ 0x55 for b in data[at[k] + 100:at[k] + 140]) + data[at[k] + 140:]
+    results = read(write(tmp_path, damaged, "damaged.warc.gz"))
+    assert results[:k] + results[k + 1:] == [dataclasses.replace(r, source=results[0].source)
+                                             for r in clean_results[:k] + clean_results[k + 1:]]
+    assert (results[k].reason, results[k].offset) == ("corrupt_gzip", at[k])
+    cut = read(write(tmp_path, data[:at[40] + (at[41] - at[40]) // 2], "cut.warc.gz"))
+    assert labels(cut[:40]) == labels(clean_results[:40])
+    assert (cut[40].reason, cut[40].offset, len(cut)) == ("truncated", at[40], 41)
+
+
 def test_reads_any_fsspec_url(shared_data, memory_root):
     url = f"{memory_root}/{WET}"
     with fsspec.open(url, "wb") as f:
@@ -220,15 +236,17 @@ def test_member_cut_short_then_a_good_member(tmp_path):
     assert results[2].offset == len(parts[0]) + len(parts[1]) // 2
 
 
-@pytest.mark.parametrize("seed", range(40))
-def test_random_damage_loses_only_the_damaged_members(tmp_path, seed):
-    """Flip bytes inside a member, cut the file, or insert junk between members: every member the damage
-    did not touch is still read, in order, and the damage is quarantined, never raised."""
+@pytest.mark.parametrize("compressed, seed", [(True, s) for s in range(40)] + [(False, s) for s in range(20)])
+def test_random_damage_loses_only_the_damaged_records(tmp_path, compressed, seed):
+    """Flip bytes inside a record (its gzip member), cut the file, or insert junk between records: every
+    record the damage did not touch is still read, in order, and the damage is quarantined, never raised."""
     rng = random.Random(seed)
-    parts = members(*[warc_record(b"Document %d. " % i * rng.randint(1, 200), index=i) for i in range(6)])
+    parts = [warc_record(b"Document %d. " % i * rng.randint(1, 200), index=i) for i in range(6)]
+    if compressed:
+        parts = members(*parts)
     intact = set(range(6))
     damage = rng.choice(["flip", "cut", "junk"])
-    target = rng.randrange(6)
+    target = rng.randrange(6 if compressed else 5)
     if damage == "flip":
         start = rng.randrange(len(parts[target]))
         parts[target] = flip(parts[target], start, min(start + rng.randint(1, 20), len(parts[target])))
@@ -237,12 +255,14 @@ def test_random_damage_loses_only_the_damaged_members(tmp_path, seed):
         parts[target] = parts[target][:rng.randrange(len(parts[target]))]
         parts = parts[:target + 1]
         intact -= set(range(target, 6))
-    else:
-        parts.insert(target, bytes(rng.getrandbits(8) for _ in range(rng.randint(1, 300))))
+    else:  # an uncompressed file must start with its first record
+        junk = bytes(rng.getrandbits(8) for _ in range(rng.randint(1, 300)))
+        parts.insert(target if compressed else target + 1, junk)
     results = read(write(tmp_path, b"".join(parts)))
     documents = [r for r in results if isinstance(r, WebDocument)]
     assert {key(i) for i in intact} <= {d.key for d in documents}
-    assert all(isinstance(r, (WebDocument, Quarantined)) for r in results)
+    # (uncompressed records have no CRC: a flip can leave a well-framed record of an unknown type)
+    assert all(isinstance(r, (WebDocument, Quarantined)) or r.reason == "record_type:unknown" for r in results)
     assert [r.offset for r in results] == sorted({r.offset for r in results})  # file order, one result each
     if damage == "cut" and parts[-1]:
         assert results[-1].reason == "truncated"
@@ -288,6 +308,7 @@ def test_plain_uncompressed_warc(tmp_path):
 
 @pytest.mark.parametrize("record, reason", [
     (warc_record(version=b"WARX/1.0"), "malformed_header"),
+    (warc_record().replace(b"conversion", b"conv\xe9rsion"), "malformed_header"),  # headers not UTF-8
     (warc_record().split(b"\r\n\r\n")[0] + b"\r\n", "malformed_header"),  # no blank line ends the headers
     (warc_record().replace(b"WARC-Date: 2024-05-18T01:58:10Z\r\n", b""), "malformed_header"),
     (warc_record().replace(b"WARC-Target-URI: http://example.com/0\r\n", b""), "malformed_header"),
@@ -502,6 +523,12 @@ def test_page_rule_drops_the_page_and_its_switch_turns_it_off(rule, value, text,
     assert clean(text, **{rule: value}).drop_reason == reason
     assert clean(text).drop_reason is None
     assert reason in DROP_REASONS
+
+
+def test_symbol_ratio_counts_hashes_and_ellipses_apart_as_gopher_does():
+    text = PROSE + "\nWait... so #1 #2 #3 #4 #5... and then... #6 #7."  # 81 words, 7 hashes, 3 ellipses
+    assert clean(text, max_symbol_word_ratio=0.1).drop_reason is None
+    assert clean(text, max_symbol_word_ratio=0.08).drop_reason == "symbol_ratio"
 
 
 def test_top_ngram_once_is_not_repetition():
