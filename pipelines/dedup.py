@@ -19,6 +19,7 @@ of input order, runner and bucket count.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import urllib.parse
 from dataclasses import dataclass
@@ -100,6 +101,7 @@ class LSHParams:
     rows: int
 
 
+@functools.cache
 def lsh_params(threshold: float, num_perm: int) -> LSHParams:
     """Bands x rows minimising false positives below and false negatives above the threshold (equal
     weights), as datasketch's MinHashLSH chooses them."""
