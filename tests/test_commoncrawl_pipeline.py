@@ -28,7 +28,7 @@ from pipelines import commoncrawl as cc
 from pipelines import dedup
 from pipelines.cleaning import Cleaner
 from pipelines.formats import read_shard
-from pipelines.run import preprocess
+from pipelines.run import pipeline_options, preprocess
 from pipelines.synth_commoncrawl import generate_commoncrawl
 from pipelines.synth_commoncrawl_words import BOILERPLATE
 from pipelines.textfiles import expand_inputs
@@ -293,8 +293,18 @@ def test_real_samples_and_damaged_files(shared_data, tokenizer_url, tmp_path):
         os.symlink(path, raw / path.name)
     damaged = write_damaged_inputs(raw)
     out = tmp_path / "out"
-    manifest = run(str(raw / "*.gz"), str(out), tokenizer_url)
+    data = config(str(raw / "*.gz"), str(out), tokenizer_url).data
+    pipeline = beam.Pipeline(options=pipeline_options([RUNNER]))
+    _ = pipeline | cc.PIPELINE.transform(data.input, data, {})
+    result = pipeline.run()
+    result.wait_until_finish()
+    manifest = load_manifest(str(out))
     assert verify_dataset(str(out)).ok, verify_dataset(str(out)).problems
+    # Beam counters say the same as the manifest.
+    counters = {c.key.metric.name: c.committed for c in result.metrics().query()["counters"]}
+    for reason, n in manifest.rejected.items():
+        assert counters.get(f"dropped_{reason}", 0) + counters.get(f"quarantined_{reason}", 0) == n, reason
+    assert counters["documents_read"] == manifest.input_rows and counters["documents_kept"] == manifest.kept
     assert manifest.input_rows == manifest.kept + sum(manifest.rejected.values())
     inputs = {i["source"]: i["rows"] for i in manifest.inputs}
     markers = {p.stem: json.loads(p.read_text()) for p in (out / ".done").glob("*.json")}
