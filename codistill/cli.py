@@ -112,26 +112,34 @@ def _preprocess_options(func):
     return click.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})(func)
 
 
-def _run_preprocess(ctx, dataset: str, dataset_flags: dict, manifest, input_glob, output, groups, eval_fraction, fmt,
-                    runner, sets, overwrite) -> None:
-    """Manifest (or defaults) + flags -> config, then the dataset's Beam pipeline; unknown options go to Beam."""
-    from pipelines.run import preprocess as run_preprocess
-
+def _raw_manifest(dataset: str, manifest: str | None, input_glob: str | None, flags: dict) -> dict:
+    """The manifest as YAML data with the flags given set (an --input replaces a manifest's `synth`)."""
     raw = read_manifest_yaml(manifest) if manifest else {"name": f"{dataset}-cli", "data": {"dataset": dataset}}
-    flags = {"data.input": input_glob, "data.output": output, "data.groups": groups,
-             "data.eval_fraction": eval_fraction, "data.format": fmt, **dataset_flags}
-    for dotted, value in flags.items():
+    for dotted, value in {"data.input": input_glob, **flags}.items():
         if value is not None:
             set_field(raw, dotted, value)
     if input_glob is not None:
         raw["data"].pop("synth", None)
+    return raw
+
+
+def _beam_args(ctx, runner: str | None) -> list[str]:
     stray = [a for a in ctx.args if not a.startswith("-")]
     if stray:
         raise click.UsageError(f"unexpected argument {stray[0]!r}: quote a glob given to --input "
                                "(--input 'dir/*.txt') so the shell does not expand it")
-    config = parse_experiment(raw, sets)
-    beam_args = (["--runner", runner] if runner else []) + list(ctx.args)
-    result = run_preprocess(config, beam_args, overwrite=overwrite)
+    return (["--runner", runner] if runner else []) + list(ctx.args)
+
+
+def _run_preprocess(ctx, dataset: str, dataset_flags: dict, manifest, input_glob, output, groups, eval_fraction, fmt,
+                    runner, sets, overwrite, resume: bool = False) -> None:
+    """Manifest (or defaults) + flags -> config, then the dataset's Beam pipeline; unknown options go to Beam."""
+    from pipelines.run import preprocess as run_preprocess
+
+    flags = {"data.output": output, "data.groups": groups, "data.eval_fraction": eval_fraction, "data.format": fmt,
+             **dataset_flags}
+    config = parse_experiment(_raw_manifest(dataset, manifest, input_glob, flags), sets)
+    result = run_preprocess(config, _beam_args(ctx, runner), overwrite=overwrite, resume=resume)
     click.echo(summarize_dataset(result, config.data.output))
     if result.input_rows and not result.written_rows:
         raise click.ClickException(f"every one of the {result.input_rows} rows read was rejected (not "
@@ -151,6 +159,54 @@ def preprocess_criteo(ctx, dialect, cat_buckets, keep_raw, **common) -> None:
 
 
 preprocess.add_command(preprocess_criteo, "criteo")
+
+
+# --- Common Crawl ---------------------------------------------------------------------------------
+
+
+@click.option("--tokenizer", help="sentencepiece model URL (with its .json sidecar); default: train one first.")
+@click.option("--sequence-length", type=int, help="Tokens per packed row.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run in the same output: input files already "
+              "staged (.done/ markers) are not read again.")
+@_preprocess_options
+@_fail_cleanly
+def preprocess_commoncrawl(ctx, tokenizer, sequence_length, resume, **common) -> None:
+    """WET/WARC files -> cleaned, deduplicated, tokenised, packed shards. Unknown options go to Beam."""
+    _run_preprocess(ctx, "commoncrawl", {"data.commoncrawl.tokenizer": tokenizer,
+                                         "data.commoncrawl.sequence_length": sequence_length}, **common, resume=resume)
+
+
+preprocess.add_command(preprocess_commoncrawl, "commoncrawl")
+
+
+@main.group()
+def tokenizer() -> None:
+    """sentencepiece models with an exact round trip."""
+
+
+@tokenizer.command("train", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.option("--input", "input_glob", required=True, help="WET/WARC files: glob or URL, comma-separated.")
+@click.option("--out", required=True, help="Model URL (any fsspec URL); the sidecar goes to <out>.json.")
+@click.option("--vocab-size", type=click.IntRange(min=300), required=True)
+@click.option("--type", "model_type", type=click.Choice(["unigram", "bpe"]), default="unigram", show_default=True)
+@click.option("--sample-docs", type=click.IntRange(min=1), default=20_000, show_default=True,
+              help="Cleaned documents to train on (the lowest keyed hashes of their WARC-Record-IDs).")
+@click.option("-m", "--manifest", help="Take the cleaning rules and seed from this experiment manifest.")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a manifest field.")
+@click.option("--runner", help="Beam runner for the sampling pipeline (default FnApiRunner).")
+@click.pass_context
+@_fail_cleanly
+def tokenizer_train(ctx, input_glob, out, vocab_size, model_type, sample_docs, manifest, sets, runner) -> None:
+    """Train sentencepiece on a deterministic sample of the cleaned text (read and cleaned with Beam)."""
+    from pipelines.textfiles import expand_inputs
+    from tokenizer.train import train_tokenizer
+
+    raw = _raw_manifest("commoncrawl", manifest, input_glob, {})
+    data = parse_experiment(raw, sets).data
+    info = train_tokenizer(expand_inputs(input_glob), out, vocab_size, model_type, sample_docs,
+                           data.commoncrawl.clean, data.seed, _beam_args(ctx, runner))
+    click.echo(f"wrote {out} ({info['type']}, {info['vocab_size']} pieces, trained on {info['trained_on_documents']} "
+               f"documents), sha256 {info['sha256']}")
 
 
 # --- ImageNet -------------------------------------------------------------------------------------
@@ -203,8 +259,11 @@ preprocess.add_command(preprocess_imagenet, "imagenet")
 def summarize_dataset(dataset: DatasetManifest, where: str) -> str:
     rejected = sum(dataset.rejected.values())
     reasons = ", ".join(f"{k}: {v}" for k, v in dataset.rejected.items())
-    lines = [f"{dataset.dataset} ({dataset.format}) at {where}: {dataset.input_rows} rows read, "
-             f"{dataset.written_rows} written, {rejected} rejected" + (f" ({reasons})" if reasons else ""),
+    # Rows are input records, or (`kept` set) packed sequences of the documents kept.
+    read, written = ("rows", f"{dataset.written_rows} written") if dataset.kept is None else (
+        "documents", f"{dataset.kept} kept, packed into {dataset.written_rows} rows")
+    lines = [f"{dataset.dataset} ({dataset.format}) at {where}: {dataset.input_rows} {read} read, "
+             f"{written}, {rejected} rejected" + (f" ({reasons})" if reasons else ""),
              f"{'split':<6} {'group':>5} {'shards':>6} {'rows':>10} {'bytes':>12}"]
     parts = [("eval", None)] + [("train", g) for g in range(dataset.groups)]
     for split, group in parts:
@@ -215,8 +274,10 @@ def summarize_dataset(dataset: DatasetManifest, where: str) -> str:
         repairs = ", ".join(f"{k}: {v}" for k, v in sorted(dataset.extra["repairs"].items())) or "none"
         lines.append(f"{len(dataset.extra.get('classes', []))} classes; repaired: {repairs}; "
                      f"1-channel (grayscale): {dataset.extra.get('grayscale', 0)}")
-    synth = dataset.extra.get("synth")
-    if synth and "bayes_log_loss" in synth:
+    synth, floor = dataset.extra.get("synth"), dataset.extra.get("floor")
+    if floor:
+        lines.append(f"generated data: Bayes floor over the eval documents {floor['value']:.4f} {floor['metric']}")
+    elif synth and "bayes_log_loss" in synth:
         lines.append(f"generated data: Bayes-optimal log loss {synth['bayes_log_loss']:.4f}, "
                      f"base-rate log loss {synth['base_rate_log_loss']:.4f}")
     return "\n".join(lines)

@@ -173,20 +173,60 @@ class CleaningConfig:
 
 @dataclass(frozen=True)
 class DedupConfig:
-    """Whole-data-set deduplication before group assignment (`data.commoncrawl.dedup`)."""
+    """Whole-data-set deduplication before group assignment (`data.commoncrawl.dedup`).
+
+    Steps, in this order, each over the documents the earlier ones kept: URLs
+    (normalised; the newest capture wins), exact documents (normalised text),
+    near-duplicate documents (MinHash LSH clusters, one kept per cluster), then
+    repeated lines (each kept once, in a hash-chosen document). Which copy is kept
+    is decided by a keyed hash of the WARC-Record-ID, never by processing order.
+    """
+
+    urls: bool = True
+    exact: bool = True
+    near: bool = True
+    lines: bool = True
+    near_threshold: float = 0.8  # Jaccard similarity of word shingles above which pages are near-duplicates
+    num_perm: int = 128  # MinHash permutations
+    shingle_words: int = 5  # words per shingle
+    min_words: int = 20  # a page left with fewer words after line deduplication is dropped
+    buckets: int = 16  # hash partitions each deduplication step's shuffle is spread over
 
     def validate(self, name: str) -> None:
-        pass
+        _require(0.0 < self.near_threshold < 1.0, f"{name}.near_threshold",
+                 f"must be in (0, 1), got {self.near_threshold}")
+        _require(2 <= self.num_perm <= 1024, f"{name}.num_perm", f"must be in [2, 1024], got {self.num_perm}")
+        _require(self.shingle_words >= 1, f"{name}.shingle_words", f"must be >= 1, got {self.shingle_words}")
+        _require(self.min_words >= 1, f"{name}.min_words", f"must be >= 1, got {self.min_words}")
+        _require(self.buckets >= 1, f"{name}.buckets", f"must be >= 1, got {self.buckets}")
 
 
 @dataclass(frozen=True)
 class CommonCrawlConfig:
     """Reading, cleaning, deduplicating and tokenising web text (`data.dataset: commoncrawl`)."""
 
+    # sentencepiece model (any fsspec URL, with its `<url>.json` sidecar); null = train one on the input first,
+    # written to `<output>/tokenizer/spm.model`, with the three settings below.
+    tokenizer: str | None = None
+    vocab_size: int = 8000
+    tokenizer_type: Literal["unigram", "bpe"] = "unigram"
+    tokenizer_sample_docs: int = 20_000  # cleaned documents the tokenizer is trained on (a keyed-hash sample)
+    sequence_length: int = 33  # tokens per packed row (inputs tokens[:-1], targets tokens[1:])
+    samples_per_reason: int = 5  # dropped documents kept in rejected/samples/<reason>.jsonl
     clean: CleaningConfig = field(default_factory=CleaningConfig)
     dedup: DedupConfig = field(default_factory=DedupConfig)
 
     def validate(self, name: str) -> None:
+        _require(self.tokenizer is None or bool(self.tokenizer), f"{name}.tokenizer",
+                 "must be a model URL or null (train one first)")
+        _require(300 <= self.vocab_size <= 1_000_000, f"{name}.vocab_size",
+                 f"must be in [300, 1000000] (256 byte pieces are part of it), got {self.vocab_size}")
+        _require(self.tokenizer_sample_docs >= 1, f"{name}.tokenizer_sample_docs",
+                 f"must be >= 1, got {self.tokenizer_sample_docs}")
+        _require(self.sequence_length >= 2, f"{name}.sequence_length",
+                 f"must be >= 2 (inputs and targets are shifted by one), got {self.sequence_length}")
+        _require(self.samples_per_reason >= 0, f"{name}.samples_per_reason",
+                 f"must be >= 0, got {self.samples_per_reason}")
         self.clean.validate(f"{name}.clean")
         self.dedup.validate(f"{name}.dedup")
 

@@ -50,6 +50,9 @@ class DatasetManifest:
     tokenizer_sha256: str | None = None
     schema_version: int = SCHEMA_VERSION
     extra: dict = field(default_factory=dict)  # dataset-specific facts (e.g. the synth sidecar)
+    # Input records written, when a row is not one input record (documents packed into token sequences);
+    # None: one row per input record.
+    kept: int | None = None
 
     @property
     def input_rows(self) -> int:
@@ -58,6 +61,11 @@ class DatasetManifest:
     @property
     def written_rows(self) -> int:
         return sum(s.records for s in self.shards)
+
+    @property
+    def kept_rows(self) -> int:
+        """Input records that made it into the shards: inputs = kept + rejected."""
+        return self.written_rows if self.kept is None else self.kept
 
     def shards_of(self, split: str, group: int | None = None) -> list[ShardEntry]:
         return [s for s in self.shards if s.split == split and s.group == group]
@@ -137,8 +145,8 @@ def write_atomically(url: str, text: str) -> None:
 
 
 def write_manifest(root: str, manifest: DatasetManifest) -> None:
-    if manifest.input_rows != manifest.written_rows + sum(manifest.rejected.values()):
-        raise DatasetError(f"rows read ({manifest.input_rows}) != rows written ({manifest.written_rows}) "
+    if manifest.input_rows != manifest.kept_rows + sum(manifest.rejected.values()):
+        raise DatasetError(f"rows read ({manifest.input_rows}) != rows written ({manifest.kept_rows}) "
                            f"+ rows rejected ({sum(manifest.rejected.values())}): records were lost")
     write_atomically(join(root, MANIFEST_NAME), manifest.to_json())
 

@@ -92,7 +92,10 @@ def pipeline_options(beam_args: list[str]) -> PipelineOptions:
 
 
 # What a dataset directory holds (an interrupted run leaves some of it, without the manifest).
-DATASET_ENTRIES = (MANIFEST_NAME, "train", "eval", "rejected", "raw", PIECES)
+# Common Crawl adds its staging (`.staged`, `.done`), `documents` and `tokenizer`; ImageNet `classes.txt`,
+# `idx` (DALI indexes) and `*.wids.json`.
+DATASET_ENTRIES = (MANIFEST_NAME, "train", "eval", "rejected", "raw", PIECES, ".staged", ".done", "documents",
+                   "tokenizer", "classes.txt", "idx")
 
 
 def _location(url: str) -> tuple[str, str]:
@@ -109,9 +112,12 @@ def is_under(url: str, root: str) -> bool:
     return protocol == root_protocol and (path == root_path or path.startswith(root_path.rstrip("/") + "/"))
 
 
-def prepare_output(output: str, overwrite: bool, inputs: list[str] = ()) -> None:
+def prepare_output(output: str, overwrite: bool, inputs: list[str] = (), resume: bool = False) -> None:
     """Make sure `output` is new or empty. `overwrite` deletes only a dataset directory (or what is left of
-    one), never one that holds anything else or any of the `inputs`."""
+    one), never one that holds anything else or any of the `inputs`; `resume` continues an interrupted run's
+    output (no manifest yet)."""
+    if resume and overwrite:
+        raise ValueError("--resume continues an interrupted run, --overwrite starts afresh: give one of them")
     fs, path = fsspec.core.url_to_fs(output)
     if not fs.exists(path):
         return
@@ -123,9 +129,15 @@ def prepare_output(output: str, overwrite: bool, inputs: list[str] = ()) -> None
     entries = sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False))
     if not entries:
         return
+    if resume:
+        if MANIFEST_NAME in entries:
+            raise OutputExistsError(f"{output} holds a complete dataset (it has a {MANIFEST_NAME}); nothing to resume")
+        return
     if not overwrite:
-        raise OutputExistsError(f"{output} exists and is not empty; choose another output or pass --overwrite")
-    foreign = [e for e in entries if e not in DATASET_ENTRIES and not e.startswith(TEMP_PREFIX)]
+        raise OutputExistsError(f"{output} exists and is not empty; choose another output, pass --overwrite, "
+                                "or --resume an interrupted run")
+    foreign = [e for e in entries
+               if e not in DATASET_ENTRIES and not e.startswith(TEMP_PREFIX) and not e.endswith(".wids.json")]
     if foreign:
         raise OutputExistsError(f"{output} is not a codistill dataset (it holds {', '.join(foreign[:5])}"
                                 f"{', ...' if len(foreign) > 5 else ''}): --overwrite deletes only a dataset "
@@ -133,10 +145,13 @@ def prepare_output(output: str, overwrite: bool, inputs: list[str] = ()) -> None
     fs.rm(path, recursive=True)
 
 
-def preprocess(config: ExperimentConfig, beam_args: list[str] = (), overwrite: bool = False) -> DatasetManifest:
+def preprocess(config: ExperimentConfig, beam_args: list[str] = (), overwrite: bool = False,
+               resume: bool = False) -> DatasetManifest:
+    """Build the dataset of `config.data`. `resume` continues an interrupted run in the same output: pipelines
+    that keep per-input completion markers (Common Crawl) skip the inputs already done."""
     data = config.data
     pipeline = dataset_pipeline(data.dataset)
-    prepare_output(data.output, overwrite, match_inputs(data.input) if data.input is not None else [])
+    prepare_output(data.output, overwrite, match_inputs(data.input) if data.input is not None else [], resume)
     extra = {}
     source = data.input
     if data.synth is not None:

@@ -43,14 +43,16 @@ class Rejected:
     """An input row kept out of the dataset, and why."""
 
     source: str
-    line: int
+    line: int  # position in the source: line number, or record number for record formats
     reason: str
     detail: str
     raw: str
+    offset: int | None = None  # byte offset in the source, for record formats (e.g. a WARC record's gzip member)
 
     def to_json(self) -> str:
-        return json.dumps({"source": self.source, "line": self.line, "reason": self.reason,
-                           "detail": self.detail, "raw": self.raw}, ensure_ascii=False)
+        fields = {"source": self.source, "line": self.line, "reason": self.reason, "detail": self.detail,
+                  "raw": self.raw}
+        return json.dumps(fields | ({} if self.offset is None else {"offset": self.offset}), ensure_ascii=False)
 
 
 @dataclass(frozen=True)
@@ -145,28 +147,36 @@ class WriteRejectedFn(beam.DoFn):
 
     def process(self, element):
         source, batches = element
-        rows = sorted((r for batch in batches for r in batch), key=lambda r: r.line)
+        rows = sorted((r for batch in batches for r in batch), key=lambda r: (r.line, r.offset or 0))
         write_atomically(join(self.output, f"rejected/{source}.jsonl"), "".join(r.to_json() + "\n" for r in rows))
         yield dict(collections.Counter(r.reason for r in rows))
 
 
 class WriteManifestFn(beam.DoFn):
     def __init__(self, output: str, layout: ShardLayout, schema: Schema, fmt: str, parameters: dict, extra: dict,
-                 files: dict[str, str], indexes: bool):
+                 files: dict[str, str], indexes: bool, tokenizer_sha256: str | None):
         self.output, self.layout, self.schema, self.fmt = output, layout, schema, fmt
         self.parameters, self.extra, self.files, self.indexes = parameters, extra, files, indexes
+        self.tokenizer_sha256 = tokenizer_sha256
 
-    def process(self, _, shards, reject_counts, inputs, stats):
+    def process(self, _, shards, reject_counts, counted_only, inputs, stats, kept, facts):
         extra = dict(self.extra)
         for counts in stats:
             merge_counts(extra, counts)
+        for more in facts:
+            extra.update(more)
         for relative, text in sorted(self.files.items()):
             write_atomically(join(self.output, relative), text)
         if self.indexes:
             extra["indexes"] = self.write_indexes(sorted(shards, key=lambda s: s.path))
-        rejected = collections.Counter()
+        rejected, unlisted = collections.Counter(), collections.Counter()
         for counts in reject_counts:
             rejected.update(counts)
+        for counts in counted_only:
+            unlisted.update(counts)
+        if unlisted:  # verify checks every other rejection against its line in rejected/
+            extra["rejected_without_records"] = dict(sorted(unlisted.items()))
+        rejected.update(unlisted)
         rows_read = collections.Counter()
         for source, rows in inputs:
             rows_read[source] += rows
@@ -174,7 +184,8 @@ class WriteManifestFn(beam.DoFn):
             dataset=self.layout.dataset, format=self.fmt, features=self.schema, groups=self.layout.groups,
             shards=tuple(sorted(shards, key=lambda s: s.path)),
             inputs=tuple({"source": s, "rows": n} for s, n in sorted(rows_read.items())),
-            rejected=dict(sorted(rejected.items())), parameters=self.parameters, extra=extra)
+            rejected=dict(sorted(rejected.items())), parameters=self.parameters,
+            tokenizer_sha256=self.tokenizer_sha256, extra=extra, kept=sum(kept) if kept else None)
         fs, path = fsspec.core.url_to_fs(join(self.output, PIECES))
         if fs.exists(path):
             fs.rm(path, recursive=True)
@@ -201,16 +212,25 @@ class WriteDataset(beam.PTransform):
 
     `pieces` holds `(destination, Piece)`; `rejected` lists of `Rejected` rows
     of one source each; `inputs` `(source, rows read)`, possibly several per
-    source; optional `stats` nested dicts of counts, summed into the manifest's
-    `extra`. `files` (relative path -> text, e.g. `classes.txt`) are written
-    beside the shards. The manifest is written only after everything else.
+    source. The manifest is written only after everything else.
+
+    Optional inputs: `stats` nested dicts of counts, summed into the manifest's
+    `extra`; `extra` dicts of facts computed by the pipeline, merged into it; for
+    pipelines whose rows are not their input records (documents packed into
+    token sequences), `reject_counts` dicts reason -> records rejected without a
+    row each in `rejected/`, and `kept` ints summing to the input records written
+    (the balance then reads inputs = kept + rejected). `files` (relative path ->
+    text, e.g. `classes.txt`) are written beside the shards; `indexes` adds
+    DALI/wids indexes.
     """
 
     def __init__(self, output: str, layout: ShardLayout, schema: Schema, fmt: str, block_rows: int,
-                 parameters: dict, extra: dict, files: dict[str, str] | None = None, indexes: bool = False):
+                 parameters: dict, extra: dict, files: dict[str, str] | None = None, indexes: bool = False,
+                 tokenizer_sha256: str | None = None):
         super().__init__()
         self.output, self.layout, self.schema, self.fmt, self.block_rows = output, layout, schema, fmt, block_rows
         self.parameters, self.extra, self.files, self.indexes = parameters, extra, files or {}, indexes
+        self.tokenizer_sha256 = tokenizer_sha256
 
     def expand(self, pcolls):
         pipeline = pcolls["pieces"].pipeline
@@ -226,11 +246,14 @@ class WriteDataset(beam.PTransform):
                          | "RejectedBySource" >> beam.Map(lambda batch: (batch[0].source, batch))
                          | "GroupRejected" >> beam.GroupByKey()
                          | "WriteRejected" >> beam.ParDo(WriteRejectedFn(self.output)))
-        stats = pcolls["stats"] if "stats" in pcolls else pipeline | "NoStats" >> beam.Create([])
+        optional = {name: pcolls[name] if name in pcolls else pipeline | f"No{name.capitalize()}" >> beam.Create([])
+                    for name in ("stats", "kept", "extra", "reject_counts")}
         return (pipeline
                 | "Once" >> beam.Create([None])
                 | "WriteManifest" >> beam.ParDo(
                     WriteManifestFn(self.output, self.layout, self.schema, self.fmt, self.parameters, self.extra,
-                                    self.files, self.indexes),
+                                    self.files, self.indexes, self.tokenizer_sha256),
                     beam.pvalue.AsList(shards), beam.pvalue.AsList(reject_counts),
-                    beam.pvalue.AsList(pcolls["inputs"]), beam.pvalue.AsList(stats)))
+                    beam.pvalue.AsList(optional["reject_counts"]), beam.pvalue.AsList(pcolls["inputs"]),
+                    beam.pvalue.AsList(optional["stats"]), beam.pvalue.AsList(optional["kept"]),
+                    beam.pvalue.AsList(optional["extra"])))
