@@ -185,8 +185,8 @@ def _check_block(block, checks, layout: ShardLayout | None, destination: int | N
     hashes, valid = checks.key_hashes(keys)
     findings.add("have a key that names no record of the inputs", ~valid, keys)
     if layout is not None and destination is not None:
-        findings.add("belong to another shard by the manifest's seed", valid & (layout.assign(hashes) != destination),
-                     keys)
+        wanted = checks.destinations(keys, hashes, layout) if checks.destinations else layout.assign(hashes)
+        findings.add("belong to another shard by the manifest's seed", valid & (wanted != destination), keys)
 
 
 def _text(fs, base: str, relative: str) -> str | None:

@@ -54,7 +54,7 @@ from codistill.dataset import join, write_atomically
 from pipelines import dedup
 from pipelines.cleaning import Cleaner
 from pipelines.formats import Block, Feature, Schema
-from pipelines.run import DatasetPipeline, pipeline_parameters
+from pipelines.run import DatasetChecks, DatasetPipeline, ValueCheck, pipeline_parameters
 from pipelines.sharding import ShardLayout, mix64, partition, string_hash
 from pipelines.sinks import PIECES, Rejected, WriteDataset, layout_for, write_pieces
 from pipelines.textfiles import expand_inputs
@@ -733,4 +733,24 @@ def _transform(source: str, data: DataConfig, extra: dict) -> CommonCrawlToShard
     return CommonCrawlToShards(paths, data, extra, tokenizer)
 
 
-PIPELINE = DatasetPipeline(transform=_transform, generate=_generate)
+def dataset_checks(manifest) -> DatasetChecks:
+    """Token ids within the vocabulary, lengths within the row; keys `<WARC-Record-ID>#<token offset>`, assigned
+    by the keyed hash of the record id."""
+    vocab, seed = manifest.extra["tokenizer"]["vocab_size"], manifest.parameters["seed"]
+    length = manifest.features["tokens"].shape[0]
+
+    def key_hashes(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        documents, sep, offsets = np.strings.rpartition(keys, b"#")
+        valid = (sep == b"#") & np.strings.isdigit(offsets) & (np.strings.str_len(documents) > 0)
+        hashes = np.array([document_hash(d.decode("utf-8", "replace"), seed) if ok else 0
+                           for d, ok in zip(documents.tolist(), valid.tolist())], np.uint64)
+        return hashes, valid
+
+    return DatasetChecks(values=(
+        ValueCheck("tokens", lambda v: ((v >= 0) & (v < vocab)).all(axis=1), f"token ids in [0, {vocab})"),
+        ValueCheck("length", lambda v: (v >= 1) & (v <= length), f"lengths in [1, {length}]"),
+        ValueCheck("text_bytes", lambda v: v >= 0, "text byte counts >= 0"),
+    ), key_hashes=key_hashes)
+
+
+PIPELINE = DatasetPipeline(transform=_transform, generate=_generate, checks=dataset_checks)

@@ -57,7 +57,7 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 from codistill.config import DataConfig, ImageNetConfig
 from codistill.dataset import join
 from pipelines.formats import Block, Feature, Schema
-from pipelines.run import DatasetPipeline, pipeline_parameters
+from pipelines.run import DatasetChecks, DatasetPipeline, ValueCheck, pipeline_parameters
 from pipelines.sharding import ShardLayout, string_hash
 from pipelines.sinks import Rejected, WriteDataset, layout_for, write_pieces
 from pipelines.synth_imagenet import read_synsets
@@ -492,5 +492,26 @@ def _generate(raw: str, synth) -> tuple[str, dict]:
     return raw, sidecar
 
 
+def dataset_checks(manifest) -> DatasetChecks:
+    """Labels within the model's outputs; keys are relative paths, assigned by their keyed hash (val/ files to
+    the eval split when it is the input's val/ folder)."""
+    outputs, seed = manifest.extra["num_outputs"], manifest.parameters["seed"]
+    val_is_eval = manifest.extra.get("eval_source") == "val"
+
+    def key_hashes(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        valid = np.strings.startswith(keys, b"train/") | np.strings.startswith(keys, b"val/")
+        return np.array([string_hash(k, seed) for k in keys.tolist()], np.uint64), valid
+
+    def destinations(keys: np.ndarray, hashes: np.ndarray, layout: ShardLayout) -> np.ndarray:
+        if not val_is_eval:
+            return layout.assign(hashes)
+        return np.where(np.strings.startswith(keys, b"val/"), layout.eval_destination(hashes),
+                        layout.train_destination(hashes))
+
+    return DatasetChecks(values=(
+        ValueCheck("label", lambda v: (v >= 0) & (v < outputs), f"labels in [0, {outputs})"),
+    ), key_hashes=key_hashes, destinations=destinations)
+
+
 PIPELINE = DatasetPipeline(transform=lambda source, data, extra: ImageNetToShards(source, data, extra),
-                           generate=_generate)
+                           generate=_generate, checks=dataset_checks)

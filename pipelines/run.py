@@ -52,8 +52,11 @@ class DatasetChecks:
 
     values: tuple[ValueCheck, ...]
     # A block's keys -> (each key's assignment hash, as the pipeline computed it; True where the key is well
-    # formed and names a record of this dataset's inputs). The hash goes through `ShardLayout.assign`.
+    # formed and names a record of this dataset's inputs).
     key_hashes: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+    # (keys, their hashes, layout) -> each key's destination; by default `ShardLayout.assign` (a dataset whose
+    # eval split comes from elsewhere, as ImageNet's val/ folder, says how instead).
+    destinations: Callable[[np.ndarray, np.ndarray, Any], np.ndarray] | None = None
 
 
 @dataclass(frozen=True)
