@@ -295,3 +295,28 @@ def test_peers_are_never_alive_together(distance):
     # When peer 1 and 2 are made, exactly one buffer more than for peer 0: the running mean.
     assert three[0] == one[0] and three[2] == three[4] == three[0] + 1
     assert saved_three == saved_one
+
+
+def peak_loss_bytes(peer_count: int, n: int = 128, v: int = 2048) -> int:
+    """Peak tensor bytes of the loss and its backward (torch's MemTracker), the student's logits included."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    g = torch.Generator().manual_seed(0)
+    student = torch.randn(n, v, generator=g, requires_grad=True)
+    targets = torch.randint(0, v, (n,), generator=g)
+    tracker = MemTracker()
+    tracker.track_external(student)
+    with tracker:
+        peers = (torch.randn(n, v, generator=g) for _ in range(peer_count))
+        codistillation_loss(student, targets, peers, 0, DistillConfig(), binary=False).total.backward()
+    return tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"]
+
+
+def test_peak_memory_of_the_loss_does_not_grow_with_peers(monkeypatch):
+    monkeypatch.setattr(loss_module, "CHUNK_ELEMENTS", 16 * 2048)  # 16 of the 128 positions per chunk
+    one, three = peak_loss_bytes(1), peak_loss_bytes(3)
+    buffer = 128 * 2048 * 4
+    assert three == one
+    # The student's logits, one peer's logits, the peers' mean (the gradient comes once the peer is gone),
+    # chunk temporaries: never a full-size log-softmax.
+    assert one <= 3.5 * buffer, one / buffer
