@@ -253,3 +253,28 @@ def test_bytes_per_token_of_the_test_data(dataset):
     batch = next(iter(lm.batches(spec, lm_config(), False)))
     eod = ((batch["targets"] == EOD) & batch["mask"]).sum(1)
     np.testing.assert_array_equal(batch["text_bytes"], (batch["mask"].sum(1) - eod) * BYTES_PER_TOKEN)
+
+
+def test_a_dataset_without_token_features_is_refused(dataset):
+    import dataclasses
+
+    from pipelines.formats import Feature
+
+    _, manifest = dataset
+    criteo_like = dataclasses.replace(manifest, features={"key": Feature("bytes"), "label": Feature("float32")})
+    with pytest.raises(DatasetError, match="feature 'tokens'"):
+        lm.build_model(SMALL, criteo_like)
+
+
+def test_stateful_streams_refuse_several_loader_workers(dataset):
+    from torch.utils.data import DataLoader
+
+    root, manifest = dataset
+    streams = lm.TokenStreams(spec_for(root, manifest, 2), 5, PAD, history=False)
+
+    class Dataset(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(streams)
+
+    with pytest.raises(ValueError, match="loader.workers=2"):
+        next(iter(DataLoader(Dataset(), batch_size=None, num_workers=2)))

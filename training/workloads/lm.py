@@ -39,6 +39,7 @@ import fsspec
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.utils.data import get_worker_info
 
 from codistill.config import ExperimentConfig, LSTMConfig
 from codistill.dataset import DatasetError, DatasetManifest, join
@@ -49,7 +50,16 @@ from training.lstm import LSTMLanguageModel, reset_streams
 logger = logging.getLogger(__name__)
 
 
+FEATURES = {"tokens": "int32", "length": "int32", "text_bytes": "int64"}
+
+
 def tokenizer_facts(manifest: DatasetManifest) -> dict:
+    """The dataset's tokenizer (vocab_size, eod_id, pad_id, ...), after checking it is a token dataset."""
+    for name, dtype in FEATURES.items():
+        feature = manifest.features.get(name)
+        if feature is None or feature.dtype != dtype:
+            raise DatasetError(f"{manifest.dataset} dataset: the language model needs feature {name!r} of {dtype}, "
+                               f"the dataset has {feature}")
     facts = manifest.extra.get("tokenizer")
     if not facts or "vocab_size" not in facts:
         raise DatasetError(f"{manifest.dataset} dataset: its manifest has no extra.tokenizer.vocab_size; "
@@ -122,6 +132,10 @@ class TokenStreams:
                         rows % consumers, rows, consumers)
 
     def __iter__(self) -> Iterator[Block]:
+        info = get_worker_info()
+        if info is not None and info.num_workers > 1:
+            raise ValueError(f"stateful layout: its {self.streams} streams are one ordered reader; with "
+                             f"loader.workers={info.num_workers} every worker would repeat them (use 0 or 1)")
         spec, t = self.spec, self.window
         first = spec.rank * self.streams
         epoch = 0
