@@ -235,7 +235,7 @@ def test_eval_rows_and_metrics_by_hand():
     assert metrics["cross_entropy"] == pytest.approx(nll / 3)
     assert metrics["perplexity"] == pytest.approx(math.exp(nll / 3))
     assert metrics["rows"] == 2 and metrics["floor"] == 0.1 and metrics["tokens"] == 3
-    assert "eval step 7" in lm.describe({"step": 7, **metrics})
+    assert "bits/byte (floor 0.1000)" in lm.describe(metrics)
 
 
 def test_churn_counts_argmax_disagreement_on_real_positions_only():
@@ -245,6 +245,7 @@ def test_churn_counts_argmax_disagreement_on_real_positions_only():
     assert out["disagreement"] == pytest.approx(2 / 5) and out["positions"] == 5
     assert out["mean_abs_nll_diff"] == pytest.approx(0.25)
     assert lm.churn(a, a)["disagreement"] == 0.0
+    assert "40.00% of 5 positions" in lm.describe_churn(out)
 
 
 def test_bytes_per_token_of_the_test_data(dataset):

@@ -30,16 +30,17 @@ per byte of its text, the unit of the generator's floor.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import fsspec
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.utils.data import get_worker_info
+from torch.utils.data import IterableDataset, get_worker_info
 
 from codistill.config import ExperimentConfig, LSTMConfig
 from codistill.dataset import DatasetError, DatasetManifest, join
@@ -87,14 +88,24 @@ def build_model(config: LSTMConfig, manifest: DatasetManifest) -> nn.Module:
 # --- batches -----------------------------------------------------------------------------------------
 
 
-def batches(spec: StreamSpec, config: ExperimentConfig, train: bool) -> Iterator[Block]:
+def batches(spec: StreamSpec, config: ExperimentConfig, train: bool) -> IterableDataset:
     facts = tokenizer_facts(spec.manifest)
     if not train:
-        return (eval_batch(b, int(facts["eod_id"])) for b in ShardStream(spec))
+        return RowBatches(ShardStream(spec), functools.partial(eval_batch, eod_id=int(facts["eod_id"])))
     if config.model.layout == "packed":
-        return (packed_batch(b) for b in ShardStream(spec))
-    return iter(TokenStreams(spec, config.model.window, int(facts["pad_id"]),
-                             history=config.model.restart == "warmup"))
+        return RowBatches(ShardStream(spec), packed_batch)
+    return TokenStreams(spec, config.model.window, int(facts["pad_id"]), history=config.model.restart == "warmup")
+
+
+class RowBatches(IterableDataset):
+    """Batches of stored rows turned into model batches (inside the DataLoader worker that reads them)."""
+
+    def __init__(self, rows: ShardStream, make: Callable[[Block], Block]):
+        super().__init__()
+        self.rows, self.make = rows, make
+
+    def __iter__(self) -> Iterator[Block]:
+        return map(self.make, self.rows)
 
 
 def packed_batch(rows: Block) -> Block:
@@ -112,10 +123,11 @@ def eval_batch(rows: Block, eod_id: int) -> Block:
             "text_bytes": rows["text_bytes"]}
 
 
-class TokenStreams:
+class TokenStreams(IterableDataset):
     """The stateful layout: this rank's B streams, window after window (see the module docstring)."""
 
     def __init__(self, spec: StreamSpec, window: int, pad_id: int, history: bool):
+        super().__init__()
         self.spec, self.window, self.pad_id, self.history = spec, window, pad_id, history
         self.streams = spec.batch_size
         consumers = spec.world * self.streams
@@ -263,16 +275,21 @@ def eval_metrics(rows: dict[str, np.ndarray], manifest: DatasetManifest) -> dict
 
 def describe(record: dict) -> str:
     floor = f" (floor {record['floor']:.4f})" if "floor" in record else ""
-    return (f"eval step {record.get('step', '?')}: {record['bits_per_byte']:.4f} bits/byte{floor}, "
-            f"{record['cross_entropy']:.4f} nats/token, perplexity {record['perplexity']:.1f} "
-            f"({record['rows']} rows, {record['tokens']} tokens)")
+    return (f"{record['bits_per_byte']:.4f} bits/byte{floor}, {record['cross_entropy']:.4f} nats/token, "
+            f"perplexity {record['perplexity']:.1f} ({record['rows']} rows, {record['tokens']} tokens)")
 
 
-def churn(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> dict[str, float]:
-    """Next-token argmax disagreement between two retrains over the real positions; mean |nll/token| gap."""
+def churn(a: dict[str, np.ndarray], b: dict[str, np.ndarray], threshold: float = 0.5) -> dict[str, float]:
+    """Next-token argmax disagreement between two retrains over the real positions, and the mean
+    |nll/token| gap per row (`threshold` is for binary outputs: unused)."""
     real = (a["argmax"] >= 0) & (b["argmax"] >= 0)
     positions = int(real.sum())
     per_token = lambda r: r["nll"] / np.maximum(r["tokens"], 1)  # noqa: E731
     return {"disagreement": float(((a["argmax"] != b["argmax"]) & real).sum() / max(positions, 1)),
             "mean_abs_nll_diff": float(np.mean(np.abs(per_token(a) - per_token(b)))) if len(a["nll"]) else 0.0,
             "positions": positions, "rows": int(len(a["nll"]))}
+
+
+def describe_churn(c: dict, threshold: float = 0.5) -> str:
+    return (f"next-token argmax differs at {100 * c['disagreement']:.2f}% of {c['positions']} positions; "
+            f"mean |nll/token a - b| per row {c['mean_abs_nll_diff']:.4f} nats")
