@@ -2,8 +2,9 @@
 manifest (no pipeline, no sentencepiece): rows as CONTRACTS.md describes them.
 
 Each shard is one token stream of documents, each ending with EOD; the tokens follow a
-learnable rule (next = 5 * current + 3 mod the word ids, with 10% noise), so a model's loss
-drops within a few steps. Every token stands for `BYTES_PER_TOKEN` bytes of text (EOD for 0).
+learnable rule (next = m * current + 3 mod the word ids, 10% noise, m drawn per document
+from 4 values), so a model's loss drops within a few steps and its state matters.
+Every token stands for `BYTES_PER_TOKEN` bytes of text (EOD for 0).
 """
 
 from __future__ import annotations
@@ -21,10 +22,12 @@ TOKENIZER = b"not a real sentencepiece model, only its bytes are hashed"
 
 
 def document(rng: np.random.Generator) -> list[int]:
+    """A latent topic per document picks the rule's multiplier: the state must remember it."""
+    multiplier = int(rng.choice([5, 7, 11, 13]))
     tokens = [int(rng.integers(2, VOCAB))]
     for _ in range(int(rng.integers(4, 30))):
-        nxt = (5 * tokens[-1] + 3) % (VOCAB - 2) + 2 if rng.random() < 0.9 else int(rng.integers(2, VOCAB))
-        tokens.append(nxt)
+        rule = (multiplier * tokens[-1] + 3) % (VOCAB - 2) + 2
+        tokens.append(rule if rng.random() < 0.9 else int(rng.integers(2, VOCAB)))
     return tokens + [EOD]
 
 
@@ -43,7 +46,7 @@ def shard_rows(stream: list[int], length: int, name: str) -> dict[str, np.ndarra
 
 def write_lm_dataset(root: str, groups: int = 2, shards_per_group: int = 2, tokens_per_shard: int = 1200,
                      length: int = 17, fmt: str = "tfrecord", seed: int = 0, tokenizer: bytes = TOKENIZER,
-                     block_rows: int = 16) -> DatasetManifest:
+                     block_rows: int = 16, parameters: dict | None = None) -> DatasetManifest:
     features = {"key": Feature("bytes"), "tokens": Feature("int32", (length,)), "length": Feature("int32"),
                 "text_bytes": Feature("int64")}
     rng = np.random.default_rng(seed)
@@ -64,7 +67,7 @@ def write_lm_dataset(root: str, groups: int = 2, shards_per_group: int = 2, toke
     rows = sum(s.records for s in shards)
     manifest = DatasetManifest(
         dataset="commoncrawl", format=fmt, features=features, groups=groups, shards=tuple(shards),
-        inputs=({"source": "tests/lm_data.py", "rows": rows},), rejected={}, parameters={},
+        inputs=({"source": "tests/lm_data.py", "rows": rows},), rejected={}, parameters=parameters or {},
         tokenizer_sha256=hashlib.sha256(tokenizer).hexdigest(),
         extra={"tokenizer": {"url": "test", "sha256": hashlib.sha256(tokenizer).hexdigest(), "vocab_size": VOCAB,
                              "eod_id": EOD, "pad_id": PAD, "type": "unigram"},
