@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/train_step.py [--steps 600] [--batch B] [--set model.embedding_dim=16] ...
 
-One process, one data set, one model architecture (`training.models.build` on the
+One process, one data set, one model architecture (`Workload.build_model` on the
 manifest, default `criteo-tiny`; `--set` overrides any manifest field, `--batch`
 sets `deepspeed.micro_batch_size`). Batches come from the project's own pipeline:
 `pipelines.run.preprocess` writes the manifest's generated data to a temp dir
@@ -93,9 +93,9 @@ from codistill.dataset import check_shards_present, load_manifest
 from training.data import ShardStream, StreamSpec, to_torch
 from training.exchange import PeerWatcher, SnapshotPublisher, model_signature
 from training.loss import DistillConfig
-from training.models import build
 from training.train import (FlatPeer, build_engine, deepspeed_config, forward_backward, init_distributed, lr_factor,
                             make_optimizer)
+from training.workloads import workload_for
 
 GOALS = {"ds_plain": 1.15, "cod1_ds": 1.35, "p99_exchange": 1.10}
 RUN = "bench"
@@ -167,15 +167,16 @@ class Variant:
 class Plain(Variant):
     name = "plain"
 
-    def __init__(self, config, model, task):
+    def __init__(self, config, model, workload):
         super().__init__()
-        self.config, self.model, self.task = config, model.train(), task
+        self.config, self.model, self.workload = config, model.train(), workload
         self.optimizer = make_optimizer(model.parameters(), config.optimizer)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(config.schedule))
 
     def step(self, batch):
-        logits = self.task.logits(self.model, batch).float()
-        loss = F.binary_cross_entropy_with_logits(logits, batch[self.task.target].float())
+        logits, _ = self.workload.forward(self.model, batch, None)
+        targets, _ = self.workload.targets(batch)
+        loss = F.binary_cross_entropy_with_logits(logits.float(), targets)
         loss.backward()
         if self.config.deepspeed.gradient_clipping:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.deepspeed.gradient_clipping)
@@ -187,20 +188,20 @@ class Plain(Variant):
 class DeepSpeedBaseline(Variant):
     name = "deepspeed"
 
-    def __init__(self, config, engine, task):
+    def __init__(self, config, engine, workload):
         super().__init__()
-        self.engine, self.task = engine, task
+        self.engine, self.workload = engine, workload
 
     def step(self, batch):
-        forward_backward(self.engine, self.task, [], batch, 0, DistillConfig())  # no peers: the label loss alone
+        forward_backward(self.engine, self.workload, {}, batch, 0, DistillConfig())  # no peers: the label loss alone
 
 
 class Codistill(Variant):
     """GroupTrainer.train_step with grad_accum 1 and every peer usable."""
 
-    def __init__(self, config, engine, task, peers: dict[int, FlatPeer]):
+    def __init__(self, config, engine, workload, peers: dict[int, FlatPeer]):
         super().__init__()
-        self.engine, self.task, self.peers = engine, task, peers
+        self.engine, self.workload, self.peers = engine, workload, peers
         self.name = f"codist-{len(peers)}"
         cod = config.codistill
         self.distill = DistillConfig(weight=cod.weight, burn_in_steps=cod.burn_in_steps, ramp_steps=cod.ramp_steps,
@@ -212,7 +213,7 @@ class Codistill(Variant):
 
     def train_step(self, batch):
         # GroupTrainer.train_step's micro-step, every peer fresh (usable)
-        parts = forward_backward(self.engine, self.task, [peer.module for peer in self.peers.values()], batch,
+        parts = forward_backward(self.engine, self.workload, {g: peer.module for g, peer in self.peers.items()}, batch,
                                  self.past_burn_in + self.steps, self.distill)
         return {"loss": parts.total.item(), "label_loss": parts.label_loss.item(),  # as train_step's record
                 "distill_loss": parts.distill_loss.item()}
@@ -221,8 +222,8 @@ class Codistill(Variant):
 class CodistillExchange(Codistill):
     """codist-1 plus GroupTrainer.sync_peers before and GroupTrainer.publish after the step (rank 0, world 1)."""
 
-    def __init__(self, config, engine, task, peers, store: str, peer_model: torch.nn.Module, every: int):
-        super().__init__(config, engine, task, peers)
+    def __init__(self, config, engine, workload, peers, store: str, peer_model: torch.nn.Module, every: int):
+        super().__init__(config, engine, workload, peers)
         self.name = "codist-1+x"
         self.every = every
         cod = config.codistill
@@ -377,29 +378,30 @@ def main() -> None:
 
     init_single_process()
     torch.manual_seed(args.seed)
-    model, task = build(config.model, dataset)
+    workload = workload_for(dataset.dataset)
+    model = workload.build_model(config.model, dataset)
     initial = {k: v.clone() for k, v in model.state_dict().items()}
     params = sum(p.numel() for p in model.parameters())
 
     def student() -> torch.nn.Module:
-        m, _ = build(config.model, dataset)
+        m = workload.build_model(config.model, dataset)
         m.load_state_dict(initial)
         return m
 
     def frozen(seed: int) -> torch.nn.Module:  # GroupTrainer._frozen_copy, with its own weights
         torch.manual_seed(seed)
-        m, _ = build(config.model, dataset)
+        m = workload.build_model(config.model, dataset)
         return m.eval().requires_grad_(False)
 
     def engine():
         return build_engine(student(), config, world=1)
 
     variants: list[Variant] = [
-        Plain(config, student(), task),
-        DeepSpeedBaseline(config, engine(), task),
-        Codistill(config, engine(), task, {1: FlatPeer(frozen(101))}),
-        Codistill(config, engine(), task, {1: FlatPeer(frozen(101)), 2: FlatPeer(frozen(102))}),
-        CodistillExchange(config, engine(), task, {1: FlatPeer(frozen(101))}, f"{workdir}/store", frozen(201),
+        Plain(config, student(), workload),
+        DeepSpeedBaseline(config, engine(), workload),
+        Codistill(config, engine(), workload, {1: FlatPeer(frozen(101))}),
+        Codistill(config, engine(), workload, {1: FlatPeer(frozen(101)), 2: FlatPeer(frozen(102))}),
+        CodistillExchange(config, engine(), workload, {1: FlatPeer(frozen(101))}, f"{workdir}/store", frozen(201),
                           args.exchange_every),
     ]
     plain, ds, cod1, cod2, codx = variants

@@ -124,7 +124,7 @@ def summarize(dataset: DatasetManifest, where: str) -> str:
         lines.append(f"{split:<6} {'-' if group is None else group:>5} {len(shards):>6} "
                      f"{sum(s.records for s in shards):>10} {sum(s.bytes for s in shards):>12}")
     synth = dataset.extra.get("synth")
-    if synth:
+    if synth and "bayes_log_loss" in synth:
         lines.append(f"generated data: Bayes-optimal log loss {synth['bayes_log_loss']:.4f}, "
                      f"base-rate log loss {synth['base_rate_log_loss']:.4f}")
     return "\n".join(lines)
@@ -221,13 +221,14 @@ def _train(manifest: str, sets: list[str], resume: bool, overwrite: bool = False
 def train(manifest: str, sets: tuple[str, ...], run_dir: str | None, resume: bool, overwrite: bool) -> None:
     """Train all groups of MANIFEST locally, one DeepSpeed job per group (ranks from the manifest)."""
     from training.report import final_eval
+    from training.workloads import workload_for
 
     sets = list(sets) + ([f"train.run_dir={run_dir}"] if run_dir else [])
     config, dataset = _train(manifest, sets, resume, overwrite)
+    workload = workload_for(dataset.dataset)
     for group in range(dataset.groups):
         m = final_eval(config.run_dir, group)
-        click.echo(f"group {group}: step {m['step']} eval log loss {m['log_loss']:.4f} AUC {m['auc']:.4f} "
-                   f"calibration {m['calibration']:.3f}")
+        click.echo(f"group {group}: step {m['step']} eval {workload.describe(m)}")
 
 
 @main.command()
@@ -240,9 +241,8 @@ def churn(run_a: str, run_b: str, group: int, threshold: float) -> None:
     """Prediction churn between two trained runs on the eval split."""
     from training.report import run_churn
 
-    c = run_churn(run_a, run_b, group, threshold)
-    click.echo(f"churn over {c['rows']} eval examples: mean |p_a - p_b| = {c['mean_abs_diff']:.4f}, "
-               f"thresholded at {threshold}: {100 * c['disagreement']:.2f}% differ")
+    workload, c = run_churn(run_a, run_b, group, threshold)
+    click.echo(f"churn over {c['rows']} eval examples: {workload.describe_churn(c, threshold)}")
 
 
 @main.command()
@@ -282,7 +282,7 @@ def demo(manifest: str, sets: tuple[str, ...], out: str) -> None:
     for mode in ("baseline", "codistill"):
         finals = [final_eval(runs[f"{mode}-seed{s}"], g) for s in (0, 1) for g in range(dataset.groups)]
         loss, auc = np.mean([f["log_loss"] for f in finals]), np.mean([f["auc"] for f in finals])
-        c = run_churn(runs[f"{mode}-seed0"], runs[f"{mode}-seed1"], group=0)
+        _, c = run_churn(runs[f"{mode}-seed0"], runs[f"{mode}-seed1"], group=0)
         gap = f"{loss - floor:+.4f}" if floor is not None else "n/a"
         click.echo(f"{mode:<10} {loss:>13.4f} {auc:>7.4f} {gap:>12} {c['mean_abs_diff']:>10.4f} "
                    f"{100 * c['disagreement']:>10.2f}%")

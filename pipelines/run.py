@@ -43,8 +43,12 @@ def dataset_pipeline(dataset: str) -> DatasetPipeline:
 
 
 def pipeline_parameters(data: DataConfig) -> dict:
-    """The data settings a dataset was built with (recorded in its manifest; inputs are recorded apart)."""
-    return {k: v for k, v in to_dict(data).items() if k not in ("input", "synth")}
+    """The data settings a dataset was built with (recorded in its manifest; inputs are recorded apart).
+
+    Only the dataset's own section is included: another dataset's defaults changing must not make a
+    built dataset look stale."""
+    others = set(PIPELINE_MODULES) - {data.dataset}
+    return {k: v for k, v in to_dict(data).items() if k not in {"input", "synth", *others}}
 
 
 class OutputExistsError(FileExistsError):
