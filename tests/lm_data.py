@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 
+import fsspec
 import numpy as np
 
 from codistill.dataset import DatasetManifest, ShardEntry, write_manifest
@@ -64,6 +65,8 @@ def write_lm_dataset(root: str, groups: int = 2, shards_per_group: int = 2, toke
         written = write_shard(f"{root}/{path}", blocks, features, fmt, prefix.replace("/", "-"))
         shards.append(ShardEntry(path, split, group, written.records, written.bytes, written.sha256))
         token_counts[split] += len(stream)
+    with fsspec.open(f"{root}/tokenizer/spm.model", "wb", auto_mkdir=True) as f:  # where the pipeline puts its own
+        f.write(tokenizer)
     rows = sum(s.records for s in shards)
     manifest = DatasetManifest(
         dataset="commoncrawl", format=fmt, features=features, groups=groups, shards=tuple(shards),

@@ -42,8 +42,8 @@ def group_stream(root, manifest, group) -> list[int]:
     return tokens
 
 
-def lm_config(**model):
-    return parse_experiment({"name": "x", "data": {"dataset": "commoncrawl", "input": "unused"},
+def lm_config(output: str = "runs/unused", **model):
+    return parse_experiment({"name": "x", "data": {"dataset": "commoncrawl", "input": "unused", "output": output},
                              "model": {"kind": "lstm", **model}})
 
 
@@ -129,10 +129,10 @@ def test_training_refuses_a_dataset_tokenized_with_another_model(dataset, tmp_pa
 def test_packed_batches_shift_by_one_and_mask_padding(dataset):
     root, manifest = dataset
     spec = StreamSpec(root, manifest, tuple(manifest.shards_of("train", 0)), 8)
-    batch = next(iter(lm.batches(spec, lm_config(layout="packed"), True)))
+    batch = next(iter(lm.batches(spec, lm_config(layout="packed", output=root), True)))
     assert "reset" not in batch and batch["inputs"].shape == (8, 16)
     np.testing.assert_array_equal(batch["inputs"][:, 1:], batch["targets"][:, :-1])
-    last = list(lm.batches(spec, lm_config(layout="packed"), True))[-1]
+    last = list(lm.batches(spec, lm_config(layout="packed", output=root), True))[-1]
     short = last["mask"].sum(1) < 16
     assert short.any(), "the shard's last row is padded"
 
@@ -279,3 +279,18 @@ def test_stateful_streams_refuse_several_loader_workers(dataset):
 
     with pytest.raises(ValueError, match="loader.workers=2"):
         next(iter(DataLoader(Dataset(), batch_size=None, num_workers=2)))
+
+
+def test_training_batches_refuse_a_dataset_of_another_tokenizer(dataset, tmp_path):
+    import shutil
+
+    root, _ = dataset
+    copy = tmp_path / "data"
+    shutil.copytree(root, copy)
+    spec = StreamSpec(str(copy), load_manifest(str(copy)), tuple(load_manifest(str(copy)).shards_of("train", 0)), 2)
+    config = lm_config(output=str(copy))
+    lm.batches(spec, config, True)  # the dataset's own tokenizer: accepted
+    (copy / "tokenizer" / "spm.model").write_bytes(TOKENIZER + b" retrained")
+    with pytest.raises(DatasetError, match="tokenized with sentencepiece model sha256"):
+        lm.batches(spec, config, True)
+    lm.batches(spec, config, False)  # evaluating is reading, not training

@@ -47,6 +47,7 @@ from codistill.dataset import DatasetError, DatasetManifest, join
 from pipelines.formats import Block, read_shard
 from training.data import ShardStream, StreamSpec
 from training.lstm import LSTMLanguageModel, reset_streams
+from training.workloads import Rows, Workload
 
 logger = logging.getLogger(__name__)
 
@@ -88,10 +89,17 @@ def build_model(config: LSTMConfig, manifest: DatasetManifest) -> nn.Module:
 # --- batches -----------------------------------------------------------------------------------------
 
 
+def configured_tokenizer(config: ExperimentConfig) -> str:
+    """The sentencepiece model the experiment names; without one, the pipeline trained it into the dataset."""
+    # getattr: `data.commoncrawl.tokenizer` is the pipeline's field (ccpipe branch).
+    return getattr(config.data.commoncrawl, "tokenizer", None) or join(config.data.output, "tokenizer/spm.model")
+
+
 def batches(spec: StreamSpec, config: ExperimentConfig, train: bool) -> IterableDataset:
     facts = tokenizer_facts(spec.manifest)
     if not train:
         return RowBatches(ShardStream(spec), functools.partial(eval_batch, eod_id=int(facts["eod_id"])))
+    check_tokenizer(spec.manifest, configured_tokenizer(config))  # training refuses another tokenizer's data
     if config.model.layout == "packed":
         return RowBatches(ShardStream(spec), packed_batch)
     return TokenStreams(spec, config.model.window, int(facts["pad_id"]), history=config.model.restart == "warmup")
@@ -248,7 +256,7 @@ def targets(batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
 # --- evaluation ----------------------------------------------------------------------------------------
 
 
-def eval_rows(logits: Tensor, batch: Block) -> dict[str, np.ndarray]:
+def eval_rows(logits: Tensor, batch: Block) -> Rows:
     """Per row: summed nll (nats) over its real tokens, their count, their text bytes, argmax tokens (-1 = pad)."""
     targets_ = torch.from_numpy(batch["targets"])
     mask = torch.from_numpy(batch["mask"])
@@ -260,7 +268,7 @@ def eval_rows(logits: Tensor, batch: Block) -> dict[str, np.ndarray]:
             "text_bytes": np.asarray(batch["text_bytes"], np.int64), "argmax": argmax.numpy().astype(np.int32)}
 
 
-def eval_metrics(rows: dict[str, np.ndarray], manifest: DatasetManifest) -> dict[str, float]:
+def eval_metrics(rows: Rows, manifest: DatasetManifest) -> dict[str, float]:
     tokens, nll, text_bytes = int(rows["tokens"].sum()), float(rows["nll"].sum()), int(rows["text_bytes"].sum())
     cross_entropy = nll / max(tokens, 1)
     out = {"loss": nll / math.log(2) / max(text_bytes, 1), "cross_entropy": cross_entropy,
@@ -279,7 +287,7 @@ def describe(record: dict) -> str:
             f"perplexity {record['perplexity']:.1f} ({record['rows']} rows, {record['tokens']} tokens)")
 
 
-def churn(a: dict[str, np.ndarray], b: dict[str, np.ndarray], threshold: float = 0.5) -> dict[str, float]:
+def churn(a: Rows, b: Rows, threshold: float = 0.5) -> dict[str, float]:
     """Next-token argmax disagreement between two retrains over the real positions, and the mean
     |nll/token| gap per row (`threshold` is for binary outputs: unused)."""
     real = (a["argmax"] >= 0) & (b["argmax"] >= 0)
@@ -293,3 +301,8 @@ def churn(a: dict[str, np.ndarray], b: dict[str, np.ndarray], threshold: float =
 def describe_churn(c: dict, threshold: float = 0.5) -> str:
     return (f"next-token argmax differs at {100 * c['disagreement']:.2f}% of {c['positions']} positions; "
             f"mean |nll/token a - b| per row {c['mean_abs_nll_diff']:.4f} nats")
+
+
+WORKLOAD = Workload(
+    name="commoncrawl", binary=False, build_model=build_model, batches=batches, forward=forward, targets=targets,
+    eval_rows=eval_rows, eval_metrics=eval_metrics, describe=describe, churn=churn, describe_churn=describe_churn)
