@@ -22,13 +22,13 @@ BYTES_PER_TOKEN = 3
 TOKENIZER = b"not a real sentencepiece model, only its bytes are hashed"
 
 
-def document(rng: np.random.Generator) -> list[int]:
+def document(rng: np.random.Generator, vocab: int = VOCAB) -> list[int]:
     """A latent topic per document picks the rule's multiplier: the state must remember it."""
     multiplier = int(rng.choice([5, 7, 11, 13]))
-    tokens = [int(rng.integers(2, VOCAB))]
+    tokens = [int(rng.integers(2, vocab))]
     for _ in range(int(rng.integers(4, 30))):
-        rule = (multiplier * tokens[-1] + 3) % (VOCAB - 2) + 2
-        tokens.append(rule if rng.random() < 0.9 else int(rng.integers(2, VOCAB)))
+        rule = (multiplier * tokens[-1] + 3) % (vocab - 2) + 2
+        tokens.append(rule if rng.random() < 0.9 else int(rng.integers(2, vocab)))
     return tokens + [EOD]
 
 
@@ -47,7 +47,7 @@ def shard_rows(stream: list[int], length: int, name: str) -> dict[str, np.ndarra
 
 def write_lm_dataset(root: str, groups: int = 2, shards_per_group: int = 2, tokens_per_shard: int = 1200,
                      length: int = 17, fmt: str = "tfrecord", seed: int = 0, tokenizer: bytes = TOKENIZER,
-                     block_rows: int = 16, parameters: dict | None = None) -> DatasetManifest:
+                     block_rows: int = 16, parameters: dict | None = None, vocab: int = VOCAB) -> DatasetManifest:
     features = {"key": Feature("bytes"), "tokens": Feature("int32", (length,)), "length": Feature("int32"),
                 "text_bytes": Feature("int64")}
     rng = np.random.default_rng(seed)
@@ -56,7 +56,7 @@ def write_lm_dataset(root: str, groups: int = 2, shards_per_group: int = 2, toke
     for split, group, index in layout:
         stream: list[int] = []
         while len(stream) < tokens_per_shard:
-            stream += document(rng)
+            stream += document(rng, vocab)
         prefix = f"{split}/{index}" if group is None else f"{split}/{group}/{index}"
         rows = shard_rows(stream, length, prefix.replace("/", "-"))
         count = shards_per_group if group is not None else 1
@@ -72,7 +72,7 @@ def write_lm_dataset(root: str, groups: int = 2, shards_per_group: int = 2, toke
         dataset="commoncrawl", format=fmt, features=features, groups=groups, shards=tuple(shards),
         inputs=({"source": "tests/lm_data.py", "rows": rows},), rejected={}, parameters=parameters or {},
         tokenizer_sha256=hashlib.sha256(tokenizer).hexdigest(),
-        extra={"tokenizer": {"url": "test", "sha256": hashlib.sha256(tokenizer).hexdigest(), "vocab_size": VOCAB,
+        extra={"tokenizer": {"url": "test", "sha256": hashlib.sha256(tokenizer).hexdigest(), "vocab_size": vocab,
                              "eod_id": EOD, "pad_id": PAD, "type": "unigram"},
                "tokens": token_counts, "floor": {"metric": "bits_per_byte", "value": 0.25}})
     write_manifest(root, manifest)

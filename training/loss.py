@@ -187,7 +187,8 @@ def _multiclass_soft_target_loss(student_logits: Tensor, targets: Tensor, peers:
     logits = student_logits.flatten(0, -2)
     vocab = logits.shape[-1]
     flat_targets = targets.flatten().long()
-    rows = None if mask is None else mask.flatten().nonzero().squeeze(1)
+    # Without padding, chunks are views; with it, each chunk gathers its real positions.
+    rows = None if mask is None or bool(mask.all()) else mask.flatten().nonzero().squeeze(1)
     positions = logits.shape[0] if rows is None else len(rows)
     chunk = max(1, CHUNK_ELEMENTS // vocab)
     peer_probs = _mean_peer_probs(_checked_peers(peers, student_logits.shape), rows, positions, cfg.temperature,
