@@ -121,6 +121,8 @@ def test_training_refuses_a_dataset_tokenized_with_another_model(dataset, tmp_pa
     assert lm.check_tokenizer(manifest, str(good)) == manifest.tokenizer_sha256
     with pytest.raises(DatasetError, match="sha256"):
         lm.check_tokenizer(manifest, str(other))
+    with pytest.raises(DatasetError, match="does not exist"):
+        lm.check_tokenizer(manifest, str(tmp_path / "missing.model"))
 
 
 # --- batch layouts ------------------------------------------------------------------------------------------

@@ -71,8 +71,12 @@ def tokenizer_facts(manifest: DatasetManifest) -> dict:
 
 def check_tokenizer(manifest: DatasetManifest, tokenizer_url: str) -> str:
     """The sha256 of the configured tokenizer model file; refuses a dataset encoded with another one."""
-    with fsspec.open(tokenizer_url, "rb") as f:
-        sha256 = hashlib.file_digest(f, "sha256").hexdigest()
+    try:
+        with fsspec.open(tokenizer_url, "rb") as f:
+            sha256 = hashlib.file_digest(f, "sha256").hexdigest()
+    except FileNotFoundError:
+        raise DatasetError(f"the configured tokenizer {tokenizer_url} does not exist: training checks that the "
+                           "dataset was tokenized with it (data.commoncrawl.tokenizer)") from None
     if manifest.tokenizer_sha256 != sha256:
         raise DatasetError(f"the dataset was tokenized with sentencepiece model sha256 {manifest.tokenizer_sha256}, "
                            f"the configured tokenizer {tokenizer_url} has sha256 {sha256}: rebuild the dataset "
