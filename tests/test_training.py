@@ -334,7 +334,7 @@ def group_argv(data_dir: str, run_dir: Path, resume: bool = False) -> list[str]:
     sets = TINY + [f"data.output={data_dir}", f"schedule.steps={KILL_STEPS}", f"eval.every={KILL_EVAL}",
                    f"train.checkpoint_every={KILL_CKPT}", "codistill.enabled=false", "deepspeed.ranks_per_group=2",
                    f"train.run_dir={run_dir}"]
-    return group_commands("criteo-tiny", 1, 2, sets, resume)[0].argv
+    return group_commands("criteo-tiny", [0], 2, sets, resume)[0].argv
 
 
 @pytest.fixture(scope="module")

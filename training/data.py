@@ -70,7 +70,7 @@ class ShardStream(IterableDataset):
         record = 0
         for shard in mine:
             for block in read_shard(join(spec.root, shard.path), spec.manifest.features, spec.manifest.format,
-                                    expect_sha256=shard.sha256):
+                                    expect_sha256=shard.sha256, expect_bytes=shard.bytes):
                 if by_shard or record % consumers == consumer:
                     yield block
                 record += 1

@@ -27,6 +27,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import safetensors.torch
 import torch
 import torch.distributed as dist
 
@@ -194,6 +195,8 @@ class GroupTrainer:
         check_shards_present(config.data.output, self.dataset)
         if not 0 <= group < self.dataset.groups:
             raise ValueError(f"--group {group}: the dataset has groups 0..{self.dataset.groups - 1}")
+        if group not in config.trained_groups:
+            raise ValueError(f"--group {group}: train.groups is {list(config.trained_groups)}")
 
         self.workload = workload_for(self.dataset.dataset)
         torch.manual_seed(config.train.seed * 1000 + group)  # every rank the same: one model per group
@@ -206,7 +209,7 @@ class GroupTrainer:
         cod = config.codistill
         self.distill = DistillConfig(weight=cod.weight, burn_in_steps=cod.burn_in_steps, ramp_steps=cod.ramp_steps,
                                      temperature=cod.temperature, distance=cod.distance)
-        self.peer_groups = [g for g in range(self.dataset.groups) if g != group] if cod.enabled else []
+        self.peer_groups = [g for g in config.trained_groups if g != group] if cod.enabled else []
         self.peers = {g: self._frozen_copy() for g in self.peer_groups}
         self.peer_steps: dict[int, int | None] = {g: None for g in self.peer_groups}
         self.stale: set[int] = set()
@@ -281,11 +284,20 @@ class GroupTrainer:
         with gather:
             yield {k: v.detach().float() for k, v in module.state_dict().items()} if self.rank == 0 else None
 
-    def publish(self, final: bool = False) -> None:
+    def publish(self) -> None:
         with self.gathered_state() as state:
-            if self.publisher is not None:  # both serialise a copy before returning, inside the gather
-                publish = self.publisher.publish if final else self.publisher.publish_async
-                publish(self.step, state, vocab_hash=self.dataset.tokenizer_sha256)
+            if self.publisher is not None:  # serialises a copy before returning, inside the gather
+                self.publisher.publish_async(self.step, state, vocab_hash=self.dataset.tokenizer_sha256)
+
+    def save_final(self) -> None:
+        """The final weights: `model.safetensors` in the group's directory (what ensembles of finished runs
+        load) and, synchronously, the last snapshot for the peers."""
+        with self.gathered_state() as state:
+            if state is not None:
+                safetensors.torch.save_file({k: v.contiguous() for k, v in state.items()},
+                                            str(self.out / "model.safetensors"))
+            if self.publisher is not None:
+                self.publisher.publish(self.step, state, vocab_hash=self.dataset.tokenizer_sha256)
 
     # --- training ------------------------------------------------------------------------------------
 
@@ -311,7 +323,7 @@ class GroupTrainer:
     def fit(self, resume: bool) -> None:
         config = self.config
         skip = self.load_checkpoint() if resume else 0
-        spec = StreamSpec(config.data.output, self.dataset, tuple(self.dataset.shards_of("train", self.group)),
+        spec = StreamSpec(config.data.output, self.dataset, self.train_shards(),
                           config.deepspeed.micro_batch_size, self.rank, self.world,
                           shuffle_buffer=config.loader.shuffle_buffer, repeat=True,
                           seed=config.train.seed * 1000 + self.group)
@@ -333,9 +345,14 @@ class GroupTrainer:
                 self.evaluate(final=self.step == total)
             if self.step % config.train.checkpoint_every == 0 or self.step == total:
                 self.save_checkpoint()
-        if config.codistill.enabled:
-            self.publish(final=True)
+        self.save_final()
         self.close()
+
+    def train_shards(self) -> tuple:
+        reads = self.config.train.reads
+        if reads == "union":
+            return tuple(shard for g in range(self.dataset.groups) for shard in self.dataset.shards_of("train", g))
+        return tuple(self.dataset.shards_of("train", self.group if reads == "own" else self.config.trained_groups[0]))
 
     def log_train(self, record: dict) -> None:
         """Every step to metrics.jsonl (peers used and their staleness included); every log_every to the console."""
