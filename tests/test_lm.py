@@ -296,3 +296,28 @@ def test_training_batches_refuse_a_dataset_of_another_tokenizer(dataset, tmp_pat
     with pytest.raises(DatasetError, match="tokenized with sentencepiece model sha256"):
         lm.batches(spec, config, True)
     lm.batches(spec, config, False)  # evaluating is reading, not training
+
+
+@pytest.mark.parametrize("layout", ["packed", "stateful"])
+def test_one_training_step_through_the_workload(dataset, layout):
+    """batches -> forward -> targets -> the loss with a lazy peer -> backward, as the trainer chains them."""
+    from training.loss import DistillConfig, codistillation_loss
+    from training.data import to_torch
+
+    root, manifest = dataset
+    config = lm_config(output=root, layout=layout, embedding_dim=8, hidden=12, window=5)
+    spec = StreamSpec(root, manifest, tuple(manifest.shards_of("train", 0)), 4, repeat=True)
+    batch = to_torch(next(iter(lm.WORKLOAD.batches(spec, config, True))))
+    torch.manual_seed(0)
+    student, peer = lm.build_model(config.model, manifest), lm.build_model(config.model, manifest).eval()
+    logits, state = lm.WORKLOAD.forward(student, batch, None)
+    assert (state is None) == (layout == "packed")
+
+    def peers():
+        with torch.no_grad():
+            yield lm.WORKLOAD.forward(peer, batch, None)[0]
+
+    targets, mask = lm.WORKLOAD.targets(batch)
+    parts = codistillation_loss(logits, targets, peers(), 0, DistillConfig(), binary=lm.WORKLOAD.binary, mask=mask)
+    parts.total.backward()
+    assert parts.distill_loss > 0 and student.embedding.weight.grad is not None
