@@ -349,12 +349,35 @@ class CriteoDNNConfig:
 
 @dataclass(frozen=True)
 class LSTMConfig:
-    """The language model: embedding, stacked LSTM, softmax over the tokenizer's vocabulary."""
+    """The language model: embedding, stacked LSTM, softmax over the tokenizer's vocabulary.
+
+    The vocabulary size is not a field: it is the dataset's tokenizer's
+    (`manifest.extra["tokenizer"]["vocab_size"]`). Batches are
+    `deepspeed.micro_batch_size` rows (packed sequences, or persistent streams) of
+    `window` tokens.
+    """
 
     kind: Literal["lstm"] = "lstm"
+    embedding_dim: int = 256
+    hidden: int = 1024
+    layers: int = 2
+    layer_norm: bool = True  # LayerNorm on every LSTM layer's outputs
+    dropout: float = 0.0  # on the embeddings and on every layer's outputs
+    tie_embeddings: bool = True  # output softmax shares the input embedding (through a projection if hidden != dim)
+    # packed: every row is an independent sequence (state starts at zero per row).
+    # stateful: each rank reads `micro_batch_size` persistent token streams in windows of
+    # `window` tokens and carries the LSTM state across steps (the paper's setup).
+    layout: Literal["packed", "stateful"] = "stateful"
+    window: int = 32  # tokens per stream per step (stateful); packed uses the rows' sequence_length - 1
+    # How a state that must restart mid-stream (a newly adopted peer snapshot, a resumed run)
+    # begins: "zero", or "warmup": zero, then the model is run over the stream's previous window.
+    restart: Literal["zero", "warmup"] = "warmup"
 
     def validate(self, name: str) -> None:
-        pass
+        for key in ("embedding_dim", "hidden", "layers", "window"):
+            value = getattr(self, key)
+            _require(value >= 1, f"{name}.{key}", f"must be >= 1, got {value}")
+        _require(0.0 <= self.dropout < 1.0, f"{name}.dropout", f"must be in [0, 1), got {self.dropout}")
 
 
 @dataclass(frozen=True)

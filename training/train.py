@@ -110,14 +110,20 @@ def forward_backward(engine, workload: Workload, peers: dict[int, torch.nn.Modul
     """
     states = {} if states is None else states
     logits, student_state = workload.forward(engine, batch, states.get("student"))
-    with torch.no_grad():
-        fp32 = {k: (v.float() if v.is_floating_point() else v) for k, v in batch.items()}
-        peer_logits = []
+    fp32 = {k: (v.float() if v.is_floating_point() else v) for k, v in batch.items()}
+
+    def peer_logits():
+        # One peer at a time, as the loss asks for it (not at all while w(step) is 0), each released
+        # before the next runs: peak memory does not grow with the number of peers.
         for group, peer in peers.items():
-            peer_out, states[group] = workload.forward(peer, fp32, states.get(group))
-            peer_logits.append(peer_out.float())
+            with torch.no_grad():
+                out, states[group] = workload.forward(peer, fp32, states.get(group))
+            yield out.float()
+            del out
+
     targets, mask = workload.targets(batch)
-    parts = codistillation_loss(logits.float(), targets, peer_logits, step, distill, binary=workload.binary, mask=mask)
+    parts = codistillation_loss(logits.float(), targets, peer_logits(), step, distill, binary=workload.binary,
+                                mask=mask)
     engine.backward(parts.total)
     engine.step()
     states["student"] = detached(student_state)
@@ -214,8 +220,10 @@ class GroupTrainer:
         if cod.enabled and self.rank == 0:
             self.publisher = SnapshotPublisher(config.store, config.run_id, group, keep=cod.keep_snapshots)
             if self.peer_groups:
+                # The tokenizer's sha256 (None without one): a peer trained on other tokens is never adopted.
                 self.watcher = PeerWatcher(config.store, config.run_id, group, self.peer_groups, self.signature,
-                                           poll_interval=cod.poll_seconds, max_staleness=cod.max_staleness)
+                                           poll_interval=cod.poll_seconds, max_staleness=cod.max_staleness,
+                                           vocab_hash=self.dataset.tokenizer_sha256)
         self.step = 0
         self.step_seconds: list[float] = []
         self.metrics_file = None
@@ -279,7 +287,7 @@ class GroupTrainer:
     def publish(self) -> None:
         with self.gathered_state() as state:
             if self.publisher is not None:  # serialises a copy before returning, inside the gather
-                self.publisher.publish_async(self.step, state)
+                self.publisher.publish_async(self.step, state, vocab_hash=self.dataset.tokenizer_sha256)
 
     def save_final(self) -> None:
         """The final weights: `model.safetensors` in the group's directory (what ensembles of finished runs
@@ -289,7 +297,7 @@ class GroupTrainer:
                 safetensors.torch.save_file({k: v.contiguous() for k, v in state.items()},
                                             str(self.out / "model.safetensors"))
             if self.publisher is not None:
-                self.publisher.publish(self.step, state)
+                self.publisher.publish(self.step, state, vocab_hash=self.dataset.tokenizer_sha256)
 
     # --- training ------------------------------------------------------------------------------------
 
