@@ -36,7 +36,8 @@ sys.path.insert(0, str(REPO))
 from codistill.config import CriteoDNNConfig, load_experiment  # noqa: E402
 from training.loss import DistillConfig, codistillation_loss  # noqa: E402
 from training.models import CriteoDNN, Task  # noqa: E402
-from training.train import GroupTrainer, build_engine, forward_backward, init_distributed  # noqa: E402
+from training.train import (GroupTrainer, build_engine, exit_finished_rank, forward_backward,  # noqa: E402
+                            init_distributed)
 
 # hidden 1024: the first layer (117 x 1024 weights) is above DeepSpeed's stage3_param_persistence_threshold
 # (1e5), so ZeRO-3 really partitions it and the gathering is exercised.
@@ -101,6 +102,7 @@ def main() -> None:
         del engine, model
     dist.barrier()
     dist.destroy_process_group()
+    exit_finished_rank()  # as the trainer does: gloo threads must not meet interpreter finalisation
 
 
 if __name__ == "__main__":
