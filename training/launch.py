@@ -172,24 +172,32 @@ def _parent_of(pid: int) -> int | None:
         return None
 
 
-def exit_when_launcher_dies() -> None:
-    """End this process as soon as its parent, or any process up to `$CODISTILL_LAUNCHER_PID`, exits.
+def _ancestors_up_to(top: int) -> list[int] | None:
+    """Our ancestors from the parent up to `top` included; None if `top` is not one of them."""
+    chain, pid = [], os.getppid()
+    while pid and pid > 1:
+        chain.append(pid)
+        if pid == top:
+            return chain
+        pid = _parent_of(pid)
+    return None
 
-    A launcher killed by SIGKILL cannot stop its children, and the deepspeed
-    launcher's own middle process would keep the ranks alive. One daemon thread
-    waits (no polling) on pidfds of those ancestors; the first to exit ends this
-    rank at once with exit code 1. (Not prctl(PR_SET_PDEATHSIG): it fires when
-    the parent *thread* that forked us exits, and covers the parent only.)
+
+def exit_when_launcher_dies() -> None:
+    """End this process as soon as any process between it and its launcher exits.
+
+    The launcher is `$CODISTILL_LAUNCHER_PID` (`codistill train`) if that is an
+    ancestor, else the leader of our process group (what a shell started, e.g.
+    `deepspeed`), else just the parent. A launcher killed by SIGKILL cannot stop
+    its children, and the deepspeed launcher's middle process would keep the
+    ranks alive. One daemon thread waits (no polling) on pidfds of those
+    processes; the first to exit ends this rank at once with exit code 1. (Not
+    prctl(PR_SET_PDEATHSIG): it fires when the parent *thread* that forked us
+    exits, and covers the parent only.)
     """
-    chain = [os.getppid()]
     launcher = int(os.environ.get(LAUNCHER_PID_ENV, "0") or 0)
-    if launcher:  # walk up to it; if it is not our ancestor (a stale variable), watch the parent only
-        ancestors, pid = [], chain[0]
-        while pid and pid > 1 and pid != launcher:
-            ancestors.append(pid)
-            pid = _parent_of(pid)
-        if pid == launcher:
-            chain = ancestors + [launcher]
+    chain = ((_ancestors_up_to(launcher) if launcher else None) or _ancestors_up_to(os.getpgid(0))
+             or [os.getppid()])
     fds = []
     for pid in chain:
         try:
