@@ -97,7 +97,7 @@ import torch.nn.functional as F
 from codistill.config import ExperimentConfig, load_experiment
 from codistill.dataset import check_shards_present, load_manifest
 from training.data import StreamSpec, to_torch
-from training.exchange import PeerWatcher, SnapshotPublisher, model_signature
+from training.exchange import PeerWatcher, SnapshotPublisher, model_signature, snapshot_bytes
 from training.loss import DistillConfig, codistillation_loss
 from training.train import (FlatPeer, build_engine, deepspeed_config, detached, forward_backward, init_distributed,
                             lr_factor, make_optimizer)
@@ -243,7 +243,8 @@ class CodistillExchange(Codistill):
         (self.peer_group,) = peers
         self.publisher = SnapshotPublisher(store, RUN, 0, keep=cod.keep_snapshots)
         self.watcher = PeerWatcher(store, RUN, 0, [self.peer_group], model_signature(engine.module.state_dict()),
-                                   poll_interval=cod.poll_seconds, max_staleness=cod.max_staleness)
+                                   snapshot_bytes(engine.module.state_dict()), poll_interval=cod.poll_seconds,
+                                   max_staleness=cod.max_staleness)
         # The stand-in peer group: publishes its (different) weights like its own trainer would.
         self.peer_model = peer_model
         self.peer_publisher = SnapshotPublisher(store, RUN, self.peer_group, keep=cod.keep_snapshots)

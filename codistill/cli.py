@@ -324,7 +324,8 @@ def _dataset_for(config) -> DatasetManifest:
 
 
 # What a run directory holds (`store` is the default snapshot store); `--overwrite` deletes nothing else.
-RUN_ENTRIES = re.compile(r"group-\d+|store|\.?run\.lock|\.lock|\.complete")  # .complete: codistill experiment
+# run.json: the run nonce; .codistill.lock: the run lock; .complete: marked by codistill experiment.
+RUN_ENTRIES = re.compile(r"group-\d+|store|run\.json|\.codistill\.lock|\.complete")
 
 
 def _foreign_entries(names: list[str], allowed: re.Pattern) -> str:
@@ -334,22 +335,26 @@ def _foreign_entries(names: list[str], allowed: re.Pattern) -> str:
 
 def _start_afresh(config, overwrite: bool) -> None:
     """A new run must not inherit an earlier one's checkpoints, metrics or snapshots: its groups
-    would adopt the old peers' weights as if they were fresh."""
+    would adopt the old peers' weights as if they were fresh. Called with the run directory locked
+    (the lock file stays: it is what keeps another `codistill train` out while we delete)."""
     import shutil
     from pathlib import Path
 
     import fsspec
+
+    from training.launch import LOCK_FILE
 
     run_dir = Path(config.run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise click.ClickException(f"run directory {run_dir} exists and is not a directory")
     store_fs, store_root = fsspec.core.url_to_fs(config.store)
     old_snapshots = f"{store_root.rstrip('/')}/{config.run_id}"
-    if (run_dir.exists() and any(run_dir.iterdir())) or store_fs.exists(old_snapshots):
+    earlier = [p for p in run_dir.iterdir() if p.name != LOCK_FILE] if run_dir.exists() else []
+    if earlier or store_fs.exists(old_snapshots):
         if not overwrite:
             raise click.ClickException(f"{run_dir} (or {config.store}/{config.run_id}) holds an earlier run: "
                                        "continue it with --resume, or start over with --overwrite")
-        foreign = _foreign_entries([p.name for p in run_dir.iterdir()] if run_dir.exists() else [], RUN_ENTRIES)
+        foreign = _foreign_entries([p.name for p in earlier], RUN_ENTRIES)
         if foreign:
             raise click.ClickException(f"{run_dir} is not a codistill run directory (it holds {foreign}): "
                                        "--overwrite deletes only a run directory; remove it yourself or choose "
@@ -360,7 +365,11 @@ def _start_afresh(config, overwrite: bool) -> None:
             if foreign:
                 raise click.ClickException(f"{config.store}/{config.run_id} is not this run's snapshots (it holds "
                                            f"{foreign}); remove it yourself or choose another train.store")
-        shutil.rmtree(run_dir, ignore_errors=True)
+        for path in earlier:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
         if store_fs.exists(old_snapshots):
             store_fs.rm(old_snapshots, recursive=True)
 
@@ -368,17 +377,19 @@ def _start_afresh(config, overwrite: bool) -> None:
 def _train(manifest: str, sets: list[str], resume: bool, overwrite: bool = False):
     """Start every group of a run (one deepspeed launch each); returns the config."""
     from codistill.config import load_experiment
-    from training.launch import GroupFailed, group_commands, run_groups
+    from training.launch import GroupFailed, RunLocked, group_commands, locked_run_dir, read_run_nonce, run_groups
 
     config = load_experiment(manifest, sets)
     dataset = _dataset_for(config)
-    if not resume:
-        _start_afresh(config, overwrite)
-    commands = group_commands(resolve_manifest(manifest), list(config.trained_groups), config.deepspeed.ranks_per_group,
-                              sets, resume)
     try:
-        run_groups(commands, config.deepspeed.ranks_per_group)
-    except GroupFailed as e:
+        with locked_run_dir(config.run_dir):  # held until every group has ended
+            if not resume:
+                _start_afresh(config, overwrite)
+            read_run_nonce(config.run_dir)  # drawn here for a new run, kept on --resume; each group reads it
+            commands = group_commands(resolve_manifest(manifest), list(config.trained_groups),
+                                      config.deepspeed.ranks_per_group, sets, resume)
+            run_groups(commands, config.deepspeed.ranks_per_group)
+    except (GroupFailed, RunLocked) as e:
         raise click.ClickException(str(e)) from None
     return config, dataset
 

@@ -35,7 +35,8 @@ sys.path.insert(0, str(REPO))
 
 from codistill.config import CriteoDNNConfig, load_experiment  # noqa: E402
 from training.loss import DistillConfig, codistillation_loss  # noqa: E402
-from training.train import GroupTrainer, build_engine, forward_backward, init_distributed  # noqa: E402
+from training.train import (GroupTrainer, build_engine, exit_finished_rank, forward_backward,  # noqa: E402
+                            init_distributed)
 from training.workloads.criteo import WORKLOAD, CriteoDNN  # noqa: E402
 
 # hidden 1024: the first layer (117 x 1024 weights) is above DeepSpeed's stage3_param_persistence_threshold
@@ -100,6 +101,7 @@ def main() -> None:
         del engine, model
     dist.barrier()
     dist.destroy_process_group()
+    exit_finished_rank()  # as the trainer does: gloo threads must not meet interpreter finalisation
 
 
 if __name__ == "__main__":

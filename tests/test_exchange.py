@@ -1,6 +1,7 @@
 import hashlib
 import json
 import logging
+import os
 import pickle
 import threading
 import time
@@ -11,7 +12,8 @@ import fsspec
 import pytest
 import torch
 
-from training.exchange import LATEST, PeerWatcher, SnapshotPublisher, model_signature, snapshot_name
+from training.exchange import (LATEST, PeerWatcher, SnapshotPublisher, check_store_run, model_signature,
+                               snapshot_bytes, snapshot_name)
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -29,6 +31,7 @@ def make_state(value: float = 0.0) -> dict[str, torch.Tensor]:
 
 
 SIGNATURE = model_signature(make_state())
+PAYLOAD_BYTES = snapshot_bytes(make_state())
 
 
 @pytest.fixture(params=["memory", "local"])
@@ -50,7 +53,8 @@ def group_path(store: str, group: int, name: str = "") -> tuple[fsspec.AbstractF
 
 
 def watcher(store: str, **kwargs) -> PeerWatcher:
-    kwargs = {"peer_groups": [1], "model_signature": SIGNATURE, "poll_interval": POLL} | kwargs
+    kwargs = {"peer_groups": [1], "model_signature": SIGNATURE, "payload_bytes": PAYLOAD_BYTES,
+              "poll_interval": POLL} | kwargs
     return PeerWatcher(store, RUN, group=0, **kwargs)
 
 
@@ -89,6 +93,8 @@ def test_round_trip(store):
     assert meta["group"] == 1 and meta["step"] == 10 and meta["vocab_hash"] == "v1"
     assert meta["sha256"] == hashlib.sha256(payload).hexdigest()
     assert meta["model_signature"] == SIGNATURE and meta["created"]
+    assert meta["bytes"] == len(payload) == PAYLOAD_BYTES  # snapshot_bytes predicts the file's size
+    assert meta["attempt"] == 0 and meta["run_nonce"] is None
 
     with watcher(store, vocab_hash="v1") as w:
         updates = wait_for_update(w)
@@ -105,7 +111,7 @@ def test_file_url_and_several_peers(tmp_path):
     url = f"file://{tmp_path}/store"
     for group in (1, 2):
         assert SnapshotPublisher(url, RUN, group).publish(group * 100, make_state(group))
-    with PeerWatcher(url, RUN, 0, [1, 2], SIGNATURE, poll_interval=POLL) as w:
+    with PeerWatcher(url, RUN, 0, [1, 2], SIGNATURE, PAYLOAD_BYTES, poll_interval=POLL) as w:
         seen: dict[int, int] = {}
         while len(seen) < 2:
             seen |= {peer: step for peer, (step, _) in wait_for_update(w).items()}
@@ -117,7 +123,7 @@ def test_tied_weights_publish():
     state = {"embed.weight": shared, "head.weight": shared}  # same storage, as in a tied LM
     url = f"memory://codistill-test-{uuid.uuid4().hex}"
     assert SnapshotPublisher(url, RUN, 1).publish(1, state)
-    with watcher(url, model_signature=model_signature(state)) as w:
+    with watcher(url, model_signature=model_signature(state), payload_bytes=snapshot_bytes(state)) as w:
         assert_same(wait_for_update(w)[1][1], state)
 
 
@@ -199,7 +205,11 @@ def test_reader_following_latest_always_finds_complete_files(store):
         if finished:
             break
     thread.join()
-    assert checked[-1] == snapshot_name(39, "json")
+    # Read once more after the last publish: on a fast store the loop may never have run.
+    name = fs.cat_file(latest).decode()
+    meta = json.loads(fs.cat_file(group_path(store, 1, name)[1]))
+    payload = fs.cat_file(group_path(store, 1, snapshot_name(meta["step"], "safetensors"))[1])
+    assert meta["step"] == 39 and hashlib.sha256(payload).hexdigest() == meta["sha256"]
 
 
 def test_publish_async_skips_while_in_flight_and_never_raises(store, caplog):
@@ -216,8 +226,15 @@ def test_publish_async_skips_while_in_flight_and_never_raises(store, caplog):
         assert not publisher.publish(3, make_state(3))
         assert publisher.publish_async(4, make_state(4))
         assert publisher.wait(timeout=5)
+        assert not publisher.publish(5, make_state(5))
     assert publisher.last_published_step == 1
-    assert sum("publishing step" in r.getMessage() for r in caplog.records) == 2
+    # A store that keeps failing (read-only, unreachable) warns once with a traceback, not on every publish.
+    failures = [r for r in caplog.records if "publishing step" in r.getMessage()]
+    assert len(failures) == 1 and failures[0].exc_info is not None, [r.getMessage() for r in failures]
+    publisher.fs.fail = False
+    with caplog.at_level(logging.WARNING, logger="training.exchange"):
+        assert publisher.publish(6, make_state(6))
+    assert any("publishing works again" in r.getMessage() for r in caplog.records)
 
 
 def publish_then_start_watcher(store: str, step: int = 1) -> SnapshotPublisher:
@@ -297,7 +314,8 @@ def test_mismatched_model_or_vocab_is_rejected(store):
 
 def test_lying_metadata_signature_is_caught_on_the_tensors(store):
     publisher = SnapshotPublisher(store, RUN, group=1)
-    assert publisher.publish(1, make_state(1) | {"extra": torch.zeros(1)})
+    renamed = {name.replace("weight", "wEight"): t for name, t in make_state(1).items()}  # same size, other names
+    assert publisher.publish(1, renamed)
     fs, path = group_path(store, 1, snapshot_name(1, "json"))
     fs.pipe_file(path, json.dumps(json.loads(fs.cat_file(path)) | {"model_signature": SIGNATURE}).encode())
     with watcher(store) as w:
@@ -388,4 +406,150 @@ def test_concurrent_publisher_and_watcher(store):
 
 def test_group_cannot_watch_itself():
     with pytest.raises(ValueError, match="own peer"):
-        PeerWatcher("memory://unused", RUN, 1, [1, 2], SIGNATURE)
+        PeerWatcher("memory://unused", RUN, 1, [1, 2], SIGNATURE, PAYLOAD_BYTES)
+
+
+# --- hostile or diverged stores: NaN weights, special files, huge files, another run ---------------------
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weights_are_refused(store, bad):
+    """A peer that diverged must not spread NaN/Inf to us through distillation."""
+    publisher = SnapshotPublisher(store, RUN, group=1)
+    state = make_state(1)
+    state["layer.bias"][1] = bad
+    assert publisher.publish(1, state)
+    with watcher(store) as w:
+        assert_no_update(w)
+        recovers(store, publisher, w)
+
+
+def replace_with(path: str, kind: str, tmp_path) -> None:
+    """Turn a local store file into something a reader must refuse without reading it."""
+    os.unlink(path)
+    if kind == "symlink-to-dev-zero":
+        os.symlink("/dev/zero", path)
+    elif kind == "fifo":
+        os.mkfifo(path)  # nobody ever writes: a blocking open or read would hang for ever
+    elif kind == "symlink-to-a-good-copy":  # even a symlink to a valid file is refused (no-follow)
+        os.symlink(tmp_path / "copy", path)
+    elif kind == "directory":
+        os.mkdir(path)
+
+
+@pytest.mark.parametrize("kind", ["symlink-to-dev-zero", "fifo", "directory"])
+@pytest.mark.parametrize("which", [LATEST, snapshot_name(1, "json"), snapshot_name(1, "safetensors")])
+def test_special_files_in_a_local_store_are_refused_without_hanging(tmp_path, which, kind, caplog):
+    store = str(tmp_path / "store")
+    publisher = publish_then_start_watcher(store)
+    path = group_path(store, 1, which)[1]
+    replace_with(path, kind, tmp_path)
+    with caplog.at_level(logging.WARNING, logger="training.exchange"), watcher(store) as w:
+        assert_no_update(w)
+        assert any("snapshot rejected" in r.getMessage() for r in caplog.records), caplog.text
+        if which != LATEST:
+            start = time.monotonic()
+            assert w.fetch(1, 1) is None  # --resume reads on the main thread: must not hang either
+            assert time.monotonic() - start < 5
+        if kind == "directory":
+            os.rmdir(path)  # the publisher cannot rename LATEST over a directory; the reader was not stuck
+        recovers(store, publisher, w)
+
+
+def test_symlink_to_a_valid_snapshot_is_refused_too(tmp_path):
+    store = str(tmp_path / "store")
+    publisher = publish_then_start_watcher(store)
+    path = group_path(store, 1, snapshot_name(1, "safetensors"))[1]
+    (tmp_path / "copy").write_bytes(open(path, "rb").read())
+    replace_with(path, "symlink-to-a-good-copy", tmp_path)
+    with watcher(store) as w:
+        assert_no_update(w)
+        recovers(store, publisher, w)
+
+
+@pytest.mark.parametrize("which", [LATEST, snapshot_name(1, "json"), snapshot_name(1, "safetensors")])
+def test_oversized_files_are_refused_before_reading(store, which, caplog):
+    """Sizes are checked (fs.info / fstat) before a read, and reads are bounded: a huge file costs nothing."""
+    publisher = publish_then_start_watcher(store)
+    fs, path = group_path(store, 1, which)
+    original = fs.cat_file(path)
+    fs.pipe_file(path, original + b" " * (1 << 20))  # still valid JSON / same name for LATEST, just longer
+    with caplog.at_level(logging.WARNING, logger="training.exchange"), watcher(store) as w:
+        assert_no_update(w)
+        assert any("more than" in r.getMessage() for r in caplog.records), caplog.text
+        recovers(store, publisher, w)
+
+
+def test_recorded_size_must_be_our_models(store):
+    """The JSON's `bytes` is checked against what our model serialises to before the weights are read."""
+    bigger = make_state(1) | {"extra": torch.zeros(10**5)}  # 400 KB more than our model
+    assert SnapshotPublisher(store, RUN, group=1).publish(1, bigger)
+    fs, path = group_path(store, 1, snapshot_name(1, "json"))
+    assert json.loads(fs.cat_file(path))["bytes"] == snapshot_bytes(bigger)
+    with watcher(store, model_signature=model_signature(bigger)) as w:
+        assert_no_update(w)  # the signature the watcher expects, but not the size of our model: refused
+
+
+def test_fetch_gives_up_on_a_store_that_stops_answering(store):
+    class Hanging:
+        def __init__(self, fs):
+            self._fs, self.release = fs, threading.Event()
+
+        def __getattr__(self, name):
+            return getattr(self._fs, name)
+
+        def info(self, path, **kwargs):
+            self.release.wait()
+            return self._fs.info(path, **kwargs)
+
+    publish_then_start_watcher(store)
+    w = watcher(store, poll_interval=10)
+    try:
+        w.fs = hanging = Hanging(w.fs)  # not a LocalFileSystem: goes through fs.info
+        start = time.monotonic()
+        assert w.fetch(1, 1, timeout=0.3) is None
+        assert time.monotonic() - start < 3
+    finally:
+        hanging.release.set()
+        w.close()
+
+
+def test_snapshots_of_another_run_are_refused_and_cannot_pin_the_peer(store, caplog):
+    """An earlier run under the same name left step 400: the new run must not adopt it, and the real
+    peer's lower steps must still be taken."""
+    assert SnapshotPublisher(store, RUN, group=1, run_nonce="old-run").publish(400, make_state(4))
+    publisher = SnapshotPublisher(store, RUN, group=1, run_nonce="this-run")
+    with caplog.at_level(logging.WARNING, logger="training.exchange"), watcher(store, run_nonce="this-run") as w:
+        assert_no_update(w)
+        assert any("another run" in r.getMessage() for r in caplog.records), caplog.text
+        recovers(store, publisher, w, step=10)
+        recovers(store, publisher, w, step=20)
+
+
+def test_step_past_the_end_of_the_schedule_is_refused_and_cannot_pin_the_peer(store):
+    publisher = SnapshotPublisher(store, RUN, group=1, run_nonce="n")
+    assert publisher.publish(10**6, make_state(9))
+    with watcher(store, run_nonce="n", max_step=1000) as w:
+        assert_no_update(w)
+        recovers(store, publisher, w, step=10)
+
+
+def test_newer_attempt_may_go_back_in_steps(store):
+    """A peer that resumed from an older checkpoint publishes lower steps under a new attempt: taken at once."""
+    assert SnapshotPublisher(store, RUN, group=1, run_nonce="n", attempt=0).publish(40, make_state(4))
+    with watcher(store, run_nonce="n") as w:
+        assert wait_for_update(w)[1][0] == 40
+        resumed = SnapshotPublisher(store, RUN, group=1, run_nonce="n", attempt=1)
+        recovers(store, resumed, w, step=20)
+        assert_no_update(w)  # and nothing older from the previous attempt comes back
+        assert SnapshotPublisher(store, RUN, group=1, run_nonce="n", attempt=0).publish(50, make_state(5))
+        assert_no_update(w)
+
+
+def test_check_store_run_refuses_another_runs_snapshots(store):
+    check_store_run(store, RUN, [0, 1], "this-run")  # nothing there yet
+    assert SnapshotPublisher(store, RUN, group=1, run_nonce="this-run").publish(1, make_state(1))
+    check_store_run(store, RUN, [0, 1], "this-run")
+    assert SnapshotPublisher(store, RUN, group=0, run_nonce="old-run").publish(1, make_state(1))
+    with pytest.raises(ValueError, match="another run.*old-run"):
+        check_store_run(store, RUN, [0, 1], "this-run")

@@ -3,14 +3,26 @@
 Layout, one directory per group:
 
     <store>/<run>/group-<g>/step-<s:08d>.safetensors   the weights (never pickle)
-    <store>/<run>/group-<g>/step-<s:08d>.json          group, step, sha256, signatures, time
+    <store>/<run>/group-<g>/step-<s:08d>.json          group, step, run nonce, attempt, sha256, size,
+                                                       signatures, time
     <store>/<run>/group-<g>/LATEST                     the name of the newest JSON file
 
 A publisher writes the safetensors file, then the JSON, and only then moves
 LATEST, so a reader that follows LATEST always finds complete files. A reader
 still verifies everything (sha256, model signature, vocab hash, safetensors
-parse) because a file may be pruned, overwritten or corrupted under it; a
-snapshot that fails is skipped with a warning and never loaded.
+parse, finite values) because a file may be pruned, overwritten or corrupted
+under it; a snapshot that fails is skipped with a warning and never loaded.
+
+The store is not trusted to be well-behaved either: every file is checked to be
+a regular file of bounded size before it is read (LATEST and the JSON have small
+caps, the weights must be exactly the size our model serialises to); local
+opens do not follow symlinks and never block on a FIFO.
+
+Snapshots name the run they belong to (`run_nonce`, drawn once per run) and the
+attempt of the group that wrote them (one more on every (re)start): a reader
+refuses another run's snapshots (an earlier run under the same name), refuses a
+step past the end of the schedule, and follows a peer back to a lower step when
+that step comes from a newer attempt (the peer resumed from an older checkpoint).
 
 Training never waits on the store: `SnapshotPublisher.publish_async` uploads in
 a background thread and `PeerWatcher` polls in one; the trainer only swaps in
@@ -20,7 +32,9 @@ the verified state dicts that `PeerWatcher.take_updates` hands it.
 import hashlib
 import json
 import logging
+import os
 import re
+import stat
 import threading
 import time
 import uuid
@@ -39,6 +53,9 @@ logger = logging.getLogger(__name__)
 LATEST = "LATEST"
 _SNAPSHOT_FILE = re.compile(r"^step-(\d{8,})\.(safetensors|json)$")
 _LATEST_CONTENT = re.compile(r"^step-(\d{8,})\.json$")
+# Read caps: LATEST holds one file name, the JSON a few fields; a bigger file is not ours.
+LATEST_MAX_BYTES = 256
+META_MAX_BYTES = 64 * 1024
 
 
 def model_signature(state_dict: Mapping[str, Tensor]) -> str:
@@ -77,38 +94,58 @@ def serialize_state_dict(state_dict: Mapping[str, Tensor]) -> memoryview:
     `safetensors.torch.load` reads the result (tested); the copy also unties
     shared storage (tied weights).
     """
-    header, offset, pieces = {}, 0, []
+    prefix, size = _safetensors_prefix(state_dict)
+    out = torch.empty(len(prefix) + size, dtype=torch.uint8)
+    out[:len(prefix)] = torch.frombuffer(bytearray(prefix), dtype=torch.uint8)
+    if state_dict:
+        with torch.no_grad():
+            torch.cat([t.detach().cpu().reshape(-1).view(torch.uint8) for t in state_dict.values()],
+                      out=out[len(prefix):])
+    return memoryview(out.numpy())
+
+
+def snapshot_bytes(state_dict: Mapping[str, Tensor]) -> int:
+    """The exact size of `serialize_state_dict(state_dict)`: what a reader expects a peer's file to be."""
+    prefix, size = _safetensors_prefix(state_dict)
+    return len(prefix) + size
+
+
+def _safetensors_prefix(state_dict: Mapping[str, Tensor]) -> tuple[bytes, int]:
+    """The header length and JSON header of a safetensors file, and the size of the tensor data after it."""
+    header, offset = {}, 0
     for name, tensor in state_dict.items():
         size = tensor.numel() * tensor.element_size()
         header[name] = {"dtype": _SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape),
                         "data_offsets": [offset, offset + size]}
-        pieces.append(tensor)
         offset += size
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)
-    prefix = len(text).to_bytes(8, "little") + text
-    out = torch.empty(len(prefix) + offset, dtype=torch.uint8)
-    out[:len(prefix)] = torch.frombuffer(bytearray(prefix), dtype=torch.uint8)
-    if pieces:
-        with torch.no_grad():
-            torch.cat([t.detach().cpu().reshape(-1).view(torch.uint8) for t in pieces], out=out[len(prefix):])
-    return memoryview(out.numpy())
+    return len(text).to_bytes(8, "little") + text, offset
 
 
 class SnapshotPublisher:
     """Publishes one group's weights; used by rank 0 of each group.
 
-    Store errors never reach training: they are logged and the publish returns
-    False. Peers tolerate stale weights, so a missed snapshot only costs freshness.
+    Store errors never reach training: they are logged (with a traceback once per
+    kind of error, not on every publish of a read-only or unreachable store) and
+    the publish returns False. Peers tolerate stale weights, so a missed snapshot
+    only costs freshness.
+
+    `run_nonce` and `attempt` go into every JSON: readers of another run, and
+    readers that have seen a newer attempt of this group, ignore the snapshot.
     """
 
-    def __init__(self, store_url: str, run: str, group: int, keep: int = 3) -> None:
+    def __init__(self, store_url: str, run: str, group: int, keep: int = 3, run_nonce: str | None = None,
+                 attempt: int = 0) -> None:
         if keep < 1:
             raise ValueError(f"keep must be >= 1, got {keep}")
         self.fs, root = fsspec.core.url_to_fs(store_url)
         self.dir = group_dir(root, run, group)
         self.group = group
         self.keep = keep
+        self.run_nonce = run_nonce
+        self.attempt = attempt
+        self._failing: str | None = None  # the kind of error the last publish failed with
         # A rename within one local directory is atomic; writing in place is not.
         # Object stores make a single put visible all at once.
         self._latest_via_rename = isinstance(self.fs, LocalFileSystem)
@@ -158,6 +195,9 @@ class SnapshotPublisher:
         meta = {
             "group": self.group,
             "step": step,
+            "run_nonce": self.run_nonce,
+            "attempt": self.attempt,
+            "bytes": len(payload),
             "sha256": hashlib.sha256(payload).hexdigest(),
             "model_signature": signature,
             "vocab_hash": vocab_hash,
@@ -171,9 +211,18 @@ class SnapshotPublisher:
             self.fs.pipe_file(f"{self.dir}/{snapshot_name(step, 'safetensors')}", data)
             self.fs.pipe_file(f"{self.dir}/{json_name}", json.dumps(meta, indent=1).encode())
             self._write_latest(json_name)
-        except Exception:
-            logger.warning("group %d: publishing step %d to %s failed", self.group, step, self.dir, exc_info=True)
+        except Exception as err:
+            kind, self._failing = self._failing, type(err).__name__
+            if kind == self._failing:  # the same outage again: warned already
+                logger.info("group %d: publishing step %d failed again (%s: %s)", self.group, step,
+                               type(err).__name__, err)
+            else:
+                logger.warning("group %d: publishing step %d to %s failed", self.group, step, self.dir,
+                               exc_info=True)
             return False
+        if self._failing is not None:
+            logger.warning("group %d: publishing works again (step %d)", self.group, step)
+            self._failing = None
         self.last_published_step = step
         logger.info("group %d: published step %d to %s", self.group, step, self.dir)
         try:
@@ -209,7 +258,46 @@ class SnapshotPublisher:
 
 
 class SnapshotError(Exception):
-    """A snapshot that must not be loaded (corrupt, mismatched or malformed)."""
+    """A snapshot that must not be loaded (corrupt, mismatched, malformed or not ours)."""
+
+
+def read_bounded(fs: fsspec.AbstractFileSystem, path: str, limit: int) -> bytes:
+    """The bytes of a regular file of at most `limit` bytes; SnapshotError for anything else.
+
+    A symlink to /dev/zero, a FIFO or a huge file in the store must neither grow
+    this process without bound nor hang it. Locally the file is opened without
+    following symlinks and without blocking, then checked with fstat (no race
+    between the check and the read); other stores are checked with `fs.info`
+    and read with a bounded range. FileNotFoundError passes through.
+    """
+    if isinstance(fs, LocalFileSystem):
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise
+        except OSError as err:
+            raise SnapshotError(f"{path}: cannot be opened as a plain file ({err.strerror})") from None
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise SnapshotError(f"{path}: not a regular file")
+            if info.st_size > limit:
+                raise SnapshotError(f"{path}: {info.st_size} bytes, more than the {limit} expected")
+            with os.fdopen(os.dup(fd), "rb") as f:
+                data = f.read(limit + 1)
+        finally:
+            os.close(fd)
+    else:
+        info = fs.info(path)
+        if info.get("type") != "file":
+            raise SnapshotError(f"{path}: not a regular file (type {info.get('type')!r})")
+        size = info.get("size")
+        if not isinstance(size, int) or size > limit:
+            raise SnapshotError(f"{path}: size {size!r}, more than the {limit} bytes expected")
+        data = fs.cat_file(path, start=0, end=limit + 1)
+    if len(data) > limit:  # it grew after the check
+        raise SnapshotError(f"{path}: more than the {limit} bytes expected")
+    return data
 
 
 class PeerWatcher:
@@ -219,9 +307,12 @@ class PeerWatcher:
     dicts (CPU tensors) and `usable_peers(step)` to learn which peers are fresh
     enough to distill from. Neither ever waits on the store.
 
-    Steps only move forward: a snapshot whose step is not above the peer's last
-    verified one is ignored (e.g. a peer restarted from an older checkpoint is
-    picked up again once it passes its old step).
+    A snapshot is adopted only if it is newer than the peer's last verified one:
+    a higher step in the same attempt, or any step of a newer attempt (the peer
+    restarted from an older checkpoint). A snapshot of another run (`run_nonce`
+    differs), past `max_step`, of another size than `payload_bytes` (what our
+    model serialises to) or holding NaN/Inf is refused and does not move that
+    mark, so it cannot pin the peer: the next genuine snapshot is taken.
     """
 
     def __init__(
@@ -231,10 +322,13 @@ class PeerWatcher:
         group: int,
         peer_groups: Iterable[int],
         model_signature: str,
+        payload_bytes: int,
         vocab_hash: str | None = None,
         poll_interval: float = 1.0,
         max_staleness: int | None = None,
         warn_missing_after: float = 600.0,
+        run_nonce: str | None = None,
+        max_step: int | None = None,
     ) -> None:
         self.peer_groups = sorted(set(peer_groups))
         if group in self.peer_groups:
@@ -244,7 +338,10 @@ class PeerWatcher:
         self.fs, root = fsspec.core.url_to_fs(store_url)
         self.peer_dirs = {peer: group_dir(root, run, peer) for peer in self.peer_groups}
         self.expected_signature = model_signature
+        self.payload_bytes = payload_bytes
         self.vocab_hash = vocab_hash
+        self.run_nonce = run_nonce
+        self.max_step = max_step
         self.poll_interval = poll_interval
         self.max_staleness = max_staleness
         self.warn_missing_after = warn_missing_after
@@ -252,8 +349,8 @@ class PeerWatcher:
         self._lock = threading.Lock()
         self._pending: dict[int, tuple[int, dict[str, Tensor]]] = {}  # guarded by _lock
         # Poller-thread state.
-        self._verified_step: dict[int, int] = {}
-        self._rejected_meta: dict[int, bytes] = {}  # JSON of a snapshot that failed verification
+        self._verified: dict[int, tuple[int, int]] = {}  # peer -> (attempt, step) last verified
+        self._seen_meta: dict[int, bytes] = {}  # JSON last verified or refused: not downloaded again
         self._last_problem: dict[int, str] = {}  # to warn once per distinct problem
         self._started_at = time.monotonic()
         self._warned_missing: set[int] = set()
@@ -295,18 +392,32 @@ class PeerWatcher:
                 usable[peer] = step
         return usable
 
-    def fetch(self, peer: int, step: int) -> dict[str, Tensor] | None:
+    def fetch(self, peer: int, step: int, timeout: float = 120.0) -> dict[str, Tensor] | None:
         """Read and verify one named snapshot now (on resume, to restore the peer weights in use).
 
-        Blocking, unlike everything else here; None (with a warning) if it is gone or bad.
+        Blocking, unlike everything else here, but for at most `timeout` seconds (a
+        store that stops answering is left to its daemon thread); None (with a
+        warning) if it is gone, bad or too slow.
         """
-        try:
-            meta_bytes = self.fs.cat_file(f"{self.peer_dirs[peer]}/{snapshot_name(step, 'json')}")
-            return self._verify(peer, step, meta_bytes)
-        except Exception as err:
+        result: list[dict[str, Tensor] | Exception] = []
+
+        def read() -> None:
+            try:
+                meta_bytes = read_bounded(self.fs, f"{self.peer_dirs[peer]}/{snapshot_name(step, 'json')}",
+                                          META_MAX_BYTES)
+                result.append(self._verify(peer, step, meta_bytes)[1])
+            except Exception as err:
+                result.append(err)
+
+        reader = threading.Thread(target=read, name=f"peer-fetch-group-{peer}", daemon=True)
+        reader.start()
+        reader.join(timeout)
+        outcome = result[0] if result else TimeoutError(f"no answer from the store within {timeout:.0f}s")
+        if isinstance(outcome, Exception):
             logger.warning("peer group %d: snapshot of step %d cannot be restored (%s); waiting for a newer one",
-                           peer, step, err)
+                           peer, step, outcome)
             return None
+        return outcome
 
     def close(self, timeout: float = 5.0) -> None:
         """Stop polling. Returns within `timeout` even if a download is stuck (the thread is a daemon)."""
@@ -338,7 +449,7 @@ class PeerWatcher:
     def _poll(self, peer: int) -> None:
         peer_dir = self.peer_dirs[peer]
         try:
-            pointer = self.fs.cat_file(f"{peer_dir}/{LATEST}")
+            pointer = read_bounded(self.fs, f"{peer_dir}/{LATEST}", LATEST_MAX_BYTES)
         except FileNotFoundError:
             self._missing(peer)
             return
@@ -346,35 +457,52 @@ class PeerWatcher:
         if match is None:
             raise SnapshotError(f"{peer_dir}/{LATEST} holds {pointer[:80]!r}, not a snapshot JSON name")
         step = int(match.group(1))
-        if step <= self._verified_step.get(peer, -1):
-            return
-
-        meta_bytes = self.fs.cat_file(f"{peer_dir}/{snapshot_name(step, 'json')}")
-        if meta_bytes == self._rejected_meta.get(peer):
-            return  # already failed verification; wait for the peer to publish again
+        meta_bytes = read_bounded(self.fs, f"{peer_dir}/{snapshot_name(step, 'json')}", META_MAX_BYTES)
+        if meta_bytes == self._seen_meta.get(peer):
+            return  # verified or refused already; wait for the peer to publish again
         try:
-            state_dict = self._verify(peer, step, meta_bytes)
+            version, state_dict = self._verify(peer, step, meta_bytes, newer_than=self._verified.get(peer))
         except SnapshotError:
-            self._rejected_meta[peer] = meta_bytes
+            self._seen_meta[peer] = meta_bytes
             raise
-        self._verified_step[peer] = step
+        self._seen_meta[peer] = meta_bytes
+        if state_dict is None:
+            return
+        self._verified[peer] = version
         self._last_problem.pop(peer, None)
         with self._lock:
             self._pending[peer] = (step, state_dict)
-        logger.info("peer group %d: loaded snapshot of step %d", peer, step)
+        logger.info("peer group %d: loaded snapshot of step %d (attempt %d)", peer, step, version[0])
 
-    def _verify(self, peer: int, step: int, meta_bytes: bytes) -> dict[str, Tensor]:
-        """Check metadata, download, and check the bytes before parsing them as safetensors."""
+    def _verify(self, peer: int, step: int, meta_bytes: bytes, newer_than: tuple[int, int] | None = None,
+                ) -> tuple[tuple[int, int], dict[str, Tensor] | None]:
+        """Check metadata, download, and check the bytes before parsing them as safetensors.
+
+        Returns ((attempt, step), state dict), with None instead of the state dict
+        (nothing downloaded) when (attempt, step) is not above `newer_than`.
+        """
         meta = _parse_meta(meta_bytes)
         if meta["group"] != peer or meta["step"] != step:
             raise SnapshotError(f"metadata names group {meta['group']} step {meta['step']}, expected {peer}/{step}")
+        if self.run_nonce is not None and meta.get("run_nonce") != self.run_nonce:
+            raise SnapshotError(f"step {step}: written by another run (run nonce {meta.get('run_nonce')!r}, "
+                                f"ours {self.run_nonce!r}), e.g. an earlier run under the same name")
+        if self.max_step is not None and step > self.max_step:
+            raise SnapshotError(f"step {step}: past the end of the schedule ({self.max_step} steps)")
+        version = (meta["attempt"], step)
+        if newer_than is not None and version <= newer_than:
+            return version, None  # e.g. a peer restarted from an older checkpoint, same attempt: not newer
         if meta["model_signature"] != self.expected_signature:
             raise SnapshotError(f"step {step}: model signature differs from ours (another architecture)")
         peer_vocab = meta.get("vocab_hash")
         if self.vocab_hash is not None and peer_vocab is not None and peer_vocab != self.vocab_hash:
             raise SnapshotError(f"step {step}: vocab hash {peer_vocab} differs from ours {self.vocab_hash}")
+        if meta["bytes"] != self.payload_bytes:
+            raise SnapshotError(f"step {step}: weights of {meta['bytes']} bytes, our model's are "
+                                f"{self.payload_bytes}")
 
-        payload = self.fs.cat_file(f"{self.peer_dirs[peer]}/{snapshot_name(step, 'safetensors')}")
+        payload = read_bounded(self.fs, f"{self.peer_dirs[peer]}/{snapshot_name(step, 'safetensors')}",
+                               self.payload_bytes)
         if hashlib.sha256(payload).hexdigest() != meta["sha256"]:
             raise SnapshotError(f"step {step}: sha256 mismatch (truncated, corrupt or being replaced)")
         try:
@@ -383,7 +511,10 @@ class PeerWatcher:
             raise SnapshotError(f"step {step}: not a valid safetensors file: {err}") from err
         if model_signature(state_dict) != self.expected_signature:
             raise SnapshotError(f"step {step}: tensors do not match our model signature")
-        return state_dict
+        bad = [name for name, t in state_dict.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+        if bad:  # a diverged peer: distilling from it would spread NaN to us
+            raise SnapshotError(f"step {step}: non-finite values (NaN/Inf) in {', '.join(bad[:3])}")
+        return version, state_dict
 
     def _missing(self, peer: int) -> None:
         waited = time.monotonic() - self._started_at
@@ -399,12 +530,37 @@ class PeerWatcher:
             self._last_problem[peer] = key
 
 
+def check_store_run(store_url: str, run: str, groups: Iterable[int], run_nonce: str) -> None:
+    """Refuse a store whose snapshots for `run` were written by another run (another nonce, or none).
+
+    A new run reusing a run name (and so the same `<store>/<run>/`) would
+    otherwise see the old run's snapshots; readers refuse them one by one, but
+    starting at all is a mistake the user should hear about. Unreadable or
+    missing snapshots say nothing about ownership and are left to the watcher.
+    """
+    fs, root = fsspec.core.url_to_fs(store_url)
+    for group in groups:
+        directory = group_dir(root, run, group)
+        try:
+            pointer = read_bounded(fs, f"{directory}/{LATEST}", LATEST_MAX_BYTES).decode(errors="replace").strip()
+            if not _LATEST_CONTENT.match(pointer):
+                continue
+            meta = json.loads(read_bounded(fs, f"{directory}/{pointer}", META_MAX_BYTES))
+        except (OSError, SnapshotError, ValueError):
+            continue
+        nonce = meta.get("run_nonce") if isinstance(meta, dict) else None
+        if nonce != run_nonce:
+            raise ValueError(f"{directory} holds snapshots of another run (run nonce {nonce!r}, this run's is "
+                             f"{run_nonce!r}): choose another run name (train.run_dir) or store, or delete them")
+
+
 def _parse_meta(meta_bytes: bytes) -> dict[str, Any]:
     try:
         meta = json.loads(meta_bytes)
     except ValueError as err:
         raise SnapshotError(f"metadata is not JSON: {err}") from err
-    expected_types = {"group": int, "step": int, "sha256": str, "model_signature": str, "vocab_hash": (str, type(None))}
+    expected_types = {"group": int, "step": int, "sha256": str, "model_signature": str, "vocab_hash": (str, type(None)),
+                      "bytes": int, "attempt": int, "run_nonce": (str, type(None))}
     if not isinstance(meta, dict) or any(not isinstance(meta.get(k), t) for k, t in expected_types.items()):
         raise SnapshotError(f"metadata lacks or mistypes one of {sorted(expected_types)}")
     return meta

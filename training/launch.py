@@ -1,25 +1,48 @@
-"""Start every group of a run on this machine: one `deepspeed` launch per group.
+"""Start every group of a run on this machine: one `deepspeed` launch per group; and the run's identity.
 
-Each group's lines are prefixed with `[group g]`. If one group fails, the
-others are stopped and the failure is reported; nothing is left running.
+Each group's lines are prefixed with `[group g]`. If one group fails, or the
+launcher gets SIGTERM/SIGHUP/SIGINT, every group is stopped and the cause
+reported; ranks also end by themselves when their launcher dies (even by
+SIGKILL, which cannot be caught): nothing is left running.
+
+A run directory is locked (`flock`) by the launcher for the whole run, and
+holds the run's nonce (`run.json`), which goes into every snapshot so that a
+run never adopts another run's weights.
 """
 
 from __future__ import annotations
 
+import fcntl
+import json
 import os
 import re
+import select
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
 
 import torch
 
+LOCK_FILE = ".codistill.lock"
+RUN_FILE = "run.json"
+ATTEMPT_FILE = "attempt"
+# Set for every group by run_groups: ranks end when this process (or any process between it and them) dies.
+LAUNCHER_PID_ENV = "CODISTILL_LAUNCHER_PID"
+
 
 class GroupFailed(RuntimeError):
+    pass
+
+
+class RunLocked(RuntimeError):
     pass
 
 
@@ -61,8 +84,32 @@ def _forward(group: int, stream, out) -> None:
             out.flush()
 
 
+class _Stopped(BaseException):  # BaseException: no `except Exception` on the way may swallow it
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+
+
+def _raise_stopped(signum, frame) -> None:
+    raise _Stopped(signum)
+
+
 def run_groups(commands: list[GroupCommand], ranks_per_group: int, out=sys.stdout, poll_seconds: float = 0.2) -> None:
+    """Run the groups to the end; GroupFailed (every group stopped) if one fails or we are told to stop."""
+    handled = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+    in_main_thread = threading.current_thread() is threading.main_thread()  # signals go to the main thread only
+    previous = {sig: signal.signal(sig, _raise_stopped) for sig in handled} if in_main_thread else {}
+    try:
+        _run_groups(commands, ranks_per_group, out, poll_seconds)
+    except _Stopped as stop:
+        raise GroupFailed(f"stopped by {signal.Signals(stop.signum).name}; stopped every group") from None
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _run_groups(commands: list[GroupCommand], ranks_per_group: int, out, poll_seconds: float) -> None:
     env = dict(os.environ)
+    env[LAUNCHER_PID_ENV] = str(os.getpid())
     if not torch.cuda.is_available():
         env.setdefault("DS_ACCELERATOR", "cpu")
         # Share the cores among all ranks of all groups: oversubscribed OpenMP threads
@@ -90,20 +137,149 @@ def run_groups(commands: list[GroupCommand], ranks_per_group: int, out=sys.stdou
                     raise GroupFailed(f"group {group} exited with code {code}; stopped the other groups")
             time.sleep(poll_seconds)
     finally:
-        for proc in procs.values():
-            _stop(proc)
+        _stop(list(procs.values()))
         for thread in threads:
             thread.join(timeout=5)
 
 
-def _stop(proc: subprocess.Popen) -> None:
+def _stop(procs: list[subprocess.Popen]) -> None:
+    """SIGTERM every group's process group at once, then SIGKILL what is left after 10 s."""
     for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
+        for proc in procs:
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + wait
+        for proc in procs:
+            try:
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        procs = [proc for proc in procs if proc.poll() is None]
+        if not procs:
             return
+
+
+# --- ranks end with their launcher -----------------------------------------------------------------
+
+
+def _parent_of(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _ancestors_up_to(top: int) -> list[int] | None:
+    """Our ancestors from the parent up to `top` included; None if `top` is not one of them."""
+    chain, pid = [], os.getppid()
+    while pid and pid > 1:
+        chain.append(pid)
+        if pid == top:
+            return chain
+        pid = _parent_of(pid)
+    return None
+
+
+def exit_when_launcher_dies() -> None:
+    """End this process as soon as any process between it and its launcher exits.
+
+    The launcher is `$CODISTILL_LAUNCHER_PID` (`codistill train`) if that is an
+    ancestor, else the leader of our process group (what a shell started, e.g.
+    `deepspeed`), else just the parent. A launcher killed by SIGKILL cannot stop
+    its children, and the deepspeed launcher's middle process would keep the
+    ranks alive. One daemon thread waits (no polling) on pidfds of those
+    processes; the first to exit ends this rank at once with exit code 1. (Not
+    prctl(PR_SET_PDEATHSIG): it fires when the parent *thread* that forked us
+    exits, and covers the parent only.)
+    """
+    launcher = int(os.environ.get(LAUNCHER_PID_ENV, "0") or 0)
+    chain = ((_ancestors_up_to(launcher) if launcher else None) or _ancestors_up_to(os.getpgid(0))
+             or [os.getppid()])
+    fds = []
+    for pid in chain:
         try:
-            proc.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+            fds.append(os.pidfd_open(pid))
+        except ProcessLookupError:  # gone already
+            os._exit(1)
+    if os.getppid() != chain[0]:  # the parent died before its pidfd was open
+        os._exit(1)
+
+    def watch() -> None:
+        select.select(fds, [], [])
+        print(f"rank {os.environ.get('RANK', '?')} (pid {os.getpid()}): its launcher exited; ending too",
+              file=sys.stderr, flush=True)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="launcher-watch", daemon=True).start()
+
+
+# --- run identity and lock --------------------------------------------------------------------------
+
+
+@contextmanager
+def locked_run_dir(run_dir: str | Path) -> Iterator[None]:
+    """Hold an exclusive lock on `run_dir` while the block runs: one `codistill train` per run directory.
+
+    `flock` on `<run_dir>/.codistill.lock`: released by the kernel when this
+    process ends however it ends, so a crashed run never leaves a stale lock.
+    """
+    path = Path(run_dir) / LOCK_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read(64).strip() or "?"
+            raise RunLocked(f"{run_dir} is in use by another `codistill train` (pid {holder}); "
+                            "wait for it to end or stop it first") from None
+        f.truncate(0)
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        yield
+
+
+def read_run_nonce(run_dir: str | Path) -> str:
+    """This run's nonce from `<run_dir>/run.json`, drawn (once, race-free) if the file is not there yet.
+
+    Every group started in one run directory gets the same nonce; a new run in a
+    wiped directory gets a new one. Groups of one run on different machines with
+    different run directories must be given one nonce (`training.train --run-nonce`).
+    """
+    path = Path(run_dir) / RUN_FILE
+    if not path.exists():  # link(2) publishes a complete file, and only if none is there yet: race-free
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{RUN_FILE}.{uuid.uuid4().hex}.tmp")
+        tmp.write_text(json.dumps({"run_nonce": uuid.uuid4().hex}) + "\n")
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
+    text = path.read_text()[:4096]
+    try:
+        nonce = json.loads(text)["run_nonce"]
+    except (ValueError, KeyError, TypeError):
+        nonce = None
+    if not isinstance(nonce, str) or not nonce:
+        raise ValueError(f"{path}: not a run file (expected {{\"run_nonce\": \"...\"}}), got {text[:80]!r}")
+    return nonce
+
+
+def next_attempt(group_dir: str | Path) -> int:
+    """0 for a group's first start in this run directory, one more on every restart (`--resume`)."""
+    path = Path(group_dir) / ATTEMPT_FILE
+    try:
+        attempt = int(path.read_text().strip()) + 1
+    except FileNotFoundError:
+        attempt = 0
+    except ValueError as err:
+        raise ValueError(f"{path}: not an attempt number ({err})") from None
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(f"{attempt}\n")
+    tmp.replace(path)
+    return attempt

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import zipfile
 from pathlib import Path
 
@@ -10,15 +11,36 @@ import numpy as np
 
 from training.workloads import Rows, Workload, workload_for
 
+logger = logging.getLogger(__name__)
+
 
 def eval_records(run_dir: str | Path, group: int) -> list[dict]:
     path = Path(run_dir) / f"group-{group}" / "metrics.jsonl"
     if not path.exists():
         raise FileNotFoundError(f"{path}: no metrics; did group {group} of this run train?")
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = metric_records(path)
     # A resumed run repeats steps after its last checkpoint: the later record wins.
     by_step = {r["step"]: r for r in records if r["kind"] == "eval"}
     return [by_step[s] for s in sorted(by_step)]
+
+
+def metric_records(path: Path) -> list[dict]:
+    """The records of a metrics.jsonl; a line that is not one (torn by a kill mid-write) is skipped with a warning."""
+    records, skipped = [], 0
+    for line in path.read_text(errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if isinstance(record, dict) and isinstance(record.get("kind"), str) and isinstance(record.get("step"), int):
+            records.append(record)
+        else:
+            skipped += 1
+    if skipped:
+        logger.warning("%s: skipped %d line(s) that are not metric records (torn by a kill mid-write?)", path, skipped)
+    return records
 
 
 def final_eval(run_dir: str | Path, group: int) -> dict:

@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -35,7 +36,8 @@ from codistill.config import ExperimentConfig, OptimizerConfig, ScheduleConfig, 
 from codistill.dataset import check_shards_present, load_manifest
 from pipelines.formats import concat_blocks
 from training.data import StreamSpec, loader, to_torch
-from training.exchange import PeerWatcher, SnapshotPublisher, model_signature
+from training.exchange import PeerWatcher, SnapshotPublisher, check_store_run, model_signature, snapshot_bytes
+from training.launch import exit_when_launcher_dies, next_attempt, read_run_nonce
 from training.loss import DistillConfig, LossParts, codistillation_loss, distill_weight
 from training.workloads import Workload, workload_for
 
@@ -43,9 +45,13 @@ logger = logging.getLogger("codistill.train")
 
 
 def init_distributed() -> tuple[int, int]:
-    """DeepSpeed's process group (NCCL with CUDA, gloo without); returns (rank, world size)."""
+    """DeepSpeed's process group (NCCL with CUDA, gloo without); returns (rank, world size).
+
+    First makes this rank end when its launcher does (a SIGKILLed launcher cannot stop its ranks itself).
+    """
     import deepspeed
 
+    exit_when_launcher_dies()
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     if not torch.cuda.is_available():
@@ -183,7 +189,7 @@ class FlatPeer:
 
 
 class GroupTrainer:
-    def __init__(self, config: ExperimentConfig, group: int):
+    def __init__(self, config: ExperimentConfig, group: int, run_nonce: str | None = None):
         self.config, self.group = config, group
         self.rank, self.world = init_distributed()
         cuda = torch.cuda.is_available()
@@ -218,12 +224,17 @@ class GroupTrainer:
         self.placeholder = None  # one training row, for a forward on a rank that has no eval rows
         self.publisher = self.watcher = None
         if cod.enabled and self.rank == 0:
-            self.publisher = SnapshotPublisher(config.store, config.run_id, group, keep=cod.keep_snapshots)
+            nonce = run_nonce or read_run_nonce(config.run_dir)
+            check_store_run(config.store, config.run_id, range(self.dataset.groups), nonce)
+            self.publisher = SnapshotPublisher(config.store, config.run_id, group, keep=cod.keep_snapshots,
+                                               run_nonce=nonce, attempt=next_attempt(self.out))
             if self.peer_groups:
                 # The tokenizer's sha256 (None without one): a peer trained on other tokens is never adopted.
                 self.watcher = PeerWatcher(config.store, config.run_id, group, self.peer_groups, self.signature,
+                                           snapshot_bytes(self.peers[self.peer_groups[0]].module.state_dict()),
                                            poll_interval=cod.poll_seconds, max_staleness=cod.max_staleness,
-                                           vocab_hash=self.dataset.tokenizer_sha256)
+                                           vocab_hash=self.dataset.tokenizer_sha256, run_nonce=nonce,
+                                           max_step=config.schedule.steps)
         self.step = 0
         self.step_seconds: list[float] = []
         self.metrics_file = None
@@ -316,6 +327,12 @@ class GroupTrainer:
             batch = self.batch_to_device(to_torch(block))
             parts = forward_backward(self.engine, self.workload, {g: self.peers[g].module for g in usable}, batch,
                                      self.step, self.distill, self.states)
+            if not math.isfinite(parts.total.item()):
+                # Stop before this model is checkpointed or published: peers would distill from NaN.
+                raise FloatingPointError(
+                    f"group {self.group} rank {self.rank}: non-finite loss {parts.total.item()} at step {self.step} "
+                    f"(label loss {parts.label_loss.item()}, distill loss {parts.distill_loss.item()}); stopping. "
+                    "Check the data (codistill verify), the learning rate and the loss scale.")
         return {"loss": parts.total.item(), "label_loss": parts.label_loss.item(),
                 "distill_loss": parts.distill_loss.item(),
                 "peers": {str(g): self.step - self.peer_steps[g] for g in usable}}
@@ -433,13 +450,31 @@ class GroupTrainer:
                 shutil.rmtree(old, ignore_errors=True)
 
     def load_checkpoint(self) -> int:
-        """Restore model, optimizer, scheduler, step and peers; returns how many batches to skip."""
+        """Restore model, optimizer, scheduler, step and peers; returns how many batches to skip.
+
+        Loads the checkpoint `latest` names, or the newest earlier one when that is
+        empty, missing or unloadable (every rank sees the same files, so every rank
+        makes the same choice). Never unpickles code: see `load_weights_only`.
+        """
         directory = self.out / "checkpoints"
-        if not (directory / "latest").exists():
+        tags = checkpoint_tags(directory)
+        if not tags:
             if self.rank == 0:
                 print(f"--resume: no checkpoint in {directory}, starting from step 0", flush=True)
             return 0
-        _, client = self.engine.load_checkpoint(str(directory))
+        for tag in tags:
+            problem = checkpoint_problem(directory / tag)
+            if problem is None:
+                break
+            if self.rank == 0:
+                logger.warning("checkpoint %s cannot be loaded (%s); trying an earlier one", directory / tag, problem)
+        else:
+            raise ValueError(f"--resume: none of the checkpoints in {directory} can be loaded ({', '.join(tags)}); "
+                             "see the warnings above, or start afresh with --overwrite")
+        self.engine.checkpoint_engine.load = load_weights_only
+        path, client = self.engine.load_checkpoint(str(directory), tag=tag)
+        if path is None:
+            raise ValueError(f"--resume: DeepSpeed found no checkpoint files in {directory / tag}")
         self.step = int(client["step"])
         for g, step in client.get("peer_steps", {}).items():
             if step is not None and int(g) in self.peers:
@@ -457,6 +492,7 @@ class GroupTrainer:
         return self.step * self.config.deepspeed.grad_accum
 
     def close(self) -> None:
+        """Close files and threads and leave the process group; `exit_finished_rank` then ends the process."""
         if self.metrics_file is not None:
             self.metrics_file.close()
         if self.watcher is not None:
@@ -467,6 +503,81 @@ class GroupTrainer:
         dist.destroy_process_group()
 
 
+_CHECKPOINT_TAG = re.compile(r"^step-\d{8,}$")
+
+
+def checkpoint_tags(directory: Path) -> list[str]:
+    """Checkpoint tags to try, best first: the one `latest` names (if it names one), then the others, newest first."""
+    found = sorted((p.name for p in directory.glob("step-*") if p.is_dir() and _CHECKPOINT_TAG.match(p.name)),
+                   reverse=True)
+    try:
+        named = (directory / "latest").read_text()[:64].strip()
+    except OSError:
+        named = ""
+    if named not in found:
+        if found and dist.get_rank() == 0:
+            logger.warning("%s names no checkpoint (%r): using the newest one there", directory / "latest", named)
+        return found
+    return [named] + [tag for tag in found if tag != named]
+
+
+def checkpoint_safe_globals() -> list[type]:
+    """What DeepSpeed pickles into a checkpoint besides tensors and plain containers (ZeRO optimizer state).
+
+    Plain data classes and enums: building them runs no code of the file's choosing.
+    """
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def load_weights_only(path: str, map_location=None):
+    """DeepSpeed's checkpoint read with `weights_only=True`: a planted pickle cannot run code (DeepSpeed's own
+    loader passes weights_only=False)."""
+    with torch.serialization.safe_globals(checkpoint_safe_globals()):
+        return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def checkpoint_problem(tag_dir: Path) -> str | None:
+    """Why the checkpoint in `tag_dir` cannot be loaded (None if it can): missing files, not a torch zip
+    archive (e.g. truncated), or a pickle that names anything but tensors and `checkpoint_safe_globals`.
+
+    Reads only each file's zip directory and pickle, not the tensor data.
+    """
+    files = sorted(tag_dir.glob("*.pt"))
+    if not any("model_states" in f.name for f in files):
+        return "no model states file"
+    allowed = {f"{cls.__module__}.{cls.__qualname__}" for cls in checkpoint_safe_globals()}
+    for f in files:
+        try:
+            refused = sorted(set(torch.serialization.get_unsafe_globals_in_checkpoint(str(f))) - allowed)
+        except Exception as err:
+            return f"{f.name}: not a readable torch checkpoint ({type(err).__name__}: {err})"
+        if refused:
+            return f"{f.name}: its pickle refers to {', '.join(refused[:3])}, which only code could build"
+    return None
+
+
+def exit_finished_rank() -> None:
+    """End a rank that finished its work, with exit code 0, without interpreter finalisation.
+
+    gloo's worker threads outlive `destroy_process_group()` in this torch build. One
+    that frees a finished collective's Python-held tensors while the interpreter is
+    finalising needs the GIL, gets killed by pthread_exit, and the unwind through a
+    noexcept destructor aborts the process ("terminate called without an active
+    exception", exit code 134 or 250 after the launcher) although all work was done.
+    So flush what Python buffers (logging, stdio; files of ours are closed by then)
+    and leave with `os._exit`, which runs no finalisers and no thread teardown.
+    """
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(0)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Train one codistillation group (launch with deepspeed/torchrun).")
     parser.add_argument("--manifest", required=True)
@@ -474,6 +585,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--run-dir", help="Overrides train.run_dir.")
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--run-nonce", help="This run's nonce (default: from <run_dir>/run.json, drawn if missing); "
+                                            "give every group of a run the same one when their run dirs differ.")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
@@ -481,7 +594,8 @@ def main(argv: list[str] | None = None) -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     sets = args.sets + ([f"train.run_dir={args.run_dir}"] if args.run_dir else [])
     config = load_experiment(args.manifest, sets)
-    GroupTrainer(config, args.group).fit(resume=args.resume)
+    GroupTrainer(config, args.group, run_nonce=args.run_nonce).fit(resume=args.resume)
+    exit_finished_rank()  # only after a complete run: an exception exits through the interpreter as usual
 
 
 if __name__ == "__main__":
