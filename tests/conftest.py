@@ -8,6 +8,8 @@ default DirectRunner, which tries to download Prism), real fsspec file systems
 from __future__ import annotations
 
 import gzip
+import os
+import sys
 import json
 import math
 import random
@@ -23,6 +25,10 @@ from codistill.config import parse_experiment
 from codistill.dataset import DatasetManifest, join, load_manifest
 from pipelines.formats import read_shard
 from tfrecord.reader import tfrecord_loader
+
+# Every DeepSpeed process the tests start (directly or through `codistill train`) uses this environment's
+# JIT cache, never the shared ~/.cache one (see training.launch.JIT_CACHE).
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"

@@ -32,6 +32,9 @@ from typing import Iterator
 import torch
 
 LOCK_FILE = ".codistill.lock"
+# DeepSpeed's JIT-built op, cached per environment: torch's shared default (~/.cache/torch_extensions) is rebuilt
+# for every venv path, and a build killed half-way leaves a lock that makes every later start wait for ever.
+JIT_CACHE = os.path.join(sys.prefix, "torch_extensions")
 RUN_FILE = "run.json"
 ATTEMPT_FILE = "attempt"
 # Set for every group by run_groups: ranks end when this process (or any process between it and them) dies.
@@ -116,6 +119,7 @@ def _run_groups(commands: list[GroupCommand], ranks_per_group: int, out, poll_se
         # spin-wait on each other and make every step ~30x slower.
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // (len(commands) * ranks_per_group))))
     env.setdefault("PYTHONUNBUFFERED", "1")
+    env.setdefault("TORCH_EXTENSIONS_DIR", JIT_CACHE)
     procs: dict[int, subprocess.Popen] = {}
     threads = []
     try:
