@@ -72,31 +72,33 @@ def preprocess() -> None:
     """Run a Beam pipeline: raw files -> disjoint per-group shards + manifest.json."""
 
 
-@preprocess.command("criteo", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-@click.option("-m", "--manifest", help="Experiment manifest (path or name in manifests/); flags override it.")
-@click.option("--input", "input_glob", help="Raw files: glob or URL, comma-separated for several.")
-@click.option("--output", help="Dataset directory (local path or fsspec URL).")
-@click.option("--groups", type=int)
-@click.option("--eval-fraction", type=float)
-@click.option("--format", "fmt", type=click.Choice(["tfrecord", "webdataset"]))
-@click.option("--dialect", type=click.Choice(["tsv", "csv"]),
-              help="tsv: Kaggle train.txt; csv: the header CSV export (label,I1..,C26).")
-@click.option("--cat-buckets", type=click.IntRange(min=2), help="Hash buckets for every categorical column.")
-@click.option("--keep-raw/--no-keep-raw", default=None, help="Also store the raw integer and categorical values.")
-@click.option("--runner", help="Beam runner (default FnApiRunner, in-process); e.g. DataflowRunner, FlinkRunner.")
-@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a manifest field.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
-@click.pass_context
-@_fail_cleanly
-def preprocess_criteo(ctx, manifest, input_glob, output, groups, eval_fraction, fmt, dialect, cat_buckets, keep_raw,
-                      runner, sets, overwrite) -> None:
-    """Criteo TSV (or gzip) files -> shards. Unknown options go to Beam (e.g. --direct_num_workers=2)."""
+def _preprocess_options(func):
+    """The options every `preprocess <dataset>` command shares (dataset-specific ones are added per command)."""
+    options = [
+        click.option("-m", "--manifest", help="Experiment manifest (path or name in manifests/); flags override it."),
+        click.option("--input", "input_glob", help="Raw input: glob, URL or folder (comma-separated for several)."),
+        click.option("--output", help="Dataset directory (local path or fsspec URL)."),
+        click.option("--groups", type=int),
+        click.option("--eval-fraction", type=float),
+        click.option("--format", "fmt", type=click.Choice(["tfrecord", "webdataset"])),
+        click.option("--runner", help="Beam runner (default FnApiRunner, in-process), e.g. DataflowRunner."),
+        click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a manifest field."),
+        click.option("--overwrite", is_flag=True, help="Replace an existing output directory."),
+        click.pass_context,
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return click.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})(func)
+
+
+def _run_preprocess(ctx, dataset: str, dataset_flags: dict, manifest, input_glob, output, groups, eval_fraction, fmt,
+                    runner, sets, overwrite) -> None:
+    """Manifest (or defaults) + flags -> config, then the dataset's Beam pipeline; unknown options go to Beam."""
     from pipelines.run import preprocess as run_preprocess
 
-    raw = read_manifest_yaml(manifest) if manifest else {"name": "criteo-cli", "data": {"dataset": "criteo"}}
+    raw = read_manifest_yaml(manifest) if manifest else {"name": f"{dataset}-cli", "data": {"dataset": dataset}}
     flags = {"data.input": input_glob, "data.output": output, "data.groups": groups,
-             "data.eval_fraction": eval_fraction, "data.format": fmt, "data.criteo.dialect": dialect,
-             "data.criteo.cat_buckets": cat_buckets, "data.criteo.keep_raw": keep_raw}
+             "data.eval_fraction": eval_fraction, "data.format": fmt, **dataset_flags}
     for dotted, value in flags.items():
         if value is not None:
             set_field(raw, dotted, value)
@@ -108,8 +110,70 @@ def preprocess_criteo(ctx, manifest, input_glob, output, groups, eval_fraction, 
                                "(--input 'dir/*.txt') so the shell does not expand it")
     config = parse_experiment(raw, sets)
     beam_args = (["--runner", runner] if runner else []) + list(ctx.args)
-    dataset = run_preprocess(config, beam_args, overwrite=overwrite)
-    click.echo(summarize(dataset, config.data.output))
+    result = run_preprocess(config, beam_args, overwrite=overwrite)
+    click.echo(summarize(result, config.data.output))
+
+
+@click.option("--dialect", type=click.Choice(["tsv", "csv"]),
+              help="tsv: Kaggle train.txt; csv: the header CSV export (label,I1..,C26).")
+@click.option("--cat-buckets", type=click.IntRange(min=2), help="Hash buckets for every categorical column.")
+@click.option("--keep-raw/--no-keep-raw", default=None, help="Also store the raw integer and categorical values.")
+@_preprocess_options
+@_fail_cleanly
+def preprocess_criteo(ctx, dialect, cat_buckets, keep_raw, **common) -> None:
+    """Criteo TSV (or gzip) files -> shards. Unknown options go to Beam (e.g. --direct_num_workers=2)."""
+    _run_preprocess(ctx, "criteo", {"data.criteo.dialect": dialect, "data.criteo.cat_buckets": cat_buckets,
+                                    "data.criteo.keep_raw": keep_raw}, **common)
+
+
+preprocess.add_command(preprocess_criteo, "criteo")
+
+
+# --- ImageNet -------------------------------------------------------------------------------------
+
+
+@synth.command("imagenet")
+@click.option("--classes", type=click.IntRange(min=1), required=True)
+@click.option("--per-class", type=click.IntRange(min=1), required=True, help="Train images per class.")
+@click.option("--out", required=True, help="Output directory (local path or fsspec URL).")
+@click.option("--val-per-class", type=click.IntRange(min=0), default=10, show_default=True,
+              help="Validation images per class (flat val/ + LOC_val_solution.csv); 0 = none.")
+@click.option("--val-layout", type=click.Choice(["flat", "folders"]), default="flat", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--min-size", type=click.IntRange(min=16), default=64, show_default=True)
+@click.option("--max-size", type=click.IntRange(min=16), default=160, show_default=True)
+@click.option("--faults", type=click.IntRange(min=0), default=1, show_default=True,
+              help="Copies of each bad-input kind (zero-byte, text, truncated, corrupt, PNG, CMYK, 16-bit, gray).")
+@click.option("--synsets", help="Take the wnids from this synset list (e.g. imagenet_synsets.txt).")
+@_fail_cleanly
+def synth_imagenet(classes, per_class, out, val_per_class, val_layout, seed, min_size, max_size, faults,
+                   synsets) -> None:
+    """An ILSVRC-layout folder of procedural images with bad inputs in known numbers, plus synth.json."""
+    from pipelines.synth_imagenet import generate_imagenet
+
+    sidecar = generate_imagenet(out, classes, per_class, val_per_class=val_per_class, seed=seed, min_size=min_size,
+                                max_size=max_size, faults=faults, synsets=synsets, val_layout=val_layout)
+    expected = sidecar["expected"]
+    click.echo(f"wrote {sidecar['files']['train']} train and {sidecar['files']['val']} val files of {classes} "
+               f"classes to {out} (+{len(sidecar['empty_classes'])} empty class folder); the pipeline must "
+               f"quarantine {sum(expected['quarantined'].values())} and repair "
+               f"{sum(len(sidecar['fault_paths'][k]) for k in ('png', 'cmyk', 'png16'))}")
+
+
+@click.option("--synsets", help="Synset list, one wnid per line (0-based line = label); default: sorted folders.")
+@click.option("--label-offset", type=click.IntRange(min=0), help="Added to every label (1: TF-slim convention).")
+@click.option("--grayscale", type=click.Choice(["keep", "rgb"]), help="Grayscale JPEGs: keep 1-channel (default).")
+@click.option("--resize-shorter", type=click.IntRange(min=8), help="Shrink the shorter side to this (never enlarge).")
+@_preprocess_options
+@_fail_cleanly
+def preprocess_imagenet(ctx, synsets, label_offset, grayscale, resize_shorter, **common) -> None:
+    """ILSVRC folders (train/<wnid>/, val/) -> image shards. Unknown options go to Beam."""
+    _run_preprocess(ctx, "imagenet", {"data.imagenet.synsets": synsets, "data.imagenet.label_offset": label_offset,
+                                      "data.imagenet.grayscale": grayscale,
+                                      "data.imagenet.resize_shorter": resize_shorter}, **common)
+
+
+preprocess.add_command(preprocess_imagenet, "imagenet")
 
 
 def summarize(dataset: DatasetManifest, where: str) -> str:

@@ -114,20 +114,57 @@ class ImageNetSynthConfig:
     """Generate an ILSVRC-layout folder of images instead of reading `data.input`."""
 
     classes: int = 10
-    per_class: int = 100
+    per_class: int = 100  # train images per class (bad inputs included)
+    val_per_class: int = 10  # flat `val/` folder + LOC_val_solution.csv; 0 = no val folder
     seed: int = 0
+    min_size: int = 64  # image sides (pixels) are drawn from [min_size, max_size]
+    max_size: int = 160
+    faults: int = 1  # copies of each bad input kind (zero-byte, text, truncated, ...); 0 = a clean data set
+    synsets: str | None = None  # take the wnids from this synset list (path or URL); None = made-up wnids
 
     def validate(self, name: str) -> None:
         _require(self.classes >= 1, f"{name}.classes", f"must be >= 1, got {self.classes}")
         _require(self.per_class >= 1, f"{name}.per_class", f"must be >= 1, got {self.per_class}")
+        _require(self.val_per_class >= 0, f"{name}.val_per_class", f"must be >= 0, got {self.val_per_class}")
+        _require(self.min_size >= 16, f"{name}.min_size", f"must be >= 16, got {self.min_size}")
+        _require(self.max_size >= self.min_size, f"{name}.max_size",
+                 f"must be >= min_size ({self.min_size}), got {self.max_size}")
+        _require(self.faults >= 0, f"{name}.faults", f"must be >= 0, got {self.faults}")
+        _require(self.faults * 8 <= self.classes * self.per_class, f"{name}.faults",
+                 f"{self.faults} of each of the 8 bad-input kinds do not fit in {self.classes * self.per_class} "
+                 "train images")
 
 
 @dataclass(frozen=True)
 class ImageNetConfig:
     """Labels, repairs and resizing of ILSVRC-layout JPEG folders (`data.dataset: imagenet`)."""
 
+    # Synset list (one wnid per line, 0-based line = label; path or URL); None = the sorted train folder names.
+    synsets: str | None = None
+    label_offset: int = 0  # added to every label (1 for the TF-slim/TPU convention with 0 = background)
+    # Where the shared eval split comes from: "auto" = the input's val/ folder when there is one, else a
+    # keyed-hash `data.eval_fraction` of train; "val" requires the folder; "train" ignores it.
+    eval_source: Literal["auto", "val", "train"] = "auto"
+    # Labels of a flat val/ folder: Kaggle LOC_val_solution.csv or `filename<TAB>wnid` lines (path or URL);
+    # None = <input>/LOC_val_solution.csv. Unused for the val/<wnid>/ layout.
+    val_labels: str | None = None
+    grayscale: Literal["keep", "rgb"] = "keep"  # grayscale JPEGs stay 1-channel, or become RGB JPEGs
+    resize_shorter: int | None = None  # shrink images whose shorter side is longer (never upscales); None = keep
+    jpeg_quality: int = 95  # for re-encoded images (repairs, resizes)
+    max_image_bytes: int = 64 << 20  # bigger files are quarantined unread
+    max_image_pixels: int = 89_478_485  # bigger images (decompression bombs) are quarantined; Pillow's default
+    images_per_task: int = 256  # images per unit of parallel work
+
     def validate(self, name: str) -> None:
-        pass
+        _require(self.label_offset >= 0, f"{name}.label_offset", f"must be >= 0, got {self.label_offset}")
+        _require(self.resize_shorter is None or self.resize_shorter >= 8, f"{name}.resize_shorter",
+                 f"must be >= 8 or null, got {self.resize_shorter}")
+        _require(95 <= self.jpeg_quality <= 100, f"{name}.jpeg_quality",
+                 f"must be in [95, 100] (lower re-encodes lose detail), got {self.jpeg_quality}")
+        _require(self.max_image_bytes >= 1, f"{name}.max_image_bytes", f"must be >= 1, got {self.max_image_bytes}")
+        _require(self.max_image_pixels >= 1, f"{name}.max_image_pixels",
+                 f"must be >= 1, got {self.max_image_pixels}")
+        _require(self.images_per_task >= 1, f"{name}.images_per_task", f"must be >= 1, got {self.images_per_task}")
 
 
 SYNTH_CONFIGS = {"criteo": SynthConfig, "commoncrawl": CommonCrawlSynthConfig, "imagenet": ImageNetSynthConfig}

@@ -6,6 +6,11 @@ through Beam's shuffle, so rows never pay the runner's per-byte costs. One
 finaliser per shard then concatenates its pieces in input order. The bytes
 depend only on the input and the manifest, never on how the runner split or
 scheduled the work, and a retried worker rewrites the same piece.
+
+Optionally (`indexes=True`) every shard gets an index for readers that seek
+without a scan: DALI's `.idx` (record offsets) beside TFRecord shards under
+`idx/`, and a `wids` shard list (`<split>[-<group>].wids.json`, URLs relative
+to the dataset root) for WebDataset shards.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import numpy as np
 
 from codistill.dataset import DatasetManifest, ShardEntry, join, write_atomically, write_manifest
 from codistill.config import DataConfig
-from pipelines.formats import EXTENSIONS, Block, Schema, concat_blocks, rebatch, write_shard
+from pipelines.formats import EXTENSIONS, Block, Schema, concat_blocks, dali_index, rebatch, write_shard
 from pipelines.sharding import ShardLayout
 
 PIECES = ".pieces"
@@ -60,27 +65,61 @@ def write_pieces(output: str, schema: Schema, order: tuple,
 
     A piece is the block's columns as consecutive `.npy` arrays, whatever the
     final format: it is temporary, read back once, and npy costs nothing to decode.
+    Variable-length bytes (`object` columns) go as their lengths and their
+    concatenation, never pickled.
     """
     name = "-".join(str(o) for o in order)
     for dest, blocks in sorted(parts.items()):
         url = join(output, f"{PIECES}/{dest:05d}/{name}.npys")
         block = concat_blocks(blocks)
         with fsspec.open(url, "wb", auto_mkdir=True) as f:
-            for column in schema:
-                np.lib.format.write_array(f, np.ascontiguousarray(block[column]), allow_pickle=False)
+            for column, feature in schema.items():
+                values = block[column]
+                if feature.dtype == "object":
+                    lengths = np.array([len(v) for v in values], np.int64)
+                    np.lib.format.write_array(f, lengths, allow_pickle=False)
+                    values = np.frombuffer(b"".join(values), np.uint8)
+                np.lib.format.write_array(f, np.ascontiguousarray(values), allow_pickle=False)
         yield dest, Piece(order, url, len(block["key"]))
 
 
 def read_piece(piece: Piece, schema: Schema) -> Block:
+    block = {}
     with fsspec.open(piece.url, "rb") as f:
-        return {column: np.lib.format.read_array(f, allow_pickle=False) for column in schema}
+        for column, feature in schema.items():
+            if feature.dtype == "object":
+                ends = np.cumsum(np.lib.format.read_array(f, allow_pickle=False))
+                data = np.lib.format.read_array(f, allow_pickle=False).tobytes()
+                values = np.empty(len(ends), object)
+                values[:] = [data[start:end] for start, end in zip(np.concatenate([[0], ends[:-1]]), ends)]
+                block[column] = values
+            else:
+                block[column] = np.lib.format.read_array(f, allow_pickle=False)
+    return block
+
+
+def merge_counts(into: dict, more: dict) -> dict:
+    """Add nested count dicts ({"repairs": {"cmyk_to_rgb": 2}, ...}) into `into`."""
+    for name, value in more.items():
+        if isinstance(value, dict):
+            merge_counts(into.setdefault(name, {}), value)
+        else:
+            into[name] = into.get(name, 0) + value
+    return into
+
+
+def index_path(relative: str) -> str:
+    """Where a TFRecord shard's DALI index goes: `idx/<shard path>.idx`."""
+    return f"idx/{relative.rsplit('.', 1)[0]}.idx"
 
 
 class FinalizeShardFn(beam.DoFn):
     """(destination, pieces) -> the shard file, written through a temp name; pieces are then deleted."""
 
-    def __init__(self, output: str, layout: ShardLayout, schema: Schema, fmt: str, block_rows: int):
+    def __init__(self, output: str, layout: ShardLayout, schema: Schema, fmt: str, block_rows: int,
+                 indexes: bool = False):
         self.output, self.layout, self.schema, self.fmt, self.block_rows = output, layout, schema, fmt, block_rows
+        self.indexes = indexes
 
     def process(self, element):
         dest, pieces = element
@@ -94,6 +133,8 @@ class FinalizeShardFn(beam.DoFn):
         if written.records != sum(p.rows for p in pieces):
             raise RuntimeError(f"{relative}: pieces hold {written.records} rows, expected "
                                f"{sum(p.rows for p in pieces)}; were they changed while the pipeline ran?")
+        if self.indexes and self.fmt == "tfrecord":
+            write_atomically(join(self.output, index_path(relative)), dali_index(written))
         for piece in pieces:
             fs, path = fsspec.core.url_to_fs(piece.url)
             fs.rm(path)
@@ -114,11 +155,19 @@ class WriteRejectedFn(beam.DoFn):
 
 
 class WriteManifestFn(beam.DoFn):
-    def __init__(self, output: str, layout: ShardLayout, schema: Schema, fmt: str, parameters: dict, extra: dict):
+    def __init__(self, output: str, layout: ShardLayout, schema: Schema, fmt: str, parameters: dict, extra: dict,
+                 files: dict[str, str], indexes: bool):
         self.output, self.layout, self.schema, self.fmt = output, layout, schema, fmt
-        self.parameters, self.extra = parameters, extra
+        self.parameters, self.extra, self.files, self.indexes = parameters, extra, files, indexes
 
-    def process(self, _, shards, reject_counts, inputs):
+    def process(self, _, shards, reject_counts, inputs, stats):
+        extra = dict(self.extra)
+        for counts in stats:
+            merge_counts(extra, counts)
+        for relative, text in sorted(self.files.items()):
+            write_atomically(join(self.output, relative), text)
+        if self.indexes:
+            extra["indexes"] = self.write_indexes(sorted(shards, key=lambda s: s.path))
         rejected = collections.Counter()
         for counts in reject_counts:
             rejected.update(counts)
@@ -129,12 +178,26 @@ class WriteManifestFn(beam.DoFn):
             dataset=self.layout.dataset, format=self.fmt, features=self.schema, groups=self.layout.groups,
             shards=tuple(sorted(shards, key=lambda s: s.path)),
             inputs=tuple({"source": s, "rows": n} for s, n in sorted(rows_read.items())),
-            rejected=dict(sorted(rejected.items())), parameters=self.parameters, extra=self.extra)
+            rejected=dict(sorted(rejected.items())), parameters=self.parameters, extra=extra)
         fs, path = fsspec.core.url_to_fs(join(self.output, PIECES))
         if fs.exists(path):
             fs.rm(path, recursive=True)
         write_manifest(self.output, manifest)
         yield manifest
+
+    def write_indexes(self, shards: list[ShardEntry]) -> dict[str, list[str]]:
+        """wids shard lists for tar shards (DALI indexes were written with the shards); their paths."""
+        if self.fmt == "tfrecord":
+            return {"dali": [index_path(s.path) for s in shards]}
+        lists = collections.defaultdict(list)
+        for shard in shards:
+            name = shard.split if shard.group is None else f"{shard.split}-{shard.group}"
+            lists[f"{name}.wids.json"].append({"url": shard.path, "nsamples": shard.records, "filesize": shard.bytes})
+        for path, shardlist in lists.items():
+            write_atomically(join(self.output, path), json.dumps(
+                {"__kind__": "wids-shard-index-v1", "wids_version": 1, "name": path.split(".")[0],
+                 "shardlist": shardlist}, indent=1) + "\n")
+        return {"wids": sorted(lists)}
 
 
 class WriteDataset(beam.PTransform):
@@ -142,14 +205,16 @@ class WriteDataset(beam.PTransform):
 
     `pieces` holds `(destination, Piece)`; `rejected` lists of `Rejected` rows
     of one source each; `inputs` `(source, rows read)`, possibly several per
-    source. The manifest is written only after everything else.
+    source; optional `stats` nested dicts of counts, summed into the manifest's
+    `extra`. `files` (relative path -> text, e.g. `classes.txt`) are written
+    beside the shards. The manifest is written only after everything else.
     """
 
     def __init__(self, output: str, layout: ShardLayout, schema: Schema, fmt: str, block_rows: int,
-                 parameters: dict, extra: dict):
+                 parameters: dict, extra: dict, files: dict[str, str] | None = None, indexes: bool = False):
         super().__init__()
         self.output, self.layout, self.schema, self.fmt, self.block_rows = output, layout, schema, fmt, block_rows
-        self.parameters, self.extra = parameters, extra
+        self.parameters, self.extra, self.files, self.indexes = parameters, extra, files or {}, indexes
 
     def expand(self, pcolls):
         pipeline = pcolls["pieces"].pipeline
@@ -159,14 +224,17 @@ class WriteDataset(beam.PTransform):
                   | "WithEveryDestination" >> beam.Flatten()
                   | "GroupByShard" >> beam.GroupByKey()
                   | "FinalizeShards" >> beam.ParDo(
-                      FinalizeShardFn(self.output, self.layout, self.schema, self.fmt, self.block_rows)))
+                      FinalizeShardFn(self.output, self.layout, self.schema, self.fmt, self.block_rows,
+                                      self.indexes)))
         reject_counts = (pcolls["rejected"]
                          | "RejectedBySource" >> beam.Map(lambda batch: (batch[0].source, batch))
                          | "GroupRejected" >> beam.GroupByKey()
                          | "WriteRejected" >> beam.ParDo(WriteRejectedFn(self.output)))
+        stats = pcolls["stats"] if "stats" in pcolls else pipeline | "NoStats" >> beam.Create([])
         return (pipeline
                 | "Once" >> beam.Create([None])
                 | "WriteManifest" >> beam.ParDo(
-                    WriteManifestFn(self.output, self.layout, self.schema, self.fmt, self.parameters, self.extra),
+                    WriteManifestFn(self.output, self.layout, self.schema, self.fmt, self.parameters, self.extra,
+                                    self.files, self.indexes),
                     beam.pvalue.AsList(shards), beam.pvalue.AsList(reject_counts),
-                    beam.pvalue.AsList(pcolls["inputs"])))
+                    beam.pvalue.AsList(pcolls["inputs"]), beam.pvalue.AsList(stats)))
