@@ -40,6 +40,10 @@ class ShardStream(IterableDataset):
         self.spec = spec
 
     def __iter__(self) -> Iterator[Block]:
+        return (batch for _, batch in self.epochs())
+
+    def epochs(self) -> Iterator[tuple[int, Block]]:
+        """(epoch, batch) pairs: what per-epoch randomness (augmentation) is keyed by."""
         spec = self.spec
         info = get_worker_info()
         workers, worker = (info.num_workers, info.id) if info else (1, 0)
@@ -55,7 +59,7 @@ class ShardStream(IterableDataset):
             batches = 0
             for batch in _batches(rows, spec.batch_size, drop_last=spec.repeat):
                 batches += 1
-                yield batch
+                yield epoch, batch
             epoch += 1
             if not spec.repeat:
                 return

@@ -90,7 +90,7 @@ def build_engine(model: torch.nn.Module, config: ExperimentConfig, world: int):
     import deepspeed
 
     optimizer = make_optimizer(model.parameters(), config.optimizer)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(config.schedule))
+    scheduler = Schedule(optimizer, config)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=deepspeed_config(config))
     if world == 1 and config.deepspeed.zero_stage == 0:
@@ -143,6 +143,24 @@ def lr_factor(schedule: ScheduleConfig):
         return schedule.min_lr_ratio + (1 - schedule.min_lr_ratio) * shape
 
     return factor
+
+
+class Schedule(torch.optim.lr_scheduler.LambdaLR):
+    """The LR schedule, and `optimizer.weight_decay_schedule` set on the param groups for each step."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, config: ExperimentConfig):
+        # Plain numbers, not closures: DeepSpeed checkpoints pickle the scheduler's state.
+        self.weight_decays = (config.optimizer.weight_decay, config.optimizer.weight_decay_schedule)
+        super().__init__(optimizer, lr_factor(config.schedule))
+
+    def step(self, epoch=None) -> None:
+        super().step(epoch)
+        decay, schedule = self.weight_decays
+        for at, value in schedule:
+            if self.last_epoch >= at:
+                decay = value
+        for group in self.optimizer.param_groups:
+            group["weight_decay"] = decay
 
 
 class FlatPeer:
@@ -271,7 +289,9 @@ class GroupTrainer:
         gather = (deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
                   if self.config.deepspeed.zero_stage == 3 else contextlib.nullcontext())
         with gather:
-            yield {k: v.detach().float() for k, v in module.state_dict().items()} if self.rank == 0 else None
+            # Floats as fp32 (bf16/fp16 training); the rest as they are (BatchNorm's int64 num_batches_tracked).
+            yield {k: v.detach().float() if v.is_floating_point() else v.detach()
+                   for k, v in module.state_dict().items()} if self.rank == 0 else None
 
     def publish(self, final: bool = False) -> None:
         with self.gathered_state() as state:
