@@ -18,6 +18,20 @@ from torch import Tensor, nn
 from codistill.config import ResNetConfig
 
 
+class BatchNorm2d(nn.BatchNorm2d):
+    """nn.BatchNorm2d that also runs in DeepSpeed's bf16/fp16, which casts parameters but keeps buffers fp32:
+    the affine weights then join the fp32 running statistics in fp32 (batch norm takes low-precision inputs
+    with fp32 weights and statistics; the statistics keep their precision)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.weight.dtype == self.running_mean.dtype:
+            return super().forward(x)
+        if self.training:
+            self.num_batches_tracked.add_(1)
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight.float(), self.bias.float(),
+                            self.training, self.momentum, self.eps)
+
+
 def conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(cin, cout, 3, stride, padding=1, bias=False)
 
@@ -29,7 +43,7 @@ def conv1x1(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
 def shortcut(cin: int, cout: int, stride: int) -> nn.Module:
     if stride == 1 and cin == cout:
         return nn.Identity()
-    return nn.Sequential(conv1x1(cin, cout, stride), nn.BatchNorm2d(cout))
+    return nn.Sequential(conv1x1(cin, cout, stride), BatchNorm2d(cout))
 
 
 class BasicBlock(nn.Module):
@@ -37,8 +51,8 @@ class BasicBlock(nn.Module):
 
     def __init__(self, cin: int, width: int, stride: int):
         super().__init__()
-        self.conv1, self.bn1 = conv3x3(cin, width, stride), nn.BatchNorm2d(width)
-        self.conv2, self.bn2 = conv3x3(width, width), nn.BatchNorm2d(width)
+        self.conv1, self.bn1 = conv3x3(cin, width, stride), BatchNorm2d(width)
+        self.conv2, self.bn2 = conv3x3(width, width), BatchNorm2d(width)
         self.shortcut = shortcut(cin, width, stride)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -51,9 +65,9 @@ class Bottleneck(nn.Module):
 
     def __init__(self, cin: int, width: int, stride: int):
         super().__init__()
-        self.conv1, self.bn1 = conv1x1(cin, width), nn.BatchNorm2d(width)
-        self.conv2, self.bn2 = conv3x3(width, width, stride), nn.BatchNorm2d(width)
-        self.conv3, self.bn3 = conv1x1(width, width * 4), nn.BatchNorm2d(width * 4)
+        self.conv1, self.bn1 = conv1x1(cin, width), BatchNorm2d(width)
+        self.conv2, self.bn2 = conv3x3(width, width, stride), BatchNorm2d(width)
+        self.conv3, self.bn3 = conv1x1(width, width * 4), BatchNorm2d(width * 4)
         self.shortcut = shortcut(cin, width * 4, stride)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -73,10 +87,10 @@ class ResNet(nn.Module):
         block, counts = LAYOUTS[config.depth]
         width = config.width
         if config.stem == "imagenet":
-            self.stem = nn.Sequential(nn.Conv2d(3, width, 7, 2, padding=3, bias=False), nn.BatchNorm2d(width),
+            self.stem = nn.Sequential(nn.Conv2d(3, width, 7, 2, padding=3, bias=False), BatchNorm2d(width),
                                       nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, padding=1))
         else:
-            self.stem = nn.Sequential(conv3x3(3, width), nn.BatchNorm2d(width), nn.ReLU(inplace=True))
+            self.stem = nn.Sequential(conv3x3(3, width), BatchNorm2d(width), nn.ReLU(inplace=True))
         stages, cin = [], width
         for i, count in enumerate(counts):
             blocks = []
