@@ -187,6 +187,10 @@ def summarize(dataset: DatasetManifest, where: str) -> str:
         shards = dataset.shards_of(split, group)
         lines.append(f"{split:<6} {'-' if group is None else group:>5} {len(shards):>6} "
                      f"{sum(s.records for s in shards):>10} {sum(s.bytes for s in shards):>12}")
+    if "repairs" in dataset.extra:
+        repairs = ", ".join(f"{k}: {v}" for k, v in sorted(dataset.extra["repairs"].items())) or "none"
+        lines.append(f"{len(dataset.extra.get('classes', []))} classes; repaired: {repairs}; "
+                     f"1-channel (grayscale): {dataset.extra.get('grayscale', 0)}")
     synth = dataset.extra.get("synth")
     if synth and "bayes_log_loss" in synth:
         lines.append(f"generated data: Bayes-optimal log loss {synth['bayes_log_loss']:.4f}, "

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 from dataclasses import dataclass, field
 
 import fsspec
 import numpy as np
 
 from codistill.dataset import DatasetManifest, join, load_manifest
-from pipelines.formats import ShardFormatError, iter_blocks, read_shard
+from pipelines.formats import (ShardFormatError, dali_index, dali_index_path, iter_blocks, read_shard,
+                               tfrecord_offsets)
 
 
 @dataclass
@@ -35,6 +37,8 @@ def verify_dataset(root: str) -> VerifyReport:
     report = VerifyReport(manifest)
     fs, base = fsspec.core.url_to_fs(root)
     digests, owners = [], []
+    indexes = manifest.extra.get("indexes", {})
+    dali = {s.path: dali_index_path(s.path) for s in manifest.shards} if "dali" in indexes else {}
     for index, shard in enumerate(manifest.shards):
         path = f"{base.rstrip('/')}/{shard.path}"
         if not fs.exists(path):
@@ -56,15 +60,40 @@ def verify_dataset(root: str) -> VerifyReport:
             report.problems.append(f"{shard.path}: {len(data)} bytes, manifest says {shard.bytes}")
         if rows != shard.records:
             report.problems.append(f"{shard.path}: {rows} rows, manifest says {shard.records}")
+        if shard.path in dali and _text(fs, base, dali[shard.path]) != dali_index(tfrecord_offsets(data), len(data)):
+            report.problems.append(f"{dali[shard.path]}: missing, or its record offsets do not match {shard.path}")
         report.rows += rows
     rejected = sum(manifest.rejected.values())
     if manifest.input_rows != manifest.written_rows + rejected:
         report.problems.append(f"rows read {manifest.input_rows} != written {manifest.written_rows} "
                                f"+ rejected {rejected}")
     report.problems += _unindexed_files(fs, base, manifest)
+    report.problems += _wids_problems(fs, base, manifest, indexes.get("wids", []))
     if digests:
         report.problems += _duplicate_keys(root, manifest, np.concatenate(digests), np.concatenate(owners))
     return report
+
+
+def _text(fs, base: str, relative: str) -> str | None:
+    path = f"{base.rstrip('/')}/{relative}"
+    if not fs.exists(path):
+        return None
+    with fs.open(path, "r") as f:
+        return f.read()
+
+
+def _wids_problems(fs, base: str, manifest: DatasetManifest, lists: list[str]) -> list[str]:
+    """The wids shard lists together name every shard once, with its sample count."""
+    listed, problems = {}, []
+    for relative in lists:
+        text = _text(fs, base, relative)
+        try:
+            listed |= {s["url"]: s["nsamples"] for s in json.loads(text)["shardlist"]}
+        except (TypeError, ValueError, KeyError):
+            problems.append(f"{relative}: missing or not a wids shard list")
+    if lists and not problems and listed != {s.path: s.records for s in manifest.shards}:
+        problems.append(f"{', '.join(lists)}: the shards or sample counts listed differ from the manifest")
+    return problems
 
 
 def _unindexed_files(fs, base: str, manifest: DatasetManifest) -> list[str]:

@@ -502,10 +502,24 @@ class WrittenShard:
     offsets: tuple[int, ...] = ()  # TFRecord: where each record starts (for seekable indexes)
 
 
-def dali_index(written: WrittenShard) -> str:
+def dali_index(offsets: tuple[int, ...], total_bytes: int) -> str:
     """DALI's TFRecord index (`tfrecord2idx`): one `<offset> <framed size>` line per record."""
-    ends = (*written.offsets[1:], written.bytes)
-    return "".join(f"{start} {end - start}\n" for start, end in zip(written.offsets, ends))
+    ends = (*offsets[1:], total_bytes)
+    return "".join(f"{start} {end - start}\n" for start, end in zip(offsets, ends))
+
+
+def dali_index_path(relative: str) -> str:
+    """Where a TFRecord shard's DALI index goes in the dataset: `idx/<shard path without extension>.idx`."""
+    return f"idx/{relative.rsplit('.', 1)[0]}.idx"
+
+
+def tfrecord_offsets(data: bytes) -> tuple[int, ...]:
+    """Where each record of a (well-framed) TFRecord file starts."""
+    offsets, pos = [], 0
+    while pos + 8 <= len(data):
+        offsets.append(pos)
+        pos += 16 + struct.unpack_from("<Q", data, pos)[0]
+    return tuple(offsets)
 
 
 def write_shard(url: str, blocks: list[Block], schema: Schema, fmt: str, sample_prefix: str) -> WrittenShard:

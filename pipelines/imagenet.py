@@ -34,7 +34,7 @@ Every file is decided by its content, never its name:
   (more than `max_image_pixels`, from the header), `symlink`,
   `not_a_regular_file` (FIFOs, devices, nested folders), `no_label`
   (a file outside a class folder, a flat val file missing from the label
-  file), `unreadable`.
+  file), `bad_file_name` (not valid UTF-8), `unreadable`.
 EXIF is never parsed; re-encoded images do not carry it (nor an ICC profile).
 
 Records (`SCHEMA`): TFRecord Examples with the TensorFlow ImageNet converters'
@@ -99,12 +99,11 @@ class InputFile:
     split: str
     wnid: str | None  # None: no label known
     size: int
-    kind: str  # "file", "symlink", "directory", "other"
+    kind: str  # "file", "symlink", "directory", "other" (FIFO, device), "bad_name" (not UTF-8)
 
 
 @dataclass(frozen=True)
 class InputPlan:
-    root: str
     classes: tuple[str, ...]  # wnids in label order
     folders: tuple[Folder, ...]
     val_labels: dict[str, str]  # flat val: file stem -> wnid
@@ -131,9 +130,22 @@ def read_val_labels(url: str) -> dict[str, str]:
     return labels
 
 
+def _is_utf8(name: str) -> bool:
+    """Local names that are not valid UTF-8 reach Python with surrogate escapes."""
+    try:
+        name.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
 def _subfolders(fs, path: str) -> list[str]:
-    return sorted(posixpath.basename(e["name"].rstrip("/")) for e in fs.ls(path, detail=True)
-                  if e["type"] == "directory" and not e.get("islink"))
+    names = sorted(posixpath.basename(e["name"].rstrip("/")) for e in fs.ls(path, detail=True)
+                   if e["type"] == "directory" and not e.get("islink"))
+    bad = [n.encode("utf-8", "surrogateescape") for n in names if not _is_utf8(n)]
+    if bad:
+        raise ValueError(f"{path}: folder names that are not valid UTF-8: {bad[:5]}; rename them")
+    return names
 
 
 def plan_input(source: str, options: ImageNetConfig) -> InputPlan:
@@ -172,7 +184,7 @@ def plan_input(source: str, options: ImageNetConfig) -> InputPlan:
         where = f"the synset list {options.synsets}" if options.synsets else "train/"
         raise ValueError(f"{source}: {len(unknown)} class(es) not in {where} ({', '.join(unknown[:5])}"
                          f"{', ...' if len(unknown) > 5 else ''}); remove the folders or use a synset list with them")
-    return InputPlan(root, tuple(classes), tuple(folders), val_labels, val_is_eval)
+    return InputPlan(tuple(classes), tuple(folders), val_labels, val_is_eval)
 
 
 class ListFolder(beam.DoFn):
@@ -190,6 +202,8 @@ class ListFolder(beam.DoFn):
         for entry in sorted(self.fs.ls(f"{self.root}/{folder.relative}", detail=True), key=lambda e: e["name"]):
             name = posixpath.basename(entry["name"].rstrip("/"))
             kind = "symlink" if entry.get("islink") else entry["type"]
+            if not _is_utf8(name):  # keys, records and rejected/ paths are UTF-8: report it escaped
+                name, kind = name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace"), "bad_name"
             if kind == "directory" and folder.subfolders_are_classes:
                 continue
             wnid = folder.wnid if folder.wnid is not None else self.val_labels.get(name.rsplit(".", 1)[0])
@@ -245,6 +259,8 @@ def configure_pillow(options: ImageNetConfig) -> None:
 
 def check_entry(file: InputFile, max_bytes: int) -> None:
     """Checks on the listing entry, before any read (a FIFO would block, a symlink may point anywhere)."""
+    if file.kind == "bad_name":
+        raise Quarantine("bad_file_name", "the name is not valid UTF-8 (shown with \\x escapes)")
     if file.kind == "symlink":
         raise Quarantine("symlink", "symbolic links are not followed")
     if file.kind != "file":

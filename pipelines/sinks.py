@@ -8,7 +8,7 @@ depend only on the input and the manifest, never on how the runner split or
 scheduled the work, and a retried worker rewrites the same piece.
 
 Optionally (`indexes=True`) every shard gets an index for readers that seek
-without a scan: DALI's `.idx` (record offsets) beside TFRecord shards under
+without a scan: DALI's `.idx` (record offsets) for TFRecord shards, under
 `idx/`, and a `wids` shard list (`<split>[-<group>].wids.json`, URLs relative
 to the dataset root) for WebDataset shards.
 """
@@ -26,7 +26,8 @@ import numpy as np
 
 from codistill.dataset import DatasetManifest, ShardEntry, join, write_atomically, write_manifest
 from codistill.config import DataConfig
-from pipelines.formats import EXTENSIONS, Block, Schema, concat_blocks, dali_index, rebatch, write_shard
+from pipelines.formats import (EXTENSIONS, Block, Schema, concat_blocks, dali_index, dali_index_path, rebatch,
+                               write_shard)
 from pipelines.sharding import ShardLayout
 
 PIECES = ".pieces"
@@ -108,11 +109,6 @@ def merge_counts(into: dict, more: dict) -> dict:
     return into
 
 
-def index_path(relative: str) -> str:
-    """Where a TFRecord shard's DALI index goes: `idx/<shard path>.idx`."""
-    return f"idx/{relative.rsplit('.', 1)[0]}.idx"
-
-
 class FinalizeShardFn(beam.DoFn):
     """(destination, pieces) -> the shard file, written through a temp name; pieces are then deleted."""
 
@@ -134,7 +130,7 @@ class FinalizeShardFn(beam.DoFn):
             raise RuntimeError(f"{relative}: pieces hold {written.records} rows, expected "
                                f"{sum(p.rows for p in pieces)}; were they changed while the pipeline ran?")
         if self.indexes and self.fmt == "tfrecord":
-            write_atomically(join(self.output, index_path(relative)), dali_index(written))
+            write_atomically(join(self.output, dali_index_path(relative)), dali_index(written.offsets, written.bytes))
         for piece in pieces:
             fs, path = fsspec.core.url_to_fs(piece.url)
             fs.rm(path)
@@ -188,7 +184,7 @@ class WriteManifestFn(beam.DoFn):
     def write_indexes(self, shards: list[ShardEntry]) -> dict[str, list[str]]:
         """wids shard lists for tar shards (DALI indexes were written with the shards); their paths."""
         if self.fmt == "tfrecord":
-            return {"dali": [index_path(s.path) for s in shards]}
+            return {"dali": [dali_index_path(s.path) for s in shards]}
         lists = collections.defaultdict(list)
         for shard in shards:
             name = shard.split if shard.group is None else f"{shard.split}-{shard.group}"

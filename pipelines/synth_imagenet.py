@@ -205,7 +205,8 @@ def generate_imagenet(out: str, classes: int, per_class: int, *, val_per_class: 
     sidecar = {
         "generator": "codistill.synth_imagenet", "seed": seed, "classes": classes, "per_class": per_class,
         "val_per_class": val_per_class, "val_layout": val_layout, "min_size": min_size, "max_size": max_size,
-        "faults": faults, "synsets": synsets, "wnids": wnids, "empty_classes": empty, "all_wnids": sorted(wnids + empty),
+        "faults": faults, "synsets": synsets, "wnids": wnids, "empty_classes": empty,
+        "all_wnids": sorted(wnids + empty),
         "class_styles": {w: {"shape": s.shape, "hue": round(s.hue, 4)} for w, s in zip(wnids, styles)},
         "files": {"train": classes * per_class, "val": classes * val_per_class},
         "fault_paths": fault_paths,

@@ -23,10 +23,10 @@ from codistill.cli import main
 from codistill.config import ConfigError, parse_experiment
 from codistill.dataset import join, load_manifest
 from codistill.verify import verify_dataset
-from pipelines.formats import Feature, ShardFormatError, frame_record, iter_tfrecord, read_shard, write_shard
+from pipelines.formats import (Feature, ShardFormatError, dali_index_path, frame_record, iter_tfrecord, read_shard,
+                               write_shard)
 from pipelines.imagenet import SCHEMA
 from pipelines.run import preprocess
-from pipelines.sinks import index_path
 from pipelines.synth_imagenet import generate_imagenet
 
 from conftest import RUNNER, list_files, read_bytes, shard_bytes
@@ -265,11 +265,11 @@ def unblock(block) -> list[dict]:
 
 def test_dali_index_seeks_to_every_record(built):
     manifest = load_manifest(str(built["tfrecord"]))
-    assert manifest.extra["indexes"]["dali"] == [index_path(s.path) for s in manifest.shards]
+    assert manifest.extra["indexes"]["dali"] == [dali_index_path(s.path) for s in manifest.shards]
     for shard in manifest.shards:
         data = read_bytes(join(str(built["tfrecord"]), shard.path))
         entries = [tuple(map(int, line.split())) for line in
-                   (built["tfrecord"] / index_path(shard.path)).read_text().splitlines()]
+                   (built["tfrecord"] / dali_index_path(shard.path)).read_text().splitlines()]
         assert len(entries) == shard.records and sum(size for _, size in entries) == len(data)
         for offset, size in entries:
             (payload,) = list(iter_tfrecord(io.BytesIO(data[offset:offset + size])))
@@ -444,14 +444,17 @@ def test_hostile_inputs_are_quarantined_and_nothing_good_is_lost(small, tmp_path
     (folder / "huge.JPEG").write_bytes(good.read_bytes() + b"\0" * 200_000)
     (folder / "bomb.JPEG").write_bytes(png_bomb(100_000, 100_000))
     (root / "train" / "stray.JPEG").write_bytes(good.read_bytes())
+    with open(os.fsencode(folder) + b"/latin1-\xe9.JPEG", "wb") as f:  # a name that is not UTF-8
+        f.write(good.read_bytes())
     manifest = run_imagenet(root, tmp_path / "out", max_image_bytes=100_000)
     assert manifest.rejected == {"symlink": 2, "not_a_regular_file": 2, "too_large": 1, "decompression_bomb": 1,
-                                 "no_label": 1}
-    assert manifest.written_rows == 18 and manifest.input_rows == 18 + 7
+                                 "no_label": 1, "bad_file_name": 1}
+    assert manifest.written_rows == 18 and manifest.input_rows == 18 + 8
     rejected = {r["source"]: r["reason"] for r in read_rejected_tree(tmp_path / "out")}
     assert rejected[f"train/{wnid}/fifo.JPEG"] == "not_a_regular_file"
     assert rejected[f"train/{wnid}/nested"] == "not_a_regular_file"
     assert rejected["train/stray.JPEG"] == "no_label"
+    assert rejected[f"train/{wnid}/latin1-\\xe9.JPEG"] == "bad_file_name"
     assert verify_dataset(str(tmp_path / "out")).ok
 
 
@@ -550,3 +553,67 @@ def test_other_formats_and_modes_are_repaired_by_content(small, tmp_path):
     assert mpo["repairs"] == b"" and mpo["image"] == (folder / "two-pictures.JPEG").read_bytes()
     for name in files:
         assert Image.open(io.BytesIO(records[f"{key}/{name}"]["image"])).format in ("JPEG", "MPO")
+
+
+def test_verify_catches_stale_indexes(built, tmp_path):
+    tf, web = tmp_path / "tf", tmp_path / "web"
+    shutil.copytree(built["tfrecord"], tf)
+    shutil.copytree(built["webdataset"], web)
+    manifest = load_manifest(str(tf))
+    idx = tf / manifest.extra["indexes"]["dali"][1]
+    idx.write_text(idx.read_text().replace(" ", " 1", 1))
+    spec = json.loads((web / "train-0.wids.json").read_text())
+    spec["shardlist"][0]["nsamples"] += 1
+    (web / "train-0.wids.json").write_text(json.dumps(spec))
+    assert [p for p in verify_dataset(str(tf)).problems if "record offsets do not match" in p]
+    assert [p for p in verify_dataset(str(web)).problems if "sample counts listed differ" in p]
+
+
+def test_listing_and_task_planning_transforms(small):
+    """ListFolder -> AssignShards -> GroupByKey -> plan_tasks: every file in one task, tasks in key-hash order."""
+    import apache_beam as beam
+    from apache_beam.options.pipeline_options import PipelineOptions
+    from apache_beam.testing.test_pipeline import TestPipeline
+    from apache_beam.testing.util import assert_that, equal_to
+
+    from pipelines.imagenet import AssignShards, ListFolder, plan_input, plan_tasks
+    from pipelines.sharding import ShardLayout, string_hash
+
+    config = imagenet_config(str(small), "unused", eval_source="train")
+    plan = plan_input(str(small), config.data.imagenet)
+    layout = ShardLayout("imagenet", "tfrecord", 2, 2, 1, 0.2)
+    expected_keys = sorted(p.relative_to(small).as_posix() for p in (small / "train").glob("*/*"))
+
+    def summary(task):
+        dest, index, files = task
+        hashes = [string_hash(f.key, 3) for f in files]
+        return dest, index, hashes == sorted(hashes), [f.key for f in files]
+
+    with TestPipeline(options=PipelineOptions(["--runner=FnApiRunner"])) as p:
+        listed = (p | beam.Create([f for f in plan.folders if f.split == "train"])
+                  | beam.ParDo(ListFolder(str(small), {})).with_outputs("inputs", main="files"))
+        tasks = (listed.files | beam.ParDo(AssignShards(layout, 3, False)) | beam.GroupByKey()
+                 | beam.FlatMapTuple(lambda dest, batches: plan_tasks(dest, batches, 4)) | beam.Map(summary))
+        keys = tasks | "Keys" >> beam.FlatMap(lambda t: t[3])
+        assert_that(keys, equal_to(expected_keys), label="EveryFileOnce")
+        assert_that(tasks | beam.Map(lambda t: t[2]) | beam.Distinct(), equal_to([True]), label="HashOrder")
+        assert_that(listed.inputs, equal_to([("train", 0)] + [(f"train/{w}", 6) for w in plan.classes]),
+                    label="InputCounts")
+
+
+def test_label_files_parse_both_formats_and_bad_ones_fail_clearly(tmp_path):
+    from pipelines.imagenet import read_val_labels
+
+    kaggle = tmp_path / "LOC_val_solution.csv"
+    kaggle.write_text("ImageId,PredictionString\nILSVRC2012_val_00000002,n01 1 2 3 4 n01 5 6 7 8 \n"
+                      "ILSVRC2012_val_00000001,n02 1 2 3 4 \n")
+    assert read_val_labels(str(kaggle)) == {"ILSVRC2012_val_00000002": "n01", "ILSVRC2012_val_00000001": "n02"}
+    tsv = tmp_path / "val.txt"
+    tsv.write_text("a.JPEG\tn01\n\nb.JPEG\tn02\n")
+    assert read_val_labels(str(tsv)) == {"a": "n01", "b": "n02"}
+    tsv.write_text("a.JPEG\tn01\na.JPEG\tn02\n")
+    with pytest.raises(ValueError, match=":2: a labelled both n01 and n02"):
+        read_val_labels(str(tsv))
+    tsv.write_text("a.JPEG n01\n")
+    with pytest.raises(ValueError, match=r"val.txt:1: expected filename<TAB>wnid"):
+        read_val_labels(str(tsv))
