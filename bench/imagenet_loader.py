@@ -1,6 +1,6 @@
 """ImageNet loader throughput per worker vs the trainer's consumption, in one run: which one is the bottleneck?
 
-    .venv/bin/python bench/imagenet_loader.py [--images 13] [--repeat 16] [--rounds 3] [--steps 6] [--batch 32]
+    .venv/bin/python bench/imagenet_loader.py [--repeat 16] [--rounds 3] [--steps 6] [--batch 32]
 
 Data: the real ILSVRC-2012 training JPEGs in `../shared/data/imagenet/train`
 (original bytes, 168x168 to 500x375, two grayscale), each stored `--repeat`

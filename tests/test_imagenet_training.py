@@ -173,6 +173,20 @@ def test_every_rank_and_worker_gets_full_batches_from_its_own_shards_each_epoch(
     assert orders[0] != orders[1]  # reshuffled every epoch
 
 
+def test_resume_passes_over_batches_undecoded_and_continues_the_same_stream(tmp_path):
+    """The trainer's fast-forward on resume: whole worker rounds inside the stream, the rest through the loader."""
+    shards = [[jpeg(40, 40, seed=s * 10 + i) for i in range(n)] for s, n in enumerate([7, 5, 6])]
+    spec = image_dataset(str(tmp_path), shards, batch=3, repeat=True, shuffle_buffer=4, seed=5)
+    full = iter(loader(ImageBatches(spec, 16, train=True, max_failures=0), workers=2))
+    expected = [next(full) for _ in range(14)][5:]  # past an epoch boundary (6 batches an epoch)
+    resumed_spec = image_dataset(str(tmp_path), shards, batch=3, repeat=True, shuffle_buffer=4, seed=5, skip=4)
+    resumed = iter(loader(ImageBatches(resumed_spec, 16, train=True, max_failures=0), workers=2))
+    next(resumed)  # skip 5 = 4 inside the stream (2 per worker) + 1 through the loader
+    for want in expected:
+        got = next(resumed)
+        assert got["key"].tolist() == want["key"].tolist() and np.array_equal(got["image"], want["image"])
+
+
 def _keys_by_epoch(spec: StreamSpec, epochs: int = 2, ordered: bool = False):
     out: dict[int, list[bytes]] = {}
     for epoch, batch in ShardStream(spec).epochs():

@@ -30,6 +30,9 @@ class StreamSpec:
     shuffle_buffer: int = 0  # rows; 0 = keep order (evaluation)
     repeat: bool = False  # cycle through epochs forever (training)
     seed: int = 0
+    # Batches of the whole stream (all loader workers together; a multiple of their number) to pass over
+    # unyielded: the data position on resume. Read but never decoded, which matters when decoding is the cost.
+    skip: int = 0
 
 
 class ShardStream(IterableDataset):
@@ -48,6 +51,7 @@ class ShardStream(IterableDataset):
         info = get_worker_info()
         workers, worker = (info.num_workers, info.id) if info else (1, 0)
         consumers, consumer = spec.world * workers, spec.rank * workers + worker
+        skip = (spec.skip - worker + workers - 1) // workers  # the DataLoader takes batches from workers in turn
         epoch = 0
         while True:
             order = list(spec.shards)
@@ -59,6 +63,9 @@ class ShardStream(IterableDataset):
             batches = 0
             for batch in _batches(rows, spec.batch_size, drop_last=spec.repeat):
                 batches += 1
+                if skip > 0:
+                    skip -= 1
+                    continue
                 yield epoch, batch
             epoch += 1
             if not spec.repeat:

@@ -325,12 +325,15 @@ class GroupTrainer:
     def fit(self, resume: bool) -> None:
         config = self.config
         skip = self.load_checkpoint() if resume else 0
+        # The data position on resume (the stream is deterministic): whole rounds of the loader workers are
+        # passed over inside the stream (read, never decoded), the rest of a round is taken from the loader.
+        rounds = skip - skip % max(1, config.loader.workers)
         spec = StreamSpec(config.data.output, self.dataset, tuple(self.dataset.shards_of("train", self.group)),
                           config.deepspeed.micro_batch_size, self.rank, self.world,
                           shuffle_buffer=config.loader.shuffle_buffer, repeat=True,
-                          seed=config.train.seed * 1000 + self.group)
+                          seed=config.train.seed * 1000 + self.group, skip=rounds)
         batches = iter(loader(self.workload.batches(spec, config, True), config.loader.workers))
-        for _ in range(skip):  # the data position: the stream is deterministic, so fast-forward it
+        for _ in range(skip - rounds):
             next(batches)
         total = config.schedule.steps
         while self.step < total:
