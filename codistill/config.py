@@ -382,12 +382,21 @@ class LSTMConfig:
 
 @dataclass(frozen=True)
 class ResNetConfig:
-    """ResNet-18/34/50 for the image workload."""
+    """ResNet-18/34/50 for the image workload (torchvision's layout, training/resnet.py)."""
 
     kind: Literal["resnet"] = "resnet"
+    depth: int = 50  # 18 or 34 (basic blocks), 50 (bottlenecks)
+    width: int = 64  # channels of the first stage; each later stage doubles them
+    # "imagenet": 7x7 stride-2 conv + max pool (/4); "small": one 3x3 stride-1 conv, no pool (for 32-64 px inputs)
+    stem: Literal["imagenet", "small"] = "imagenet"
+    zero_init_residual: bool = False  # each block's last BatchNorm starts at gamma 0 (Goyal et al. 2017)
+    channels_last: bool = True  # NHWC inputs, so convolutions run NHWC (faster on CPU and on tensor cores)
+    image_size: int = 224  # train crops and eval center crops are image_size x image_size
 
     def validate(self, name: str) -> None:
-        pass
+        _require(self.depth in (18, 34, 50), f"{name}.depth", f"must be 18, 34 or 50, got {self.depth}")
+        _require(self.width >= 1, f"{name}.width", f"must be >= 1, got {self.width}")
+        _require(self.image_size >= 16, f"{name}.image_size", f"must be >= 16, got {self.image_size}")
 
 
 MODEL_CONFIGS = {"criteo_dnn": CriteoDNNConfig, "lstm": LSTMConfig, "resnet": ResNetConfig}
@@ -401,10 +410,22 @@ class OptimizerConfig:
     weight_decay: float = 0.0
     betas: tuple[float, ...] = (0.9, 0.999)
     momentum: float = 0.0  # sgd only
+    # [[step, weight decay], ...], steps increasing: from each step on, that weight decay (before the first,
+    # `weight_decay`). E.g. [[0, 1e-4], [30000, 1e-5], [60000, 0]] drops it at the LR decays (Sodhani et al. 2021).
+    weight_decay_schedule: tuple[tuple[float, ...], ...] = ()
 
     def validate(self, name: str) -> None:
         _require(self.lr > 0, f"{name}.lr", f"must be > 0, got {self.lr}")
         _require(self.weight_decay >= 0, f"{name}.weight_decay", f"must be >= 0, got {self.weight_decay}")
+        previous = -1.0
+        for i, entry in enumerate(self.weight_decay_schedule):
+            where = f"{name}.weight_decay_schedule[{i}]"
+            _require(len(entry) == 2, where, f"must be [step, weight decay], got {list(entry)}")
+            _require(entry[0] >= 0 and entry[0] == int(entry[0]), where,
+                     f"step must be an integer >= 0, got {entry[0]}")
+            _require(entry[1] >= 0, where, f"weight decay must be >= 0, got {entry[1]}")
+            _require(entry[0] > previous, where, f"steps must increase, got {entry[0]:g} after {previous:g}")
+            previous = entry[0]
         _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"{name}.betas",
                  f"must be two numbers in [0, 1), got {self.betas}")
 
@@ -445,10 +466,14 @@ class DeepSpeedConfig:
 class LoaderConfig:
     shuffle_buffer: int = 10_000  # rows
     workers: int = 0  # DataLoader worker processes per rank
+    # Samples that fail to decode are skipped and counted; more than this many in one loader worker stops training.
+    max_decode_failures: int = 100
 
     def validate(self, name: str) -> None:
         _require(self.shuffle_buffer >= 1, f"{name}.shuffle_buffer", f"must be >= 1, got {self.shuffle_buffer}")
         _require(self.workers >= 0, f"{name}.workers", f"must be >= 0, got {self.workers}")
+        _require(self.max_decode_failures >= 0, f"{name}.max_decode_failures",
+                 f"must be >= 0, got {self.max_decode_failures}")
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,9 @@ class StreamSpec:
     shuffle_buffer: int = 0  # rows; 0 = keep order (evaluation)
     repeat: bool = False  # cycle through epochs forever (training)
     seed: int = 0
+    # Batches of the whole stream (all loader workers together; a multiple of their number) to pass over
+    # unyielded: the data position on resume. Read but never decoded, which matters when decoding is the cost.
+    skip: int = 0
 
 
 class ShardStream(IterableDataset):
@@ -40,10 +43,15 @@ class ShardStream(IterableDataset):
         self.spec = spec
 
     def __iter__(self) -> Iterator[Block]:
+        return (batch for _, batch in self.epochs())
+
+    def epochs(self) -> Iterator[tuple[int, Block]]:
+        """(epoch, batch) pairs: what per-epoch randomness (augmentation) is keyed by."""
         spec = self.spec
         info = get_worker_info()
         workers, worker = (info.num_workers, info.id) if info else (1, 0)
         consumers, consumer = spec.world * workers, spec.rank * workers + worker
+        skip = (spec.skip - worker + workers - 1) // workers  # the DataLoader takes batches from workers in turn
         epoch = 0
         while True:
             order = list(spec.shards)
@@ -55,7 +63,10 @@ class ShardStream(IterableDataset):
             batches = 0
             for batch in _batches(rows, spec.batch_size, drop_last=spec.repeat):
                 batches += 1
-                yield batch
+                if skip > 0:
+                    skip -= 1
+                    continue
+                yield epoch, batch
             epoch += 1
             if not spec.repeat:
                 return

@@ -97,7 +97,7 @@ def build_engine(model: torch.nn.Module, config: ExperimentConfig, world: int):
     import deepspeed
 
     optimizer = make_optimizer(model.parameters(), config.optimizer)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(config.schedule))
+    scheduler = Schedule(optimizer, config)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=deepspeed_config(config))
     if world == 1 and config.deepspeed.zero_stage == 0:
@@ -156,6 +156,24 @@ def lr_factor(schedule: ScheduleConfig):
         return schedule.min_lr_ratio + (1 - schedule.min_lr_ratio) * shape
 
     return factor
+
+
+class Schedule(torch.optim.lr_scheduler.LambdaLR):
+    """The LR schedule, and `optimizer.weight_decay_schedule` set on the param groups for each step."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, config: ExperimentConfig):
+        # Plain numbers, not closures: DeepSpeed checkpoints pickle the scheduler's state.
+        self.weight_decays = (config.optimizer.weight_decay, config.optimizer.weight_decay_schedule)
+        super().__init__(optimizer, lr_factor(config.schedule))
+
+    def step(self, epoch=None) -> None:
+        super().step(epoch)
+        decay, schedule = self.weight_decays
+        for at, value in schedule:
+            if self.last_epoch >= at:
+                decay = value
+        for group in self.optimizer.param_groups:
+            group["weight_decay"] = decay
 
 
 class FlatPeer:
@@ -293,7 +311,9 @@ class GroupTrainer:
         gather = (deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
                   if self.config.deepspeed.zero_stage == 3 else contextlib.nullcontext())
         with gather:
-            yield {k: v.detach().float() for k, v in module.state_dict().items()} if self.rank == 0 else None
+            # Floats as fp32 (bf16/fp16 training); the rest as they are (BatchNorm's int64 num_batches_tracked).
+            yield {k: v.detach().float() if v.is_floating_point() else v.detach()
+                   for k, v in module.state_dict().items()} if self.rank == 0 else None
 
     def publish(self) -> None:
         with self.gathered_state() as state:
@@ -340,12 +360,15 @@ class GroupTrainer:
     def fit(self, resume: bool) -> None:
         config = self.config
         skip = self.load_checkpoint() if resume else 0
+        # The data position on resume (the stream is deterministic): whole rounds of the loader workers are
+        # passed over inside the stream (read, never decoded), the rest of a round is taken from the loader.
+        rounds = skip - skip % max(1, config.loader.workers)
         spec = StreamSpec(config.data.output, self.dataset, self.train_shards(),
                           config.deepspeed.micro_batch_size, self.rank, self.world,
                           shuffle_buffer=config.loader.shuffle_buffer, repeat=True,
-                          seed=config.train.seed * 1000 + self.group)
+                          seed=config.train.seed * 1000 + self.group, skip=rounds)
         batches = iter(loader(self.workload.batches(spec, config, True), config.loader.workers))
-        for _ in range(skip):  # the data position: the stream is deterministic, so fast-forward it
+        for _ in range(skip - rounds):
             next(batches)
         total = config.schedule.steps
         while self.step < total:

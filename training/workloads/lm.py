@@ -162,7 +162,7 @@ class TokenStreams(IterableDataset):
                              f"loader.workers={info.num_workers} every worker would repeat them (use 0 or 1)")
         spec, t = self.spec, self.window
         first = spec.rank * self.streams
-        epoch = 0
+        epoch, skip = 0, spec.skip  # resume: the batches before the data position are cut, never trained on
         while True:
             streams = [_Stream(self._tokens((first + b) * self.rows_per_stream), self.pad_id)
                        for b in range(self.streams)]
@@ -181,6 +181,9 @@ class TokenStreams(IterableDataset):
                 if self.history:
                     batch["history"] = previous
                     previous = batch["inputs"]
+                if skip:
+                    skip -= 1
+                    continue
                 yield batch
             epoch += 1
             if not spec.repeat:
