@@ -23,6 +23,10 @@ from codistill.dataset import DatasetManifest, join, load_manifest
 # Beam's DirectRunner first tries to download a Prism binary; the FnApiRunner is
 # the same in-process engine without that step.
 DEFAULT_RUNNER = "FnApiRunner"
+# Beam's own DaskRunner mixes the outputs of multi-output ParDos (see pipelines/dask_runner.py):
+# both names run the fixed one.
+DASK_RUNNER = "pipelines.dask_runner.DaskRunner"
+RUNNER_NAMES = {"DaskRunner": DASK_RUNNER, "apache_beam.runners.dask.dask_runner.DaskRunner": DASK_RUNNER}
 
 PIPELINE_MODULES = {"criteo": "pipelines.criteo", "commoncrawl": "pipelines.commoncrawl",
                     "imagenet": "pipelines.imagenet"}
@@ -52,9 +56,17 @@ class OutputExistsError(FileExistsError):
 
 
 def pipeline_options(beam_args: list[str]) -> PipelineOptions:
+    runner = PipelineOptions(beam_args).view_as(StandardOptions).runner
+    runner = RUNNER_NAMES.get(runner, runner or DEFAULT_RUNNER)
+    if runner == DASK_RUNNER:
+        from apache_beam.runners.dask.dask_runner import DaskOptions  # noqa: F401  (registers the --dask_* flags)
+
+        if not any(a.startswith(("--dask_npartitions", "--dask_partition_size")) for a in beam_args):
+            # Each work item (an input range, a shard) is heavy: one per dask partition, so they spread
+            # over the workers (Beam's default packs up to 128 into one partition).
+            beam_args = [*beam_args, "--dask_partition_size=1"]
     options = PipelineOptions(beam_args)
-    standard = options.view_as(StandardOptions)
-    standard.runner = standard.runner or DEFAULT_RUNNER
+    options.view_as(StandardOptions).runner = runner
     return options
 
 
