@@ -83,7 +83,8 @@ def preprocess() -> None:
               help="tsv: Kaggle train.txt; csv: the header CSV export (label,I1..,C26).")
 @click.option("--cat-buckets", type=click.IntRange(min=2), help="Hash buckets for every categorical column.")
 @click.option("--keep-raw/--no-keep-raw", default=None, help="Also store the raw integer and categorical values.")
-@click.option("--runner", help="Beam runner (default FnApiRunner, in-process); e.g. DataflowRunner, FlinkRunner.")
+@click.option("--runner", help="Beam runner (default FnApiRunner, in-process); e.g. DaskRunner (with "
+              "--dask_client_address HOST:PORT), DataflowRunner, FlinkRunner.")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a manifest field.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
 @click.pass_context
@@ -108,8 +109,12 @@ def preprocess_criteo(ctx, manifest, input_glob, output, groups, eval_fraction, 
                                "(--input 'dir/*.txt') so the shell does not expand it")
     config = parse_experiment(raw, sets)
     beam_args = (["--runner", runner] if runner else []) + list(ctx.args)
-    dataset = run_preprocess(config, beam_args, overwrite=overwrite)
+    dataset = run_preprocess(config, beam_args, overwrite=overwrite, show_progress=_echo_progress)
     click.echo(summarize(dataset, config.data.output))
+
+
+def _echo_progress(line: str) -> None:
+    click.echo(line, err=True)
 
 
 def summarize(dataset: DatasetManifest, where: str) -> str:
@@ -132,11 +137,16 @@ def summarize(dataset: DatasetManifest, where: str) -> str:
 
 @main.command()
 @click.argument("directory")
+@click.option("-m", "--manifest", help="Experiment manifest whose `storage` rules apply (e.g. an S3 endpoint).")
 @_fail_cleanly
-def verify(directory: str) -> None:
+def verify(directory: str, manifest: str | None) -> None:
     """Re-read every shard: counts, sizes, sha256 against the manifest, and key disjointness."""
+    from codistill import storage
+    from codistill.config import load_experiment
     from codistill.verify import verify_dataset
 
+    if manifest:
+        storage.configure(load_experiment(manifest).storage)
     report = verify_dataset(directory)
     if not report.ok:
         for problem in report.problems:
@@ -156,7 +166,7 @@ def _dataset_for(config) -> DatasetManifest:
         dataset = load_manifest(config.data.output)
     except DatasetError:
         click.echo(f"no dataset at {config.data.output}: preprocessing it first")
-        dataset = run_preprocess(config)
+        dataset = run_preprocess(config, show_progress=_echo_progress)
         click.echo(summarize(dataset, config.data.output))
         return dataset
     wanted = json.loads(json.dumps(pipeline_parameters(config.data)))  # as stored: tuples become lists
@@ -179,10 +189,10 @@ def _start_afresh(config, overwrite: bool) -> None:
     import shutil
     from pathlib import Path
 
-    import fsspec
+    from codistill import storage
 
     run_dir = Path(config.run_dir)
-    store_fs, store_root = fsspec.core.url_to_fs(config.store)
+    store_fs, store_root = storage.url_to_fs(config.store)
     old_snapshots = f"{store_root.rstrip('/')}/{config.run_id}"
     if (run_dir.exists() and any(run_dir.iterdir())) or store_fs.exists(old_snapshots):
         if not overwrite:
@@ -195,10 +205,12 @@ def _start_afresh(config, overwrite: bool) -> None:
 
 def _train(manifest: str, sets: list[str], resume: bool, overwrite: bool = False):
     """Start every group of a run (one deepspeed launch each); returns the config."""
+    from codistill import storage
     from codistill.config import load_experiment
     from training.launch import GroupFailed, group_commands, run_groups
 
     config = load_experiment(manifest, sets)
+    storage.configure(config.storage)
     dataset = _dataset_for(config)
     if not resume:
         _start_afresh(config, overwrite)
@@ -259,7 +271,7 @@ def demo(manifest: str, sets: tuple[str, ...], out: str) -> None:
 
     config = load_experiment(manifest, sets)
     click.echo("== 1. generate Criteo-format data and shard it into groups with Beam")
-    dataset = run_preprocess(config, overwrite=True)
+    dataset = run_preprocess(config, overwrite=True, show_progress=_echo_progress)
     click.echo(summarize(dataset, config.data.output))
     report = verify_dataset(config.data.output)
     if not report.ok:

@@ -11,7 +11,7 @@ import json
 import uuid
 from dataclasses import dataclass, field
 
-import fsspec
+from codistill import storage
 
 from pipelines.formats import Feature, Schema
 
@@ -84,7 +84,7 @@ def join(root: str, relative: str) -> str:
 
 def write_atomically(url: str, text: str) -> None:
     """Temp file + rename on file systems with renames; one PUT (atomic anyway) on object stores."""
-    fs, path = fsspec.core.url_to_fs(url)
+    fs, path = storage.url_to_fs(url)
     parent = path.rsplit("/", 1)[0]
     fs.makedirs(parent, exist_ok=True)
     tmp = f"{parent}/.tmp-{uuid.uuid4().hex}"
@@ -103,7 +103,7 @@ def write_manifest(root: str, manifest: DatasetManifest) -> None:
 def load_manifest(root: str) -> DatasetManifest:
     url = join(root, MANIFEST_NAME)
     try:
-        with fsspec.open(url, "r") as f:
+        with storage.open(url, "r") as f:
             text = f.read()
     except FileNotFoundError:
         raise DatasetError(f"{root}: no {MANIFEST_NAME}; the dataset is missing or incomplete") from None
@@ -112,7 +112,7 @@ def load_manifest(root: str) -> DatasetManifest:
 
 def check_shards_present(root: str, manifest: DatasetManifest) -> None:
     """Cheap check before training: every shard exists with the indexed size (hashes are checked on read)."""
-    fs, base = fsspec.core.url_to_fs(root)
+    fs, base = storage.url_to_fs(root)
     problems = []
     for shard in manifest.shards:
         path = f"{base.rstrip('/')}/{shard.path}"

@@ -6,9 +6,9 @@ import hashlib
 import io
 from dataclasses import dataclass, field
 
-import fsspec
 import numpy as np
 
+from codistill import storage
 from codistill.dataset import DatasetManifest, join, load_manifest
 from pipelines.formats import ShardFormatError, iter_blocks, read_shard
 
@@ -33,7 +33,7 @@ def _key_digests(keys: np.ndarray) -> np.ndarray:
 def verify_dataset(root: str) -> VerifyReport:
     manifest = load_manifest(root)
     report = VerifyReport(manifest)
-    fs, base = fsspec.core.url_to_fs(root)
+    fs, base = storage.url_to_fs(root)
     digests, owners = [], []
     for index, shard in enumerate(manifest.shards):
         path = f"{base.rstrip('/')}/{shard.path}"

@@ -28,19 +28,20 @@ import posixpath
 from dataclasses import dataclass
 
 import apache_beam as beam
-import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 
+from codistill import storage
 from codistill.config import CriteoConfig, DataConfig
 from codistill.dataset import join
+from pipelines import progress
 from pipelines.formats import Block, Feature, Schema
-from pipelines.run import DatasetPipeline, pipeline_parameters
+from pipelines.run import DatasetPipeline, WorkerDoFn, pipeline_parameters
 from pipelines.sharding import ShardLayout, line_key_hashes, mix64, partition, string_hash
 from pipelines.sinks import Rejected, WriteDataset, layout_for, write_pieces
-from pipelines.textfiles import (DECOMPRESSION_ERRORS, InputRange, LineBlock, TruncatedInput, count_lines,
+from pipelines.textfiles import (DECOMPRESSION_ERRORS, CountLines, InputRange, LineBlock, TruncatedInput,
                                  expand_inputs, first_lines, plan_ranges, read_line_blocks)
 
 INT_COLUMNS = [f"I{i}" for i in range(1, 14)]
@@ -89,7 +90,7 @@ def check_headers(paths: list[str], dialect: str) -> None:
     """Fail on the driver, before any work starts, if a file's first line does not fit the dialect."""
     for path in paths:
         try:
-            with fsspec.open(path, "rb", compression="infer") as f:
+            with storage.open(path, "rb", compression="infer") as f:
                 head = f.read(1 << 16)
         except DECOMPRESSION_ERRORS:
             continue  # a damaged file is quarantined by the pipeline itself
@@ -271,7 +272,7 @@ def keyed_block(parsed: ParsedBlock, rows: np.ndarray) -> Block:
 # --- Beam ----------------------------------------------------------------------------------------
 
 
-class ParseRange(beam.DoFn):
+class ParseRange(WorkerDoFn):
     """An input range -> shard pieces `(destination, Piece)`; rejected rows and row counts aside.
 
     Rows stay in numpy blocks from the read to the piece files; only small
@@ -279,6 +280,7 @@ class ParseRange(beam.DoFn):
     """
 
     def __init__(self, data: DataConfig, layout: ShardLayout, schema: Schema):
+        super().__init__()
         self.data, self.layout, self.schema = data, layout, schema
 
     def process(self, rng: InputRange, first_lines: dict):
@@ -317,12 +319,13 @@ class CriteoToShards(beam.PTransform):
         layout, features = layout_for(data), schema(data.criteo.keep_raw)
         check_headers(self.paths, data.criteo.dialect)
         ranges = [r for path in self.paths for r in plan_ranges(path, data.split_bytes)]
+        progress.expect(parts=len(ranges), bytes=sum(r.length for r in ranges))
         ranges = (pbegin
                   | "Ranges" >> beam.Create(ranges)
                   | "Spread" >> beam.Reshuffle())
         counts = (ranges
                   | "NotLast" >> beam.Filter(lambda r: not r.last)
-                  | "CountLines" >> beam.Map(lambda r: (r.source, (r.index, count_lines(r))))
+                  | "CountLines" >> beam.ParDo(CountLines())
                   | "BySource" >> beam.GroupByKey()
                   | "FirstLines" >> beam.MapTuple(lambda source, counts: (source, first_lines(list(counts)))))
         parsed = ranges | "Parse" >> beam.ParDo(ParseRange(data, layout, features),

@@ -38,10 +38,11 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import IO
 
-import fsspec
 import google_crc32c
 import numpy as np
 import webdataset as wds
+
+from codistill import storage
 
 EXTENSIONS = {"tfrecord": "tfrecord", "webdataset": "tar"}
 
@@ -334,7 +335,7 @@ class WrittenShard:
 
 def write_shard(url: str, blocks: list[Block], schema: Schema, fmt: str, sample_prefix: str) -> WrittenShard:
     """Write records to `url` through a temp file and a rename, so readers never see half a shard."""
-    fs, path = fsspec.core.url_to_fs(url)
+    fs, path = storage.url_to_fs(url)
     parent, name = path.rsplit("/", 1)
     fs.makedirs(parent, exist_ok=True)
     tmp = f"{parent}/.tmp-{uuid.uuid4().hex}-{name}"
@@ -360,7 +361,7 @@ def write_shard(url: str, blocks: list[Block], schema: Schema, fmt: str, sample_
 def read_shard(url: str, schema: Schema, fmt: str, expect_sha256: str | None = None) -> Iterator[Block]:
     """Blocks of a shard, streamed; with `expect_sha256`, the whole shard is read and checked first,
     so not one row of a shard that is not the one indexed ever reaches the caller."""
-    with fsspec.open(url, "rb") as raw:
+    with storage.open(url, "rb") as raw:
         stream: IO[bytes] = raw
         if expect_sha256 is not None:
             data = raw.read()

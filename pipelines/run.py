@@ -3,10 +3,16 @@
 Each dataset module exposes one `PIPELINE` (a `DatasetPipeline`): how to
 generate its raw data, the PTransform that turns raw input into a dataset,
 and the parameters recorded in (and compared against) the dataset manifest.
+
+DoFns that touch storage or report progress derive from `WorkerDoFn`: it
+carries the driver's storage rules and progress address to whichever worker
+process runs it (a multi_processing FnApiRunner worker, a Dask worker, a
+Dataflow VM) and installs them in `setup()`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 from collections.abc import Callable
@@ -14,11 +20,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import apache_beam as beam
-import fsspec
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
+from codistill import storage
 from codistill.config import DataConfig, ExperimentConfig, to_dict
 from codistill.dataset import DatasetManifest, join, load_manifest
+from pipelines import progress
 
 # Beam's DirectRunner first tries to download a Prism binary; the FnApiRunner is
 # the same in-process engine without that step.
@@ -32,6 +39,20 @@ PIPELINE_MODULES = {"criteo": "pipelines.criteo", "commoncrawl": "pipelines.comm
                     "imagenet": "pipelines.imagenet"}
 
 logger = logging.getLogger(__name__)
+
+
+class WorkerDoFn(beam.DoFn):
+    """A DoFn that brings the run's storage rules and progress address (as set on the driver when the
+    pipeline is built) to the worker that runs it. Subclasses that define `setup` call `super().setup()`."""
+
+    def __init__(self):
+        super().__init__()
+        self._storage_rules = storage.rules()
+        self._progress_address = progress.address()
+
+    def setup(self):
+        storage.configure(self._storage_rules)
+        progress.connect(self._progress_address)
 
 
 @dataclass(frozen=True)
@@ -71,15 +92,18 @@ def pipeline_options(beam_args: list[str]) -> PipelineOptions:
 
 
 def prepare_output(output: str, overwrite: bool) -> None:
-    fs, path = fsspec.core.url_to_fs(output)
+    fs, path = storage.url_to_fs(output)
     if fs.exists(path) and fs.ls(path):
         if not overwrite:
             raise OutputExistsError(f"{output} exists and is not empty; choose another output or pass --overwrite")
         fs.rm(path, recursive=True)
 
 
-def preprocess(config: ExperimentConfig, beam_args: list[str] = (), overwrite: bool = False) -> DatasetManifest:
+def preprocess(config: ExperimentConfig, beam_args: list[str] = (), overwrite: bool = False,
+               show_progress: Callable[[str], None] | None = None) -> DatasetManifest:
+    """Build the dataset of `config.data`; with `show_progress`, a progress line goes to it every few seconds."""
     data = config.data
+    storage.configure(config.storage)
     pipeline = dataset_pipeline(data.dataset)
     prepare_output(data.output, overwrite)
     extra = {}
@@ -87,6 +111,7 @@ def preprocess(config: ExperimentConfig, beam_args: list[str] = (), overwrite: b
     if data.synth is not None:
         source, extra["synth"] = pipeline.generate(join(data.output, "raw"), data.synth)
     logger.info("preprocessing %s into %s", source, data.output)
-    with beam.Pipeline(options=pipeline_options(list(beam_args))) as p:
-        _ = p | data.dataset.capitalize() >> pipeline.transform(source, data, extra)
+    with progress.ProgressMonitor(write=show_progress) if show_progress else contextlib.nullcontext():
+        with beam.Pipeline(options=pipeline_options(list(beam_args))) as p:
+            _ = p | data.dataset.capitalize() >> pipeline.transform(source, data, extra)
     return load_manifest(data.output)

@@ -16,12 +16,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import apache_beam as beam
-import fsspec
 import numpy as np
 
-from codistill.dataset import DatasetManifest, ShardEntry, join, write_atomically, write_manifest
+from codistill import storage
 from codistill.config import DataConfig
+from codistill.dataset import DatasetManifest, ShardEntry, join, write_atomically, write_manifest
 from pipelines.formats import EXTENSIONS, Block, Schema, concat_blocks, rebatch, write_shard
+from pipelines.run import WorkerDoFn
 from pipelines.sharding import ShardLayout
 
 PIECES = ".pieces"
@@ -65,21 +66,22 @@ def write_pieces(output: str, schema: Schema, order: tuple,
     for dest, blocks in sorted(parts.items()):
         url = join(output, f"{PIECES}/{dest:05d}/{name}.npys")
         block = concat_blocks(blocks)
-        with fsspec.open(url, "wb", auto_mkdir=True) as f:
+        with storage.open(url, "wb", auto_mkdir=True) as f:
             for column in schema:
                 np.lib.format.write_array(f, np.ascontiguousarray(block[column]), allow_pickle=False)
         yield dest, Piece(order, url, len(block["key"]))
 
 
 def read_piece(piece: Piece, schema: Schema) -> Block:
-    with fsspec.open(piece.url, "rb") as f:
+    with storage.open(piece.url, "rb") as f:
         return {column: np.lib.format.read_array(f, allow_pickle=False) for column in schema}
 
 
-class FinalizeShardFn(beam.DoFn):
+class FinalizeShardFn(WorkerDoFn):
     """(destination, pieces) -> the shard file, written through a temp name; pieces are then deleted."""
 
     def __init__(self, output: str, layout: ShardLayout, schema: Schema, fmt: str, block_rows: int):
+        super().__init__()
         self.output, self.layout, self.schema, self.fmt, self.block_rows = output, layout, schema, fmt, block_rows
 
     def process(self, element):
@@ -95,15 +97,16 @@ class FinalizeShardFn(beam.DoFn):
             raise RuntimeError(f"{relative}: pieces hold {written.records} rows, expected "
                                f"{sum(p.rows for p in pieces)}; were they changed while the pipeline ran?")
         for piece in pieces:
-            fs, path = fsspec.core.url_to_fs(piece.url)
+            fs, path = storage.url_to_fs(piece.url)
             fs.rm(path)
         yield ShardEntry(relative, split, group, written.records, written.bytes, written.sha256)
 
 
-class WriteRejectedFn(beam.DoFn):
+class WriteRejectedFn(WorkerDoFn):
     """One JSON-lines file per input source, in line order; yields counts by reason."""
 
     def __init__(self, output: str):
+        super().__init__()
         self.output = output
 
     def process(self, element):
@@ -113,8 +116,9 @@ class WriteRejectedFn(beam.DoFn):
         yield dict(collections.Counter(r.reason for r in rows))
 
 
-class WriteManifestFn(beam.DoFn):
+class WriteManifestFn(WorkerDoFn):
     def __init__(self, output: str, layout: ShardLayout, schema: Schema, fmt: str, parameters: dict, extra: dict):
+        super().__init__()
         self.output, self.layout, self.schema, self.fmt = output, layout, schema, fmt
         self.parameters, self.extra = parameters, extra
 
@@ -130,7 +134,7 @@ class WriteManifestFn(beam.DoFn):
             shards=tuple(sorted(shards, key=lambda s: s.path)),
             inputs=tuple({"source": s, "rows": n} for s, n in sorted(rows_read.items())),
             rejected=dict(sorted(rejected.items())), parameters=self.parameters, extra=self.extra)
-        fs, path = fsspec.core.url_to_fs(join(self.output, PIECES))
+        fs, path = storage.url_to_fs(join(self.output, PIECES))
         if fs.exists(path):
             fs.rm(path, recursive=True)
         write_manifest(self.output, manifest)

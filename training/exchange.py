@@ -28,11 +28,12 @@ from collections.abc import Iterable, Mapping
 from datetime import datetime, timezone
 from typing import Any
 
-import fsspec
 import safetensors.torch
 from fsspec.implementations.local import LocalFileSystem
 import torch
 from torch import Tensor
+
+from codistill import storage
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +106,7 @@ class SnapshotPublisher:
     def __init__(self, store_url: str, run: str, group: int, keep: int = 3) -> None:
         if keep < 1:
             raise ValueError(f"keep must be >= 1, got {keep}")
-        self.fs, root = fsspec.core.url_to_fs(store_url)
+        self.fs, root = storage.url_to_fs(store_url)
         self.dir = group_dir(root, run, group)
         self.group = group
         self.keep = keep
@@ -241,7 +242,7 @@ class PeerWatcher:
             raise ValueError(f"group {group} cannot be its own peer")
         if max_staleness is not None and max_staleness < 0:
             raise ValueError(f"max_staleness must be >= 0 or None, got {max_staleness}")
-        self.fs, root = fsspec.core.url_to_fs(store_url)
+        self.fs, root = storage.url_to_fs(store_url)
         self.peer_dirs = {peer: group_dir(root, run, peer) for peer in self.peer_groups}
         self.expected_signature = model_signature
         self.vocab_hash = vocab_hash

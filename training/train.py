@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from codistill import storage
 from codistill.config import ExperimentConfig, OptimizerConfig, ScheduleConfig, load_experiment
 from codistill.dataset import check_shards_present, load_manifest
 from training.data import StreamSpec, ShardStream, loader, to_torch
@@ -433,6 +434,7 @@ def main(argv: list[str] | None = None) -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     sets = args.sets + ([f"train.run_dir={args.run_dir}"] if args.run_dir else [])
     config = load_experiment(args.manifest, sets)
+    storage.configure(config.storage)
     GroupTrainer(config, args.group).fit(resume=args.resume)
 
 
