@@ -310,6 +310,9 @@ class TrainConfig:
     store: str | None = None  # snapshot store URL; default <run_dir>/store
     log_every: int = 50
     checkpoint_every: int = 500
+    # Also write training and eval metrics as TensorBoard events (DeepSpeed's monitor; the `tensorboard`
+    # extra) to <run_dir>/group-<g>/tensorboard.
+    tensorboard: bool = False
 
     def validate(self, name: str) -> None:
         _require(0 <= self.seed < 2**31, f"{name}.seed", f"must be in [0, 2^31), got {self.seed}")

@@ -8,7 +8,8 @@ a dask bag, but
    reached the shard finaliser as "pieces": `'int' object has no attribute 'order'`);
 2. materialises a side input inside every task that reads it (`list(bag)`, a
    nested compute that re-runs the whole upstream pipeline once per partition
-   and per side input);
+   and per side input: every input range of the Criteo pipeline was parsed
+   several times);
 3. computes only the last transform visited, silently dropping other leaves.
 
 `DaskRunner` here keeps one bag per PCollection (each ParDo output filtered
@@ -88,8 +89,11 @@ def _concat(parts: list[list]) -> list:
 
 
 def _as_item(bag: db.Bag):
-    """The whole bag as one value that a task can depend on (computed once, shared by every partition)."""
-    return bag.reduction(list, _concat, split_every=False)
+    """The whole bag as one value that a task can depend on (computed once, shared by every partition).
+
+    Built from the bag's own partition keys: an optimised copy of its graph (fused, so renamed) would
+    compute the whole upstream pipeline a second time."""
+    return dask.delayed(_concat, pure=True)(bag.to_delayed(optimize_graph=False))
 
 
 def _pardo(applied: AppliedPTransform, input_bag: db.Bag, side_bags: list[db.Bag]) -> dict:
@@ -158,5 +162,6 @@ class DaskRunner(dask_runner.DaskRunner):
         pipeline.replace_all(dask_overrides())
         visitor = _BagVisitor(bag_kwargs)
         pipeline.visit(visitor)
-        futures = client.compute(list(dask.optimize(*visitor.leaves())))
+        # The graph as built: each task once (side inputs depend on the partition keys themselves).
+        futures = client.compute(visitor.leaves(), optimize_graph=False)
         return _Result(client, futures)

@@ -28,6 +28,8 @@ from collections.abc import Callable
 
 from apache_beam.metrics import Metrics
 
+from codistill.units import duration, size
+
 NAMESPACE = "codistill"
 FIELDS = ("parts", "bytes", "rows")
 _COUNTERS = {"parts": Metrics.counter(NAMESPACE, "parts_done"), "bytes": Metrics.counter(NAMESPACE, "bytes_read"),
@@ -74,19 +76,6 @@ def expect(parts: int, bytes: int) -> None:  # noqa: A002
         _monitor.totals[1] += bytes
 
 
-def _size(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else (
-        f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s")
-
-
 class ProgressMonitor:
     """Driver side: sums the workers' reports and prints a progress line every `every` seconds.
 
@@ -127,14 +116,14 @@ class ProgressMonitor:
         (parts_total, bytes_total), (parts, done, rows) = self.totals, self.done
         elapsed = max(time.monotonic() - self._start, 1e-9)
         fraction = min(1.0, done / bytes_total) if bytes_total else float(parts >= parts_total)
-        text = (f"progress: {min(parts, parts_total)}/{parts_total} input parts, {_size(done)} of "
-                f"{_size(bytes_total)} read ({100 * fraction:.0f}%), {rows} rows, {rows / elapsed:,.0f} rows/s")
+        text = (f"progress: {min(parts, parts_total)}/{parts_total} input parts, {size(done)} of "
+                f"{size(bytes_total)} read ({100 * fraction:.0f}%), {rows} rows, {rows / elapsed:,.0f} rows/s")
         if final:
-            return f"{text}, done in {_duration(elapsed)}"
+            return f"{text}, done in {duration(elapsed)}"
         if fraction < 1:
-            left = f"~{_duration(elapsed * (1 - fraction) / fraction)} left" if fraction > 0 else "time left unknown"
-            return f"{text}, {left} ({_duration(elapsed)} so far)"
-        return f"{text}, writing the shards ({_duration(elapsed)} so far)"
+            left = f"~{duration(elapsed * (1 - fraction) / fraction)} left" if fraction > 0 else "time left unknown"
+            return f"{text}, {left} ({duration(elapsed)} so far)"
+        return f"{text}, writing the shards ({duration(elapsed)} so far)"
 
     def _receive(self) -> bool:
         try:

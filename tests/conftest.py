@@ -85,6 +85,25 @@ def write_bytes(url: str, data: bytes) -> None:
         f.write(data)
 
 
+# --- a dask.distributed cluster of 2 worker processes ----------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def dask_cluster():
+    from dask.distributed import LocalCluster
+
+    # The workers' environment holds the test S3 credentials, as a deployment's workers would hold theirs;
+    # which endpoint and which variables to use comes with the pipeline (`storage` rules).
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                      env=S3_ENV) as cluster:
+        yield cluster
+
+
+def dask_args(cluster) -> list[str]:
+    """Beam options that run a pipeline on `cluster` (started before the test set anything up)."""
+    return ["--runner", "DaskRunner", "--dask_client_address", cluster.scheduler_address]
+
+
 # --- a real S3 endpoint: moto's server on 127.0.0.1 ------------------------------------------------
 
 S3_BUCKET = "codistill-test"

@@ -9,22 +9,16 @@ import pytest
 from apache_beam.options.pipeline_options import StandardOptions
 from apache_beam.runners.dask.dask_runner import DaskOptions
 from apache_beam.testing.util import assert_that, equal_to
-from conftest import make_criteo_file, read_rejected, run_criteo, shard_bytes
-from dask.distributed import LocalCluster
+from conftest import dask_args, make_criteo_file, read_rejected, run_criteo, shard_bytes
 
 from codistill.verify import verify_dataset
 from pipelines.run import DASK_RUNNER, pipeline_options
 from pipelines.synth_criteo import generate_criteo
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as c:
-        yield c
-
-
-def dask_args(cluster) -> list[str]:
-    return ["--runner", "DaskRunner", "--dask_client_address", cluster.scheduler_address]
+@pytest.fixture
+def cluster(dask_cluster):
+    return dask_cluster
 
 
 @pytest.mark.parametrize("name", ["DaskRunner", "apache_beam.runners.dask.dask_runner.DaskRunner"])

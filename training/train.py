@@ -33,6 +33,7 @@ import torch.distributed as dist
 from codistill import storage
 from codistill.config import ExperimentConfig, OptimizerConfig, ScheduleConfig, load_experiment
 from codistill.dataset import check_shards_present, load_manifest
+from codistill.units import duration
 from training.data import StreamSpec, ShardStream, loader, to_torch
 from training.exchange import PeerWatcher, SnapshotPublisher, model_signature
 from training.loss import DistillConfig, LossParts, codistillation_loss, distill_weight
@@ -59,7 +60,7 @@ def init_distributed() -> tuple[int, int]:
     return rank, world
 
 
-def deepspeed_config(config: ExperimentConfig) -> dict:
+def deepspeed_config(config: ExperimentConfig, tensorboard_dir: Path | None = None) -> dict:
     ds = config.deepspeed
     out = {
         "train_micro_batch_size_per_gpu": ds.micro_batch_size,
@@ -73,6 +74,9 @@ def deepspeed_config(config: ExperimentConfig) -> dict:
     out["gradient_clipping"] = float(ds.gradient_clipping)
     if ds.precision != "fp32":
         out[ds.precision] = {"enabled": True}
+    if tensorboard_dir is not None:  # DeepSpeed's monitor (rank 0) writes to output_path/job_name
+        out["tensorboard"] = {"enabled": True, "output_path": str(tensorboard_dir.parent),
+                              "job_name": tensorboard_dir.name}
     return out
 
 
@@ -86,14 +90,14 @@ def make_optimizer(params, config: OptimizerConfig) -> torch.optim.Optimizer:
     return cls(params, lr=config.lr, betas=tuple(config.betas), weight_decay=config.weight_decay)
 
 
-def build_engine(model: torch.nn.Module, config: ExperimentConfig, world: int):
+def build_engine(model: torch.nn.Module, config: ExperimentConfig, world: int, tensorboard_dir: Path | None = None):
     """The DeepSpeed engine for one group's model, optimizer and LR schedule."""
     import deepspeed
 
     optimizer = make_optimizer(model.parameters(), config.optimizer)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(config.schedule))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=deepspeed_config(config))
+                                           config=deepspeed_config(config, tensorboard_dir))
     if world == 1 and config.deepspeed.zero_stage == 0:
         # Nothing to average, yet DeepSpeed would flatten every gradient, all-reduce it with
         # itself over gloo and copy it back: ~10% of a small model's step.
@@ -170,7 +174,8 @@ class GroupTrainer:
         torch.manual_seed(config.train.seed * 1000 + group)  # every rank the same: one model per group
         model, self.task = build(config.model, self.dataset)
         self.signature = model_signature(model.state_dict())
-        self.engine = build_engine(model, config, self.world)
+        self.engine = build_engine(model, config, self.world,
+                                   self.out / "tensorboard" if config.train.tensorboard else None)
         self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[
             config.deepspeed.precision]
 
@@ -280,6 +285,7 @@ class GroupTrainer:
         for _ in range(skip):  # the data position: the stream is deterministic, so fast-forward it
             next(batches)
         total = config.schedule.steps
+        self.started = (time.perf_counter(), self.step)  # for the time left
         while self.step < total:
             start = time.perf_counter()
             self.sync_peers()
@@ -305,16 +311,26 @@ class GroupTrainer:
         record |= {"step": self.step, "group": self.group, "lr": self.engine.get_lr()[0],
                    "weight": self.distill_weight(), "ms": 1000 * self.step_seconds[-1]}
         self.write_metrics("train", record)
+        self.write_tensorboard("Train", {k: record[k] for k in ("loss", "label_loss", "distill_loss", "weight", "lr",
+                                                                "ms")}
+                               | {f"staleness/group-{g}": age for g, age in record["peers"].items()})
         if self.step % self.config.train.log_every == 0:
             recent = 1000 * float(np.mean(self.step_seconds[-self.config.train.log_every:]))
             peers = ", ".join(f"g{g}:{age}" for g, age in record["peers"].items()) or "none"
+            # Wall time per step so far (evaluations and checkpoints included) times the steps to go.
+            started, first_step = self.started
+            left = (time.perf_counter() - started) / (self.step - first_step) * (self.config.schedule.steps - self.step)
             print(f"step {self.step}/{self.config.schedule.steps} loss {record['loss']:.4f} "
                   f"(label {record['label_loss']:.4f} distill {record['distill_loss']:.4f} x{record['weight']:.2f}) "
-                  f"peers[staleness] {peers}  {recent:.1f} ms/step", flush=True)
+                  f"peers[staleness] {peers}  {recent:.1f} ms/step, {duration(left)} left", flush=True)
 
     def distill_weight(self) -> float:
         # The step just logged computed its loss before the counter moved on: w(step - 1).
         return distill_weight(self.step - 1, self.distill) if self.peer_groups else 0.0
+
+    def write_tensorboard(self, section: str, scalars: dict[str, float]) -> None:
+        if self.engine.monitor.enabled:  # train.tensorboard
+            self.engine.monitor.write_events([(f"{section}/{k}", v, self.step) for k, v in scalars.items()])
 
     def write_metrics(self, kind: str, record: dict) -> None:
         if self.metrics_file is None:
@@ -361,6 +377,7 @@ class GroupTrainer:
         if synth:
             metrics["bayes_log_loss"] = synth["bayes_log_loss"]
         self.write_metrics("eval", metrics)
+        self.write_tensorboard("Eval", {k: metrics[k] for k in ("log_loss", "auc", "calibration")})
         print(f"eval step {self.step}: log loss {metrics['log_loss']:.4f} AUC {metrics['auc']:.4f} "
               f"calibration {metrics['calibration']:.3f} ({metrics['rows']} rows)", flush=True)
         if final:
