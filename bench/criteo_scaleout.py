@@ -13,7 +13,8 @@ preprocessing of them three times, each in a child process:
 For each: rows/s of the pipeline (wall time of `preprocess`), peak memory
 (the summed RSS of the child and all its descendants, sampled every 0.1 s),
 both also as ratios to the baseline. The shards of all three are checked to
-be identical (the manifests' sha256 per shard).
+be identical (the manifests' sha256 per shard). Each run's progress lines go
+to stderr.
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ def child(name: str, input_glob: str, output: str, split_bytes: int) -> None:
         startup = time.perf_counter() - start
         args += ["--dask_client_address", cluster.scheduler_address]
     start = time.perf_counter()
-    manifest = preprocess(config, args, overwrite=True)
+    manifest = preprocess(config, args, overwrite=True,
+                          show_progress=lambda line: print(f"[{name}] {line}", file=sys.stderr, flush=True))
     seconds = time.perf_counter() - start
     if cluster is not None:
         cluster.close()
