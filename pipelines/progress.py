@@ -130,8 +130,13 @@ class ProgressMonitor:
             data = self._socket.recv(256)
         except (TimeoutError, BlockingIOError):
             return False
-        for i, value in enumerate(json.loads(data)):
-            self.done[i] += value
+        try:
+            increments = json.loads(data)
+        except ValueError:
+            return True  # not ours (anything local can send here): ignored
+        if isinstance(increments, list) and len(increments) == 3 and all(type(v) is int for v in increments):
+            for i, value in enumerate(increments):
+                self.done[i] += value
         return True
 
     def _drain(self) -> None:

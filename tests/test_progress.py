@@ -3,6 +3,8 @@ counts are Beam metrics."""
 
 from __future__ import annotations
 
+import socket
+
 import apache_beam as beam
 import pytest
 from apache_beam.metrics.metric import MetricsFilter
@@ -51,6 +53,18 @@ def test_progress_line_shows_rate_and_time_left():
     assert "~30s left (10s so far)" in line and "5,0" in line  # ~5,000 rows/s
     monitor.done = [8, 4_000_000, 200_000]
     assert "writing the shards" in monitor.line()
+
+
+def test_monitor_ignores_datagrams_that_are_not_reports():
+    lines: list[str] = []
+    with progress.ProgressMonitor(write=lines.append) as monitor:
+        progress.connect(monitor.address)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as other:
+            for junk in [b"\xff\xfe", b"{}", b"[1, 2]", b'["a", 1, 2]', b"[1.5, 0, 0]", b"null", b""]:
+                other.sendto(junk, monitor.address)
+        progress.report(parts=1, bytes=10, rows=3)
+        progress.connect(None)
+    assert monitor.done == [1, 10, 3] and ", done in " in lines[-1]
 
 
 def test_no_monitor_means_no_reports_and_no_errors(raw_input, tmp_path):
