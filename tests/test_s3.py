@@ -152,3 +152,40 @@ def test_training_writes_tensorboard_events_and_shows_time_left(s3_training_run)
     assert [(e.step, pytest.approx(e.value, rel=1e-6)) for e in events.Scalars("Train/loss")] == list(train.items())
     assert [(e.step, pytest.approx(e.value, rel=1e-6)) for e in events.Scalars("Eval/log_loss")] == [
         (3, evals[3]), (6, evals[6])]
+
+
+class _DiesAfterWeights:
+    """The store as seen by a publisher whose process dies right after uploading the weights."""
+
+    def __init__(self, fs):
+        self._fs = fs
+
+    def __getattr__(self, name):
+        return getattr(self._fs, name)
+
+    def pipe_file(self, path: str, data, **kwargs) -> None:
+        if not path.endswith(".safetensors"):
+            raise OSError("killed")
+        self._fs.pipe_file(path, data, **kwargs)
+
+
+def test_snapshot_cut_off_mid_publish_on_s3_is_never_seen(s3_storage):
+    """No rename on S3: what makes a snapshot visible is the LATEST PUT, the last of the three."""
+    import torch
+
+    from training.exchange import SnapshotPublisher
+
+    store = s3_storage.url()
+    state = {"w": torch.arange(6.0).reshape(2, 3)}
+    publisher = SnapshotPublisher(store, "run", group=1)
+    assert publisher.publish(1, state)
+    publisher.fs = _DiesAfterWeights(publisher.fs)
+    assert not publisher.publish(2, {"w": torch.zeros(2, 3)})
+    fs, root = storage.url_to_fs(store)
+    assert fs.exists(f"{root}/run/group-1/step-00000002.safetensors")  # the orphaned upload is there
+    assert fs.cat_file(f"{root}/run/group-1/{LATEST}") == b"step-00000001.json"
+    with PeerWatcher(store, "run", 0, [1], model_signature(state), poll_interval=0.02) as w:
+        deadline = time.monotonic() + 10
+        while not (updates := w.take_updates()) and time.monotonic() < deadline:
+            time.sleep(0.02)
+    assert updates[1][0] == 1 and torch.equal(updates[1][1]["w"], state["w"])
