@@ -246,6 +246,12 @@ def test_truncated_safetensors_is_rejected(store, caplog):
     fs, path = group_path(store, 1, snapshot_name(1, "safetensors"))
     fs.pipe_file(path, fs.cat_file(path)[:-10])
     with caplog.at_level(logging.WARNING, logger="training.exchange"), watcher(store) as w:
+        # The first poll's warning, however slow the store (S3 under load), then more polls.
+        deadline = time.monotonic() + 10
+        while not any("sha256 mismatch" in r.getMessage() for r in caplog.records):
+            assert time.monotonic() < deadline, "the corrupt snapshot was never polled"
+            assert w.take_updates() == {}
+            time.sleep(POLL / 2)
         assert_no_update(w)
         assert sum("sha256 mismatch" in r.getMessage() for r in caplog.records) == 1  # warned once, not every poll
         recovers(store, publisher, w)
