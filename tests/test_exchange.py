@@ -62,7 +62,7 @@ def watcher(store: str, **kwargs) -> PeerWatcher:
     return PeerWatcher(store, RUN, group=0, **kwargs)
 
 
-def wait_for_update(w: PeerWatcher, timeout: float = 5.0) -> dict[int, tuple[int, dict[str, torch.Tensor]]]:
+def wait_for_update(w: PeerWatcher, timeout: float = 15.0) -> dict[int, tuple[int, dict[str, torch.Tensor]]]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         updates = w.take_updates()
