@@ -2,13 +2,13 @@
 
     .venv/bin/python bench/train_step.py [--steps 600] [--batch B] [--set model.embedding_dim=16] ...
 
-One process, one data set, one model architecture (`training.models.build` on the
+One process, one data set, one model architecture (`Workload.build_model` on the
 manifest, default `criteo-tiny`; `--set` overrides any manifest field, `--batch`
 sets `deepspeed.micro_batch_size`). Batches come from the project's own pipeline:
 `pipelines.run.preprocess` writes the manifest's generated data to a temp dir
 (or `--data DIR` reads an existing dataset), and group 0's training stream
-(`training.data.ShardStream`, shuffled like training) is read and converted with
-`to_torch` before any timing, so data loading is never timed. Every variant sees
+(the workload's `batches`: shuffled rows, or the LM's stateful stream windows) is
+read and converted with `to_torch` before any timing, so data loading is never timed. Every variant sees
 the same batches in the same order and starts from the same weights. Torch
 gets the intra-op threads `codistill train` gives each rank (training/launch.py:
 cpu_count // (groups x ranks_per_group), so 1 on a 2-core machine; `--threads`
@@ -17,7 +17,7 @@ work preempts one of them).
 
 Variants, each timed per step (wall clock, `time.perf_counter`):
 
-  plain      model + torch Adam (`make_optimizer`) + LR schedule + BCE-with-logits,
+  plain      model + torch Adam (`make_optimizer`) + LR schedule + the trainer's loss without peers,
              `loss.backward(); opt.step(); sched.step(); opt.zero_grad()` -- the baseline
   deepspeed  the same model and optimizer under `deepspeed.initialize` with
              `training.train.deepspeed_config` (ZeRO 0, fp32, gloo, world size 1):
@@ -60,6 +60,12 @@ steps for tens or hundreds of ms; "stalls" counts steps over 5x the variant's
 median. A few stalls in one variant's blocks decide its overall p99, which is
 why the per-round p99 ratio is printed next to it.
 
+The language model (`--manifest commoncrawl-tiny --data DIR`, a commoncrawl dataset): the
+same variants, each model carrying its LSTM state from window to window as the trainer
+does (an adopted peer restarts its state, warm-up included), then the peak memory of
+the loss and its backward with 1 and 3 peers at the batch's shape, against the
+textbook two-pass formula with all peers' logits alive.
+
 Diagnosis: `--profile N` cProfiles N plain and N DeepSpeed steps afterwards;
 the DeepSpeed engines come from `training.train.build_engine`, exactly as the
 trainer builds them (a one-rank ZeRO-0 group skips the gradient all-reduce).
@@ -90,12 +96,12 @@ import torch.nn.functional as F
 
 from codistill.config import ExperimentConfig, load_experiment
 from codistill.dataset import check_shards_present, load_manifest
-from training.data import ShardStream, StreamSpec, to_torch
+from training.data import StreamSpec, to_torch
 from training.exchange import PeerWatcher, SnapshotPublisher, model_signature
-from training.loss import DistillConfig
-from training.models import build
-from training.train import (FlatPeer, build_engine, deepspeed_config, forward_backward, init_distributed, lr_factor,
-                            make_optimizer)
+from training.loss import DistillConfig, codistillation_loss
+from training.train import (FlatPeer, build_engine, deepspeed_config, detached, forward_backward, init_distributed,
+                            lr_factor, make_optimizer)
+from training.workloads import Workload, workload_for
 
 GOALS = {"ds_plain": 1.15, "cod1_ds": 1.35, "p99_exchange": 1.10}
 RUN = "bench"
@@ -128,11 +134,12 @@ def prepare_data(config: ExperimentConfig, data_dir: str | None, workdir: str):
     return data_dir, dataset
 
 
-def load_batches(root: str, dataset, config: ExperimentConfig, count: int) -> list[dict[str, torch.Tensor]]:
-    """`count` training batches of group 0, read and converted before any timing."""
+def load_batches(root: str, dataset, config: ExperimentConfig, workload: Workload,
+                 count: int) -> list[dict[str, torch.Tensor]]:
+    """`count` training batches of group 0 (the workload's training stream), read and converted before any timing."""
     spec = StreamSpec(root, dataset, tuple(dataset.shards_of("train", 0)), config.deepspeed.micro_batch_size,
                       shuffle_buffer=config.loader.shuffle_buffer, repeat=True, seed=config.train.seed * 1000)
-    batches = [to_torch(b) for b in itertools.islice(iter(ShardStream(spec)), count)]
+    batches = [to_torch(b) for b in itertools.islice(iter(workload.batches(spec, config, True)), count)]
     # GroupTrainer.batch_to_device is a no-op on CPU in fp32; doing it here keeps the batches identical.
     return [{k: (v.to(torch.float32) if v.is_floating_point() else v) for k, v in b.items()} for b in batches]
 
@@ -167,16 +174,21 @@ class Variant:
 class Plain(Variant):
     name = "plain"
 
-    def __init__(self, config, model, task):
+    def __init__(self, config, model, workload):
         super().__init__()
-        self.config, self.model, self.task = config, model.train(), task
+        self.config, self.model, self.workload = config, model.train(), workload
         self.optimizer = make_optimizer(model.parameters(), config.optimizer)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(config.schedule))
+        self.state = None  # what the model carries between batches (the LM's stateful streams)
 
     def step(self, batch):
-        logits = self.task.logits(self.model, batch).float()
-        loss = F.binary_cross_entropy_with_logits(logits, batch[self.task.target].float())
+        logits, state = self.workload.forward(self.model, batch, self.state)
+        targets, mask = self.workload.targets(batch)
+        # The trainer's loss without peers (BCE-with-logits for Criteo, masked cross-entropy for the LM).
+        loss = codistillation_loss(logits.float(), targets, [], 0, DistillConfig(), binary=self.workload.binary,
+                                   mask=mask).total
         loss.backward()
+        self.state = detached(state)
         if self.config.deepspeed.gradient_clipping:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.deepspeed.gradient_clipping)
         self.optimizer.step()
@@ -187,33 +199,35 @@ class Plain(Variant):
 class DeepSpeedBaseline(Variant):
     name = "deepspeed"
 
-    def __init__(self, config, engine, task):
+    def __init__(self, config, engine, workload):
         super().__init__()
-        self.engine, self.task = engine, task
+        self.engine, self.workload = engine, workload
+        self.states: dict = {}
 
-    def step(self, batch):
-        forward_backward(self.engine, self.task, [], batch, 0, DistillConfig())  # no peers: the label loss alone
+    def step(self, batch):  # no peers: the label loss alone
+        forward_backward(self.engine, self.workload, {}, batch, 0, DistillConfig(), self.states)
 
 
 class Codistill(Variant):
     """GroupTrainer.train_step with grad_accum 1 and every peer usable."""
 
-    def __init__(self, config, engine, task, peers: dict[int, FlatPeer]):
+    def __init__(self, config, engine, workload, peers: dict[int, FlatPeer]):
         super().__init__()
-        self.engine, self.task, self.peers = engine, task, peers
+        self.engine, self.workload, self.peers = engine, workload, peers
         self.name = f"codist-{len(peers)}"
         cod = config.codistill
         self.distill = DistillConfig(weight=cod.weight, burn_in_steps=cod.burn_in_steps, ramp_steps=cod.ramp_steps,
                                      temperature=cod.temperature, distance=cod.distance)
         self.past_burn_in = cod.burn_in_steps + cod.ramp_steps  # w(step) = weight: the distillation term is live
+        self.states: dict = {}  # GroupTrainer.states: the student's and each peer's carried state
 
     def step(self, batch):
         self.train_step(batch)
 
     def train_step(self, batch):
         # GroupTrainer.train_step's micro-step, every peer fresh (usable)
-        parts = forward_backward(self.engine, self.task, [peer.module for peer in self.peers.values()], batch,
-                                 self.past_burn_in + self.steps, self.distill)
+        parts = forward_backward(self.engine, self.workload, {g: peer.module for g, peer in self.peers.items()}, batch,
+                                 self.past_burn_in + self.steps, self.distill, self.states)
         return {"loss": parts.total.item(), "label_loss": parts.label_loss.item(),  # as train_step's record
                 "distill_loss": parts.distill_loss.item()}
 
@@ -221,8 +235,8 @@ class Codistill(Variant):
 class CodistillExchange(Codistill):
     """codist-1 plus GroupTrainer.sync_peers before and GroupTrainer.publish after the step (rank 0, world 1)."""
 
-    def __init__(self, config, engine, task, peers, store: str, peer_model: torch.nn.Module, every: int):
-        super().__init__(config, engine, task, peers)
+    def __init__(self, config, engine, workload, peers, store: str, peer_model: torch.nn.Module, every: int):
+        super().__init__(config, engine, workload, peers)
         self.name = "codist-1+x"
         self.every = every
         cod = config.codistill
@@ -259,7 +273,8 @@ class CodistillExchange(Codistill):
         adopted = published = False
         for g in list(self.incoming):
             step, state = self.incoming.pop(g)
-            self.peers[g].load(state)  # as GroupTrainer._adopt
+            self.peers[g].load(state)  # as GroupTrainer._adopt: new weights, and their state restarts
+            self.states.pop(g, None)
             self.adopted_step, adopted = step, True
         self.train_step(batch)
         # GroupTrainer.publish: full fp32 weights, upload in the background. Phase: mid-block (blocks start at
@@ -339,6 +354,27 @@ def profile_steps(variant: Variant, batches, steps: int, limit: int = 25) -> str
     return out.getvalue()
 
 
+def loss_peak_mib(positions: int, vocab: int, peers: int, ours: bool) -> float:
+    """Peak tensor memory of loss + backward: ours (lazy peers, chunked, one soft-target CE) or the textbook
+    two-pass formula with every peer's logits alive at once (the reference it replaces)."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    g = torch.Generator().manual_seed(0)
+    student = torch.randn(positions, vocab, generator=g, requires_grad=True)
+    targets = torch.randint(0, vocab, (positions,), generator=g)
+    tracker = MemTracker()
+    tracker.track_external(student)
+    with tracker:
+        if ours:
+            lazy = (torch.randn(positions, vocab, generator=g) for _ in range(peers))
+            codistillation_loss(student, targets, lazy, 0, DistillConfig(), binary=False).total.backward()
+        else:
+            logits = [torch.randn(positions, vocab, generator=g) for _ in range(peers)]
+            target = sum(F.softmax(z, -1) for z in logits) / peers
+            (F.cross_entropy(student, targets) - (target * F.log_softmax(student, -1)).sum(-1).mean()).backward()
+    return tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"] / 2**20
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--manifest", default="criteo-tiny")
@@ -366,48 +402,47 @@ def main() -> None:
 
     ds_logger.setLevel(logging.WARNING)
     workdir = args.workdir or tempfile.mkdtemp(prefix="codistill-bench-step-")
-    sets = [f"data.output={workdir}/data"] + args.sets + ([f"deepspeed.micro_batch_size={args.batch}"] if args.batch
-                                                           else [])
+    sets = [f"data.output={args.data or workdir + '/data'}"] + args.sets + (
+        [f"deepspeed.micro_batch_size={args.batch}"] if args.batch else [])
     config = load_experiment(args.manifest, sets)
     root, dataset = prepare_data(config, args.data, workdir)
     # training/launch.py sets OMP_NUM_THREADS so that all ranks of all groups share the cores.
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // (dataset.groups *
                                                                             config.deepspeed.ranks_per_group)))
-    batches = load_batches(root, dataset, config, min(args.warmup + args.steps, 2048))
+    workload = workload_for(dataset.dataset)
+    batches = load_batches(root, dataset, config, workload, min(args.warmup + args.steps, 2048))
 
     init_single_process()
     torch.manual_seed(args.seed)
-    model, task = build(config.model, dataset)
+    model = workload.build_model(config.model, dataset)
     initial = {k: v.clone() for k, v in model.state_dict().items()}
     params = sum(p.numel() for p in model.parameters())
 
     def student() -> torch.nn.Module:
-        m, _ = build(config.model, dataset)
+        m = workload.build_model(config.model, dataset)
         m.load_state_dict(initial)
         return m
 
     def frozen(seed: int) -> torch.nn.Module:  # GroupTrainer._frozen_copy, with its own weights
         torch.manual_seed(seed)
-        m, _ = build(config.model, dataset)
+        m = workload.build_model(config.model, dataset)
         return m.eval().requires_grad_(False)
 
     def engine():
         return build_engine(student(), config, world=1)
 
     variants: list[Variant] = [
-        Plain(config, student(), task),
-        DeepSpeedBaseline(config, engine(), task),
-        Codistill(config, engine(), task, {1: FlatPeer(frozen(101))}),
-        Codistill(config, engine(), task, {1: FlatPeer(frozen(101)), 2: FlatPeer(frozen(102))}),
-        CodistillExchange(config, engine(), task, {1: FlatPeer(frozen(101))}, f"{workdir}/store", frozen(201),
+        Plain(config, student(), workload),
+        DeepSpeedBaseline(config, engine(), workload),
+        Codistill(config, engine(), workload, {1: FlatPeer(frozen(101))}),
+        Codistill(config, engine(), workload, {1: FlatPeer(frozen(101)), 2: FlatPeer(frozen(102))}),
+        CodistillExchange(config, engine(), workload, {1: FlatPeer(frozen(101))}, f"{workdir}/store", frozen(201),
                           args.exchange_every),
     ]
     plain, ds, cod1, cod2, codx = variants
 
     print(f"manifest {args.manifest} {' '.join(args.sets)}".rstrip())
-    print(f"model: CriteoDNN embedding_dim={config.model.embedding_dim} hidden={list(config.model.hidden)} "
-          f"cat_buckets={list(dataset.parameters['criteo']['cat_buckets'])} -> {params:,} parameters "
-          f"({params * 4 / 2**20:.1f} MiB fp32)")
+    print(f"model: {type(model).__name__} {config.model} -> {params:,} parameters ({params * 4 / 2**20:.1f} MiB fp32)")
     print(f"batch {config.deepspeed.micro_batch_size}, optimizer {config.optimizer.name}, "
           f"DeepSpeed {deepspeed.__version__} config {json.dumps(deepspeed_config(config))}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} intra-op threads, {os.cpu_count()} CPUs, "
@@ -481,6 +516,17 @@ def main() -> None:
           f"{s['peer_published']} peer snapshots published, {s['adopted']} adopted in timed steps; peer snapshots "
           f"verified while timed steps ran: {s['verified_in_block']}, at block ends (untimed): "
           f"{s['verified_at_block_end']}")
+
+    if not workload.binary:
+        with torch.no_grad():
+            logits, _ = workload.forward(model, batches[0], None)
+        positions, vocab = logits[..., 0].numel(), logits.shape[-1]
+        print(f"\npeak memory of the loss and its backward at this batch ({positions} positions x {vocab} classes, "
+              f"torch MemTracker), student logits included:")
+        print(f"{'peers':>5} {'codistillation_loss':>20} {'two passes, peers materialised':>31}")
+        for count in (1, 3):
+            print(f"{count:>5} {loss_peak_mib(positions, vocab, count, True):>16.0f} MiB "
+                  f"{loss_peak_mib(positions, vocab, count, False):>27.0f} MiB")
 
     if args.profile:
         for v in (plain, ds):

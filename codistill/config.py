@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,8 +18,17 @@ from typing import Any, Literal
 
 import fsspec
 import yaml
+from iso639 import Lang
+from iso639.exceptions import DeprecatedLanguageValue, InvalidLanguageValue
 
 REPO_MANIFESTS = Path(__file__).resolve().parent.parent / "manifests"
+
+
+# Bounds that keep a typo from sizing the pipeline or the model beyond reason: shard names have five digits,
+# and every categorical column gets an embedding table of cat_buckets rows.
+MAX_GROUPS = 1024
+MAX_SHARDS = 99_999
+MAX_CAT_BUCKETS = 1 << 24
 
 
 class ConfigError(ValueError):
@@ -27,6 +38,20 @@ class ConfigError(ValueError):
 def _require(ok: bool, name: str, message: str) -> None:
     if not ok:
         raise ConfigError(f"{name}: {message}")
+
+
+_SHORT_REPR = reprlib.Repr()
+_SHORT_REPR.maxlevel, _SHORT_REPR.maxstring, _SHORT_REPR.maxother, _SHORT_REPR.maxlong = 2, 60, 60, 40
+
+
+def _bounded(value: Any) -> str:
+    """A short repr for error messages: it looks at a bounded part of the value, however big it is."""
+    return _SHORT_REPR.repr(value)
+
+
+def _key_text(key: Any) -> str:
+    """A manifest key as it goes into a dotted field name."""
+    return key if isinstance(key, str) and len(key) <= 80 else _bounded(key)
 
 
 def tagged(tag: str, choices: dict[str, type], *, sibling: bool = False, **kwargs: Any) -> Any:
@@ -61,8 +86,8 @@ class CriteoConfig:
     def validate(self, name: str) -> None:
         _require(len(self.cat_buckets) in (1, 26), f"{name}.cat_buckets",
                  f"must hold 1 or 26 numbers, got {len(self.cat_buckets)}")
-        for b in self.cat_buckets:
-            _require(2 <= b <= 2**31 - 1, f"{name}.cat_buckets", f"each must be in [2, 2^31), got {b}")
+        for b in self.cat_buckets:  # each column's embedding table has this many rows
+            _require(2 <= b <= MAX_CAT_BUCKETS, f"{name}.cat_buckets", f"each must be in [2, 2^24], got {b}")
 
     def buckets_per_column(self) -> tuple[int, ...]:
         return self.cat_buckets * 26 if len(self.cat_buckets) == 1 else self.cat_buckets
@@ -83,28 +108,125 @@ class CommonCrawlSynthConfig:
 
 @dataclass(frozen=True)
 class CleaningConfig:
-    """Language filter and C4/Gopher-style line and page rules (`data.commoncrawl.clean`)."""
+    """Language filter and C4/Gopher-style line and page rules (`data.commoncrawl.clean`).
+
+    Every rule can be switched off: a true/false rule by `false`, a threshold by `null`. Defaults
+    follow C4 (Raffel et al. 2020) for line rules and Gopher (Rae et al. 2021) for page rules.
+    """
+
+    # ISO 639-1 or 639-3 codes of the languages to keep; [] keeps every language.
+    languages: tuple[str, ...] = ("en",)
+    # Trust the record's WARC-Identified-Content-Language (its first, primary language) when present;
+    # otherwise, and always when false, pycld2 decides.
+    use_warc_language: bool = True
+    # Line rules (C4): a line that fails one is removed and counted as `line:<rule>`.
+    remove_citations: bool = True  # "[1]", "[edit]", "[citation needed]" removed from lines (not counted)
+    terminal_punctuation: bool = True  # keep lines ending in . ! ? or " (not in ...)
+    min_words_per_line: int | None = 5
+    max_word_length: int | None = 1000  # a line with a longer word is removed
+    javascript_lines: bool = True  # remove lines mentioning javascript ("enable JavaScript" notices)
+    policy_lines: bool = True  # remove terms-of-use / privacy / cookie-policy lines
+    # Page rules on lines: as in C4, checked on lines that pass the rules above; the page is dropped.
+    lorem_ipsum: bool = True
+    curly_braces: bool = True  # "{" in a line: most likely code
+    # Page rules on the kept text (Gopher): the page is dropped.
+    min_lines: int | None = 3
+    min_words: int | None = 50
+    max_chars: int | None = 500_000
+    min_mean_word_length: float | None = 3.0
+    max_mean_word_length: float | None = 10.0
+    max_symbol_word_ratio: float | None = 0.1  # "#" per word, or ellipses ("...", "…") per word
+    max_duplicate_line_fraction: float | None = 0.3  # lines equal to an earlier line, per line
+    max_duplicate_line_char_fraction: float | None = 0.2  # their characters, per character
+    # Most frequent word n-gram's characters per word character, for n = 2, 3, 4, ...
+    max_top_ngram_char_fraction: tuple[float, ...] | None = (0.20, 0.18, 0.16)
+    # Words or phrases, one a line, at any fsspec URL: a page holding one (whole words, any case) is dropped.
+    blocklist: str | None = None
 
     def validate(self, name: str) -> None:
-        pass
+        for i, code in enumerate(self.languages):
+            try:
+                Lang(code)
+            except (InvalidLanguageValue, DeprecatedLanguageValue):
+                raise ConfigError(f"{name}.languages[{i}]: {code!r} is not an ISO 639 language code") from None
+        for field_name in ("min_words_per_line", "max_word_length", "min_lines", "min_words", "max_chars"):
+            value = getattr(self, field_name)
+            _require(value is None or value >= 1, f"{name}.{field_name}", f"must be >= 1 or null, got {value}")
+        for field_name in ("min_mean_word_length", "max_mean_word_length", "max_symbol_word_ratio"):
+            value = getattr(self, field_name)
+            _require(value is None or value >= 0, f"{name}.{field_name}", f"must be >= 0 or null, got {value}")
+        if self.min_mean_word_length is not None and self.max_mean_word_length is not None:
+            _require(self.min_mean_word_length <= self.max_mean_word_length, f"{name}.max_mean_word_length",
+                     f"must be >= min_mean_word_length ({self.min_mean_word_length}), "
+                     f"got {self.max_mean_word_length}")
+        for field_name in ("max_duplicate_line_fraction", "max_duplicate_line_char_fraction"):
+            value = getattr(self, field_name)
+            _require(value is None or 0 <= value <= 1, f"{name}.{field_name}",
+                     f"must be in [0, 1] or null, got {value}")
+        for i, value in enumerate(self.max_top_ngram_char_fraction or ()):
+            _require(0 <= value <= 1, f"{name}.max_top_ngram_char_fraction[{i}]", f"must be in [0, 1], got {value}")
+        _require(self.max_top_ngram_char_fraction != (), f"{name}.max_top_ngram_char_fraction",
+                 "must hold one fraction per n-gram size from 2 on, or be null")
+        _require(self.blocklist is None or bool(self.blocklist.strip()), f"{name}.blocklist",
+                 "must be a file URL or null, got an empty string")
 
 
 @dataclass(frozen=True)
 class DedupConfig:
-    """Whole-data-set deduplication before group assignment (`data.commoncrawl.dedup`)."""
+    """Whole-data-set deduplication before group assignment (`data.commoncrawl.dedup`).
+
+    Steps, in this order, each over the documents the earlier ones kept: URLs
+    (normalised; the newest capture wins), exact documents (normalised text),
+    near-duplicate documents (MinHash LSH clusters, one kept per cluster), then
+    repeated lines (each kept once, in a hash-chosen document). Which copy is kept
+    is decided by a keyed hash of the WARC-Record-ID, never by processing order.
+    """
+
+    urls: bool = True
+    exact: bool = True
+    near: bool = True
+    lines: bool = True
+    near_threshold: float = 0.8  # Jaccard similarity of word shingles above which pages are near-duplicates
+    num_perm: int = 128  # MinHash permutations
+    shingle_words: int = 5  # words per shingle
+    min_words: int = 20  # a page left with fewer words after line deduplication is dropped
+    buckets: int = 16  # hash partitions each deduplication step's shuffle is spread over
 
     def validate(self, name: str) -> None:
-        pass
+        _require(0.0 < self.near_threshold < 1.0, f"{name}.near_threshold",
+                 f"must be in (0, 1), got {self.near_threshold}")
+        _require(2 <= self.num_perm <= 1024, f"{name}.num_perm", f"must be in [2, 1024], got {self.num_perm}")
+        _require(self.shingle_words >= 1, f"{name}.shingle_words", f"must be >= 1, got {self.shingle_words}")
+        _require(self.min_words >= 1, f"{name}.min_words", f"must be >= 1, got {self.min_words}")
+        _require(self.buckets >= 1, f"{name}.buckets", f"must be >= 1, got {self.buckets}")
 
 
 @dataclass(frozen=True)
 class CommonCrawlConfig:
     """Reading, cleaning, deduplicating and tokenising web text (`data.dataset: commoncrawl`)."""
 
+    # sentencepiece model (any fsspec URL, with its `<url>.json` sidecar); null = train one on the input first,
+    # written to `<output>/tokenizer/spm.model`, with the three settings below.
+    tokenizer: str | None = None
+    vocab_size: int = 8000
+    tokenizer_type: Literal["unigram", "bpe"] = "unigram"
+    tokenizer_sample_docs: int = 20_000  # cleaned documents the tokenizer is trained on (a keyed-hash sample)
+    sequence_length: int = 33  # tokens per packed row (inputs tokens[:-1], targets tokens[1:])
+    samples_per_reason: int = 5  # dropped documents kept in rejected/samples/<reason>.jsonl
     clean: CleaningConfig = field(default_factory=CleaningConfig)
     dedup: DedupConfig = field(default_factory=DedupConfig)
 
     def validate(self, name: str) -> None:
+        _require(self.tokenizer is None or bool(self.tokenizer), f"{name}.tokenizer",
+                 "must be a model URL or null (train one first)")
+        _require(300 <= self.vocab_size <= 1_000_000, f"{name}.vocab_size",
+                 f"must be in [300, 1000000] (256 byte pieces are part of it), got {self.vocab_size}")
+        _require(self.tokenizer_sample_docs >= 1, f"{name}.tokenizer_sample_docs",
+                 f"must be >= 1, got {self.tokenizer_sample_docs}")
+        _require(self.sequence_length >= 2, f"{name}.sequence_length",
+                 f"must be >= 2 (inputs and targets are shifted by one), got {self.sequence_length}")
+        _require(self.samples_per_reason >= 0, f"{name}.samples_per_reason",
+                 f"must be >= 0, got {self.samples_per_reason}")
         self.clean.validate(f"{name}.clean")
         self.dedup.validate(f"{name}.dedup")
 
@@ -114,20 +236,57 @@ class ImageNetSynthConfig:
     """Generate an ILSVRC-layout folder of images instead of reading `data.input`."""
 
     classes: int = 10
-    per_class: int = 100
+    per_class: int = 100  # train images per class (bad inputs included)
+    val_per_class: int = 10  # flat `val/` folder + LOC_val_solution.csv; 0 = no val folder
     seed: int = 0
+    min_size: int = 64  # image sides (pixels) are drawn from [min_size, max_size]
+    max_size: int = 160
+    faults: int = 1  # copies of each bad input kind (zero-byte, text, truncated, ...); 0 = a clean data set
+    synsets: str | None = None  # take the wnids from this synset list (path or URL); None = made-up wnids
 
     def validate(self, name: str) -> None:
         _require(self.classes >= 1, f"{name}.classes", f"must be >= 1, got {self.classes}")
         _require(self.per_class >= 1, f"{name}.per_class", f"must be >= 1, got {self.per_class}")
+        _require(self.val_per_class >= 0, f"{name}.val_per_class", f"must be >= 0, got {self.val_per_class}")
+        _require(self.min_size >= 16, f"{name}.min_size", f"must be >= 16, got {self.min_size}")
+        _require(self.max_size >= self.min_size, f"{name}.max_size",
+                 f"must be >= min_size ({self.min_size}), got {self.max_size}")
+        _require(self.faults >= 0, f"{name}.faults", f"must be >= 0, got {self.faults}")
+        _require(self.faults * 8 <= self.classes * self.per_class, f"{name}.faults",
+                 f"{self.faults} of each of the 8 bad-input kinds do not fit in {self.classes * self.per_class} "
+                 "train images")
 
 
 @dataclass(frozen=True)
 class ImageNetConfig:
     """Labels, repairs and resizing of ILSVRC-layout JPEG folders (`data.dataset: imagenet`)."""
 
+    # Synset list (one wnid per line, 0-based line = label; path or URL); None = the sorted train folder names.
+    synsets: str | None = None
+    label_offset: int = 0  # added to every label (1 for the TF-slim/TPU convention with 0 = background)
+    # Where the shared eval split comes from: "auto" = the input's val/ folder when there is one, else a
+    # keyed-hash `data.eval_fraction` of train; "val" requires the folder; "train" ignores it.
+    eval_source: Literal["auto", "val", "train"] = "auto"
+    # Labels of a flat val/ folder: Kaggle LOC_val_solution.csv or `filename<TAB>wnid` lines (path or URL);
+    # None = <input>/LOC_val_solution.csv. Unused for the val/<wnid>/ layout.
+    val_labels: str | None = None
+    grayscale: Literal["keep", "rgb"] = "keep"  # grayscale JPEGs stay 1-channel, or become RGB JPEGs
+    resize_shorter: int | None = None  # shrink images whose shorter side is longer (never upscales); None = keep
+    jpeg_quality: int = 95  # for re-encoded images (repairs, resizes)
+    max_image_bytes: int = 64 << 20  # bigger files are quarantined unread
+    max_image_pixels: int = 89_478_485  # bigger images (decompression bombs) are quarantined; Pillow's default
+    images_per_task: int = 256  # images per unit of parallel work
+
     def validate(self, name: str) -> None:
-        pass
+        _require(self.label_offset >= 0, f"{name}.label_offset", f"must be >= 0, got {self.label_offset}")
+        _require(self.resize_shorter is None or self.resize_shorter >= 8, f"{name}.resize_shorter",
+                 f"must be >= 8 or null, got {self.resize_shorter}")
+        _require(95 <= self.jpeg_quality <= 100, f"{name}.jpeg_quality",
+                 f"must be in [95, 100] (lower re-encodes lose detail), got {self.jpeg_quality}")
+        _require(self.max_image_bytes >= 1, f"{name}.max_image_bytes", f"must be >= 1, got {self.max_image_bytes}")
+        _require(self.max_image_pixels >= 1, f"{name}.max_image_pixels",
+                 f"must be >= 1, got {self.max_image_pixels}")
+        _require(self.images_per_task >= 1, f"{name}.images_per_task", f"must be >= 1, got {self.images_per_task}")
 
 
 SYNTH_CONFIGS = {"criteo": SynthConfig, "commoncrawl": CommonCrawlSynthConfig, "imagenet": ImageNetSynthConfig}
@@ -159,11 +318,13 @@ class DataConfig:
                  "manifest that generates its data, also set data.synth=null")
         _require(-2**63 <= self.seed < 2**63, f"{name}.seed", f"must fit in 64 bits, got {self.seed}")
         _require(self.groups >= 1, f"{name}.groups", f"must be >= 1, got {self.groups}")
+        _require(self.groups <= MAX_GROUPS, f"{name}.groups", f"must be <= {MAX_GROUPS}, got {self.groups}")
         _require(0.0 < self.eval_fraction < 1.0, f"{name}.eval_fraction",
                  f"must be in (0, 1), got {self.eval_fraction}")
-        _require(self.shards_per_group >= 1, f"{name}.shards_per_group",
-                 f"must be >= 1, got {self.shards_per_group}")
-        _require(self.eval_shards >= 1, f"{name}.eval_shards", f"must be >= 1, got {self.eval_shards}")
+        for shards in ("shards_per_group", "eval_shards"):
+            count = getattr(self, shards)
+            _require(count >= 1, f"{name}.{shards}", f"must be >= 1, got {count}")
+            _require(count <= MAX_SHARDS, f"{name}.{shards}", f"must be <= {MAX_SHARDS}, got {count}")
         _require(self.block_rows >= 1, f"{name}.block_rows", f"must be >= 1, got {self.block_rows}")
         _require(self.split_bytes >= 1 << 16, f"{name}.split_bytes", f"must be >= 65536, got {self.split_bytes}")
         if self.synth is not None:
@@ -188,12 +349,35 @@ class CriteoDNNConfig:
 
 @dataclass(frozen=True)
 class LSTMConfig:
-    """The language model: embedding, stacked LSTM, softmax over the tokenizer's vocabulary."""
+    """The language model: embedding, stacked LSTM, softmax over the tokenizer's vocabulary.
+
+    The vocabulary size is not a field: it is the dataset's tokenizer's
+    (`manifest.extra["tokenizer"]["vocab_size"]`). Batches are
+    `deepspeed.micro_batch_size` rows (packed sequences, or persistent streams) of
+    `window` tokens.
+    """
 
     kind: Literal["lstm"] = "lstm"
+    embedding_dim: int = 256
+    hidden: int = 1024
+    layers: int = 2
+    layer_norm: bool = True  # LayerNorm on every LSTM layer's outputs
+    dropout: float = 0.0  # on the embeddings and on every layer's outputs
+    tie_embeddings: bool = True  # output softmax shares the input embedding (through a projection if hidden != dim)
+    # packed: every row is an independent sequence (state starts at zero per row).
+    # stateful: each rank reads `micro_batch_size` persistent token streams in windows of
+    # `window` tokens and carries the LSTM state across steps (the paper's setup).
+    layout: Literal["packed", "stateful"] = "stateful"
+    window: int = 32  # tokens per stream per step (stateful); packed uses the rows' sequence_length - 1
+    # How a state that must restart mid-stream (a newly adopted peer snapshot, a resumed run)
+    # begins: "zero", or "warmup": zero, then the model is run over the stream's previous window.
+    restart: Literal["zero", "warmup"] = "warmup"
 
     def validate(self, name: str) -> None:
-        pass
+        for key in ("embedding_dim", "hidden", "layers", "window"):
+            value = getattr(self, key)
+            _require(value >= 1, f"{name}.{key}", f"must be >= 1, got {value}")
+        _require(0.0 <= self.dropout < 1.0, f"{name}.dropout", f"must be in [0, 1), got {self.dropout}")
 
 
 @dataclass(frozen=True)
@@ -313,9 +497,18 @@ class TrainConfig:
     # Also write training and eval metrics as TensorBoard events (DeepSpeed's monitor; the `tensorboard`
     # extra) to <run_dir>/group-<g>/tensorboard.
     tensorboard: bool = False
+    # Which of the dataset's groups train in this run (null = all). One group alone is the plain
+    # baseline or, with `reads: union` and twice the batch, the synchronous 2x-batch control.
+    groups: tuple[int, ...] | None = None
+    # What each training group reads: its own split (disjoint data, the paper's set-up), the split
+    # of the first training group ("same": same-data codistillation), or every train split ("union").
+    reads: Literal["own", "same", "union"] = "own"
 
     def validate(self, name: str) -> None:
         _require(0 <= self.seed < 2**31, f"{name}.seed", f"must be in [0, 2^31), got {self.seed}")
+        if self.groups is not None:
+            _require(len(self.groups) >= 1 and len(set(self.groups)) == len(self.groups), f"{name}.groups",
+                     f"must list distinct groups, got {list(self.groups)}")
         _require(self.log_every >= 1, f"{name}.log_every", f"must be >= 1, got {self.log_every}")
         _require(self.checkpoint_every >= 1, f"{name}.checkpoint_every", f"must be >= 1, got {self.checkpoint_every}")
 
@@ -361,14 +554,25 @@ class ExperimentConfig:
     storage: tuple[StorageConfig, ...] = ()
 
     def validate(self) -> None:
-        _require(bool(self.name) and "/" not in self.name, "name",
-                 f"must be a non-empty name without '/', got {self.name!r}")
+        # `runs/<name>` is the default run directory, which `--overwrite` deletes: `..` would be the working
+        # directory's parent.
+        _require(bool(self.name) and self.name not in (".", "..") and not any(c in self.name for c in "/\\"),
+                 "name", f"must be a plain name (not '.' or '..', no '/' or '\\'), got {_bounded(self.name)}")
+        _require(Path(self.run_dir).name not in ("", ".", ".."), "train.run_dir",
+                 f"must end in a directory name (it names the run in the store), got {_bounded(self.run_dir)}")
         for section in ("data", "model", "optimizer", "schedule", "deepspeed", "loader", "codistill", "eval", "train"):
             getattr(self, section).validate(section)
         prefixes = [rule.prefix.rstrip("/") for rule in self.storage]
         for i, rule in enumerate(self.storage):
             rule.validate(f"storage[{i}]")
             _require(prefixes.index(prefixes[i]) == i, f"storage[{i}].prefix", f"{rule.prefix!r} is given twice")
+        for g in self.train.groups or ():
+            _require(0 <= g < self.data.groups, "train.groups",
+                     f"groups must be in [0, data.groups={self.data.groups}), got {g}")
+
+    @property
+    def trained_groups(self) -> tuple[int, ...]:
+        return self.train.groups if self.train.groups is not None else tuple(range(self.data.groups))
 
     @property
     def run_dir(self) -> str:
@@ -408,7 +612,7 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
         raise ConfigError(errors[0])
     if origin is Literal:
         _require(value in typing.get_args(tp), name,
-                 f"must be one of {list(typing.get_args(tp))}, got {value!r}")
+                 f"must be one of {list(typing.get_args(tp))}, got {_bounded(value)}")
         return value
     if origin is dict:
         key_tp, value_tp = typing.get_args(tp)
@@ -424,15 +628,18 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, name)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        value = float(value) if abs(value) < 2**1023 else value
     if tp is float and isinstance(value, str):
         try:
-            return float(value)  # YAML 1.1 reads `1e-3` (no dot) as a string
+            value = float(value)  # YAML 1.1 reads `1e-3` (no dot) as a string
         except ValueError:
             pass
+    if tp is float and isinstance(value, float):
+        _require(math.isfinite(value), name, f"must be a finite number, got {value}")
+        return value
     # bool is an int subclass: `groups: true` must not pass as 1.
     ok = isinstance(value, tp) and not (tp is not bool and isinstance(value, bool))
-    _require(ok, name, f"expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    _require(ok, name, f"expected {_type_name(tp)}, got {type(value).__name__} {_bounded(value)}")
     return value
 
 
@@ -442,7 +649,7 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     hints = typing.get_type_hints(cls)
     known = {f.name: f for f in dataclasses.fields(cls)}
     for key in raw:
-        _require(key in known, f"{prefix}.{key}" if prefix else str(key),
+        _require(key in known, f"{prefix}.{_key_text(key)}" if prefix else _key_text(key),
                  f"unknown key (known: {', '.join(known)})")
     kwargs = {}
     for key, f in known.items():
@@ -470,7 +677,7 @@ def _coerce_tagged(value: Any, f: dataclasses.Field, siblings: dict, name: str) 
         _require(isinstance(value, dict), name, f"expected a mapping, got {type(value).__name__}")
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
         chosen, where = value.get(tag, getattr(default, tag, None)), f"{name}.{tag}"
-    _require(chosen in choices, where, f"must be one of {list(choices)}, got {chosen!r}")
+    _require(chosen in choices, where, f"must be one of {list(choices)}, got {_bounded(chosen)}")
     return _build(choices[chosen], value, name)
 
 
@@ -484,12 +691,60 @@ def set_field(raw: dict, dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
+# A manifest is a few kB; with aliases, a few hundred bytes can stand for billions of nodes ("billion laughs"),
+# which anything walking the result (validation, deepcopy into dicts, an error message) would expand.
+MAX_MANIFEST_BYTES = 1 << 20
+MAX_YAML_NODES = 100_000
+
+
+class _YAMLTooLarge(yaml.YAMLError):
+    pass
+
+
+def _expanded_nodes(node: yaml.Node, memo: dict[int, int], active: set[int]) -> int:
+    """Nodes of the document once every alias is expanded, stopping as soon as that passes MAX_YAML_NODES."""
+    if id(node) in memo:
+        return memo[id(node)]
+    if id(node) in active:
+        raise _YAMLTooLarge("a recursive alias (a node that contains itself)")
+    active.add(id(node))
+    children = [] if isinstance(node, yaml.ScalarNode) else (
+        node.value if isinstance(node, yaml.SequenceNode) else [n for pair in node.value for n in pair])
+    total = 1
+    for child in children:
+        total += _expanded_nodes(child, memo, active)
+        if total > MAX_YAML_NODES:
+            raise _YAMLTooLarge(f"more than {MAX_YAML_NODES} values once its aliases are expanded (alias bomb?)")
+    active.discard(id(node))
+    memo[id(node)] = total
+    return total
+
+
+class _ManifestLoader(yaml.SafeLoader):
+    """yaml.safe_load's loader, refusing documents whose aliases expand past MAX_YAML_NODES."""
+
+    def get_single_node(self):
+        node = super().get_single_node()
+        if node is not None:
+            _expanded_nodes(node, {}, set())
+        return node
+
+
+def _load_yaml(text: str) -> Any:
+    try:
+        return yaml.load(text, Loader=_ManifestLoader)
+    except RecursionError:
+        raise _YAMLTooLarge("nested too deeply") from None
+
+
 def apply_override(raw: dict, assignment: str) -> None:
     """Apply `a.b=c` to the raw manifest; the value is parsed as YAML (`50`, `true`, `[1, 2]`)."""
     path, sep, text = assignment.partition("=")
-    _require(bool(sep) and bool(path), assignment, "override must look like section.field=value")
+    _require(bool(sep) and bool(path), _bounded(assignment), "override must look like section.field=value")
     try:
-        value = yaml.safe_load(text)
+        value = _load_yaml(text)
+    except _YAMLTooLarge as e:
+        raise ConfigError(f"{_key_text(path)}: the value is too large: {e}") from None
     except yaml.YAMLError:
         value = text  # e.g. a glob like *.txt: take it as a string
     set_field(raw, path, value)
@@ -516,11 +771,15 @@ def read_manifest_yaml(name_or_path: str) -> dict:
     path = resolve_manifest(name_or_path)
     try:
         with fsspec.open(path, "r") as f:
-            raw = yaml.safe_load(f)
+            text = f.read(MAX_MANIFEST_BYTES + 1)
+        _require(len(text) <= MAX_MANIFEST_BYTES, path, f"larger than {MAX_MANIFEST_BYTES} bytes: not a manifest")
+        raw = _load_yaml(text)
     except FileNotFoundError:
         raise ConfigError(f"{path}: manifest not found") from None
+    except (IsADirectoryError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not a manifest file ({type(e).__name__})") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        raise ConfigError(f"{path}: not valid YAML: {str(e)[:500]}") from None
     _require(isinstance(raw, dict), path, f"expected a mapping at the top, got {type(raw).__name__}")
     return raw
 

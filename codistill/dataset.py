@@ -13,10 +13,14 @@ from dataclasses import dataclass, field
 
 from codistill import storage
 
-from pipelines.formats import Feature, Schema
+from pipelines.formats import Feature, Schema, ShardFormatError, open_regular_file
 
 SCHEMA_VERSION = 1
+MAX_MANIFEST_BYTES = 1 << 28  # ~1M shard entries
+# "object": variable-length bytes (e.g. JPEG images), stored as bytes and read back as bytes, never pickled.
+FEATURE_DTYPES = ("bytes", "object", "float32", "int32", "int64", "uint8", "int8", "int16", "uint16", "float16")
 MANIFEST_NAME = "manifest.json"
+TEMP_PREFIX = ".tmp-"  # files written under a temp name, then renamed
 
 
 class DatasetError(ValueError):
@@ -46,6 +50,9 @@ class DatasetManifest:
     tokenizer_sha256: str | None = None
     schema_version: int = SCHEMA_VERSION
     extra: dict = field(default_factory=dict)  # dataset-specific facts (e.g. the synth sidecar)
+    # Input records written, when a row is not one input record (documents packed into token sequences);
+    # None: one row per input record.
+    kept: int | None = None
 
     @property
     def input_rows(self) -> int:
@@ -54,6 +61,11 @@ class DatasetManifest:
     @property
     def written_rows(self) -> int:
         return sum(s.records for s in self.shards)
+
+    @property
+    def kept_rows(self) -> int:
+        """Input records that made it into the shards: inputs = kept + rejected."""
+        return self.written_rows if self.kept is None else self.kept
 
     def shards_of(self, split: str, group: int | None = None) -> list[ShardEntry]:
         return [s for s in self.shards if s.split == split and s.group == group]
@@ -73,9 +85,48 @@ class DatasetManifest:
             raw["features"] = {name: Feature.from_json(f) for name, f in raw["features"].items()}
             raw["shards"] = tuple(ShardEntry(**s) for s in raw["shards"])
             raw["inputs"] = tuple(raw["inputs"])
-            return cls(**raw)
+            manifest = cls(**raw)
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-            raise DatasetError(f"{where}: not a valid dataset manifest: {e}") from None
+            raise DatasetError(f"{where}: not a valid dataset manifest: {str(e)[:200]}") from None
+        problem = manifest._problem()
+        if problem:
+            raise DatasetError(f"{where}: not a valid dataset manifest: {problem}")
+        return manifest
+
+    def _problem(self) -> str | None:
+        """What is wrong with the fields' types and values (the JSON may come from anyone), or None."""
+        def count(v) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+        if self.features.get("key") is None or self.features["key"].dtype != "bytes" or self.features["key"].shape:
+            return "features must hold `key` (bytes)"
+        for name, feature in self.features.items():
+            if feature.dtype not in FEATURE_DTYPES or not all(count(d) for d in feature.shape):
+                return f"feature {name!r:.40}: dtype {feature.dtype!r:.40}, shape {feature.shape!r:.40}: not ours"
+        if not (count(self.groups) and self.groups >= 1):
+            return f"groups must be an integer >= 1, got {self.groups!r:.40}"
+        if not all(isinstance(i, dict) and isinstance(i.get("source"), str) and count(i.get("rows"))
+                   for i in self.inputs):
+            return "inputs must be {source: name, rows: count} entries"
+        if not all(isinstance(k, str) and count(v) for k, v in self.rejected.items()):
+            return "rejected must map reasons to counts"
+        for shard in self.shards:
+            if not _is_relative_path(shard.path):
+                return f"shard path {shard.path!r:.80} is not a relative path inside the dataset"
+            if shard.split not in ("train", "eval") or not (shard.group is None or count(shard.group)):
+                return f"{shard.path}: split {shard.split!r:.20} / group {shard.group!r:.20} are not a split and group"
+            if not (count(shard.records) and count(shard.bytes)):
+                return f"{shard.path}: records and bytes must be counts"
+            if not (isinstance(shard.sha256, str) and len(shard.sha256) == 64
+                    and all(c in "0123456789abcdef" for c in shard.sha256)):
+                return f"{shard.path}: sha256 must be 64 hex digits"
+        return None
+
+
+def _is_relative_path(path) -> bool:
+    """A path that stays inside the directory it is relative to (`../../dev/zero` does not)."""
+    return (isinstance(path, str) and bool(path) and not path.startswith("/") and "\\" not in path
+            and ":" not in path and all(part not in ("", ".", "..") for part in path.split("/")))
 
 
 def join(root: str, relative: str) -> str:
@@ -87,15 +138,15 @@ def write_atomically(url: str, text: str) -> None:
     fs, path = storage.url_to_fs(url)
     parent = path.rsplit("/", 1)[0]
     fs.makedirs(parent, exist_ok=True)
-    tmp = f"{parent}/.tmp-{uuid.uuid4().hex}"
+    tmp = f"{parent}/{TEMP_PREFIX}{uuid.uuid4().hex}"
     with fs.open(tmp, "w") as f:
         f.write(text)
     fs.mv(tmp, path)
 
 
 def write_manifest(root: str, manifest: DatasetManifest) -> None:
-    if manifest.input_rows != manifest.written_rows + sum(manifest.rejected.values()):
-        raise DatasetError(f"rows read ({manifest.input_rows}) != rows written ({manifest.written_rows}) "
+    if manifest.input_rows != manifest.kept_rows + sum(manifest.rejected.values()):
+        raise DatasetError(f"rows read ({manifest.input_rows}) != rows written ({manifest.kept_rows}) "
                            f"+ rows rejected ({sum(manifest.rejected.values())}): records were lost")
     write_atomically(join(root, MANIFEST_NAME), manifest.to_json())
 
@@ -103,22 +154,27 @@ def write_manifest(root: str, manifest: DatasetManifest) -> None:
 def load_manifest(root: str) -> DatasetManifest:
     url = join(root, MANIFEST_NAME)
     try:
-        with storage.open(url, "r") as f:
-            text = f.read()
+        with open_regular_file(url) as f:
+            data = f.read(MAX_MANIFEST_BYTES + 1)
     except FileNotFoundError:
         raise DatasetError(f"{root}: no {MANIFEST_NAME}; the dataset is missing or incomplete") from None
-    return DatasetManifest.from_json(text, url)
+    except ShardFormatError as e:
+        raise DatasetError(str(e)) from None
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise DatasetError(f"{url}: over {MAX_MANIFEST_BYTES} bytes, not a dataset manifest")
+    return DatasetManifest.from_json(data.decode("utf-8", "replace"), url)
 
 
 def check_shards_present(root: str, manifest: DatasetManifest) -> None:
     """Cheap check before training: every shard exists with the indexed size (hashes are checked on read)."""
-    fs, base = storage.url_to_fs(root)
     problems = []
     for shard in manifest.shards:
-        path = f"{base.rstrip('/')}/{shard.path}"
-        if not fs.exists(path):
+        url = join(root, shard.path)
+        try:
+            open_regular_file(url, shard.bytes).close()
+        except FileNotFoundError:
             problems.append(f"missing shard {shard.path}")
-        elif fs.size(path) != shard.bytes:
-            problems.append(f"shard {shard.path} has {fs.size(path)} bytes, manifest says {shard.bytes}")
+        except ShardFormatError as e:
+            problems.append(f"shard {shard.path}{str(e).removeprefix(url)}")
     if problems:
         raise DatasetError(f"{root}: " + "; ".join(problems))

@@ -1,16 +1,31 @@
-"""`codistill verify DIR`: prove a dataset is what its manifest says, and that its splits are disjoint."""
+"""`codistill verify DIR`: prove a dataset is what its manifest says, and that its splits are what the seed says.
+
+Beyond bytes and counts against the manifest (which whoever wrote the shards
+could also have written), verify recomputes what does not depend on trusting
+it: every key's destination from the manifest's seed (so a swapped eval and
+train shard, two swapped shards or a foreign key are found), the whole shard
+layout (so a dropped shard or group is found even with counts lowered to
+match), the quarantined records behind every rejected count, and the values
+each dataset declares checks for (labels, finite features, ids in range).
+"""
 
 from __future__ import annotations
 
+import collections
 import hashlib
-import io
+import json
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from codistill import storage
+from codistill.config import MAX_GROUPS, MAX_SHARDS
 from codistill.dataset import DatasetManifest, join, load_manifest
-from pipelines.formats import ShardFormatError, iter_blocks, read_shard
+from pipelines.formats import (EXTENSIONS, MAX_RECORD_BYTES, ShardFormatError, dali_index, dali_index_path,
+                               iter_blocks, open_regular_file, read_shard, tfrecord_offsets)
+from pipelines.sharding import ShardLayout
+
+READ_CHUNK_BYTES = 1 << 20
 
 
 @dataclass
@@ -30,41 +45,183 @@ def _key_digests(keys: np.ndarray) -> np.ndarray:
     return np.frombuffer(joined, np.uint64).reshape(-1, 2)
 
 
+class _HashingReader:
+    """Hashes the bytes a parser reads, so a shard is read once, in bounded memory, however big it is."""
+
+    def __init__(self, raw):
+        self.raw, self.sha256, self.bytes = raw, hashlib.sha256(), 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.raw.read(size)
+        self.sha256.update(data)
+        self.bytes += len(data)
+        return data
+
+    def drain(self) -> None:
+        while self.read(READ_CHUNK_BYTES):
+            pass
+
+
+@dataclass
+class _Findings:
+    """Rows of one shard that break a rule: how many, and the first one's key."""
+
+    count: collections.Counter = field(default_factory=collections.Counter)
+    example: dict = field(default_factory=dict)
+
+    def add(self, rule: str, bad: np.ndarray, keys: np.ndarray) -> None:
+        if bad.any():
+            self.count[rule] += int(bad.sum())
+            self.example.setdefault(rule, keys[np.flatnonzero(bad)[0]].decode("utf-8", "backslashreplace")[:100])
+
+    def problems(self, path: str) -> list[str]:
+        return [f"{path}: {n} row(s) {rule} (first: key {self.example[rule]!r})" for rule, n in self.count.items()]
+
+
 def verify_dataset(root: str) -> VerifyReport:
     manifest = load_manifest(root)
     report = VerifyReport(manifest)
-    fs, base = storage.url_to_fs(root)
+    layout, problems = _layout(manifest)
+    report.problems += problems
+    checks, problems = _dataset_checks(manifest)
+    report.problems += problems
+    destination = {layout.relative_path(d): d for d in range(layout.destinations)} if layout else {}
     digests, owners = [], []
+    indexes = manifest.extra.get("indexes", {})
+    dali = {s.path: dali_index_path(s.path) for s in manifest.shards} if "dali" in indexes else {}
     for index, shard in enumerate(manifest.shards):
-        path = f"{base.rstrip('/')}/{shard.path}"
-        if not fs.exists(path):
+        url = join(root, shard.path)
+        findings = _Findings()
+        rows = 0
+        try:
+            with open_regular_file(url) as raw:
+                stream = _HashingReader(raw)
+                try:  # parse even a shard with the wrong hash: say what else is wrong with it
+                    for block in iter_blocks(stream, manifest.features, manifest.format):
+                        keys = block["key"]
+                        rows += len(keys)
+                        digests.append(_key_digests(keys))
+                        owners.append(np.full(len(keys), index))
+                        _check_block(block, checks, layout, destination.get(shard.path), findings)
+                except ShardFormatError as e:
+                    report.problems.append(f"{shard.path}: {e}")
+                stream.drain()
+        except FileNotFoundError:
             report.problems.append(f"{shard.path}: missing")
             continue
-        with fs.open(path, "rb") as f:
-            data = f.read()
-        if hashlib.sha256(data).hexdigest() != shard.sha256:
-            report.problems.append(f"{shard.path}: sha256 does not match the manifest")
-        rows = 0
-        try:  # parse even a shard with the wrong hash: say what else is wrong with it
-            for block in iter_blocks(io.BytesIO(data), manifest.features, manifest.format):
-                rows += len(block["key"])
-                digests.append(_key_digests(block["key"]))
-                owners.append(np.full(len(block["key"]), index))
         except ShardFormatError as e:
-            report.problems.append(f"{shard.path}: {e}")
-        if len(data) != shard.bytes:
-            report.problems.append(f"{shard.path}: {len(data)} bytes, manifest says {shard.bytes}")
+            report.problems.append(f"{shard.path}: {str(e).removeprefix(url + ': ')}")
+            continue
+        if stream.sha256.hexdigest() != shard.sha256:
+            report.problems.append(f"{shard.path}: sha256 does not match the manifest")
+        if stream.bytes != shard.bytes:
+            report.problems.append(f"{shard.path}: {stream.bytes} bytes, manifest says {shard.bytes}")
         if rows != shard.records:
             report.problems.append(f"{shard.path}: {rows} rows, manifest says {shard.records}")
+        report.problems += findings.problems(shard.path)
+        if shard.path in dali:
+            report.problems += _dali_problems(root, shard.path, dali[shard.path])
         report.rows += rows
     rejected = sum(manifest.rejected.values())
-    if manifest.input_rows != manifest.written_rows + rejected:
-        report.problems.append(f"rows read {manifest.input_rows} != written {manifest.written_rows} "
+    if manifest.input_rows != manifest.kept_rows + rejected:
+        report.problems.append(f"rows read {manifest.input_rows} != written {manifest.kept_rows} "
                                f"+ rejected {rejected}")
+    fs, base = storage.url_to_fs(root)
     report.problems += _unindexed_files(fs, base, manifest)
+    report.problems += _quarantine_problems(root, fs, base, manifest)
+    report.problems += _wids_problems(fs, base, manifest, indexes.get("wids", []))
     if digests:
         report.problems += _duplicate_keys(root, manifest, np.concatenate(digests), np.concatenate(owners))
     return report
+
+
+def _layout(manifest: DatasetManifest) -> tuple[ShardLayout | None, list[str]]:
+    """The layout the manifest's parameters give, and how the indexed shards differ from it."""
+    p = manifest.parameters
+    try:
+        layout = ShardLayout(manifest.dataset, EXTENSIONS[manifest.format], p["groups"], p["shards_per_group"],
+                             p["eval_shards"], p["eval_fraction"])
+        sizes_ok = (1 <= layout.groups <= MAX_GROUPS and 1 <= layout.shards_per_group <= MAX_SHARDS
+                    and 1 <= layout.eval_shards <= MAX_SHARDS and 0 < layout.eval_fraction < 1)
+    except (KeyError, TypeError) as e:
+        return None, [f"manifest parameters do not give the shard layout ({type(e).__name__}: {str(e)[:80]})"]
+    if not sizes_ok:
+        return None, ["manifest parameters give an impossible shard layout"]
+    problems = [] if manifest.groups == layout.groups else [
+        f"manifest says {manifest.groups} groups, its parameters {layout.groups}"]
+    expected = {layout.relative_path(d): layout.describe(d)[:2] for d in range(layout.destinations)}
+    for shard in manifest.shards:
+        if shard.path not in expected:
+            problems.append(f"{shard.path}: not a shard of the layout ({layout.groups} groups x "
+                            f"{layout.shards_per_group} shards, {layout.eval_shards} eval shards)")
+        elif expected[shard.path] != (shard.split, shard.group):
+            problems.append(f"{shard.path}: indexed as {shard.split} group {shard.group}, its path says "
+                            f"{expected[shard.path][0]} group {expected[shard.path][1]}")
+    absent = sorted(set(expected) - {s.path for s in manifest.shards})
+    if absent:
+        problems.append(f"{len(absent)} shard(s) of the layout are not in the manifest: {', '.join(absent[:5])}"
+                        + (", ..." if len(absent) > 5 else ""))
+    return layout, problems
+
+
+def _dataset_checks(manifest: DatasetManifest):
+    from pipelines.run import PIPELINE_MODULES, dataset_pipeline
+
+    if manifest.dataset not in PIPELINE_MODULES:
+        return None, [f"unknown dataset {manifest.dataset!r:.40}: its keys and values cannot be checked"]
+    declare = dataset_pipeline(manifest.dataset).checks
+    try:
+        return (declare(manifest) if declare else None), []
+    except (KeyError, TypeError, ValueError) as e:
+        return None, [f"manifest parameters do not say how to check the values ({type(e).__name__}: {str(e)[:80]})"]
+
+
+def _check_block(block, checks, layout: ShardLayout | None, destination: int | None, findings: _Findings) -> None:
+    keys = block["key"]
+    if checks is None:
+        return
+    for check in checks.values:
+        findings.add(f"fail the check: {check.description}", ~check.ok(block[check.column]), keys)
+    hashes, valid = checks.key_hashes(keys)
+    findings.add("have a key that names no record of the inputs", ~valid, keys)
+    if layout is not None and destination is not None:
+        wanted = checks.destinations(keys, hashes, layout) if checks.destinations else layout.assign(hashes)
+        findings.add("belong to another shard by the manifest's seed", valid & (wanted != destination), keys)
+
+
+def _text(fs, base: str, relative: str) -> str | None:
+    path = f"{base.rstrip('/')}/{relative}"
+    if not fs.exists(path):
+        return None
+    with fs.open(path, "r") as f:
+        return f.read()
+
+
+def _wids_problems(fs, base: str, manifest: DatasetManifest, lists: list[str]) -> list[str]:
+    """The wids shard lists together name every shard once, with its sample count."""
+    listed, problems = {}, []
+    for relative in lists:
+        text = _text(fs, base, relative)
+        try:
+            listed |= {s["url"]: s["nsamples"] for s in json.loads(text)["shardlist"]}
+        except (TypeError, ValueError, KeyError):
+            problems.append(f"{relative}: missing or not a wids shard list")
+    if lists and not problems and listed != {s.path: s.records for s in manifest.shards}:
+        problems.append(f"{', '.join(lists)}: the shards or sample counts listed differ from the manifest")
+    return problems
+
+
+def _dali_problems(root: str, shard: str, index: str) -> list[str]:
+    """A DALI-style `.idx` must list the shard's record offsets (a second read: the check needs the offsets)."""
+    try:
+        with open_regular_file(join(root, shard)) as f:
+            data = f.read()
+        fs, base = storage.url_to_fs(root)
+        if _text(fs, base, index) == dali_index(tfrecord_offsets(data), len(data)):
+            return []
+    except (OSError, ShardFormatError):
+        pass
+    return [f"{index}: missing, or its record offsets do not match {shard}"]
 
 
 def _unindexed_files(fs, base: str, manifest: DatasetManifest) -> list[str]:
@@ -74,6 +231,41 @@ def _unindexed_files(fs, base: str, manifest: DatasetManifest) -> list[str]:
         for path in fs.find(f"{base.rstrip('/')}/{split}"):
             found.add(path[len(base.rstrip("/")) + 1:])
     return [f"{path}: shard file not in the manifest" for path in sorted(found - indexed)]
+
+
+def _quarantine_problems(root: str, fs, base: str, manifest: DatasetManifest) -> list[str]:
+    """Every rejected count must be backed by that many records in `rejected/<input>.jsonl`, and no more."""
+    sources = {i["source"] for i in manifest.inputs}
+    counts, problems = collections.Counter(), []
+    top = f"{base.rstrip('/')}/rejected/"
+    for path in sorted(fs.find(top)) if fs.exists(top) else []:  # nested for inputs named by relative path
+        name = path[len(top):]
+        if name.startswith("samples/"):
+            continue  # a few examples of what each rule removed (Common Crawl), not quarantined records
+        source = name.removesuffix(".jsonl")
+        # An input is a file (Criteo) or a folder whose files each have a quarantine file (ImageNet).
+        ancestors = {source, *("/".join(source.split("/")[:i]) for i in range(1, source.count("/") + 1))}
+        if not name.endswith(".jsonl") or not ancestors & sources:
+            problems.append(f"rejected/{name}: not the quarantine of an input of this dataset")
+            continue
+        try:
+            with open_regular_file(join(root, f"rejected/{name}")) as f:
+                for number, line in enumerate(iter(lambda: f.readline(MAX_RECORD_BYTES), b""), 1):
+                    try:
+                        record = json.loads(line)
+                        assert record["source"] == source and isinstance(record["reason"], str)
+                    except (ValueError, KeyError, TypeError, AssertionError):
+                        problems.append(f"rejected/{name}: line {number} is not a rejected record of {source}")
+                        break
+                    counts[record["reason"]] += 1
+        except ShardFormatError as e:
+            problems.append(f"rejected/{name}: {str(e).rsplit(': ', 1)[-1]}")
+    expected = collections.Counter(manifest.rejected)
+    expected.subtract(manifest.extra.get("rejected_without_records", {}))  # counted by rule, with samples only
+    if counts != +expected:
+        problems.append(f"rejected/ holds {dict(sorted(counts.items()))} records, the manifest counts "
+                        f"{dict(sorted((+expected).items()))}")
+    return problems
 
 
 def _duplicate_keys(root: str, manifest: DatasetManifest, digests: np.ndarray, owners: np.ndarray) -> list[str]:
@@ -107,4 +299,3 @@ def _keys_for(root: str, manifest: DatasetManifest, wanted: dict[bytes, set]) ->
                     if digest.tobytes() in wanted:
                         names[digest.tobytes()] = key.decode(errors="backslashreplace")
     return names
-

@@ -16,7 +16,7 @@ Features (per row):
 
 Bad rows never stop the pipeline: each is rejected with a reason
 (undecodable, field_count, bad_label, bad_integer, bad_categorical,
-truncated_file) and written to `rejected/`.
+line_too_long, truncated_file, corrupt_file) and written to `rejected/`.
 """
 
 from __future__ import annotations
@@ -33,16 +33,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 
-from codistill import storage
 from codistill.config import CriteoConfig, DataConfig
-from codistill.dataset import join
+from codistill.dataset import DatasetManifest, join
 from pipelines import progress
 from pipelines.formats import Block, Feature, Schema
-from pipelines.run import DatasetPipeline, WorkerDoFn, pipeline_parameters
+from pipelines.run import DatasetChecks, DatasetPipeline, ValueCheck, pipeline_parameters
+from pipelines.worker import WorkerDoFn
 from pipelines.sharding import ShardLayout, line_key_hashes, mix64, partition, string_hash
 from pipelines.sinks import Rejected, WriteDataset, layout_for, write_pieces
-from pipelines.textfiles import (DECOMPRESSION_ERRORS, CountLines, InputRange, LineBlock, TruncatedInput,
-                                 expand_inputs, first_lines, plan_ranges, read_line_blocks)
+from pipelines.textfiles import (MAX_LINE_BYTES, CountLines, InputRange, LineBlock, OverlongLine, TruncatedInput,
+                                 expand_inputs, first_lines, plan_ranges, read_head, read_line_blocks)
 
 INT_COLUMNS = [f"I{i}" for i in range(1, 14)]
 CAT_COLUMNS = [f"C{i}" for i in range(1, 27)]
@@ -89,10 +89,8 @@ def strip_header(block: LineBlock, dialect: str) -> LineBlock:
 def check_headers(paths: list[str], dialect: str) -> None:
     """Fail on the driver, before any work starts, if a file's first line does not fit the dialect."""
     for path in paths:
-        try:
-            with storage.open(path, "rb", compression="infer") as f:
-                head = f.read(1 << 16)
-        except DECOMPRESSION_ERRORS:
+        head = read_head(path, 1 << 16)
+        if head is None:
             continue  # a damaged file is quarantined by the pipeline itself
         strip_header(LineBlock(posixpath.basename(path), 1, head.split(b"\n", 1)[0] + b"\n"), dialect)
 
@@ -288,6 +286,12 @@ class ParseRange(WorkerDoFn):
         first = first_lines[rng.source][rng.index] if rng.index else 1
         parts, rows_read = collections.defaultdict(list), 0
         for block in read_line_blocks(rng, first):
+            if isinstance(block, OverlongLine):
+                rows_read += 1
+                yield beam.pvalue.TaggedOutput("rejected", [Rejected(
+                    block.source, block.line, "line_too_long", f"{block.length} bytes, more than {MAX_LINE_BYTES}; "
+                    f"raw holds the first {len(block.head)}", _text(block.head))])
+                continue
             if isinstance(block, TruncatedInput):
                 rows_read += 1  # the rest of the file counts as one rejected record
                 reason = "truncated_file" if block.error.startswith("EOFError") else "corrupt_file"
@@ -344,6 +348,32 @@ def _generate(raw: str, synth) -> tuple[str, dict]:
     return join(raw, "train-*"), sidecar
 
 
+def dataset_checks(manifest: DatasetManifest) -> DatasetChecks:
+    """Labels in {0, 1}, finite dense features, ids in range; keys `<file>:<line>` of a line the file had."""
+    options, seed = manifest.parameters["criteo"], manifest.parameters["seed"]
+    buckets = np.array(CriteoConfig(cat_buckets=tuple(options["cat_buckets"])).buckets_per_column())
+    last_line = {i["source"]: i["rows"] + (options["dialect"] == "csv") for i in manifest.inputs}  # + the header
+
+    def key_hashes(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        sources, _, numbers = np.strings.rpartition(keys, b":")
+        valid = np.strings.isdigit(numbers) & (np.strings.str_len(numbers) <= 18)
+        lines = np.zeros(len(keys), np.int64)
+        lines[valid] = numbers[valid].astype(np.int64)
+        hashes = np.zeros(len(keys), np.uint64)
+        for source in np.unique(sources[valid]).tolist():
+            rows = sources == source
+            name = source.decode("utf-8", "replace")
+            valid[rows] &= (lines[rows] >= 1) & (lines[rows] <= last_line.get(name, 0))
+            hashes[rows] = line_key_hashes(name, lines[rows], seed)
+        return hashes, valid
+
+    return DatasetChecks(values=(
+        ValueCheck("label", lambda v: (v == 0) | (v == 1), "labels in {0, 1}"),
+        ValueCheck("dense", lambda v: np.isfinite(v).all(axis=1), "finite dense features"),
+        ValueCheck("cat", lambda v: ((v >= 0) & (v < buckets)).all(axis=1), "categorical ids in [0, cat_buckets)"),
+    ), key_hashes=key_hashes)
+
+
 PIPELINE = DatasetPipeline(
     transform=lambda source, data, extra: CriteoToShards(expand_inputs(source), data, extra),
-    generate=_generate)
+    generate=_generate, checks=dataset_checks)

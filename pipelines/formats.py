@@ -25,12 +25,31 @@ WebDataset: each record is one sample `<prefix>-<index:06d>` with one member
 per column, `<sample>.<column>.npy` (standard `.npy`; keys as a fixed-width
 bytes array), members sorted, fixed mtime and owner, so shards are
 byte-reproducible and `webdataset.WebDataset(...).decode()` reads them.
+
+One row per record: a schema whose features name where they are stored
+(`Feature.tfrecord`, `Feature.webdataset`) is written the way existing readers
+of such data expect (e.g. the TensorFlow ImageNet converters' `image/encoded`,
+`image/class/label`): each row is one Example with standard feature types
+(bytes -> `bytes_list`, integers -> `int64_list`, float32 -> `float_list`), or
+one WebDataset sample whose members are named by extension (`<sample>.jpg`,
+`<sample>.cls`) with the remaining columns as fields of `<sample>.json`.
+Columns of dtype `object` hold variable-length bytes (numpy object arrays).
+Readers still yield blocks (of up to `READ_BLOCK_ROWS` rows).
+
+Readers cap the size of every record and tar member (`max_record_bytes`), so a
+hostile shard claiming a huge length fails with a clear error instead of
+allocating it.
 """
 
 from __future__ import annotations
 
+import errno
+import functools
 import hashlib
 import io
+import json
+import os
+import stat
 import struct
 import tarfile
 import uuid
@@ -41,12 +60,18 @@ from typing import IO
 import google_crc32c
 import numpy as np
 import webdataset as wds
+from fsspec.implementations.local import LocalFileSystem
 
 from codistill import storage
 
 EXTENSIONS = {"tfrecord": "tfrecord", "webdataset": "tar"}
+# Default cap on one stored record (TFRecord payload, tar member): records are ~100 kB (a block of rows, or
+# one image); a length field or tar header claiming more is hostile or corrupt.
+MAX_RECORD_BYTES = 256 << 20
 
 Block = dict[str, np.ndarray]
+
+READ_BLOCK_ROWS = 64  # rows per block yielded when reading one-row-per-record shards
 
 
 class ShardFormatError(ValueError):
@@ -55,18 +80,37 @@ class ShardFormatError(ValueError):
 
 @dataclass(frozen=True)
 class Feature:
-    dtype: str  # "bytes" or a numpy dtype name
+    dtype: str  # "bytes" (fixed-width), "object" (variable-length bytes; one-row records only) or a numpy dtype
     shape: tuple[int, ...] = ()  # per row
+    # Set for one-row-per-record schemas (all features or none): where the column is stored.
+    tfrecord: str | None = None  # the Example's feature key, e.g. "image/encoded"
+    webdataset: str | None = None  # a member extension ("jpg", "cls"), or "json": a field of <sample>.json
 
     def to_json(self) -> dict:
-        return {"dtype": self.dtype, "shape": list(self.shape)}
+        raw = {"dtype": self.dtype, "shape": list(self.shape)}
+        return raw | {k: v for k, v in (("tfrecord", self.tfrecord), ("webdataset", self.webdataset)) if v}
 
     @classmethod
     def from_json(cls, raw: dict) -> "Feature":
-        return cls(raw["dtype"], tuple(raw["shape"]))
+        return cls(raw["dtype"], tuple(raw["shape"]), raw.get("tfrecord"), raw.get("webdataset"))
 
 
 Schema = dict[str, Feature]
+
+
+def one_row_per_record(schema: Schema) -> bool:
+    """Whether the schema stores each row as its own record (its features say where), else blocks of rows."""
+    stored = [f.tfrecord is not None for f in schema.values()]
+    if not any(stored):
+        return False
+    problems = [f"{name}: needs both `tfrecord` and `webdataset` and shape ()" for name, f in schema.items()
+                if f.tfrecord is None or f.webdataset is None or f.shape != ()]
+    members = [f.webdataset for f in schema.values() if f.webdataset != "json"]
+    if len(set(members)) != len(members) or len({f.tfrecord for f in schema.values()}) != len(schema):
+        problems.append("two columns stored in the same place")
+    if problems:
+        raise ValueError("not a valid one-row-per-record schema: " + "; ".join(problems))
+    return True
 
 
 def block_rows(block: Block) -> int:
@@ -99,7 +143,12 @@ def rebatch(blocks: Iterable[Block], rows_per_record: int) -> Iterator[Block]:
 # --- protobuf wire format for tf.train.Example ----------------------------------------------
 
 
+_ONE_BYTE = [bytes((v,)) for v in range(0x80)]  # varints below 128: the tags and most lengths
+
+
 def _varint(value: int) -> bytes:
+    if value < 0x80:
+        return _ONE_BYTE[value]
     out = bytearray()
     while value >= 0x80:
         out.append((value & 0x7F) | 0x80)
@@ -223,6 +272,127 @@ def _decode_example(payload: bytes, schema: Schema) -> Block:
     return _checked(block, schema)
 
 
+# --- one row per record ---------------------------------------------------------------------------
+
+_SIGN = 1 << 64
+
+
+def _row_values(block: Block, schema: Schema) -> Iterator[dict]:
+    """Each row of a block as {column: Python value} (bytes, int or float)."""
+    columns = {name: block[name].tolist() for name in schema}
+    for i in range(block_rows(block)):
+        yield {name: values[i] for name, values in columns.items()}
+
+
+@functools.lru_cache(maxsize=1024)
+def _feature_key(name: str) -> bytes:
+    return _field(1, name.encode())
+
+
+def encode_row_example(row: dict, schema: Schema) -> bytes:
+    features = []
+    for name, feature in schema.items():
+        value = row[name]
+        if feature.dtype in ("bytes", "object"):
+            stored = _field(1, _field(1, value))  # bytes_list with one entry
+        elif feature.dtype == "float32":
+            stored = _field(2, _field(1, struct.pack("<f", value)))  # float_list
+        else:
+            stored = _field(3, _field(1, _varint(value % _SIGN)))  # int64_list (two's complement varint)
+        features.append(_field(1, _feature_key(feature.tfrecord) + _field(2, stored)))
+    return _field(1, b"".join(features))
+
+
+def _decode_row_example(payload: bytes, schema: Schema) -> dict:
+    raw: dict[str, tuple[int, memoryview]] = {}
+    for _, features in _fields(memoryview(payload)):
+        for _, entry in _fields(features):
+            parts = dict(_fields(entry))
+            (kind, values), = _fields(parts[2])
+            raw[bytes(parts[1]).decode()] = (kind, values)
+    row = {}
+    for name, feature in schema.items():
+        if feature.tfrecord not in raw:
+            raise ShardFormatError(f"record has no feature {feature.tfrecord!r}")
+        kind, values = raw[feature.tfrecord]
+        expected = {"bytes": 1, "object": 1, "float32": 2}.get(feature.dtype, 3)
+        if kind != expected:
+            raise ShardFormatError(f"feature {feature.tfrecord!r} is stored as {_KINDS.get(kind, kind)}, "
+                                   f"the schema's {feature.dtype} needs {_KINDS[expected]}")
+        entries = [v for _, v in _fields(values)]
+        if kind == 1:
+            items = _bytes_values(values)
+        elif kind == 2:
+            items = list(struct.unpack(f"<{len(entries[0]) // 4}f", entries[0])) if entries else []
+        else:
+            items, pos, packed = [], 0, entries[0] if entries else memoryview(b"")
+            while pos < len(packed):
+                value, pos = _read_varint(packed, pos)
+                items.append(value - _SIGN if value >= 1 << 63 else value)
+        if len(items) != 1:
+            raise ShardFormatError(f"feature {feature.tfrecord!r} holds {len(items)} values, expected 1")
+        row[name] = items[0]
+    return row
+
+
+def _sample_of_row(row: dict, schema: Schema, key: str) -> dict:
+    sample, meta = {"__key__": key}, {}
+    for name, feature in schema.items():
+        value = row[name]
+        if feature.webdataset == "json":
+            meta[name] = value.decode() if isinstance(value, bytes) else value
+        else:
+            sample[feature.webdataset] = value if isinstance(value, bytes) else str(value).encode()
+    if meta:
+        sample["json"] = json.dumps(meta, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    return sample
+
+
+def _row_of_sample(key: str, sample: dict[str, bytes], schema: Schema) -> dict:
+    try:
+        meta = json.loads(sample["json"]) if "json" in sample else {}
+        row = {}
+        for name, feature in schema.items():
+            value = meta[name] if feature.webdataset == "json" else sample[feature.webdataset]
+            if feature.dtype in ("bytes", "object"):
+                row[name] = value.encode() if isinstance(value, str) else value
+            elif feature.dtype == "float32":
+                row[name] = float(value)
+            else:
+                row[name] = int(value)
+        return row
+    except KeyError as e:
+        raise ShardFormatError(f"sample {key!r} has no {e} (truncated shard?)") from None
+    except (ValueError, TypeError, AttributeError) as e:
+        raise ShardFormatError(f"sample {key!r}: malformed value: {type(e).__name__}: {e}") from None
+
+
+def _rows_to_block(rows: list[dict], schema: Schema) -> Block:
+    block = {}
+    for name, feature in schema.items():
+        values = [row[name] for row in rows]
+        if feature.dtype == "object":
+            column = np.empty(len(values), object)
+            column[:] = values
+        elif feature.dtype == "bytes":
+            column = np.array(values, dtype=np.bytes_)
+        else:
+            column = np.array(values, dtype=feature.dtype)
+        block[name] = column
+    return block
+
+
+def _blocks_of_rows(rows: Iterator[dict], schema: Schema) -> Iterator[Block]:
+    pending = []
+    for row in rows:
+        pending.append(row)
+        if len(pending) == READ_BLOCK_ROWS:
+            yield _rows_to_block(pending, schema)
+            pending = []
+    if pending:
+        yield _rows_to_block(pending, schema)
+
+
 # --- TFRecord framing ---------------------------------------------------------------------------
 
 
@@ -236,7 +406,7 @@ def frame_record(payload: bytes) -> bytes:
     return header + _masked_crc(header) + payload + _masked_crc(payload)
 
 
-def iter_tfrecord(stream: IO[bytes]) -> Iterator[bytes]:
+def iter_tfrecord(stream: IO[bytes], max_record_bytes: int = MAX_RECORD_BYTES) -> Iterator[bytes]:
     index = 0
     while header := stream.read(12):
         if len(header) < 12:
@@ -244,6 +414,8 @@ def iter_tfrecord(stream: IO[bytes]) -> Iterator[bytes]:
         if _masked_crc(header[:8]) != header[8:]:
             raise ShardFormatError(f"record {index}: length CRC mismatch (corrupt shard)")
         (size,) = struct.unpack("<Q", header[:8])
+        if size > max_record_bytes:  # read(size) would allocate it before finding the shard shorter
+            raise ShardFormatError(f"record {index}: length {size} is over the {max_record_bytes}-byte record limit")
         body = stream.read(size + 4)
         if len(body) < size + 4:
             raise ShardFormatError(f"record {index}: truncated payload")
@@ -268,24 +440,29 @@ class _StrictTarInfo(tarfile.TarInfo):
             raise ShardFormatError("bad tar shard: truncated (it ends without the end-of-archive blocks)") from None
 
 
-def _iter_tar_samples(stream: IO[bytes], schema: Schema) -> Iterator[Block]:
-    """Samples of a WebDataset tar: adjacent members sharing the key before the first dot."""
+def _iter_tar_samples(stream: IO[bytes], max_member_bytes: int) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {suffix: bytes}) of a WebDataset tar: adjacent members sharing the key before the first dot."""
     sample_key, sample = None, {}
     try:
         with tarfile.open(fileobj=stream, mode="r|", tarinfo=_StrictTarInfo) as tar:
             for member in tar:
-                if not member.isfile():
+                if member.isdir():
                     continue
+                if not member.isfile() or member.issparse():  # a sparse member of 10 KB can expand to terabytes
+                    raise ShardFormatError(f"bad tar shard: member {member.name[:80]!r} is not a plain file")
+                if member.size > max_member_bytes:
+                    raise ShardFormatError(f"bad tar shard: member {member.name[:80]!r} has {member.size} bytes, "
+                                           f"over the {max_member_bytes}-byte record limit")
                 key, _, suffix = member.name.partition(".")
                 if key != sample_key and sample:
-                    yield _npy_block(sample_key, sample, schema)
+                    yield sample_key, sample
                     sample = {}
                 sample_key = key
                 sample[suffix] = tar.extractfile(member).read()
     except tarfile.TarError as e:
         raise ShardFormatError(f"bad tar shard: {e}") from None
     if sample:
-        yield _npy_block(sample_key, sample, schema)
+        yield sample_key, sample
 
 
 def _npy_block(key: str, sample: dict[str, bytes], schema: Schema) -> Block:
@@ -295,10 +472,28 @@ def _npy_block(key: str, sample: dict[str, bytes], schema: Schema) -> Block:
         if data is None:
             raise ShardFormatError(f"sample {key!r} has no member {name}.npy (truncated shard?)")
         try:
-            block[name] = np.lib.format.read_array(io.BytesIO(data), allow_pickle=False)
+            block[name] = _npy_array(data)
         except ValueError as e:
             raise ShardFormatError(f"sample {key!r}: bad {name}.npy: {e}") from None
     return _checked(block, schema)
+
+
+def _npy_array(data: bytes) -> np.ndarray:
+    """A `.npy` member, read only if its header's shape and dtype account for exactly the bytes present
+    (`np.lib.format.read_array` allocates whatever the header claims before reading)."""
+    stream = io.BytesIO(data)
+    version = np.lib.format.read_magic(stream)
+    readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+    if version not in readers:
+        raise ValueError(f"npy format version {version} is not supported")
+    shape, fortran_order, dtype = readers[version](stream)
+    if dtype.hasobject:
+        raise ValueError("object arrays (pickles) are refused")
+    count = int(np.prod(shape, dtype=object))
+    if count * dtype.itemsize != len(data) - stream.tell():
+        raise ValueError(f"the header says shape {shape} of {dtype}, but {len(data) - stream.tell()} bytes follow")
+    array = np.frombuffer(data, dtype, count=count, offset=stream.tell())
+    return array.reshape(shape[::-1]).T if fortran_order else array.reshape(shape)
 
 
 def _checked(block: Block, schema: Schema) -> Block:
@@ -331,6 +526,27 @@ class WrittenShard:
     records: int  # rows
     bytes: int
     sha256: str
+    offsets: tuple[int, ...] = ()  # TFRecord: where each record starts (for seekable indexes)
+
+
+def dali_index(offsets: tuple[int, ...], total_bytes: int) -> str:
+    """DALI's TFRecord index (`tfrecord2idx`): one `<offset> <framed size>` line per record."""
+    ends = (*offsets[1:], total_bytes)
+    return "".join(f"{start} {end - start}\n" for start, end in zip(offsets, ends))
+
+
+def dali_index_path(relative: str) -> str:
+    """Where a TFRecord shard's DALI index goes in the dataset: `idx/<shard path without extension>.idx`."""
+    return f"idx/{relative.rsplit('.', 1)[0]}.idx"
+
+
+def tfrecord_offsets(data: bytes) -> tuple[int, ...]:
+    """Where each record of a (well-framed) TFRecord file starts."""
+    offsets, pos = [], 0
+    while pos + 8 <= len(data):
+        offsets.append(pos)
+        pos += 16 + struct.unpack_from("<Q", data, pos)[0]
+    return tuple(offsets)
 
 
 def write_shard(url: str, blocks: list[Block], schema: Schema, fmt: str, sample_prefix: str) -> WrittenShard:
@@ -339,41 +555,100 @@ def write_shard(url: str, blocks: list[Block], schema: Schema, fmt: str, sample_
     parent, name = path.rsplit("/", 1)
     fs.makedirs(parent, exist_ok=True)
     tmp = f"{parent}/.tmp-{uuid.uuid4().hex}-{name}"
-    rows = 0
+    rows, offsets = 0, []
+    by_row = one_row_per_record(schema)
     with fs.open(tmp, "wb") as raw:
         out = _HashingWriter(raw)
         if fmt == "tfrecord":
             for block in blocks:
-                out.write(frame_record(encode_example(block, schema)))
+                payloads = ((encode_row_example(row, schema) for row in _row_values(block, schema)) if by_row
+                            else [encode_example(block, schema)])
+                for payload in payloads:
+                    offsets.append(out.bytes)
+                    out.write(frame_record(payload))
                 rows += block_rows(block)
         else:
             # A fixed mtime and owner make the tar byte-reproducible.
             writer = wds.TarWriter(out, user="codistill", group="codistill", mtime=0)
             for index, block in enumerate(blocks):
-                sample = {f"{col}.npy": np.ascontiguousarray(block[col]) for col in schema}
-                writer.write({"__key__": f"{sample_prefix}-{index:06d}", **sample})
-                rows += block_rows(block)
+                if by_row:
+                    for row in _row_values(block, schema):
+                        writer.write(_sample_of_row(row, schema, f"{sample_prefix}-{rows:06d}"))
+                        rows += 1
+                else:
+                    sample = {f"{col}.npy": np.ascontiguousarray(block[col]) for col in schema}
+                    writer.write({"__key__": f"{sample_prefix}-{index:06d}", **sample})
+                    rows += block_rows(block)
             writer.close()
     fs.mv(tmp, path)
-    return WrittenShard(url, rows, out.bytes, out.sha256.hexdigest())
+    return WrittenShard(url, rows, out.bytes, out.sha256.hexdigest(), tuple(offsets))
 
 
-def read_shard(url: str, schema: Schema, fmt: str, expect_sha256: str | None = None) -> Iterator[Block]:
+def open_regular_file(url: str, expect_bytes: int | None = None) -> IO[bytes]:
+    """A shard (or manifest) opened for reading: a regular file only (a FIFO would hang the reader, a symlink to
+    /dev/zero never end), opened without following a symlink where the file system has them, and with
+    `expect_bytes`, of that size before one byte is read."""
+    fs, path = storage.url_to_fs(url)
+    if isinstance(fs, LocalFileSystem):
+        try:  # O_NONBLOCK: opening a FIFO must not wait for a writer
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError as e:
+            if e.errno != errno.ELOOP:
+                raise
+            raise ShardFormatError(f"{url}: a symbolic link; shards must be regular files") from None
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            os.close(fd)
+            raise ShardFormatError(f"{url}: not a regular file (a FIFO, device or directory?)")
+        size, stream = info.st_size, os.fdopen(fd, "rb")
+    else:
+        info = fs.info(path)
+        if info.get("type") != "file" or info.get("islink"):
+            raise ShardFormatError(f"{url}: not a regular file ({info.get('type')})")
+        size, stream = info.get("size"), fs.open(path, "rb")
+    if expect_bytes is not None and size != expect_bytes:
+        stream.close()
+        raise ShardFormatError(f"{url} has {size} bytes, manifest says {expect_bytes}")
+    return stream
+
+
+def read_shard(url: str, schema: Schema, fmt: str, expect_sha256: str | None = None,
+               expect_bytes: int | None = None, max_record_bytes: int = MAX_RECORD_BYTES) -> Iterator[Block]:
     """Blocks of a shard, streamed; with `expect_sha256`, the whole shard is read and checked first,
     so not one row of a shard that is not the one indexed ever reaches the caller."""
-    with storage.open(url, "rb") as raw:
+    with open_regular_file(url, expect_bytes) as raw:
         stream: IO[bytes] = raw
         if expect_sha256 is not None:
             data = raw.read()
             if hashlib.sha256(data).hexdigest() != expect_sha256:
                 raise ShardFormatError(f"{url}: sha256 {hashlib.sha256(data).hexdigest()} does not match the manifest")
             stream = io.BytesIO(data)
-        yield from iter_blocks(stream, schema, fmt)
+        yield from iter_blocks(stream, schema, fmt, max_record_bytes)
 
 
-def iter_blocks(stream: IO[bytes], schema: Schema, fmt: str) -> Iterator[Block]:
+def iter_blocks(stream: IO[bytes], schema: Schema, fmt: str, max_record_bytes: int = MAX_RECORD_BYTES
+                ) -> Iterator[Block]:
+    by_row = one_row_per_record(schema)
     if fmt == "tfrecord":
-        for payload in iter_tfrecord(stream):
-            yield decode_example(payload, schema)
+        payloads = iter_tfrecord(stream, max_record_bytes)
+        if by_row:
+            yield from _blocks_of_rows((_checked_row(_decode_row_example, p, schema) for p in payloads), schema)
+        else:
+            for payload in payloads:
+                yield decode_example(payload, schema)
     else:
-        yield from _iter_tar_samples(stream, schema)
+        samples = _iter_tar_samples(stream, max_record_bytes)
+        if by_row:
+            yield from _blocks_of_rows((_row_of_sample(key, sample, schema) for key, sample in samples), schema)
+        else:
+            for key, sample in samples:
+                yield _npy_block(key, sample, schema)
+
+
+def _checked_row(decode, payload: bytes, schema: Schema) -> dict:
+    try:
+        return decode(payload, schema)
+    except (KeyError, ValueError, UnicodeDecodeError, struct.error) as e:
+        if isinstance(e, ShardFormatError):
+            raise
+        raise ShardFormatError(f"malformed Example: {type(e).__name__}: {e}") from None

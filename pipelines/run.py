@@ -4,28 +4,34 @@ Each dataset module exposes one `PIPELINE` (a `DatasetPipeline`): how to
 generate its raw data, the PTransform that turns raw input into a dataset,
 and the parameters recorded in (and compared against) the dataset manifest.
 
-DoFns that touch storage or report progress derive from `WorkerDoFn`: it
-carries the driver's storage rules and progress address to whichever worker
-process runs it (a multi_processing FnApiRunner worker, a Dask worker, a
-Dataflow VM) and installs them in `setup()`.
+DoFns that touch storage or report progress derive from
+`pipelines.worker.WorkerDoFn`, which brings the driver's storage rules and
+progress address to the workers.
 """
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import importlib
 import logging
+import os
+import posixpath
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import apache_beam as beam
+import numpy as np
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from fsspec.implementations.local import LocalFileSystem
 
 from codistill import storage
 from codistill.config import DataConfig, ExperimentConfig, to_dict
-from codistill.dataset import DatasetManifest, join, load_manifest
+from codistill.dataset import MANIFEST_NAME, TEMP_PREFIX, DatasetManifest, join, load_manifest
 from pipelines import progress
+from pipelines.sinks import PIECES
+from pipelines.textfiles import InputReadError, match_inputs
 
 # Beam's DirectRunner first tries to download a Prism binary; the FnApiRunner is
 # the same in-process engine without that step.
@@ -41,18 +47,26 @@ PIPELINE_MODULES = {"criteo": "pipelines.criteo", "commoncrawl": "pipelines.comm
 logger = logging.getLogger(__name__)
 
 
-class WorkerDoFn(beam.DoFn):
-    """A DoFn that brings the run's storage rules and progress address (as set on the driver when the
-    pipeline is built) to the worker that runs it. Subclasses that define `setup` call `super().setup()`."""
+@dataclass(frozen=True)
+class ValueCheck:
+    """A rule every stored row of one column must satisfy (`codistill verify` counts the rows that break it)."""
 
-    def __init__(self):
-        super().__init__()
-        self._storage_rules = storage.rules()
-        self._progress_address = progress.address()
+    column: str
+    ok: Callable[[np.ndarray], np.ndarray]  # a block's column -> True for each row that passes
+    description: str  # e.g. "labels in {0, 1}"
 
-    def setup(self):
-        storage.configure(self._storage_rules)
-        progress.connect(self._progress_address)
+
+@dataclass(frozen=True)
+class DatasetChecks:
+    """What verify recomputes for a dataset, so that it proves more than the manifest's self-consistency."""
+
+    values: tuple[ValueCheck, ...]
+    # A block's keys -> (each key's assignment hash, as the pipeline computed it; True where the key is well
+    # formed and names a record of this dataset's inputs).
+    key_hashes: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+    # (keys, their hashes, layout) -> each key's destination; by default `ShardLayout.assign` (a dataset whose
+    # eval split comes from elsewhere, as ImageNet's val/ folder, says how instead).
+    destinations: Callable[[np.ndarray, np.ndarray, Any], np.ndarray] | None = None
 
 
 @dataclass(frozen=True)
@@ -61,6 +75,8 @@ class DatasetPipeline:
     transform: Callable[[str, DataConfig, dict], beam.PTransform]
     # (raw output folder, data.synth) -> (the input to read from it, the generator's sidecar)
     generate: Callable[[str, Any], tuple[str, dict]]
+    # (dataset manifest) -> what verify checks in every row; None: only bytes, counts, layout and disjointness
+    checks: Callable[[DatasetManifest], DatasetChecks] | None = None
 
 
 def dataset_pipeline(dataset: str) -> DatasetPipeline:
@@ -68,8 +84,13 @@ def dataset_pipeline(dataset: str) -> DatasetPipeline:
 
 
 def pipeline_parameters(data: DataConfig) -> dict:
-    """The data settings a dataset was built with (recorded in its manifest; inputs are recorded apart)."""
-    return {k: v for k, v in to_dict(data).items() if k not in ("input", "synth")}
+    """The data settings a dataset was built with (recorded in its manifest; input files are recorded apart;
+    `synth` is the generator's settings, or None for real input).
+
+    Only the dataset's own section is included: another dataset's defaults changing must not make a
+    built dataset look stale."""
+    others = set(PIPELINE_MODULES) - {data.dataset}
+    return {k: v for k, v in to_dict(data).items() if k not in {"input", *others}}
 
 
 class OutputExistsError(FileExistsError):
@@ -91,27 +112,103 @@ def pipeline_options(beam_args: list[str]) -> PipelineOptions:
     return options
 
 
-def prepare_output(output: str, overwrite: bool) -> None:
+# What a dataset directory holds (an interrupted run leaves some of it, without the manifest).
+# Common Crawl adds its staging (`.staged`, `.done`), `documents` and `tokenizer`; ImageNet `classes.txt`,
+# `idx` (DALI indexes) and `*.wids.json`.
+DATASET_ENTRIES = (MANIFEST_NAME, "train", "eval", "rejected", "raw", PIECES, ".staged", ".done", "documents",
+                   "tokenizer", "classes.txt", "idx")
+
+
+def _location(url: str) -> tuple[str, str]:
+    """(protocol, absolute path without a trailing slash): comparable across spellings and, locally, symlinks."""
+    fs, path = storage.url_to_fs(url)
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    if isinstance(fs, LocalFileSystem):
+        protocol, path = "file", os.path.realpath(path)
+    return protocol, path.rstrip("/") or "/"
+
+
+def is_under(url: str, root: str) -> bool:
+    (protocol, path), (root_protocol, root_path) = _location(url), _location(root)
+    return protocol == root_protocol and (path == root_path or path.startswith(root_path.rstrip("/") + "/"))
+
+
+def prepare_output(output: str, overwrite: bool, inputs: list[str] = (), resume: bool = False) -> None:
+    """Make sure `output` is new or empty. `overwrite` deletes only a dataset directory (or what is left of
+    one), never one that holds anything else or any of the `inputs`; `resume` continues an interrupted run's
+    output (no manifest yet)."""
+    if resume and overwrite:
+        raise ValueError("--resume continues an interrupted run, --overwrite starts afresh: give one of them")
     fs, path = storage.url_to_fs(output)
-    if fs.exists(path) and fs.ls(path):
-        if not overwrite:
-            raise OutputExistsError(f"{output} exists and is not empty; choose another output or pass --overwrite")
-        fs.rm(path, recursive=True)
+    if not fs.exists(path):
+        return
+    inside = [i for i in inputs if is_under(i, output)]
+    if inside:
+        raise OutputExistsError(f"input {inside[0]} is inside the output directory {output}: choose another output")
+    if not fs.isdir(path):
+        raise OutputExistsError(f"{output} exists and is not a directory; choose another output")
+    entries = sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False))
+    if not entries:
+        return
+    if resume:
+        if MANIFEST_NAME in entries:
+            raise OutputExistsError(f"{output} holds a complete dataset (it has a {MANIFEST_NAME}); nothing to resume")
+        return
+    if not overwrite:
+        raise OutputExistsError(f"{output} exists and is not empty; choose another output, pass --overwrite, "
+                                "or --resume an interrupted run")
+    foreign = [e for e in entries
+               if e not in DATASET_ENTRIES and not e.startswith(TEMP_PREFIX) and not e.endswith(".wids.json")]
+    if foreign:
+        raise OutputExistsError(f"{output} is not a codistill dataset (it holds {', '.join(foreign[:5])}"
+                                f"{', ...' if len(foreign) > 5 else ''}): --overwrite deletes only a dataset "
+                                "directory; remove it yourself or choose another output")
+    fs.rm(path, recursive=True)
 
 
 def preprocess(config: ExperimentConfig, beam_args: list[str] = (), overwrite: bool = False,
-               show_progress: Callable[[str], None] | None = None) -> DatasetManifest:
-    """Build the dataset of `config.data`; with `show_progress`, a progress line goes to it every few seconds."""
+               resume: bool = False, show_progress: Callable[[str], None] | None = None) -> DatasetManifest:
+    """Build the dataset of `config.data`. `resume` continues an interrupted run in the same output: pipelines
+    that keep per-input completion markers (Common Crawl) skip the inputs already done. With `show_progress`,
+    a progress line goes to it every few seconds."""
     data = config.data
     storage.configure(config.storage)
     pipeline = dataset_pipeline(data.dataset)
-    prepare_output(data.output, overwrite)
+    prepare_output(data.output, overwrite, match_inputs(data.input) if data.input is not None else [], resume)
     extra = {}
     source = data.input
     if data.synth is not None:
         source, extra["synth"] = pipeline.generate(join(data.output, "raw"), data.synth)
     logger.info("preprocessing %s into %s", source, data.output)
-    with progress.ProgressMonitor(write=show_progress) if show_progress else contextlib.nullcontext():
-        with beam.Pipeline(options=pipeline_options(list(beam_args))) as p:
-            _ = p | data.dataset.capitalize() >> pipeline.transform(source, data, extra)
+    try:
+        with progress.ProgressMonitor(write=show_progress) if show_progress else contextlib.nullcontext():
+            with beam.Pipeline(options=pipeline_options(list(beam_args))) as p:
+                _ = p | data.dataset.capitalize() >> pipeline.transform(source, data, extra)
+    except BaseException as e:
+        _remove_pieces(data.output)  # a failed run (a full disk, say) must not leave a copy of the data behind
+        if _is_io_error(e):
+            raise PipelineIOError(str(e)) from e
+        raise
     return load_manifest(data.output)
+
+
+class PipelineIOError(OSError):
+    """The pipeline stopped on an I/O error (a full disk, an unreadable input): the message says where."""
+
+
+def _is_io_error(error: BaseException) -> bool:
+    """An OSError, raised here or in a worker (runners re-raise a worker's error as `RuntimeError('OSError: ...')`)."""
+    if isinstance(error, (OSError, InputReadError)):
+        return True
+    name = str(error).split(":", 1)[0]
+    return name == InputReadError.__name__ or isinstance(getattr(builtins, name, None), type) and issubclass(
+        getattr(builtins, name), OSError)
+
+
+def _remove_pieces(output: str) -> None:
+    fs, path = storage.url_to_fs(join(output, PIECES))
+    try:
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+    except OSError as e:
+        logger.warning("could not remove %s: %s", path, e)

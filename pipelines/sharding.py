@@ -69,16 +69,21 @@ class ShardLayout:
         return self.eval_shards + self.groups * self.shards_per_group
 
     def assign(self, key_hashes: np.ndarray) -> np.ndarray:
-        """Destination index of each key hash."""
+        """Destination index of each key hash: eval for a keyed-hash `eval_fraction`, else a train group."""
         h = np.asarray(key_hashes, dtype=np.uint64)
         unit = (mix64(h ^ _SALT_SPLIT) >> np.uint64(11)).astype(np.float64) * 2.0**-53
-        is_eval = unit < self.eval_fraction
-        shard_bits = mix64(h ^ _SALT_SHARD)
+        return np.where(unit < self.eval_fraction, self.eval_destination(h), self.train_destination(h))
+
+    def train_destination(self, key_hashes: np.ndarray) -> np.ndarray:
+        """A train shard for every key (when the eval split comes from elsewhere, e.g. a separate folder)."""
+        h = np.asarray(key_hashes, dtype=np.uint64)
         group = (mix64(h ^ _SALT_GROUP) % np.uint64(self.groups)).astype(np.int64)
-        train_dest = self.eval_shards + group * self.shards_per_group + (
-            shard_bits % np.uint64(self.shards_per_group)).astype(np.int64)
-        eval_dest = (shard_bits % np.uint64(self.eval_shards)).astype(np.int64)
-        return np.where(is_eval, eval_dest, train_dest)
+        shard = (mix64(h ^ _SALT_SHARD) % np.uint64(self.shards_per_group)).astype(np.int64)
+        return self.eval_shards + group * self.shards_per_group + shard
+
+    def eval_destination(self, key_hashes: np.ndarray) -> np.ndarray:
+        h = np.asarray(key_hashes, dtype=np.uint64)
+        return (mix64(h ^ _SALT_SHARD) % np.uint64(self.eval_shards)).astype(np.int64)
 
     def describe(self, dest: int) -> tuple[str, int | None, int]:
         """(split, group or None for eval, shard index) of a destination."""

@@ -35,8 +35,8 @@ sys.path.insert(0, str(REPO))
 
 from codistill.config import CriteoDNNConfig, load_experiment  # noqa: E402
 from training.loss import DistillConfig, codistillation_loss  # noqa: E402
-from training.models import CriteoDNN, Task  # noqa: E402
 from training.train import GroupTrainer, build_engine, forward_backward, init_distributed  # noqa: E402
+from training.workloads.criteo import WORKLOAD, CriteoDNN  # noqa: E402
 
 # hidden 1024: the first layer (117 x 1024 weights) is above DeepSpeed's stage3_param_persistence_threshold
 # (1e5), so ZeRO-3 really partitions it and the gathering is exercised.
@@ -61,7 +61,6 @@ def main() -> None:
         dense = torch.from_numpy(data[f"dense_{rank}"])
         cat = torch.from_numpy(data[f"cat_{rank}"])
         label = torch.from_numpy(data[f"label_{rank}"])
-    task = Task(binary=True, inputs=("dense", "cat"), target="label")
     for stage, accum in cases:
         name = f"stage{stage}-accum{accum}"
         micro = len(label) // accum
@@ -77,7 +76,7 @@ def main() -> None:
         for i in range(accum):  # GroupTrainer.train_step: one forward_backward (backward + step) per micro-batch
             part = slice(i * micro, (i + 1) * micro)
             batch = {"dense": dense[part], "cat": cat[part], "label": label[part]}
-            parts = forward_backward(engine, task, [], batch, 0, DistillConfig())
+            parts = forward_backward(engine, WORKLOAD, {}, batch, 0, DistillConfig())
             losses.append(float(parts.total.item()))
         assert engine.global_steps == 1, f"{name}: {engine.global_steps} optimizer steps, expected 1"
         partitioned = [n for n, p in engine.module.named_parameters() if p.data.numel() < p.ds_numel] \

@@ -420,13 +420,13 @@ def test_directory_as_input_is_a_clear_error(tmp_path, criteo_file):
 def test_non_empty_output_needs_overwrite(tmp_path, criteo_file):
     raw = criteo_file(str(tmp_path / "in.tsv"), 10)
     out = tmp_path / "ds"
-    out.mkdir()
-    (out / "stale.txt").write_text("old")
+    (out / "train").mkdir(parents=True)  # what an interrupted earlier run left
+    (out / "train" / "stale.txt").write_text("old")
     with pytest.raises(OutputExistsError, match="exists and is not empty.*--overwrite"):
         run_criteo(raw.url, str(out))
-    assert (out / "stale.txt").exists()
+    assert (out / "train" / "stale.txt").exists()
     run_criteo(raw.url, str(out), overwrite=True)
-    assert not (out / "stale.txt").exists() and (out / MANIFEST_NAME).exists()
+    assert not (out / "train" / "stale.txt").exists() and (out / MANIFEST_NAME).exists()
 
 
 def test_empty_output_directory_is_fine(tmp_path, criteo_file):

@@ -1,10 +1,13 @@
+import gc
 import math
+import weakref
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from training import loss as loss_module
 from training.loss import DistillConfig, average_peer_probs, codistillation_loss, distill_weight
 
 pytestmark = pytest.mark.timeout(60)
@@ -179,3 +182,141 @@ def test_shape_errors_are_clear():
         codistillation_loss(student, targets, [peers[0], peers[1][:, :1]], 0, DistillConfig(), binary=False)
     with pytest.raises(ValueError, match="distance"):
         DistillConfig(distance="l1")  # type: ignore[arg-type]
+
+
+# --- the fused soft-target cross-entropy, lazy peers, memory -------------------------------------------
+
+
+def two_pass_reference(student, targets, peers, w, t, mask, kl=False):
+    """CE(y) + w T^2 CE(p_bar(T), student / T) written out term by term (autograd does the gradient)."""
+    keep = mask if mask is not None else torch.ones(targets.shape, dtype=torch.bool)
+    label = F.cross_entropy(student[keep], targets[keep])
+    target = sum(F.softmax(p[keep] / t, -1) for p in peers) / len(peers)
+    distill = -(target * F.log_softmax(student[keep] / t, -1)).sum(-1).mean()
+    if kl:
+        distill = distill + (target * target.log()).sum(-1).mean()
+    distill = t**2 * distill
+    return label + w * distill, label, distill
+
+
+@pytest.mark.parametrize("distance", ["ce", "kl"])
+@pytest.mark.parametrize("t", [1.0, 2.5])
+@pytest.mark.parametrize("masked", [False, True])
+def test_fused_loss_equals_the_two_pass_formula(monkeypatch, distance, t, masked):
+    monkeypatch.setattr(loss_module, "CHUNK_ELEMENTS", 2 * V)  # two positions per chunk: chunking is exercised
+    student, targets, peers = make_lm_batch(seed=3)
+    peers.append(torch.randn(B, T, V, generator=torch.Generator().manual_seed(9)))
+    mask = (torch.arange(T)[None, :] < torch.tensor([5, 3, 1])[:, None]) if masked else None
+    w = 0.7
+    cfg = DistillConfig(weight=w, temperature=t, distance=distance)
+    parts = codistillation_loss(student, targets, iter(peers), 0, cfg, binary=False, mask=mask)
+    parts.total.backward()
+    fused_grad, student.grad = student.grad, None
+    total, label, distill = two_pass_reference(student, targets, peers, w, t, mask, kl=distance == "kl")
+    total.backward()
+    torch.testing.assert_close(parts.total, total)
+    torch.testing.assert_close(parts.label_loss, label)
+    torch.testing.assert_close(parts.distill_loss, distill)
+    torch.testing.assert_close(fused_grad, student.grad)
+    if masked:
+        assert torch.all(fused_grad[~mask] == 0)
+
+
+def test_at_temperature_one_it_is_one_cross_entropy_to_the_mixed_target():
+    """CE(y) + w CE(p) = (1 + w) CE((onehot(y) + w p) / (1 + w))."""
+    student, targets, peers = make_lm_batch(seed=4)
+    w = 1.5
+    parts = codistillation_loss(student, targets, peers, 0, DistillConfig(weight=w), binary=False)
+    mixed = (F.one_hot(targets, V).float() + w * average_peer_probs(peers, 1.0, binary=False)) / (1 + w)
+    torch.testing.assert_close(parts.total, (1 + w) * F.cross_entropy(student.reshape(-1, V), mixed.reshape(-1, V)))
+
+
+def test_burn_in_never_computes_the_peers():
+    student, targets, peers = make_lm_batch()
+    asked = []
+
+    def lazy():
+        for p in peers:
+            asked.append(1)
+            yield p
+
+    cfg = DistillConfig(burn_in_steps=5)
+    codistillation_loss(student, targets, lazy(), step=4, cfg=cfg, binary=False)
+    assert asked == []
+    codistillation_loss(student, targets, lazy(), step=5, cfg=cfg, binary=False)
+    assert len(asked) == 2
+
+
+def live_buffers(min_bytes: int) -> int:
+    """Distinct tensor storages of at least `min_bytes` reachable from Python right now."""
+    gc.collect()
+    return len({o.untyped_storage().data_ptr() for o in gc.get_objects()
+                if torch.is_tensor(o) and o.untyped_storage().nbytes() >= min_bytes})
+
+
+@pytest.mark.parametrize("distance", ["ce", "mse_logits"])
+def test_peers_are_never_alive_together(distance):
+    """Each peer's logits are released before the next peer is computed, and the loss's
+    saved tensors do not grow with the number of peers."""
+    n, v = 64, 512
+    g = torch.Generator().manual_seed(0)
+    student = torch.randn(n, v, generator=g, requires_grad=True)
+    targets = torch.randint(0, v, (n,), generator=g)
+    big = n * v * 4
+
+    def run(peer_count):
+        alive, previous = [], []
+
+        def lazy():
+            for _ in range(peer_count):
+                if previous:
+                    alive.append(previous[-1]() is not None)
+                alive.append(live_buffers(big))
+                logits = torch.randn(n, v, generator=g)
+                previous.append(weakref.ref(logits))
+                yield logits
+                del logits
+
+        saved = []
+
+        def pack(t):
+            saved.append(t.untyped_storage().nbytes() >= big)
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            parts = codistillation_loss(student, targets, lazy(), 0, DistillConfig(distance=distance), binary=False)
+        parts.total.backward()
+        return alive, sum(saved)
+
+    one, saved_one = run(1)
+    three, saved_three = run(3)
+    # [buffers when peer 0 is made, peer 0 alive?, buffers when peer 1 is made, ...]
+    assert three[1::2] == [False, False]
+    # When peer 1 and 2 are made, exactly one buffer more than for peer 0: the running mean.
+    assert three[0] == one[0] and three[2] == three[4] == three[0] + 1
+    assert saved_three == saved_one
+
+
+def peak_loss_bytes(peer_count: int, n: int = 128, v: int = 2048) -> int:
+    """Peak tensor bytes of the loss and its backward (torch's MemTracker), the student's logits included."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    g = torch.Generator().manual_seed(0)
+    student = torch.randn(n, v, generator=g, requires_grad=True)
+    targets = torch.randint(0, v, (n,), generator=g)
+    tracker = MemTracker()
+    tracker.track_external(student)
+    with tracker:
+        peers = (torch.randn(n, v, generator=g) for _ in range(peer_count))
+        codistillation_loss(student, targets, peers, 0, DistillConfig(), binary=False).total.backward()
+    return tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"]
+
+
+def test_peak_memory_of_the_loss_does_not_grow_with_peers(monkeypatch):
+    monkeypatch.setattr(loss_module, "CHUNK_ELEMENTS", 16 * 2048)  # 16 of the 128 positions per chunk
+    one, three = peak_loss_bytes(1), peak_loss_bytes(3)
+    buffer = 128 * 2048 * 4
+    assert three == one
+    # The student's logits, one peer's logits, the peers' mean (the gradient comes once the peer is gone),
+    # chunk temporaries: never a full-size log-softmax.
+    assert one <= 3.5 * buffer, one / buffer

@@ -251,9 +251,9 @@ def test_cli_train_eval_predictions_cover_the_eval_split(codistill_run, data_dir
 
 def test_cli_train_publishes_pruned_verifiable_snapshots(codistill_run, data_dir):
     run_dir, _, config = codistill_run
-    from training.models import build
+    from training.workloads.criteo import WORKLOAD as criteo
 
-    model, task = build(config.model, load_manifest(data_dir))
+    model = criteo.build_model(config.model, load_manifest(data_dir))
     for g in (0, 1):
         store = run_dir / "store" / run_dir.name / f"group-{g}"
         assert (store / "LATEST").read_text().strip() == f"step-{STEPS:08d}.json"
@@ -276,8 +276,8 @@ def test_cli_train_publishes_pruned_verifiable_snapshots(codistill_run, data_dir
         with torch.no_grad():
             for shard in manifest.shards_of("eval"):
                 for block in read_shard(join(data_dir, shard.path), manifest.features, manifest.format):
-                    logits = task.logits(model, {k: torch.from_numpy(np.array(v)) for k, v in block.items()
-                                                 if k != "key"})
+                    logits, _ = criteo.forward(model, {k: torch.from_numpy(np.array(v)) for k, v in block.items()
+                                                       if k != "key"}, None)
                     mine.update(zip(block["key"].tolist(), torch.sigmoid(logits).numpy().tolist()))
         np.testing.assert_allclose([mine[k] for k in keys], probs, atol=1e-5)
 
@@ -334,7 +334,7 @@ def group_argv(data_dir: str, run_dir: Path, resume: bool = False) -> list[str]:
     sets = TINY + [f"data.output={data_dir}", f"schedule.steps={KILL_STEPS}", f"eval.every={KILL_EVAL}",
                    f"train.checkpoint_every={KILL_CKPT}", "codistill.enabled=false", "deepspeed.ranks_per_group=2",
                    f"train.run_dir={run_dir}"]
-    return group_commands("criteo-tiny", 1, 2, sets, resume)[0].argv
+    return group_commands("criteo-tiny", [0], 2, sets, resume)[0].argv
 
 
 @pytest.fixture(scope="module")

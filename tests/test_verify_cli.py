@@ -130,8 +130,10 @@ def test_verify_finds_a_key_in_two_groups(dataset):
     other = next(read_shard(join(str(dataset), "train/1/criteo-00000-of-00002.tfrecord"), manifest.features,
                             manifest.format))["key"][0]
     rewrite_shard(dataset, "train/0/criteo-00000-of-00002.tfrecord", lambda blocks: with_first_key(blocks, other))
-    output = assert_user_error(invoke("verify", dataset), "1 problem(s) found")
+    output = assert_user_error(invoke("verify", dataset), "2 problem(s) found")
     assert fail_lines(output) == [
+        f"FAIL train/0/criteo-00000-of-00002.tfrecord: 1 row(s) belong to another shard by the manifest's seed "
+        f"(first: key {other.decode()!r})",
         f"FAIL key {other.decode()!r} is in more than one place: train/0/criteo-00000-of-00002.tfrecord, "
         "train/1/criteo-00000-of-00002.tfrecord"]
 
@@ -320,13 +322,13 @@ def test_preprocess_duplicate_basenames(tmp_path):
 
 def test_preprocess_refuses_a_non_empty_output_unless_overwrite(raw_dir, tmp_path):
     out = tmp_path / "ds"
-    out.mkdir()
-    (out / "keep.txt").write_text("mine")
     args = ["preprocess", "criteo", "--input", f"{raw_dir}/day-0.tsv", "--output", out, "--runner", "FnApiRunner"]
+    (out / "rejected").mkdir(parents=True)  # what an earlier, interrupted run left
+    (out / "rejected" / "old.jsonl").write_text("{}\n")
     assert_user_error(invoke(*args), "exists and is not empty", "--overwrite")
-    assert (out / "keep.txt").read_text() == "mine"
+    assert (out / "rejected" / "old.jsonl").exists()
     assert_ok(invoke(*args, "--overwrite"))
-    assert not (out / "keep.txt").exists() and (out / MANIFEST_NAME).exists()
+    assert not (out / "rejected" / "old.jsonl").exists() and (out / MANIFEST_NAME).exists()
 
 
 def test_preprocess_unknown_format_is_a_usage_error(raw_dir, tmp_path):

@@ -70,7 +70,7 @@ class ShardStream(IterableDataset):
         record = 0
         for shard in mine:
             for block in read_shard(join(spec.root, shard.path), spec.manifest.features, spec.manifest.format,
-                                    expect_sha256=shard.sha256):
+                                    expect_sha256=shard.sha256, expect_bytes=shard.bytes):
                 if by_shard or record % consumers == consumer:
                     yield block
                 record += 1
@@ -104,10 +104,13 @@ def to_torch(batch: Block) -> dict[str, torch.Tensor]:
     return {k: torch.from_numpy(v) for k, v in batch.items() if v.dtype.kind != "S"}
 
 
-def loader(spec: StreamSpec, workers: int = 0) -> DataLoader:
+def loader(stream: StreamSpec | IterableDataset, workers: int = 0) -> DataLoader:
+    """Batches of a shard stream (or of a workload's decoding stream built on one) from `workers` processes."""
+    if isinstance(stream, StreamSpec):
+        stream = ShardStream(stream)
     # batch_size=None: the stream already yields whole batches.
-    return DataLoader(ShardStream(spec), batch_size=None, num_workers=workers,
-                      persistent_workers=workers > 0, collate_fn=_as_is)
+    return DataLoader(stream, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
+                      collate_fn=_as_is)
 
 
 def _as_is(batch: Block) -> Block:

@@ -35,9 +35,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def group_commands(manifest: str, groups: int, ranks: int, sets: list[str], resume: bool) -> list[GroupCommand]:
+def group_commands(manifest: str, groups: list[int], ranks: int, sets: list[str], resume: bool) -> list[GroupCommand]:
     commands = []
-    for group in range(groups):
+    for group in groups:
         argv = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_nodes", "1", "--num_gpus", str(ranks),
                 "--master_port", str(free_port()), "--module", "training.train",
                 "--manifest", manifest, "--group", str(group)]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from training.metrics import churn
+from training.workloads import Rows, Workload, workload_for
 
 
 def eval_records(run_dir: str | Path, group: int) -> list[dict]:
@@ -28,27 +28,44 @@ def final_eval(run_dir: str | Path, group: int) -> dict:
     return records[-1]
 
 
-def predictions(run_dir: str | Path, group: int) -> tuple[np.ndarray, np.ndarray]:
+def predictions(run_dir: str | Path, group: int) -> tuple[Workload, Rows]:
+    """A finished group's eval rows (sorted by key) and the workload that wrote them."""
     path = Path(run_dir) / f"group-{group}" / "eval_predictions.npz"
     if not path.exists():
         raise FileNotFoundError(f"{path}: no eval predictions; did group {group} of this run finish?")
     try:
         with np.load(path, allow_pickle=False) as data:
-            keys, probs = data["key"], data["prob"]
+            rows = {name: data[name] for name in data.files}
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
         raise ValueError(f"{path}: not a readable eval predictions file ({type(e).__name__}: {e})") from None
-    if keys.dtype.kind != "S" or probs.dtype.kind != "f" or keys.shape != probs.shape:
-        raise ValueError(f"{path}: expected byte-string `key` and float `prob` arrays of one length, "
-                         f"got {keys.dtype} {keys.shape} and {probs.dtype} {probs.shape}")
-    return keys, probs
+    # Files from before the workload interface hold no name: only Criteo was trained then.
+    name = str(rows.pop("workload", "criteo"))
+    try:
+        workload = workload_for(name)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    keys = rows.get("key")
+    if keys is None or keys.dtype.kind != "S" or keys.ndim != 1:
+        raise ValueError(f"{path}: expected a byte-string `key` array, got {None if keys is None else keys.dtype}")
+    for column, array in rows.items():
+        if array.shape[:1] != keys.shape or array.dtype.kind not in "biufS":
+            raise ValueError(f"{path}: `{column}` ({array.dtype} {array.shape}) is not one value per key "
+                             f"({keys.shape})")
+    return workload, rows
 
 
-def run_churn(run_a: str | Path, run_b: str | Path, group: int = 0, threshold: float = 0.5) -> dict:
-    keys_a, probs_a = predictions(run_a, group)
-    keys_b, probs_b = predictions(run_b, group)
-    if not np.array_equal(keys_a, keys_b):
+def run_churn(run_a: str | Path, run_b: str | Path, group: int = 0, threshold: float = 0.5) -> tuple[Workload, dict]:
+    workload, rows_a = predictions(run_a, group)
+    other, rows_b = predictions(run_b, group)
+    if other.name != workload.name:
+        raise ValueError(f"{run_a} trained {workload.name}, {run_b} {other.name}: churn needs the same workload")
+    if not np.array_equal(rows_a["key"], rows_b["key"]):
         raise ValueError(f"{run_a} and {run_b} were evaluated on different eval splits; churn needs the same one")
-    return churn(probs_a, probs_b, threshold)
+    try:
+        return workload, workload.churn(rows_a, rows_b, threshold)
+    except KeyError as e:
+        files = " or ".join(str(Path(r) / f"group-{group}" / "eval_predictions.npz") for r in (run_a, run_b))
+        raise ValueError(f"{files}: no {e} array, which {workload.name} churn needs") from None
 
 
 def groups_of(run_dir: str | Path) -> list[int]:

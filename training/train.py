@@ -27,6 +27,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import safetensors.torch
 import torch
 import torch.distributed as dist
 
@@ -34,11 +35,11 @@ from codistill import storage
 from codistill.config import ExperimentConfig, OptimizerConfig, ScheduleConfig, load_experiment
 from codistill.dataset import check_shards_present, load_manifest
 from codistill.units import duration
-from training.data import StreamSpec, ShardStream, loader, to_torch
+from pipelines.formats import concat_blocks
+from training.data import StreamSpec, loader, to_torch
 from training.exchange import PeerWatcher, SnapshotPublisher, model_signature
 from training.loss import DistillConfig, LossParts, codistillation_loss, distill_weight
-from training.metrics import binary_metrics
-from training.models import Task, build
+from training.workloads import Workload, workload_for
 
 logger = logging.getLogger("codistill.train")
 
@@ -105,18 +106,42 @@ def build_engine(model: torch.nn.Module, config: ExperimentConfig, world: int, t
     return engine
 
 
-def forward_backward(engine, task: Task, peers: list[torch.nn.Module], batch: dict[str, torch.Tensor], step: int,
-                     distill: DistillConfig) -> LossParts:
-    """One micro-step: the student on its batch, the frozen peers on the same batch, the loss, backward, step."""
-    logits = task.logits(engine, batch).float()
-    with torch.no_grad():
-        fp32 = {k: (v.float() if v.is_floating_point() else v) for k, v in batch.items()}
-        peer_logits = [task.logits(peer, fp32).float() for peer in peers]
-    target = batch[task.target].float() if task.binary else batch[task.target]
-    parts = codistillation_loss(logits, target, peer_logits, step, distill, binary=task.binary)
+def forward_backward(engine, workload: Workload, peers: dict[int, torch.nn.Module], batch: dict[str, torch.Tensor],
+                     step: int, distill: DistillConfig, states: dict | None = None) -> LossParts:
+    """One micro-step: the student on its batch, the frozen peers on the same batch, the loss, backward, step.
+
+    `states` holds what each model ("student", or a peer's group) carries from batch to batch (the LM's
+    hidden state in its stateful layout); it is updated in place, detached.
+    """
+    states = {} if states is None else states
+    logits, student_state = workload.forward(engine, batch, states.get("student"))
+    fp32 = {k: (v.float() if v.is_floating_point() else v) for k, v in batch.items()}
+
+    def peer_logits():
+        # One peer at a time, as the loss asks for it (not at all while w(step) is 0), each released
+        # before the next runs: peak memory does not grow with the number of peers.
+        for group, peer in peers.items():
+            with torch.no_grad():
+                out, states[group] = workload.forward(peer, fp32, states.get(group))
+            yield out.float()
+            del out
+
+    targets, mask = workload.targets(batch)
+    parts = codistillation_loss(logits.float(), targets, peer_logits(), step, distill, binary=workload.binary,
+                                mask=mask)
     engine.backward(parts.total)
     engine.step()
+    states["student"] = detached(student_state)
     return parts
+
+
+def detached(state):
+    """A model's carried state cut from the graph of the step that made it (tensors in nested tuples/lists)."""
+    if isinstance(state, torch.Tensor):
+        return state.detach()
+    if isinstance(state, (tuple, list)):
+        return type(state)(detached(s) for s in state)
+    return state
 
 
 def lr_factor(schedule: ScheduleConfig):
@@ -133,19 +158,22 @@ def lr_factor(schedule: ScheduleConfig):
 
 
 class FlatPeer:
-    """A frozen peer model whose tensors are views into one flat fp32 buffer.
+    """A frozen peer model whose float tensors are views into one flat fp32 buffer.
 
     Adopting a snapshot is then one copy into that buffer (or one broadcast
     into it on every rank), not a `load_state_dict` walking every tensor
-    inside the training step.
+    inside the training step. The few non-float buffers (BatchNorm's
+    `num_batches_tracked`, unused by a peer in eval mode) are copied apart.
     """
 
     def __init__(self, module: torch.nn.Module):
         self.module = module
         tensors = dict(module.named_parameters()) | dict(module.named_buffers())
-        if any(t.dtype != torch.float32 for t in tensors.values()):
-            raise ValueError("FlatPeer needs an all-fp32 model")
-        self.names = list(module.state_dict())
+        names = list(module.state_dict())
+        if any(tensors[n].is_floating_point() and tensors[n].dtype != torch.float32 for n in names):
+            raise ValueError("FlatPeer needs an fp32 model")
+        self.names = [n for n in names if tensors[n].is_floating_point()]
+        self.others = {n: tensors[n] for n in names if not tensors[n].is_floating_point()}
         self.flat = torch.cat([tensors[n].detach().reshape(-1) for n in self.names])
         offset = 0
         for name in self.names:
@@ -155,6 +183,8 @@ class FlatPeer:
 
     def load(self, state: dict[str, torch.Tensor]) -> None:
         torch.cat([state[n].reshape(-1).to(self.flat.device) for n in self.names], out=self.flat)
+        for name, tensor in self.others.items():
+            tensor.copy_(state[name])
 
 
 class GroupTrainer:
@@ -170,9 +200,12 @@ class GroupTrainer:
         check_shards_present(config.data.output, self.dataset)
         if not 0 <= group < self.dataset.groups:
             raise ValueError(f"--group {group}: the dataset has groups 0..{self.dataset.groups - 1}")
+        if group not in config.trained_groups:
+            raise ValueError(f"--group {group}: train.groups is {list(config.trained_groups)}")
 
+        self.workload = workload_for(self.dataset.dataset)
         torch.manual_seed(config.train.seed * 1000 + group)  # every rank the same: one model per group
-        model, self.task = build(config.model, self.dataset)
+        model = self.workload.build_model(config.model, self.dataset)
         self.signature = model_signature(model.state_dict())
         self.engine = build_engine(model, config, self.world,
                                    self.out / "tensorboard" if config.train.tensorboard else None)
@@ -182,23 +215,27 @@ class GroupTrainer:
         cod = config.codistill
         self.distill = DistillConfig(weight=cod.weight, burn_in_steps=cod.burn_in_steps, ramp_steps=cod.ramp_steps,
                                      temperature=cod.temperature, distance=cod.distance)
-        self.peer_groups = [g for g in range(self.dataset.groups) if g != group] if cod.enabled else []
+        self.peer_groups = [g for g in config.trained_groups if g != group] if cod.enabled else []
         self.peers = {g: self._frozen_copy() for g in self.peer_groups}
         self.peer_steps: dict[int, int | None] = {g: None for g in self.peer_groups}
         self.stale: set[int] = set()
         self.incoming: dict[int, tuple[int, dict]] = {}
+        self.states: dict = {}  # what each model carries between batches: "student", and each peer's group
+        self.placeholder = None  # one training row, for a forward on a rank that has no eval rows
         self.publisher = self.watcher = None
         if cod.enabled and self.rank == 0:
             self.publisher = SnapshotPublisher(config.store, config.run_id, group, keep=cod.keep_snapshots)
             if self.peer_groups:
+                # The tokenizer's sha256 (None without one): a peer trained on other tokens is never adopted.
                 self.watcher = PeerWatcher(config.store, config.run_id, group, self.peer_groups, self.signature,
-                                           poll_interval=cod.poll_seconds, max_staleness=cod.max_staleness)
+                                           poll_interval=cod.poll_seconds, max_staleness=cod.max_staleness,
+                                           vocab_hash=self.dataset.tokenizer_sha256)
         self.step = 0
         self.step_seconds: list[float] = []
         self.metrics_file = None
 
     def _frozen_copy(self) -> FlatPeer:
-        peer, _ = build(self.config.model, self.dataset)
+        peer = self.workload.build_model(self.config.model, self.dataset)
         return FlatPeer(peer.to(self.device).eval().requires_grad_(False))
 
     # --- peers -------------------------------------------------------------------------------------
@@ -223,7 +260,10 @@ class GroupTrainer:
             peer.load(state)
         if self.world > 1:  # one flat broadcast from rank 0, straight into every rank's peer weights
             dist.broadcast(peer.flat, src=0)
+            for tensor in peer.others.values():
+                dist.broadcast(tensor, src=0)
         self.peer_steps[group] = step
+        self.states.pop(group, None)  # new weights start from a fresh state
 
     def usable_peers(self) -> list[int]:
         limit = self.config.codistill.max_staleness
@@ -250,13 +290,20 @@ class GroupTrainer:
         with gather:
             yield {k: v.detach().float() for k, v in module.state_dict().items()} if self.rank == 0 else None
 
-    def publish(self, final: bool = False) -> None:
+    def publish(self) -> None:
         with self.gathered_state() as state:
-            if self.publisher is not None:  # both serialise a copy before returning, inside the gather
-                if final:
-                    self.publisher.publish(self.step, state)
-                else:
-                    self.publisher.publish_async(self.step, state)
+            if self.publisher is not None:  # serialises a copy before returning, inside the gather
+                self.publisher.publish_async(self.step, state, vocab_hash=self.dataset.tokenizer_sha256)
+
+    def save_final(self) -> None:
+        """The final weights: `model.safetensors` in the group's directory (what ensembles of finished runs
+        load) and, synchronously, the last snapshot for the peers."""
+        with self.gathered_state() as state:
+            if state is not None:
+                safetensors.torch.save_file({k: v.contiguous() for k, v in state.items()},
+                                            str(self.out / "model.safetensors"))
+            if self.publisher is not None:
+                self.publisher.publish(self.step, state, vocab_hash=self.dataset.tokenizer_sha256)
 
     # --- training ------------------------------------------------------------------------------------
 
@@ -266,10 +313,15 @@ class GroupTrainer:
 
     def train_step(self, batches) -> dict:
         usable = self.usable_peers()
+        for g in set(self.states) - {"student", *usable}:
+            del self.states[g]  # a peer left out for a step restarts its state when it is used again
         for _ in range(self.config.deepspeed.grad_accum):
-            batch = self.batch_to_device(to_torch(next(batches)))
-            parts = forward_backward(self.engine, self.task, [self.peers[g].module for g in usable], batch,
-                                     self.step, self.distill)
+            block = next(batches)
+            if self.placeholder is None:
+                self.placeholder = {k: v[:1] for k, v in block.items()}
+            batch = self.batch_to_device(to_torch(block))
+            parts = forward_backward(self.engine, self.workload, {g: self.peers[g].module for g in usable}, batch,
+                                     self.step, self.distill, self.states)
         return {"loss": parts.total.item(), "label_loss": parts.label_loss.item(),
                 "distill_loss": parts.distill_loss.item(),
                 "peers": {str(g): self.step - self.peer_steps[g] for g in usable}}
@@ -277,11 +329,11 @@ class GroupTrainer:
     def fit(self, resume: bool) -> None:
         config = self.config
         skip = self.load_checkpoint() if resume else 0
-        spec = StreamSpec(config.data.output, self.dataset, tuple(self.dataset.shards_of("train", self.group)),
+        spec = StreamSpec(config.data.output, self.dataset, self.train_shards(),
                           config.deepspeed.micro_batch_size, self.rank, self.world,
                           shuffle_buffer=config.loader.shuffle_buffer, repeat=True,
                           seed=config.train.seed * 1000 + self.group)
-        batches = iter(loader(spec, config.loader.workers))
+        batches = iter(loader(self.workload.batches(spec, config, True), config.loader.workers))
         for _ in range(skip):  # the data position: the stream is deterministic, so fast-forward it
             next(batches)
         total = config.schedule.steps
@@ -300,9 +352,14 @@ class GroupTrainer:
                 self.evaluate(final=self.step == total)
             if self.step % config.train.checkpoint_every == 0 or self.step == total:
                 self.save_checkpoint()
-        if config.codistill.enabled:
-            self.publish(final=True)
+        self.save_final()
         self.close()
+
+    def train_shards(self) -> tuple:
+        reads = self.config.train.reads
+        if reads == "union":
+            return tuple(shard for g in range(self.dataset.groups) for shard in self.dataset.shards_of("train", g))
+        return tuple(self.dataset.shards_of("train", self.group if reads == "own" else self.config.trained_groups[0]))
 
     def log_train(self, record: dict) -> None:
         """Every step to metrics.jsonl (peers used and their staleness included); every log_every to the console."""
@@ -343,52 +400,44 @@ class GroupTrainer:
         config = self.config
         spec = StreamSpec(config.data.output, self.dataset, tuple(self.dataset.shards_of("eval")),
                           config.eval.batch_size, self.rank, self.world)
-        batches = list(ShardStream(spec))
+        batches = list(self.workload.batches(spec, config, False))
         if config.eval.max_rows is not None:
             batches = batches[:max(1, config.eval.max_rows // (config.eval.batch_size * self.world))]
         # Under ZeRO-3 every forward is a collective: all ranks run the same number of them.
         count = torch.tensor(len(batches), device=self.device)
         if self.world > 1:
             dist.all_reduce(count, op=dist.ReduceOp.MAX)
-        probs, labels, keys = [], [], []
+        parts: list[dict[str, np.ndarray]] = []
+        state = None
         self.engine.eval()
         with torch.no_grad():
             for i in range(int(count)):
-                batch = batches[i] if i < len(batches) else self.placeholder_batch()  # forward, then discarded
-                logits = self.task.logits(self.engine, self.batch_to_device(to_torch(batch))).float()
+                batch = batches[i] if i < len(batches) else self.placeholder  # forward, then discarded
+                logits, state = self.workload.forward(self.engine, self.batch_to_device(to_torch(batch)), state)
                 if i < len(batches):
-                    probs.append(torch.sigmoid(logits).cpu().numpy())
-                    labels.append(batch[self.task.target])
-                    keys.append(batch["key"])
+                    parts.append({"key": batch["key"], **self.workload.eval_rows(logits.float(), batch)})
         self.engine.train()
-        local = (np.concatenate(probs) if probs else np.empty(0, np.float32),
-                 np.concatenate(labels) if labels else np.empty(0, np.float32),
-                 np.concatenate(keys) if keys else np.empty(0, "S1"))
         gathered = [None] * self.world
         if self.world > 1:
-            dist.all_gather_object(gathered, local)  # our own ranks' arrays, inside one job
+            dist.all_gather_object(gathered, parts)  # our own ranks' arrays, inside one job
         else:
-            gathered = [local]
+            gathered = [parts]
         if self.rank != 0:
             return None
-        probs, labels, keys = (np.concatenate([g[i] for g in gathered]) for i in range(3))
-        metrics = {"step": self.step, "group": self.group, **binary_metrics(probs, labels)}
-        synth = self.dataset.extra.get("synth")
-        if synth:
-            metrics["bayes_log_loss"] = synth["bayes_log_loss"]
+        parts = [p for rank_parts in gathered for p in rank_parts]
+        if not parts:
+            raise ValueError(f"{config.data.output}: the eval split holds no rows")
+        rows = concat_blocks(parts)
+        metrics = {"step": self.step, "group": self.group, **self.workload.eval_metrics(rows, self.dataset)}
         self.write_metrics("eval", metrics)
-        self.write_tensorboard("Eval", {k: metrics[k] for k in ("log_loss", "auc", "calibration")})
-        print(f"eval step {self.step}: log loss {metrics['log_loss']:.4f} AUC {metrics['auc']:.4f} "
-              f"calibration {metrics['calibration']:.3f} ({metrics['rows']} rows)", flush=True)
+        self.write_tensorboard("Eval", {k: v for k, v in metrics.items()
+                                        if k not in ("step", "group") and isinstance(v, (int, float))})
+        print(f"eval step {self.step}: {self.workload.describe(metrics)}", flush=True)
         if final:
-            order = np.argsort(keys)
-            np.savez(self.out / "eval_predictions.npz", key=keys[order], prob=probs[order], label=labels[order])
+            order = np.argsort(rows["key"])
+            np.savez(self.out / "eval_predictions.npz", workload=np.array(self.workload.name),
+                     **{k: v[order] for k, v in rows.items()})
         return metrics
-
-    def placeholder_batch(self) -> dict[str, np.ndarray]:
-        """One all-zero row of the dataset's schema: a rank with no data of its own still joins a collective forward."""
-        return {name: np.zeros((1, *f.shape), np.bytes_ if f.dtype == "bytes" else f.dtype)
-                for name, f in self.dataset.features.items()}
 
     # --- checkpoints -------------------------------------------------------------------------------
 

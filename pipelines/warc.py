@@ -1,0 +1,409 @@
+"""Common Crawl WET and WARC files read into documents, with damage quarantined, never fatal.
+
+Each input record becomes exactly one of `WebDocument`, `Skipped` (well formed, not a document:
+warcinfo, request, metadata, non-HTML or non-2xx responses, empty text) or `Quarantined`
+(damaged), so records in = documents + skipped + quarantined.
+
+Files are gzip-compressed WARC with one gzip member per record (Common Crawl's layout), or
+uncompressed WARC (which has no checksum: damage inside a payload cannot be seen there). fastwarc
+and warcio both pass a truncated member silently and stop at a corrupt one, so the members are
+inflated here with zlib, one at a time from a streamed window of the file (a
+member is never longer than `max_record_bytes` in memory, the file never read whole), and each
+member's WARC and HTTP headers are parsed by fastwarc. A damaged member is quarantined with its
+byte offset, and reading resumes at the next verified member header: one quarantine stands for
+the damaged stretch, however many records it held. Damage reasons:
+
+- `not_warc`: the file starts with neither a gzip member nor `WARC/` and holds no gzip member of a
+  WARC record, or its first member is not WARC (one quarantine, nothing read).
+- `empty_file`: zero bytes.
+- `corrupt_gzip`: a member that zlib rejects (bad header, data or CRC), or bytes before or between
+  members.
+- `truncated`: the file ends inside a member or record (always the last thing in the file).
+- `too_large`: declared Content-Length or inflated member size above `max_record_bytes`;
+  the member is inflated through in bounded pieces and discarded, never allocated.
+- `malformed_header`: no `WARC/1.x` line, no blank line ending the headers, headers that are not
+  UTF-8, or a missing WARC-Type, WARC-Date or (documents) WARC-Target-URI.
+- `missing_record_id`: no WARC-Record-ID (documents are keyed by it).
+- `bad_content_length`: missing or non-numeric Content-Length, or one that does not end at the
+  record's closing CRLF CRLF.
+- `undecodable`: a WET (conversion) payload that is not UTF-8, as the WET format requires: the
+  text was damaged, so it is not guessed at. HTML is decoded by its declared or detected charset
+  with replacement characters for stray bytes, as browsers do.
+- `bad_http`, `bad_html`: an HTTP response that fastwarc or resiliparse cannot parse.
+
+A FIFO, device or directory given as input raises `WarcInputError` before anything is read.
+"""
+
+from __future__ import annotations
+
+import io
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import fsspec
+from fastwarc.warc import WarcRecord, WarcRecordType
+from resiliparse.extract.html2text import extract_plain_text
+from resiliparse.parse.encoding import bytes_to_str, detect_encoding
+from resiliparse.parse.html import HTMLParserException, HTMLTree
+
+DEFAULT_MAX_RECORD_BYTES = 16 << 20  # Common Crawl truncates payloads at 1 MiB (5 MiB since 2024)
+MAX_HEADER_BYTES = 64 << 10
+GZIP_MAGIC = b"\x1f\x8b\x08"
+HTML_TYPES = frozenset({"text/html", "application/xhtml+xml"})
+_READ_BYTES = 1 << 20  # read from the file in pieces of this size
+_FEED_BYTES = 64 << 10  # zlib input per call
+_INFLATE_BYTES = 1 << 20  # zlib output per call at most (bounds memory on a decompression bomb)
+_END = b"\r\n\r\n"
+
+
+@dataclass(frozen=True)
+class WebDocument:
+    key: str  # WARC-Record-ID, e.g. "<urn:uuid:...>" (WARC: the response record's id)
+    url: str  # WARC-Target-URI
+    date: str  # WARC-Date as written
+    language: str | None  # WARC-Identified-Content-Language as written (e.g. "eng,fra"), None if absent
+    text: str  # main text (WET payload; WARC: extracted from HTML)
+    source: str  # input file (the URL as given)
+    offset: int  # byte offset of the record (its gzip member) in the file
+
+
+@dataclass(frozen=True)
+class Quarantined:
+    """A damaged stretch of a file: `offset` is where it starts, `reason` one of the module's identifiers."""
+
+    source: str
+    offset: int
+    reason: str
+    detail: str
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A well-formed record that is not a document: `record_type:<type>`, `not_html`, `http_status:<code>`,
+    `empty_text`."""
+
+    source: str
+    offset: int
+    reason: str
+
+
+ReadResult = WebDocument | Quarantined | Skipped
+QUARANTINE_REASONS = ("not_warc", "empty_file", "corrupt_gzip", "truncated", "too_large", "malformed_header",
+                      "missing_record_id", "bad_content_length", "undecodable", "bad_http", "bad_html")
+
+
+class WarcInputError(ValueError):
+    """The input is not a regular file (a FIFO, device or directory): reading it could hang or never end."""
+
+
+class _Damage(Exception):
+    """Why a stretch of the file is quarantined; `resume` is where reading goes on if it is known."""
+
+    def __init__(self, reason: str, detail: str, resume: int | None = None):
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail, self.resume = reason, detail, resume
+
+
+def read_web_documents(url: str, max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> Iterator[ReadResult]:
+    """Every record of one WET or WARC file (gzip member per record, or uncompressed), in file order."""
+    if max_record_bytes < 1:
+        raise ValueError(f"max_record_bytes must be >= 1, got {max_record_bytes}")
+    fs, path = fsspec.core.url_to_fs(url)
+    kind = fs.info(path).get("type")
+    if kind != "file":
+        raise WarcInputError(f"{url}: not a regular file (fsspec type {kind!r}); give WARC/WET files only")
+    with fs.open(path, "rb") as f:
+        window = _Window(f)
+        head = bytes(window.view(0, 5)[:5])
+        if not head:
+            yield Quarantined(url, 0, "empty_file", "the file has no bytes")
+        elif head.startswith(GZIP_MAGIC):
+            yield from _read_gzip_members(window, url, max_record_bytes, 0)
+        elif head.startswith(b"WARC/"):
+            yield from _read_plain(window, url, max_record_bytes)
+        elif window.view(first := _next_member(window, 1)):  # junk before the first member
+            yield Quarantined(url, 0, "corrupt_gzip", f"{first} bytes that are not a gzip member before offset {first}")
+            yield from _read_gzip_members(window, url, max_record_bytes, first)
+        else:
+            yield Quarantined(url, 0, "not_warc", f"starts with {head!r} and holds no gzip member of a WARC record")
+
+
+class _Window:
+    """The file's bytes from some offset on, read forward in pieces: the file is never read whole."""
+
+    def __init__(self, f):
+        self._f, self._buf, self._base = f, b"", 0
+
+    def view(self, pos: int, at_least: int = 1) -> memoryview:
+        """Bytes from file offset `pos` on (never before an offset asked for earlier): at least `at_least` of
+        them unless the file ends first; empty at the end of the file."""
+        end = self._base + len(self._buf)
+        if pos + at_least > end:
+            pieces = [self._buf[pos - self._base:]]
+            have = len(pieces[0])
+            while have < at_least and (piece := self._f.read(max(_READ_BYTES, at_least - have))):
+                pieces.append(piece)
+                have += len(piece)
+            self._buf, self._base = b"".join(pieces), pos
+        return memoryview(self._buf)[pos - self._base:]
+
+    def find(self, sub: bytes, pos: int, within: int | None = None) -> int:
+        """Offset of the first `sub` at or after `pos` (and before `pos + within`), or -1. Reads forward in
+        pieces; nothing is copied."""
+        stop = None if within is None else pos + within
+        while True:
+            data = self.view(pos, _READ_BYTES)
+            found = self._buf.find(sub, pos - self._base)
+            if found >= 0 and (stop is None or self._base + found < stop):
+                return self._base + found
+            pos += len(data) - len(sub) + 1
+            if found >= 0 or len(data) < _READ_BYTES or (stop is not None and pos >= stop):
+                return -1
+
+
+# --- gzip members ----------------------------------------------------------------------------
+
+
+def _read_gzip_members(window: _Window, source: str, limit: int, pos: int) -> Iterator[ReadResult]:
+    while window.view(pos):
+        if window.view(pos, 3)[:3] != GZIP_MAGIC:
+            following = _next_member(window, pos + 1)
+            yield Quarantined(source, pos, "corrupt_gzip",
+                              f"{following - pos} bytes that are not a gzip member before offset {following}")
+            pos = following
+            continue
+        try:
+            member, end = _inflate_member(window, pos, limit)
+        except _Damage as damage:
+            yield Quarantined(source, pos, damage.reason, damage.detail)
+            if damage.reason == "truncated":
+                return
+            pos = damage.resume if damage.resume is not None else _next_member(window, pos + 1)
+            continue
+        if pos == 0 and not member.startswith(b"WARC/"):
+            yield Quarantined(source, 0, "not_warc",
+                              f"gzip data starting {member[:16]!r}, not a WARC/1.x record")
+            return
+        yield from _member_records(member, source, pos, limit)
+        pos = end
+
+
+def _inflate_member(window: _Window, start: int, limit: int) -> tuple[bytes, int]:
+    """Inflate the gzip member at `start`: (its bytes, offset just after it). Raises _Damage."""
+    inflater = zlib.decompressobj(31)  # 31: gzip framing, exactly one member
+    pieces: list[bytes] = []
+    size, pos = 0, start
+    while not inflater.eof:
+        data = window.view(pos)[:_FEED_BYTES]
+        tail = data
+        try:
+            while True:  # bounded output per call; a full buffer means more may be pending
+                out = inflater.decompress(tail, _INFLATE_BYTES)
+                size += len(out)
+                if size <= limit:
+                    pieces.append(out)
+                tail = inflater.unconsumed_tail
+                if inflater.eof or (not tail and len(out) < _INFLATE_BYTES):
+                    break
+        except zlib.error as e:
+            raise _Damage("corrupt_gzip", f"gzip member at {start}: {e}") from None
+        if not data and not inflater.eof:
+            raise _Damage("truncated", f"the file ends {pos - start} bytes into the gzip member at {start}")
+        # At the member's end zlib leaves the rest of the input in unused_data (and in unconsumed_tail, too).
+        pos += len(data) - len(inflater.unused_data if inflater.eof else inflater.unconsumed_tail)
+    if size > limit:
+        raise _Damage("too_large", f"gzip member inflates to {size} bytes > max_record_bytes={limit}", resume=pos)
+    return b"".join(pieces), pos
+
+
+def _next_member(window: _Window, pos: int) -> int:
+    """Offset of the next gzip member header at or after `pos` whose data inflates to a WARC record
+    (the three magic bytes alone occur in compressed data); the end of the file if none."""
+    while (found := window.find(GZIP_MAGIC, pos)) >= 0:
+        if _starts_warc_member(window.view(found, 4096)[:4096]):
+            return found
+        pos = found + 1
+    return _end_of_file(window, pos)
+
+
+def _end_of_file(window: _Window, pos: int) -> int:
+    while data := window.view(pos, _READ_BYTES):
+        pos += len(data)
+    return pos
+
+
+def _starts_warc_member(data: memoryview) -> bool:
+    try:
+        return zlib.decompressobj(31).decompress(data, 8).startswith(b"WARC/")
+    except zlib.error:
+        return False
+
+
+# --- uncompressed WARC -----------------------------------------------------------------------
+
+
+def _read_plain(window: _Window, source: str, limit: int) -> Iterator[ReadResult]:
+    """Uncompressed WARC: records are framed by their headers and Content-Length; after damage, reading
+    resumes at the next `WARC/1.`."""
+    pos = 0
+    while window.view(pos):
+        head = window.view(pos, MAX_HEADER_BYTES)[:MAX_HEADER_BYTES]
+        try:
+            header_end = window.find(_END, pos, MAX_HEADER_BYTES)
+            if header_end < 0:
+                raise _Damage("truncated" if len(head) < MAX_HEADER_BYTES else "malformed_header",
+                              f"no blank line ends the WARC headers in {len(head)} bytes")
+            if head[:5] != b"WARC/":
+                raise _Damage("malformed_header", "no WARC/1.x line where a record should start")
+            body = header_end + 4 - pos
+            length = _content_length(_header_fields(_parse_headers(bytes(head[:body]))), limit)
+        except _Damage as damage:
+            yield Quarantined(source, pos, damage.reason, damage.detail)
+            if damage.reason == "truncated":
+                return
+            pos = _next_plain_record(window, pos + 1)
+            continue
+        size = body + length + 4
+        record = window.view(pos, size)[:size]
+        if len(record) < size:
+            yield Quarantined(source, pos, "truncated", f"the file ends inside the record (Content-Length {length})")
+            return
+        if record[-4:] != _END:
+            yield Quarantined(source, pos, "bad_content_length",
+                              f"Content-Length {length} does not end at the record's closing CRLF CRLF")
+            pos = _next_plain_record(window, pos + 1)
+            continue
+        yield from _member_records(bytes(record), source, pos, limit)
+        pos += size
+
+
+def _next_plain_record(window: _Window, pos: int) -> int:
+    """Where the next record may start: the next `WARC/1.` (the end of the file if none)."""
+    found = window.find(b"WARC/1.", pos)
+    return found if found >= 0 else _end_of_file(window, pos)
+
+
+# --- records ---------------------------------------------------------------------------------
+
+
+def _parse_headers(block: bytes) -> WarcRecord:
+    """fastwarc's parse of a WARC header block (up to and including its blank line), which must be UTF-8
+    (WARC 1.1; fastwarc would quietly replace what is not)."""
+    try:
+        block.decode("utf-8")
+        return WarcRecord.from_reader(io.BytesIO(block))
+    except UnicodeDecodeError as e:
+        raise _Damage("malformed_header", f"WARC headers are not UTF-8 at byte {e.start}") from None
+    except OSError as e:
+        raise _Damage("malformed_header", str(e)) from None
+
+
+def _header_fields(record: WarcRecord) -> dict[str, str]:
+    """The WARC headers by lower-case name (names are case-insensitive); one call, faster than a lookup each."""
+    return {name.lower(): value for name, value in record.headers.items()}
+
+
+def _content_length(headers: dict[str, str], limit: int) -> int:
+    raw = headers.get("content-length")
+    if raw is None or not (raw.isascii() and raw.isdigit()):
+        raise _Damage("bad_content_length", f"Content-Length {raw!r} is not a byte count")
+    length = int(raw)
+    if length > limit:
+        raise _Damage("too_large", f"Content-Length {length} > max_record_bytes={limit}")
+    return length
+
+
+def _member_records(data: bytes, source: str, offset: int, limit: int) -> Iterator[ReadResult]:
+    """The records of one inflated member (Common Crawl: exactly one); damage ends the member."""
+    pos = 0
+    while pos < len(data):
+        try:
+            record, end = _record_at(data, pos, source, offset, limit)
+        except _Damage as damage:
+            yield Quarantined(source, offset, damage.reason, damage.detail)
+            return
+        yield record
+        pos = end
+
+
+def _record_at(data: bytes, pos: int, source: str, offset: int, limit: int) -> tuple[ReadResult, int]:
+    header_end = data.find(_END, pos)
+    if not data.startswith(b"WARC/", pos):
+        raise _Damage("malformed_header", f"no WARC/1.x line at byte {pos} of the record data")
+    if header_end < 0:
+        raise _Damage("malformed_header", "no blank line ends the WARC headers")
+    body = header_end + 4
+    record = _parse_headers(data[pos:body])
+    headers = _header_fields(record)
+    length = _content_length(headers, limit)
+    end = body + length
+    if data[end:end + 4] != _END:
+        raise _Damage("bad_content_length", f"Content-Length {length} does not end at the record's closing CRLF "
+                                            f"CRLF ({len(data) - body} bytes follow the headers)")
+    for name in ("warc-type", "warc-date"):
+        if not headers.get(name):
+            raise _Damage("malformed_header", f"no {name} header")
+    if not headers.get("warc-record-id"):
+        raise _Damage("missing_record_id", "no WARC-Record-ID header")
+    kind = record.record_type
+    if kind == WarcRecordType.conversion:
+        result = _wet_document(headers, data[body:end], source, offset)
+    elif kind == WarcRecordType.response:
+        result = _html_document(data[pos:end + 4], headers, source, offset, limit)
+    else:
+        result = Skipped(source, offset, f"record_type:{kind}")
+    return result, end + 4
+
+
+def _document(headers: dict[str, str], text: str, source: str, offset: int) -> WebDocument | Skipped:
+    url = headers.get("warc-target-uri")
+    if not url:
+        raise _Damage("malformed_header", "no WARC-Target-URI header")
+    if not text.strip():
+        return Skipped(source, offset, "empty_text")
+    return WebDocument(key=headers["warc-record-id"], url=url, date=headers["warc-date"],
+                       language=headers.get("warc-identified-content-language"), text=text, source=source,
+                       offset=offset)
+
+
+def _wet_document(headers: dict[str, str], payload: bytes, source: str, offset: int) -> WebDocument | Skipped:
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise _Damage("undecodable", f"WET text is not UTF-8 at byte {e.start} of the payload: {e.reason}") from None
+    return _document(headers, text, source, offset)
+
+
+def _html_document(data: bytes, headers: dict[str, str], source: str, offset: int,
+                   limit: int) -> WebDocument | Skipped:
+    record = WarcRecord.from_reader(io.BytesIO(data))
+    if not record.is_http:
+        return Skipped(source, offset, "not_html")
+    try:
+        record.parse_http(auto_decode="all")  # the payload is read with Content-Encoding and chunking undone
+    except OSError as e:
+        raise _Damage("bad_http", str(e)) from None
+    status = record.http_headers.status_code
+    if status is None:
+        raise _Damage("bad_http", "no HTTP status line")
+    if not 200 <= status < 300:
+        return Skipped(source, offset, f"http_status:{status}")
+    mime = (record.http_content_type or headers.get("warc-identified-payload-type") or "").lower()
+    if mime not in HTML_TYPES:
+        return Skipped(source, offset, "not_html")
+    try:
+        payload = record.reader.read(limit + 1)
+    except OSError as e:
+        raise _Damage("bad_http", str(e)) from None
+    if len(payload) > limit:
+        raise _Damage("too_large", f"HTTP payload decodes to more than max_record_bytes={limit}")
+    # The HTTP charset wins over the page's <meta>, as in browsers; otherwise meta, then uchardet.
+    encoding = record.http_charset or detect_encoding(payload, from_html_meta=True)
+    try:
+        tree = HTMLTree.parse(bytes_to_str(payload, encoding, errors="replace"))
+        text = extract_plain_text(tree, preserve_formatting=True, main_content=True, list_bullets=False,
+                                  alt_texts=False)
+    except (HTMLParserException, LookupError, UnicodeError) as e:
+        raise _Damage("bad_html", f"{type(e).__name__}: {e}") from None
+    return _document(headers, text, source, offset)

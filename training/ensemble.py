@@ -1,0 +1,60 @@
+"""An ensemble of finished models, evaluated on the shared eval split by averaging their predicted
+distributions (the ceiling codistillation is compared with; it trains nothing of its own).
+
+Each member is a group directory of a finished run (`<run_dir>/group-<g>/model.safetensors`). The
+result is written like a one-group run (`<out>/group-0/metrics.jsonl` with one eval record and
+`eval_predictions.npz`), so reports and churn read it as they read any run.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import safetensors.torch
+import torch
+
+from codistill.config import ExperimentConfig
+from codistill.dataset import load_manifest
+from pipelines.formats import concat_blocks
+from training.data import StreamSpec, to_torch
+from training.workloads import workload_for
+
+
+def evaluate_ensemble(config: ExperimentConfig, members: list[Path], out: Path, step: int) -> dict:
+    if config.eval.max_rows is not None:
+        raise ValueError("eval.max_rows is set: an ensemble is evaluated on the whole eval split, so its "
+                         "members' metrics would not be comparable")
+    dataset = load_manifest(config.data.output)
+    workload = workload_for(dataset.dataset)
+    models = []
+    for member in members:
+        model = workload.build_model(config.model, dataset)
+        model.load_state_dict(safetensors.torch.load_file(str(member / "model.safetensors")))
+        models.append(model.eval())
+    spec = StreamSpec(config.data.output, dataset, tuple(dataset.shards_of("eval")), config.eval.batch_size)
+    states = [None] * len(models)
+    parts = []
+    with torch.no_grad():
+        for block in workload.batches(spec, config, False):
+            batch = to_torch(block)
+            mean = None
+            for i, model in enumerate(models):
+                logits, states[i] = workload.forward(model, batch, states[i])
+                probs = torch.sigmoid(logits.float()) if workload.binary else torch.softmax(logits.float(), dim=-1)
+                mean = probs if mean is None else mean + probs
+            mean /= len(models)
+            # Back to logits of the averaged distribution, so the workload's own eval code applies unchanged.
+            logits = torch.logit(mean.double(), eps=1e-12).float() if workload.binary else mean.clamp_min(1e-30).log()
+            parts.append({"key": block["key"], **workload.eval_rows(logits, block)})
+    rows = concat_blocks(parts)
+    metrics = {"step": step, "group": 0, "members": [str(m) for m in members],
+               **workload.eval_metrics(rows, dataset)}
+    group_dir = out / "group-0"
+    group_dir.mkdir(parents=True, exist_ok=True)
+    (group_dir / "metrics.jsonl").write_text(json.dumps({"kind": "eval", **metrics}) + "\n")
+    order = np.argsort(rows["key"])
+    np.savez(group_dir / "eval_predictions.npz", workload=np.array(workload.name),
+             **{k: v[order] for k, v in rows.items()})
+    return metrics

@@ -1,0 +1,67 @@
+"""One small interface per workload (in the spirit of torchtitan's `TrainSpec`).
+
+The trainer, the exchanger and the loss know nothing about any data set:
+everything specific to one workload — its model, how a stored batch becomes
+model inputs / targets / mask, decoding and augmentation in the loader,
+evaluation metrics and churn — is one `Workload`, found by the dataset
+manifest's `dataset` name.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from torch import Tensor, nn
+
+from codistill.config import ExperimentConfig, ModelConfig
+from codistill.dataset import DatasetManifest
+from pipelines.formats import Block
+from training.data import StreamSpec
+
+Rows = dict[str, np.ndarray]  # per-row arrays with one leading length (eval outputs, predictions)
+
+WORKLOAD_MODULES = {"criteo": "training.workloads.criteo", "commoncrawl": "training.workloads.lm",
+                    "imagenet": "training.workloads.imagenet"}
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str  # the dataset manifest's `dataset`
+    binary: bool  # Bernoulli outputs through a sigmoid (logits shaped like targets) vs a softmax over the last dim
+    build_model: Callable[[ModelConfig, DatasetManifest], nn.Module]
+    # (stream, config, train) -> numpy batches ready for the model: decoding and augmentation happen here,
+    # inside the DataLoader workers when loader.workers > 0. Train streams repeat forever; eval streams end.
+    batches: Callable[[StreamSpec, ExperimentConfig, bool], Iterable[Block]]
+    # (model, torch batch, state) -> (logits, state). `state` is what one model carries from batch to batch
+    # (None at the start and whenever the model's weights are replaced); stateless workloads return None.
+    forward: Callable[[nn.Module, dict[str, Tensor], Any], tuple[Tensor, Any]]
+    # torch batch -> (targets, mask or None); mask False marks padding.
+    targets: Callable[[dict[str, Tensor]], tuple[Tensor, Tensor | None]]
+    # (logits, numpy batch) -> the per-row outputs of one eval batch that metrics and churn need.
+    eval_rows: Callable[[Tensor, Block], Rows]
+    # (all eval rows, dataset) -> metrics; always "loss" (the primary eval loss, in the floor's units) and
+    # "rows", and "floor" when the data has a known one.
+    eval_metrics: Callable[[Rows, DatasetManifest], dict[str, float]]
+    describe: Callable[[dict], str]  # an eval record as one console line
+    # (rows of run a, rows of run b, threshold for binary outputs) -> churn between two retrains
+    churn: Callable[[Rows, Rows, float], dict[str, float]]
+    describe_churn: Callable[[dict, float], str]
+
+
+def workload_for(dataset: str) -> Workload:
+    if dataset not in WORKLOAD_MODULES:
+        raise ValueError(f"no training workload for dataset {dataset!r} (known: {', '.join(WORKLOAD_MODULES)})")
+    return importlib.import_module(WORKLOAD_MODULES[dataset]).WORKLOAD
+
+
+def stateless(inputs: tuple[str, ...]) -> Callable[[nn.Module, dict[str, Tensor], Any], tuple[Tensor, None]]:
+    """`forward` for models that take batch columns as positional arguments and carry nothing."""
+
+    def forward(model: nn.Module, batch: dict[str, Tensor], state: Any) -> tuple[Tensor, None]:
+        return model(*(batch[name] for name in inputs)), None
+
+    return forward

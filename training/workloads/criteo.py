@@ -1,0 +1,80 @@
+"""Criteo click-through prediction: the paper's DNN, log loss / AUC / calibration, churn of |Δp|."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from codistill.config import CriteoDNNConfig, ExperimentConfig
+from codistill.dataset import DatasetManifest
+from pipelines.formats import Block
+from training import metrics
+from training.data import ShardStream, StreamSpec
+from training.workloads import Rows, Workload, stateless
+
+
+class CriteoDNN(nn.Module):
+    """The paper's Criteo DNN: an embedding per hashed categorical + the dense features, into an MLP.
+
+    Returns one logit per row (click probability = sigmoid(logit)).
+    """
+
+    def __init__(self, config: CriteoDNNConfig, cat_buckets: list[int], dense_features: int = 13):
+        super().__init__()
+        self.embeddings = nn.ModuleList(nn.Embedding(b, config.embedding_dim) for b in cat_buckets)
+        layers: list[nn.Module] = []
+        width = dense_features + len(cat_buckets) * config.embedding_dim
+        for hidden in config.hidden:
+            layers += [nn.Linear(width, hidden), nn.ReLU()]
+            if config.dropout:
+                layers.append(nn.Dropout(config.dropout))
+            width = hidden
+        layers.append(nn.Linear(width, 1))
+        self.mlp = nn.Sequential(*layers)
+
+    def forward(self, dense: Tensor, cat: Tensor) -> Tensor:
+        embedded = [emb(cat[:, i]) for i, emb in enumerate(self.embeddings)]
+        return self.mlp(torch.cat([dense, *embedded], dim=1)).squeeze(1)
+
+
+def build_model(config: CriteoDNNConfig, dataset: DatasetManifest) -> nn.Module:
+    if not isinstance(config, CriteoDNNConfig):
+        raise ValueError(f"model.kind: the criteo workload trains `criteo_dnn`, got {config.kind!r}")
+    buckets = list(dataset.parameters["criteo"]["cat_buckets"])
+    return CriteoDNN(config, buckets * 26 if len(buckets) == 1 else buckets)
+
+
+def batches(spec: StreamSpec, config: ExperimentConfig, train: bool) -> ShardStream:
+    return ShardStream(spec)  # stored rows are model-ready: nothing to decode
+
+
+def eval_rows(logits: Tensor, batch: Block) -> Rows:
+    return {"prob": torch.sigmoid(logits).cpu().numpy(), "label": batch["label"]}
+
+
+def eval_metrics(rows: Rows, dataset: DatasetManifest) -> dict[str, float]:
+    result = metrics.binary_metrics(rows["prob"], rows["label"])
+    result["loss"] = result["log_loss"]
+    synth = dataset.extra.get("synth")
+    if synth:
+        result["floor"] = result["bayes_log_loss"] = synth["bayes_log_loss"]
+    return result
+
+
+def describe(m: dict) -> str:
+    return f"log loss {m['log_loss']:.4f} AUC {m['auc']:.4f} calibration {m['calibration']:.3f} ({m['rows']} rows)"
+
+
+def churn(a: Rows, b: Rows, threshold: float) -> dict[str, float]:
+    return metrics.churn(a["prob"], b["prob"], threshold)
+
+
+def describe_churn(c: dict, threshold: float) -> str:
+    return (f"mean |p_a - p_b| = {c['mean_abs_diff']:.4f}, "
+            f"thresholded at {threshold}: {100 * c['disagreement']:.2f}% differ")
+
+
+WORKLOAD = Workload(
+    name="criteo", binary=True, build_model=build_model, batches=batches, forward=stateless(("dense", "cat")),
+    targets=lambda batch: (batch["label"].float(), None), eval_rows=eval_rows, eval_metrics=eval_metrics,
+    describe=describe, churn=churn, describe_churn=describe_churn)
