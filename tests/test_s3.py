@@ -21,7 +21,7 @@ from codistill.verify import verify_dataset
 from pipelines.run import preprocess
 from training.exchange import LATEST, PeerWatcher, model_signature
 from training.launch import group_commands
-from training.models import build
+from training.workloads import workload_for
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -111,7 +111,7 @@ def s3_training_run(s3, s3_dataset, tmp_path_factory):
     sets = TINY + [f"data.output={url}", f"storage={s3.manifest_value}", f"train.store={store}",
                    "schedule.steps=6", "eval.every=3", "train.checkpoint_every=6", "codistill.exchange_every=3",
                    "train.log_every=2", "train.tensorboard=true", f"train.run_dir={run_dir}"]
-    argv = group_commands("criteo-tiny", 1, 2, sets, resume=False)[0].argv
+    argv = group_commands("criteo-tiny", [0], 2, sets, resume=False)[0].argv
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     proc = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=280)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
@@ -126,7 +126,7 @@ def test_training_reads_its_shards_from_s3_and_publishes_snapshots_there(s3_trai
     try:
         fs, root = storage.url_to_fs(config.store)
         assert fs.cat_file(f"{root}/{config.run_id}/group-0/{LATEST}") == b"step-00000006.json"
-        model, _ = build(config.model, load_manifest(config.data.output))
+        model = workload_for("criteo").build_model(config.model, load_manifest(config.data.output))
         with PeerWatcher(config.store, config.run_id, 1, [0], model_signature(model.state_dict()),
                          poll_interval=0.05) as w:
             deadline = time.monotonic() + 30
