@@ -204,11 +204,14 @@ def tokenizer() -> None:
 @_fail_cleanly
 def tokenizer_train(ctx, input_glob, out, vocab_size, model_type, sample_docs, manifest, sets, runner) -> None:
     """Train sentencepiece on a deterministic sample of the cleaned text (read and cleaned with Beam)."""
+    from codistill import storage
     from pipelines.textfiles import expand_inputs
     from tokenizer.train import train_tokenizer
 
     raw = _raw_manifest("commoncrawl", manifest, input_glob, {})
-    data = parse_experiment(raw, sets).data
+    config = parse_experiment(raw, sets)
+    storage.configure(config.storage)
+    data = config.data
     info = train_tokenizer(expand_inputs(input_glob), out, vocab_size, model_type, sample_docs,
                            data.commoncrawl.clean, data.seed, _beam_args(ctx, runner))
     click.echo(f"wrote {out} ({info['type']}, {info['vocab_size']} pieces, trained on {info['trained_on_documents']} "
