@@ -14,7 +14,9 @@ matter. (A retried bundle counts twice in the monitor; Beam's committed
 metrics do not.)
 
 The totals are set on the driver while the pipeline is built, by the
-transform that plans the work (`expect()`).
+transform that plans the work (`expect()`), or, where only the workers find
+the work (the files of ImageNet's class folders, listed in parallel), added
+by them as they find it (`report(found_parts=..., found_bytes=...)`).
 """
 
 from __future__ import annotations
@@ -31,9 +33,10 @@ from apache_beam.metrics import Metrics
 from codistill.units import duration, size
 
 NAMESPACE = "codistill"
-FIELDS = ("parts", "bytes", "rows")
+FIELDS = ("parts", "bytes", "rows", "found_parts", "found_bytes")
 _COUNTERS = {"parts": Metrics.counter(NAMESPACE, "parts_done"), "bytes": Metrics.counter(NAMESPACE, "bytes_read"),
-             "rows": Metrics.counter(NAMESPACE, "rows_read")}
+             "rows": Metrics.counter(NAMESPACE, "rows_read"), "found_parts": Metrics.counter(NAMESPACE, "parts_found"),
+             "found_bytes": Metrics.counter(NAMESPACE, "bytes_found")}
 _PART_BYTES = Metrics.distribution(NAMESPACE, "part_bytes")
 
 # Worker side: where this process sends its reports (set by `connect`).
@@ -50,16 +53,19 @@ def connect(address: tuple[str, int] | None) -> None:
     _address = address
 
 
-def report(parts: int = 0, bytes: int = 0, rows: int = 0, part_bytes: int | None = None) -> None:  # noqa: A002
-    """Count work done in this worker: `parts` finished work units, `bytes` and `rows` read."""
-    for name, value in zip(FIELDS, (parts, bytes, rows)):
+def report(parts: int = 0, bytes: int = 0, rows: int = 0, part_bytes: int | None = None,  # noqa: A002
+           found_parts: int = 0, found_bytes: int = 0) -> None:
+    """Count work done in this worker: `parts` finished work units, `bytes` and `rows` read; `found_parts` and
+    `found_bytes` add work found here to the totals."""
+    values = (parts, bytes, rows, found_parts, found_bytes)
+    for name, value in zip(FIELDS, values):
         if value:
             _COUNTERS[name].inc(value)
     if part_bytes is not None:
         _PART_BYTES.update(part_bytes)
     if _address is not None:
         try:
-            _socket.sendto(json.dumps([parts, bytes, rows]).encode(), _address)
+            _socket.sendto(json.dumps(values).encode(), _address)
         except OSError:
             pass  # progress is best effort; the work is not
 
@@ -134,9 +140,12 @@ class ProgressMonitor:
             increments = json.loads(data)
         except ValueError:
             return True  # not ours (anything local can send here): ignored
-        if isinstance(increments, list) and len(increments) == 3 and all(type(v) is int for v in increments):
-            for i, value in enumerate(increments):
+        if isinstance(increments, list) and len(increments) == len(FIELDS) and all(
+                type(v) is int for v in increments):
+            for i, value in enumerate(increments[:3]):
                 self.done[i] += value
+            for i, value in enumerate(increments[3:]):
+                self.totals[i] += value
         return True
 
     def _drain(self) -> None:

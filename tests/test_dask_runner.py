@@ -9,11 +9,13 @@ import pytest
 from apache_beam.options.pipeline_options import StandardOptions
 from apache_beam.runners.dask.dask_runner import DaskOptions
 from apache_beam.testing.util import assert_that, equal_to
-from conftest import dask_args, make_criteo_file, read_rejected, run_criteo, shard_bytes
+from conftest import RUNNER, dask_args, make_criteo_file, read_rejected, run_criteo, shard_bytes
 
+from codistill.config import parse_experiment
 from codistill.verify import verify_dataset
-from pipelines.run import DASK_RUNNER, pipeline_options
+from pipelines.run import DASK_RUNNER, pipeline_options, preprocess
 from pipelines.synth_criteo import generate_criteo
+from pipelines.synth_imagenet import generate_imagenet
 
 
 @pytest.fixture
@@ -69,3 +71,25 @@ def test_dask_shards_are_byte_identical_to_the_in_process_runner(cluster, criteo
     assert {(r["source"], r["line"]) for r in read_rejected(str(tmp_path / "dask"))} == {("small.txt.gz", 9),
                                                                                          ("small.txt.gz", 150)}
     assert verify_dataset(str(tmp_path / "dask")).ok
+
+
+def test_imagenet_on_dask_is_byte_identical_and_reports_every_file(cluster, tmp_path):
+    """ImageNet's files are found by the listing workers: they add them to the progress totals, and the
+    processing workers count them done (bad files included)."""
+    generate_imagenet(str(tmp_path / "raw"), classes=3, per_class=12, val_per_class=2, seed=1, min_size=32,
+                      max_size=48, faults=1)
+
+    def config(output: str):
+        return parse_experiment({"name": "test", "data": {
+            "dataset": "imagenet", "input": str(tmp_path / "raw"), "output": str(tmp_path / output), "groups": 2,
+            "shards_per_group": 1, "eval_shards": 1, "seed": 3, "imagenet": {"images_per_task": 8}}})
+
+    local = preprocess(config("local"), [RUNNER])
+    lines: list[str] = []
+    dask = preprocess(config("dask"), dask_args(cluster), show_progress=lines.append)
+    assert shard_bytes(str(tmp_path / "dask")) == shard_bytes(str(tmp_path / "local"))
+    assert dask.shards == local.shards and dask.rejected == local.rejected and dask.extra == local.extra
+    files = dask.input_rows
+    assert files == sum(1 for p in (tmp_path / "raw").rglob("*") if p.is_file() and p.parent.name != "raw")
+    assert lines[-1].startswith(f"progress: {files}/{files} input parts, "), lines
+    assert " read (100%), " in lines[-1] and f", {files} rows, " in lines[-1], lines

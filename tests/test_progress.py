@@ -60,11 +60,12 @@ def test_monitor_ignores_datagrams_that_are_not_reports():
     with progress.ProgressMonitor(write=lines.append) as monitor:
         progress.connect(monitor.address)
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as other:
-            for junk in [b"\xff\xfe", b"{}", b"[1, 2]", b'["a", 1, 2]', b"[1.5, 0, 0]", b"null", b""]:
+            for junk in [b"\xff\xfe", b"{}", b"[1, 2]", b'["a", 1, 2, 0, 0]', b"[1.5, 0, 0, 0, 0]",
+                         b"[1, 0, 0, 0, 0.5]", b"null", b""]:
                 other.sendto(junk, monitor.address)
         progress.report(parts=1, bytes=10, rows=3)
         progress.connect(None)
-    assert monitor.done == [1, 10, 3] and ", done in " in lines[-1]
+    assert monitor.done == [1, 10, 3] and monitor.totals == [0, 0] and ", done in " in lines[-1]
 
 
 def test_no_monitor_means_no_reports_and_no_errors(raw_input, tmp_path):
