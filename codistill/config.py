@@ -616,7 +616,7 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
         return value
     if origin is dict:
         key_tp, value_tp = typing.get_args(tp)
-        _require(isinstance(value, dict), name, f"expected a mapping, got {type(value).__name__} {value!r}")
+        _require(isinstance(value, dict), name, f"expected a mapping, got {type(value).__name__} {_bounded(value)}")
         return {_coerce(k, key_tp, name): _coerce(v, value_tp, f"{name}.{k}") for k, v in value.items()}
     if tp is Any:
         return value

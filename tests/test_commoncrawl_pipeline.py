@@ -24,7 +24,7 @@ from codistill import units
 from codistill.config import ConfigError, parse_experiment
 from codistill.dataset import load_manifest
 from codistill.verify import verify_dataset
-from conftest import RUNNER, dask_args, read_bytes, shard_bytes, write_bytes
+from conftest import RUNNER, read_bytes, shard_bytes, write_bytes
 from pipelines import commoncrawl as cc
 from pipelines import dedup
 from pipelines.cleaning import Cleaner
@@ -197,9 +197,15 @@ def test_rows_follow_the_contract(built, generated, tokenizer_url):
 def test_two_worker_processes_and_webdataset_give_the_same_data(built, generated, tokenizer_url, tmp_path):
     out, manifest = built
     _, pattern, _ = generated
-    other = run(pattern, str(tmp_path / "mp"), tokenizer_url,
-                beam_args=(RUNNER, "--direct_num_workers=2", "--direct_running_mode=multi_processing"))
+    lines: list[str] = []  # the progress reports come from the two worker processes
+    other = preprocess(config(pattern, str(tmp_path / "mp"), tokenizer_url),
+                       [RUNNER, "--direct_num_workers=2", "--direct_running_mode=multi_processing"],
+                       show_progress=lines.append)
     assert shard_bytes(str(tmp_path / "mp")) == shard_bytes(out)
+    files = expand_inputs(pattern)
+    size = units.size(sum(os.path.getsize(f) for f in files))
+    assert lines[-1].startswith(f"progress: {len(files)}/{len(files)} input parts, {size} of {size} read (100%), "
+                                f"{other.input_rows} rows, "), lines
     assert [s.sha256 for s in other.shards] == [s.sha256 for s in manifest.shards]
     assert read_bytes(str(tmp_path / "mp" / "documents" / manifest.shards[0].path) + ".jsonl") == read_bytes(
         f"{out}/documents/{manifest.shards[0].path}.jsonl")
@@ -208,24 +214,6 @@ def test_two_worker_processes_and_webdataset_give_the_same_data(built, generated
     for a, b in zip(manifest.shards, wds.shards):
         ra, rb = shard_rows(out, a), shard_rows(str(tmp_path / "wds"), b)
         assert ra.keys() == rb.keys() and all(np.array_equal(ra[k], rb[k]) for k in ra)
-
-
-def test_dask_workers_give_the_same_data_and_report_progress(built, generated, tokenizer_url, dask_cluster, tmp_path):
-    """The whole pipeline (staging, the dedup joins, encoding, packing) on a LocalCluster of 2 worker processes;
-    the progress line counts every input file and byte, reported from those processes."""
-    out, manifest = built
-    _, pattern, _ = generated
-    lines: list[str] = []
-    dask = preprocess(config(pattern, str(tmp_path / "dask"), tokenizer_url), dask_args(dask_cluster),
-                      show_progress=lines.append)
-    assert shard_bytes(str(tmp_path / "dask")) == shard_bytes(out)
-    assert dask.shards == manifest.shards and dask.rejected == manifest.rejected
-    assert read_bytes(str(tmp_path / "dask" / "documents" / manifest.shards[0].path) + ".jsonl") == read_bytes(
-        f"{out}/documents/{manifest.shards[0].path}.jsonl")
-    files = expand_inputs(pattern)
-    size = units.size(sum(os.path.getsize(f) for f in files))
-    assert lines[-1].startswith(f"progress: {len(files)}/{len(files)} input parts, {size} of {size} read (100%), "
-                                f"{dask.input_rows} rows, "), lines
 
 
 def test_rerun_after_a_crash_skips_done_files_with_the_same_bytes(built, generated, tokenizer_url, tmp_path):
