@@ -102,7 +102,8 @@ def _preprocess_options(func):
         click.option("--groups", type=int),
         click.option("--eval-fraction", type=float),
         click.option("--format", "fmt", type=click.Choice(["tfrecord", "webdataset"])),
-        click.option("--runner", help="Beam runner (default FnApiRunner, in-process), e.g. DataflowRunner."),
+        click.option("--runner", help="Beam runner (default FnApiRunner, in-process), e.g. DaskRunner (with "
+                     "--dask_client_address HOST:PORT), DataflowRunner, FlinkRunner."),
         click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a manifest field."),
         click.option("--overwrite", is_flag=True, help="Replace an existing output directory."),
         click.pass_context,
@@ -139,11 +140,16 @@ def _run_preprocess(ctx, dataset: str, dataset_flags: dict, manifest, input_glob
     flags = {"data.output": output, "data.groups": groups, "data.eval_fraction": eval_fraction, "data.format": fmt,
              **dataset_flags}
     config = parse_experiment(_raw_manifest(dataset, manifest, input_glob, flags), sets)
-    result = run_preprocess(config, _beam_args(ctx, runner), overwrite=overwrite, resume=resume)
+    result = run_preprocess(config, _beam_args(ctx, runner), overwrite=overwrite, resume=resume,
+                            show_progress=_echo_progress)
     click.echo(summarize_dataset(result, config.data.output))
     if result.input_rows and not result.written_rows:
         raise click.ClickException(f"every one of the {result.input_rows} rows read was rejected (not "
                                    f"{dataset} data, or the wrong options?); see {config.data.output}/rejected/")
+
+
+def _echo_progress(line: str) -> None:
+    click.echo(line, err=True)
 
 
 @click.option("--dialect", type=click.Choice(["tsv", "csv"]),
@@ -198,11 +204,14 @@ def tokenizer() -> None:
 @_fail_cleanly
 def tokenizer_train(ctx, input_glob, out, vocab_size, model_type, sample_docs, manifest, sets, runner) -> None:
     """Train sentencepiece on a deterministic sample of the cleaned text (read and cleaned with Beam)."""
+    from codistill import storage
     from pipelines.textfiles import expand_inputs
     from tokenizer.train import train_tokenizer
 
     raw = _raw_manifest("commoncrawl", manifest, input_glob, {})
-    data = parse_experiment(raw, sets).data
+    config = parse_experiment(raw, sets)
+    storage.configure(config.storage)
+    data = config.data
     info = train_tokenizer(expand_inputs(input_glob), out, vocab_size, model_type, sample_docs,
                            data.commoncrawl.clean, data.seed, _beam_args(ctx, runner))
     click.echo(f"wrote {out} ({info['type']}, {info['vocab_size']} pieces, trained on {info['trained_on_documents']} "
@@ -285,11 +294,16 @@ def summarize_dataset(dataset: DatasetManifest, where: str) -> str:
 
 @main.command()
 @click.argument("directory")
+@click.option("-m", "--manifest", help="Experiment manifest whose `storage` rules apply (e.g. an S3 endpoint).")
 @_fail_cleanly
-def verify(directory: str) -> None:
+def verify(directory: str, manifest: str | None) -> None:
     """Re-read every shard: counts, sizes, sha256 against the manifest, and key disjointness."""
+    from codistill import storage
+    from codistill.config import load_experiment
     from codistill.verify import verify_dataset
 
+    if manifest:
+        storage.configure(load_experiment(manifest).storage)
     report = verify_dataset(directory)
     if not report.ok:
         for problem in report.problems:
@@ -309,7 +323,7 @@ def _dataset_for(config) -> DatasetManifest:
         dataset = load_manifest(config.data.output)
     except DatasetError:
         click.echo(f"no dataset at {config.data.output}: preprocessing it first")
-        dataset = run_preprocess(config)
+        dataset = run_preprocess(config, show_progress=_echo_progress)
         click.echo(summarize_dataset(dataset, config.data.output))
         return dataset
     wanted = json.loads(json.dumps(pipeline_parameters(config.data)))  # as stored: tuples become lists
@@ -340,14 +354,14 @@ def _start_afresh(config, overwrite: bool) -> None:
     import shutil
     from pathlib import Path
 
-    import fsspec
+    from codistill import storage
 
     from training.launch import LOCK_FILE
 
     run_dir = Path(config.run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise click.ClickException(f"run directory {run_dir} exists and is not a directory")
-    store_fs, store_root = fsspec.core.url_to_fs(config.store)
+    store_fs, store_root = storage.url_to_fs(config.store)
     old_snapshots = f"{store_root.rstrip('/')}/{config.run_id}"
     earlier = [p for p in run_dir.iterdir() if p.name != LOCK_FILE] if run_dir.exists() else []
     if earlier or store_fs.exists(old_snapshots):
@@ -376,10 +390,12 @@ def _start_afresh(config, overwrite: bool) -> None:
 
 def _train(manifest: str, sets: list[str], resume: bool, overwrite: bool = False):
     """Start every group of a run (one deepspeed launch each); returns the config."""
+    from codistill import storage
     from codistill.config import load_experiment
     from training.launch import GroupFailed, RunLocked, group_commands, locked_run_dir, read_run_nonce, run_groups
 
     config = load_experiment(manifest, sets)
+    storage.configure(config.storage)
     dataset = _dataset_for(config)
     try:
         with locked_run_dir(config.run_dir):  # held until every group has ended
@@ -466,7 +482,7 @@ def demo(plan: str, sets: tuple[str, ...]) -> None:
     click.echo("== 1. generate Criteo-format data and shard it into groups with Beam")
     from pipelines.run import preprocess as run_preprocess
 
-    dataset = run_preprocess(config, overwrite=True)
+    dataset = run_preprocess(config, overwrite=True, show_progress=_echo_progress)
     click.echo(summarize_dataset(dataset, config.data.output))
     report = verify_dataset(config.data.output)
     if not report.ok:

@@ -519,6 +519,9 @@ class TrainConfig:
     store: str | None = None  # snapshot store URL; default <run_dir>/store
     log_every: int = 50
     checkpoint_every: int = 500
+    # Also write training and eval metrics as TensorBoard events (DeepSpeed's monitor; the `tensorboard`
+    # extra) to <run_dir>/group-<g>/tensorboard.
+    tensorboard: bool = False
     # Which of the dataset's groups train in this run (null = all). One group alone is the plain
     # baseline or, with `reads: union` and twice the batch, the synchronous 2x-batch control.
     groups: tuple[int, ...] | None = None
@@ -536,6 +539,32 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class StorageConfig:
+    """fsspec options for every URL under `prefix` (the longest matching prefix wins), e.g. an S3 endpoint.
+
+    `options` go to the file system as they are (s3fs: `endpoint_url`, `profile`, `anon`, `client_kwargs`...;
+    gcsfs: `project`, `token`...). `env` names environment variables read where the file system is made (on
+    each worker), so secrets never sit in a manifest: `{key: MY_S3_KEY, secret: MY_S3_SECRET}`. URLs no rule
+    matches get only fsspec's own configuration (`FSSPEC_S3_*`, `AWS_*`, ~/.aws, ...).
+    """
+
+    prefix: str
+    options: dict[str, Any] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)
+
+    def validate(self, name: str) -> None:
+        protocol, sep, rest = self.prefix.partition("://")
+        _require(bool(sep) and bool(protocol) and bool(rest), f"{name}.prefix",
+                 f"must be a URL with a protocol and a location, e.g. s3://bucket/data, got {self.prefix!r}")
+        _require(protocol in fsspec.available_protocols(), f"{name}.prefix",
+                 f"unknown fsspec protocol {protocol!r} in {self.prefix!r}")
+        both = sorted(set(self.options) & set(self.env))
+        _require(not both, f"{name}.env", f"sets {both} that options already sets")
+        for option, variable in self.env.items():
+            _require(bool(variable), f"{name}.env.{option}", "must name an environment variable")
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     name: str
     data: DataConfig = field(default_factory=DataConfig)
@@ -547,6 +576,7 @@ class ExperimentConfig:
     codistill: CodistillConfig = field(default_factory=CodistillConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    storage: tuple[StorageConfig, ...] = ()
 
     def validate(self) -> None:
         # `runs/<name>` is the default run directory, which `--overwrite` deletes: `..` would be the working
@@ -557,6 +587,10 @@ class ExperimentConfig:
                  f"must end in a directory name (it names the run in the store), got {_bounded(self.run_dir)}")
         for section in ("data", "model", "optimizer", "schedule", "deepspeed", "loader", "codistill", "eval", "train"):
             getattr(self, section).validate(section)
+        prefixes = [rule.prefix.rstrip("/") for rule in self.storage]
+        for i, rule in enumerate(self.storage):
+            rule.validate(f"storage[{i}]")
+            _require(prefixes.index(prefixes[i]) == i, f"storage[{i}].prefix", f"{rule.prefix!r} is given twice")
         for g in self.train.groups or ():
             _require(0 <= g < self.data.groups, "train.groups",
                      f"groups must be in [0, data.groups={self.data.groups}), got {g}")
@@ -604,6 +638,12 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
     if origin is Literal:
         _require(value in typing.get_args(tp), name,
                  f"must be one of {list(typing.get_args(tp))}, got {_bounded(value)}")
+        return value
+    if origin is dict:
+        key_tp, value_tp = typing.get_args(tp)
+        _require(isinstance(value, dict), name, f"expected a mapping, got {type(value).__name__} {_bounded(value)}")
+        return {_coerce(k, key_tp, name): _coerce(v, value_tp, f"{name}.{k}") for k, v in value.items()}
+    if tp is Any:
         return value
     if origin is tuple:
         (item_tp, _) = typing.get_args(tp)

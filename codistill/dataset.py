@@ -11,7 +11,7 @@ import json
 import uuid
 from dataclasses import dataclass, field
 
-import fsspec
+from codistill import storage
 
 from pipelines.formats import Feature, Schema, ShardFormatError, open_regular_file
 
@@ -135,7 +135,7 @@ def join(root: str, relative: str) -> str:
 
 def write_atomically(url: str, text: str) -> None:
     """Temp file + rename on file systems with renames; one PUT (atomic anyway) on object stores."""
-    fs, path = fsspec.core.url_to_fs(url)
+    fs, path = storage.url_to_fs(url)
     parent = path.rsplit("/", 1)[0]
     fs.makedirs(parent, exist_ok=True)
     tmp = f"{parent}/{TEMP_PREFIX}{uuid.uuid4().hex}"

@@ -16,9 +16,9 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 
-import fsspec
 import numpy as np
 
+from codistill import storage
 from codistill.config import MAX_GROUPS, MAX_SHARDS
 from codistill.dataset import DatasetManifest, join, load_manifest
 from pipelines.formats import (EXTENSIONS, MAX_RECORD_BYTES, ShardFormatError, dali_index, dali_index_path,
@@ -126,7 +126,7 @@ def verify_dataset(root: str) -> VerifyReport:
     if manifest.input_rows != manifest.kept_rows + rejected:
         report.problems.append(f"rows read {manifest.input_rows} != written {manifest.kept_rows} "
                                f"+ rejected {rejected}")
-    fs, base = fsspec.core.url_to_fs(root)
+    fs, base = storage.url_to_fs(root)
     report.problems += _unindexed_files(fs, base, manifest)
     report.problems += _quarantine_problems(root, fs, base, manifest)
     report.problems += _wids_problems(fs, base, manifest, indexes.get("wids", []))
@@ -216,7 +216,7 @@ def _dali_problems(root: str, shard: str, index: str) -> list[str]:
     try:
         with open_regular_file(join(root, shard)) as f:
             data = f.read()
-        fs, base = fsspec.core.url_to_fs(root)
+        fs, base = storage.url_to_fs(root)
         if _text(fs, base, index) == dali_index(tfrecord_offsets(data), len(data)):
             return []
     except (OSError, ShardFormatError):

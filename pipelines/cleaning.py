@@ -27,11 +27,11 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 
-import fsspec
 import numpy as np
 import pycld2
 from iso639 import Lang
 
+from codistill import storage
 from codistill.config import CleaningConfig
 from pipelines.warc import WebDocument
 
@@ -83,7 +83,7 @@ def detect_language(text: str) -> str:
 
 def read_blocklist(url: str) -> tuple[frozenset[str], re.Pattern | None]:
     """Blocked single words (lower case) and one pattern for the phrases; lines starting `#` are comments."""
-    with fsspec.open(url, "rt", encoding="utf-8") as f:
+    with storage.open(url, "rt", encoding="utf-8") as f:
         entries = {line.strip().lower() for line in f if line.strip() and not line.lstrip().startswith("#")}
     words = frozenset(e for e in entries if _WORD.fullmatch(e))
     phrases = sorted(entries - words, key=len, reverse=True)

@@ -45,13 +45,13 @@ import posixpath
 from dataclasses import dataclass
 
 import apache_beam as beam
-import fsspec
 import numpy as np
 from apache_beam.metrics import Metrics
 
+from codistill import storage
 from codistill.config import CommonCrawlConfig, DataConfig
 from codistill.dataset import join, write_atomically
-from pipelines import dedup
+from pipelines import dedup, progress
 from pipelines.cleaning import Cleaner
 from pipelines.formats import Block, Feature, Schema
 from pipelines.run import DatasetChecks, DatasetPipeline, ValueCheck, pipeline_parameters
@@ -59,6 +59,7 @@ from pipelines.sharding import ShardLayout, mix64, partition, string_hash
 from pipelines.sinks import PIECES, Rejected, WriteDataset, layout_for, write_pieces
 from pipelines.textfiles import expand_inputs
 from pipelines.warc import Quarantined, Skipped, WebDocument, read_web_documents
+from pipelines.worker import WorkerDoFn
 from tokenizer.encode import Tokenizer, load_tokenizer
 
 STAGED, DONE = ".staged", ".done"
@@ -189,12 +190,12 @@ def write_staged(url: str, documents: list[WebDocument], fingerprints: dedup.Fin
         arrays[f"{name}_data"], arrays[f"{name}_offsets"] = _strings([getattr(doc, name) for doc in documents])
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
-    with fsspec.open(url, "wb", auto_mkdir=True) as f:
+    with storage.open(url, "wb", auto_mkdir=True) as f:
         f.write(buffer.getvalue())
 
 
 def read_staged(url: str, index: int, texts: bool = False) -> tuple[dedup.Fingerprints, dict[str, list[str]]]:
-    with fsspec.open(url, "rb") as f:
+    with storage.open(url, "rb") as f:
         z = np.load(io.BytesIO(f.read()), allow_pickle=False)
     fields = {name: z[name] for name in dedup.Fingerprints.__dataclass_fields__ if name != "file"}
     names = ("key", "url", "date", "text") if texts else ()
@@ -209,14 +210,16 @@ def parameters_digest(data: DataConfig) -> str:
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
 
 
-class StageFiles(beam.DoFn):
+class StageFiles(WorkerDoFn):
     """(file index, path) -> (file index, Fingerprints); counts, samples and quarantined records aside."""
 
     def __init__(self, data: DataConfig):
+        super().__init__()
         self.data = data
         self.digest = parameters_digest(data)
 
     def setup(self):
+        super().setup()
         self.cleaner = Cleaner(self.data.commoncrawl.clean)
 
     def process(self, element):
@@ -231,6 +234,8 @@ class StageFiles(beam.DoFn):
         else:
             Metrics.counter(METRICS, "files_resumed").inc()
             fingerprints, _ = read_staged(staged, index)
+        # Per file (a resumed one counts as read): the expensive part of a run is reading and cleaning.
+        progress.report(parts=1, bytes=marker["input_bytes"], rows=marker["records"], part_bytes=marker["input_bytes"])
         yield index, fingerprints
         yield beam.pvalue.TaggedOutput("inputs", (source, marker["records"]))
         if marker["dropped"]:
@@ -243,13 +248,12 @@ class StageFiles(beam.DoFn):
             yield beam.pvalue.TaggedOutput("samples", (reason, [tuple(s) for s in found]))
 
     def _marker(self, url: str, path: str) -> dict | None:
-        fs, fs_path = fsspec.core.url_to_fs(url)
+        fs, fs_path = storage.url_to_fs(url)
         if not fs.exists(fs_path):
             return None
         with fs.open(fs_path, "r") as f:
             marker = json.load(f)
-        input_fs, input_path = fsspec.core.url_to_fs(path)
-        if marker.get("parameters") != self.digest or marker.get("input_bytes") != input_fs.size(input_path):
+        if marker.get("parameters") != self.digest or marker.get("input_bytes") != _size(path):
             return None  # made with other settings or from another file of the same name
         return marker
 
@@ -265,8 +269,7 @@ class StageFiles(beam.DoFn):
             Metrics.counter(METRICS, f"lines_dropped_{reason}").inc(n)
         for rejected in cleaned.quarantined:
             Metrics.counter(METRICS, f"quarantined_{rejected.reason}").inc()
-        input_fs, input_path = fsspec.core.url_to_fs(path)
-        marker = {"input": path, "input_bytes": input_fs.size(input_path), "parameters": self.digest,
+        marker = {"input": path, "input_bytes": _size(path), "parameters": self.digest,
                   "records": cleaned.records, "kept": len(cleaned.documents), "dropped": cleaned.dropped,
                   "lines_dropped": cleaned.lines_dropped, "skipped": cleaned.skipped,
                   "quarantined": [dataclasses.asdict(r) for r in cleaned.quarantined], "samples": cleaned.samples}
@@ -475,15 +478,17 @@ def encode_documents(tokenizer: Tokenizer, texts: list[str], batch_bytes: int = 
     return flat, lengths
 
 
-class EncodeDocuments(beam.DoFn):
+class EncodeDocuments(WorkerDoFn):
     """(file, deduplicated Fingerprints) -> (destination, DocumentPiece); counts and samples aside."""
 
     def __init__(self, data: DataConfig, layout: ShardLayout, sources: list[str], tokenizer_url: str,
                  synth_documents: bool):
+        super().__init__()
         self.data, self.layout, self.sources = data, layout, sources
         self.tokenizer_url, self.synth_documents = tokenizer_url, synth_documents
 
     def setup(self):
+        super().setup()
         self.tokenizer = load_tokenizer(self.tokenizer_url)
 
     def process(self, element):
@@ -505,7 +510,7 @@ class EncodeDocuments(beam.DoFn):
             buffer = io.BytesIO()
             np.savez(buffer, tokens=tokens, lengths=lengths, keys=np.array([keys[i].encode() for i in rows], "S"),
                      urls=np.array([urls[i].encode() for i in rows], "S"))
-            with fsspec.open(url, "wb", auto_mkdir=True) as f:
+            with storage.open(url, "wb", auto_mkdir=True) as f:
                 f.write(buffer.getvalue())
             split = self.layout.describe(d)[0]
             facts["documents"][split] += len(rows)
@@ -576,7 +581,7 @@ def _rows(tokens: np.ndarray, keys, lengths: np.ndarray, piece_bytes: np.ndarray
             "text_bytes": piece_bytes[tokens].sum(axis=1).astype(np.int64)}
 
 
-class PackShards(beam.DoFn):
+class PackShards(WorkerDoFn):
     """(destination, [DocumentPiece]) -> (destination, Piece) of packed rows for the shared sink.
 
     Also writes `<output>/documents/<shard path>.jsonl`: each document of the shard, in stream order, with
@@ -584,10 +589,12 @@ class PackShards(beam.DoFn):
     """
 
     def __init__(self, output: str, layout: ShardLayout, schema: Schema, tokenizer_url: str, sequence_length: int):
+        super().__init__()
         self.output, self.layout, self.schema = output, layout, schema
         self.tokenizer_url, self.length = tokenizer_url, sequence_length
 
     def setup(self):
+        super().setup()
         self.tokenizer = load_tokenizer(self.tokenizer_url)
 
     def process(self, element):
@@ -599,7 +606,7 @@ class PackShards(beam.DoFn):
         def read():
             nonlocal position
             for piece in pieces:
-                with fsspec.open(piece.url, "rb") as f:
+                with storage.open(piece.url, "rb") as f:
                     z = np.load(io.BytesIO(f.read()), allow_pickle=False)
                 starts = position + np.concatenate([[0], np.cumsum(z["lengths"])[:-1]])
                 for key, url, start, size in zip(z["keys"].tolist(), z["urls"].tolist(), starts.tolist(),
@@ -619,7 +626,7 @@ class PackShards(beam.DoFn):
             yield from write_pieces(self.output, self.schema, (dest, part), {dest: [block]})
         write_atomically(join(self.output, f"documents/{self.layout.relative_path(dest)}.jsonl"), "".join(index))
         for piece in pieces:
-            fs, path = fsspec.core.url_to_fs(piece.url)
+            fs, path = storage.url_to_fs(piece.url)
             fs.rm(path)
         yield beam.pvalue.TaggedOutput("facts", {"packing": {"rows": rows, "tail_rows": tail, "pad_tokens": pad}})
 
@@ -627,10 +634,11 @@ class PackShards(beam.DoFn):
 # --- manifest facts and samples ----------------------------------------------------------------------
 
 
-class WriteSamples(beam.DoFn):
+class WriteSamples(WorkerDoFn):
     """(reason, [[(prio, sample)]]) -> `rejected/samples/<reason>.jsonl`, the k lowest-prio dropped documents."""
 
     def __init__(self, output: str, k: int):
+        super().__init__()
         self.output, self.k = output, k
 
     def process(self, element):
@@ -667,6 +675,7 @@ class CommonCrawlToShards(beam.PTransform):
         layout, features = layout_for(data), schema(options.sequence_length)
         tokenizer = load_tokenizer(self.tokenizer)
         extra = {**self.extra, "tokenizer": tokenizer.manifest_entry(self.tokenizer)}
+        progress.expect(parts=len(self.paths), bytes=sum(_size(path) for path in self.paths))
         documents = None
         if "synth" in extra:  # the per-document and per-line tables stay in raw/synth.json
             documents = extra["synth"]["documents"]
@@ -704,6 +713,11 @@ class CommonCrawlToShards(beam.PTransform):
                 "kept": encoded.kept, "extra": facts} | WriteDataset(
             output=data.output, layout=layout, schema=features, fmt=data.format, block_rows=data.block_rows,
             parameters=parameters, extra=extra, tokenizer_sha256=tokenizer.sha256)
+
+
+def _size(url: str) -> int:
+    fs, path = storage.url_to_fs(url)
+    return fs.size(path)
 
 
 def _sum_dicts(dicts) -> dict:

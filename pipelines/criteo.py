@@ -35,11 +35,13 @@ import pyarrow.csv as pa_csv
 
 from codistill.config import CriteoConfig, DataConfig
 from codistill.dataset import DatasetManifest, join
+from pipelines import progress
 from pipelines.formats import Block, Feature, Schema
 from pipelines.run import DatasetChecks, DatasetPipeline, ValueCheck, pipeline_parameters
+from pipelines.worker import WorkerDoFn
 from pipelines.sharding import ShardLayout, line_key_hashes, mix64, partition, string_hash
 from pipelines.sinks import Rejected, WriteDataset, layout_for, write_pieces
-from pipelines.textfiles import (MAX_LINE_BYTES, InputRange, LineBlock, OverlongLine, TruncatedInput, count_lines,
+from pipelines.textfiles import (MAX_LINE_BYTES, CountLines, InputRange, LineBlock, OverlongLine, TruncatedInput,
                                  expand_inputs, first_lines, plan_ranges, read_head, read_line_blocks)
 
 INT_COLUMNS = [f"I{i}" for i in range(1, 14)]
@@ -268,7 +270,7 @@ def keyed_block(parsed: ParsedBlock, rows: np.ndarray) -> Block:
 # --- Beam ----------------------------------------------------------------------------------------
 
 
-class ParseRange(beam.DoFn):
+class ParseRange(WorkerDoFn):
     """An input range -> shard pieces `(destination, Piece)`; rejected rows and row counts aside.
 
     Rows stay in numpy blocks from the read to the piece files; only small
@@ -276,6 +278,7 @@ class ParseRange(beam.DoFn):
     """
 
     def __init__(self, data: DataConfig, layout: ShardLayout, schema: Schema):
+        super().__init__()
         self.data, self.layout, self.schema = data, layout, schema
 
     def process(self, rng: InputRange, first_lines: dict):
@@ -320,12 +323,13 @@ class CriteoToShards(beam.PTransform):
         layout, features = layout_for(data), schema(data.criteo.keep_raw)
         check_headers(self.paths, data.criteo.dialect)
         ranges = [r for path in self.paths for r in plan_ranges(path, data.split_bytes)]
+        progress.expect(parts=len(ranges), bytes=sum(r.length for r in ranges))
         ranges = (pbegin
                   | "Ranges" >> beam.Create(ranges)
                   | "Spread" >> beam.Reshuffle())
         counts = (ranges
                   | "NotLast" >> beam.Filter(lambda r: not r.last)
-                  | "CountLines" >> beam.Map(lambda r: (r.source, (r.index, count_lines(r))))
+                  | "CountLines" >> beam.ParDo(CountLines())
                   | "BySource" >> beam.GroupByKey()
                   | "FirstLines" >> beam.MapTuple(lambda source, counts: (source, first_lines(list(counts)))))
         parsed = ranges | "Parse" >> beam.ParDo(ParseRange(data, layout, features),

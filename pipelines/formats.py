@@ -57,11 +57,12 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import IO
 
-import fsspec
 import google_crc32c
 import numpy as np
 import webdataset as wds
 from fsspec.implementations.local import LocalFileSystem
+
+from codistill import storage
 
 EXTENSIONS = {"tfrecord": "tfrecord", "webdataset": "tar"}
 # Default cap on one stored record (TFRecord payload, tar member): records are ~100 kB (a block of rows, or
@@ -550,7 +551,7 @@ def tfrecord_offsets(data: bytes) -> tuple[int, ...]:
 
 def write_shard(url: str, blocks: list[Block], schema: Schema, fmt: str, sample_prefix: str) -> WrittenShard:
     """Write records to `url` through a temp file and a rename, so readers never see half a shard."""
-    fs, path = fsspec.core.url_to_fs(url)
+    fs, path = storage.url_to_fs(url)
     parent, name = path.rsplit("/", 1)
     fs.makedirs(parent, exist_ok=True)
     tmp = f"{parent}/.tmp-{uuid.uuid4().hex}-{name}"
@@ -587,7 +588,7 @@ def open_regular_file(url: str, expect_bytes: int | None = None) -> IO[bytes]:
     """A shard (or manifest) opened for reading: a regular file only (a FIFO would hang the reader, a symlink to
     /dev/zero never end), opened without following a symlink where the file system has them, and with
     `expect_bytes`, of that size before one byte is read."""
-    fs, path = fsspec.core.url_to_fs(url)
+    fs, path = storage.url_to_fs(url)
     if isinstance(fs, LocalFileSystem):
         try:  # O_NONBLOCK: opening a FIFO must not wait for a writer
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)

@@ -50,17 +50,19 @@ import warnings
 from dataclasses import dataclass
 
 import apache_beam as beam
-import fsspec
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
+from codistill import storage
 from codistill.config import DataConfig, ImageNetConfig
 from codistill.dataset import join
+from pipelines import progress
 from pipelines.formats import Block, Feature, Schema
 from pipelines.run import DatasetChecks, DatasetPipeline, ValueCheck, pipeline_parameters
 from pipelines.sharding import ShardLayout, string_hash
 from pipelines.sinks import Rejected, WriteDataset, layout_for, write_pieces
 from pipelines.synth_imagenet import read_synsets
+from pipelines.worker import WorkerDoFn
 
 SCHEMA: Schema = {
     "key": Feature("bytes", tfrecord="image/key", webdataset="json"),  # relative path, e.g. train/n01440764/x.JPEG
@@ -112,7 +114,7 @@ class InputPlan:
 
 def read_val_labels(url: str) -> dict[str, str]:
     """File stem -> wnid from Kaggle's LOC_val_solution.csv or `filename<TAB>wnid` lines."""
-    with fsspec.open(url, "r") as f:
+    with storage.open(url, "r") as f:
         lines = f.read().splitlines()
     kaggle = bool(lines) and lines[0].startswith("ImageId,")
     labels = {}
@@ -150,7 +152,7 @@ def _subfolders(fs, path: str) -> list[str]:
 
 def plan_input(source: str, options: ImageNetConfig) -> InputPlan:
     """On the driver: class folders, labels and where the eval split comes from (cheap: no image is listed)."""
-    fs, root = fsspec.core.url_to_fs(source)
+    fs, root = storage.url_to_fs(source)
     root = root.rstrip("/")
     if not fs.isdir(f"{root}/train"):
         raise FileNotFoundError(f"{source}: no train/ folder (expected the ILSVRC layout train/<wnid>/*.JPEG)")
@@ -167,7 +169,7 @@ def plan_input(source: str, options: ImageNetConfig) -> InputPlan:
             folders += [Folder("val", None, "val", True)] + [Folder(f"val/{w}", w, "val") for w in val_classes]
         else:
             labels_url = options.val_labels or join(source, "LOC_val_solution.csv")
-            if not fs.exists(fsspec.core.url_to_fs(labels_url)[1]) and options.val_labels is None:
+            if not fs.exists(storage.url_to_fs(labels_url)[1]) and options.val_labels is None:
                 raise FileNotFoundError(f"{source}: val/ is one flat folder but there is no label file "
                                         f"{labels_url}; give one with data.imagenet.val_labels")
             val_labels = read_val_labels(labels_url)
@@ -187,14 +189,16 @@ def plan_input(source: str, options: ImageNetConfig) -> InputPlan:
     return InputPlan(tuple(classes), tuple(folders), val_labels, val_is_eval)
 
 
-class ListFolder(beam.DoFn):
+class ListFolder(WorkerDoFn):
     """A folder -> its files as one list (few elements: Beam costs ~250 us each); `inputs` counts per folder."""
 
     def __init__(self, source: str, val_labels: dict[str, str]):
+        super().__init__()
         self.source, self.val_labels = source, val_labels
 
     def setup(self):
-        self.fs, root = fsspec.core.url_to_fs(self.source)
+        super().setup()
+        self.fs, root = storage.url_to_fs(self.source)
         self.root = root.rstrip("/")
 
     def process(self, folder: Folder):
@@ -209,15 +213,18 @@ class ListFolder(beam.DoFn):
             wnid = folder.wnid if folder.wnid is not None else self.val_labels.get(name.rsplit(".", 1)[0])
             files.append(InputFile(f"{folder.relative}/{name}", folder.split, wnid, int(entry.get("size") or 0),
                                    kind))
+        # The driver plans folders only: the files (and bytes) to read are known once each folder is listed.
+        progress.report(found_parts=len(files), found_bytes=sum(f.size for f in files))
         yield beam.pvalue.TaggedOutput("inputs", (folder.relative, len(files)))
         if files:
             yield files
 
 
-class AssignShards(beam.DoFn):
+class AssignShards(WorkerDoFn):
     """A folder's files -> (destination, [files]) by the keyed hash of each relative path."""
 
     def __init__(self, layout: ShardLayout, seed: int, val_is_eval: bool):
+        super().__init__()
         self.layout, self.seed, self.val_is_eval = layout, seed, val_is_eval
 
     def process(self, files: list[InputFile]):
@@ -379,7 +386,7 @@ class ImageChecker:
     def __init__(self, source: str, options: ImageNetConfig, classes: tuple[str, ...]):
         self.options = options
         self.labels = {wnid: i + options.label_offset for i, wnid in enumerate(classes)}
-        self.fs, root = fsspec.core.url_to_fs(source)
+        self.fs, root = storage.url_to_fs(source)
         self.root = root.rstrip("/")
 
     def __call__(self, file: InputFile) -> ImageRow | Rejected:
@@ -424,13 +431,15 @@ def part_name(layout: ShardLayout, dest: int) -> str:
     return split if group is None else f"{split}/{group}"
 
 
-class ProcessImages(beam.DoFn):
+class ProcessImages(WorkerDoFn):
     """A task (one shard's next images) -> one piece; quarantined files and counts aside."""
 
     def __init__(self, source: str, data: DataConfig, layout: ShardLayout, classes: tuple[str, ...]):
+        super().__init__()
         self.source, self.data, self.layout, self.classes = source, data, layout, classes
 
     def setup(self):
+        super().setup()
         configure_pillow(self.data.imagenet)
         self.check = ImageChecker(self.source, self.data.imagenet, self.classes)
 
@@ -443,6 +452,7 @@ class ProcessImages(beam.DoFn):
                 yield beam.pvalue.TaggedOutput("rejected", [outcome])
             else:
                 rows.append(outcome)
+        progress.report(parts=len(files), bytes=sum(f.size for f in files), rows=len(files))
         if rows:
             yield beam.pvalue.TaggedOutput("stats", row_stats(rows, part_name(self.layout, dest)))
             yield from write_pieces(self.data.output, SCHEMA, (dest, index), {dest: [rows_to_block(rows)]})

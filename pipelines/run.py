@@ -3,11 +3,16 @@
 Each dataset module exposes one `PIPELINE` (a `DatasetPipeline`): how to
 generate its raw data, the PTransform that turns raw input into a dataset,
 and the parameters recorded in (and compared against) the dataset manifest.
+
+DoFns that touch storage or report progress derive from
+`pipelines.worker.WorkerDoFn`, which brings the driver's storage rules and
+progress address to the workers.
 """
 
 from __future__ import annotations
 
 import builtins
+import contextlib
 import importlib
 import logging
 import os
@@ -17,19 +22,24 @@ from dataclasses import dataclass
 from typing import Any
 
 import apache_beam as beam
-import fsspec
 import numpy as np
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 from fsspec.implementations.local import LocalFileSystem
 
+from codistill import storage
 from codistill.config import DataConfig, ExperimentConfig, to_dict
 from codistill.dataset import MANIFEST_NAME, TEMP_PREFIX, DatasetManifest, join, load_manifest
+from pipelines import progress
 from pipelines.sinks import PIECES
 from pipelines.textfiles import InputReadError, match_inputs
 
 # Beam's DirectRunner first tries to download a Prism binary; the FnApiRunner is
 # the same in-process engine without that step.
 DEFAULT_RUNNER = "FnApiRunner"
+# Beam's own DaskRunner mixes the outputs of multi-output ParDos (see pipelines/dask_runner.py):
+# both names run the fixed one.
+DASK_RUNNER = "pipelines.dask_runner.DaskRunner"
+RUNNER_NAMES = {"DaskRunner": DASK_RUNNER, "apache_beam.runners.dask.dask_runner.DaskRunner": DASK_RUNNER}
 
 PIPELINE_MODULES = {"criteo": "pipelines.criteo", "commoncrawl": "pipelines.commoncrawl",
                     "imagenet": "pipelines.imagenet"}
@@ -88,9 +98,17 @@ class OutputExistsError(FileExistsError):
 
 
 def pipeline_options(beam_args: list[str]) -> PipelineOptions:
+    runner = PipelineOptions(beam_args).view_as(StandardOptions).runner
+    runner = RUNNER_NAMES.get(runner, runner or DEFAULT_RUNNER)
+    if runner == DASK_RUNNER:
+        from apache_beam.runners.dask.dask_runner import DaskOptions  # noqa: F401  (registers the --dask_* flags)
+
+        if not any(a.startswith(("--dask_npartitions", "--dask_partition_size")) for a in beam_args):
+            # Each work item (an input range, a shard) is heavy: one per dask partition, so they spread
+            # over the workers (Beam's default packs up to 128 into one partition).
+            beam_args = [*beam_args, "--dask_partition_size=1"]
     options = PipelineOptions(beam_args)
-    standard = options.view_as(StandardOptions)
-    standard.runner = standard.runner or DEFAULT_RUNNER
+    options.view_as(StandardOptions).runner = runner
     return options
 
 
@@ -103,7 +121,7 @@ DATASET_ENTRIES = (MANIFEST_NAME, "train", "eval", "rejected", "raw", PIECES, ".
 
 def _location(url: str) -> tuple[str, str]:
     """(protocol, absolute path without a trailing slash): comparable across spellings and, locally, symlinks."""
-    fs, path = fsspec.core.url_to_fs(url)
+    fs, path = storage.url_to_fs(url)
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
     if isinstance(fs, LocalFileSystem):
         protocol, path = "file", os.path.realpath(path)
@@ -121,7 +139,7 @@ def prepare_output(output: str, overwrite: bool, inputs: list[str] = (), resume:
     output (no manifest yet)."""
     if resume and overwrite:
         raise ValueError("--resume continues an interrupted run, --overwrite starts afresh: give one of them")
-    fs, path = fsspec.core.url_to_fs(output)
+    fs, path = storage.url_to_fs(output)
     if not fs.exists(path):
         return
     inside = [i for i in inputs if is_under(i, output)]
@@ -149,10 +167,12 @@ def prepare_output(output: str, overwrite: bool, inputs: list[str] = (), resume:
 
 
 def preprocess(config: ExperimentConfig, beam_args: list[str] = (), overwrite: bool = False,
-               resume: bool = False) -> DatasetManifest:
+               resume: bool = False, show_progress: Callable[[str], None] | None = None) -> DatasetManifest:
     """Build the dataset of `config.data`. `resume` continues an interrupted run in the same output: pipelines
-    that keep per-input completion markers (Common Crawl) skip the inputs already done."""
+    that keep per-input completion markers (Common Crawl) skip the inputs already done. With `show_progress`,
+    a progress line goes to it every few seconds."""
     data = config.data
+    storage.configure(config.storage)
     pipeline = dataset_pipeline(data.dataset)
     prepare_output(data.output, overwrite, match_inputs(data.input) if data.input is not None else [], resume)
     extra = {}
@@ -161,8 +181,9 @@ def preprocess(config: ExperimentConfig, beam_args: list[str] = (), overwrite: b
         source, extra["synth"] = pipeline.generate(join(data.output, "raw"), data.synth)
     logger.info("preprocessing %s into %s", source, data.output)
     try:
-        with beam.Pipeline(options=pipeline_options(list(beam_args))) as p:
-            _ = p | data.dataset.capitalize() >> pipeline.transform(source, data, extra)
+        with progress.ProgressMonitor(write=show_progress) if show_progress else contextlib.nullcontext():
+            with beam.Pipeline(options=pipeline_options(list(beam_args))) as p:
+                _ = p | data.dataset.capitalize() >> pipeline.transform(source, data, extra)
     except BaseException as e:
         _remove_pieces(data.output)  # a failed run (a full disk, say) must not leave a copy of the data behind
         if _is_io_error(e):
@@ -185,7 +206,7 @@ def _is_io_error(error: BaseException) -> bool:
 
 
 def _remove_pieces(output: str) -> None:
-    fs, path = fsspec.core.url_to_fs(join(output, PIECES))
+    fs, path = storage.url_to_fs(join(output, PIECES))
     try:
         if fs.exists(path):
             fs.rm(path, recursive=True)

@@ -21,13 +21,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import apache_beam as beam
-import fsspec
 import numpy as np
 
-from codistill.dataset import DatasetManifest, ShardEntry, join, write_atomically, write_manifest
+from codistill import storage
 from codistill.config import DataConfig
+from codistill.dataset import DatasetManifest, ShardEntry, join, write_atomically, write_manifest
 from pipelines.formats import (EXTENSIONS, Block, Schema, concat_blocks, dali_index, dali_index_path, rebatch,
                                write_shard)
+from pipelines.worker import WorkerDoFn
 from pipelines.sharding import ShardLayout
 
 PIECES = ".pieces"
@@ -75,7 +76,7 @@ def write_pieces(output: str, schema: Schema, order: tuple,
     for dest, blocks in sorted(parts.items()):
         url = join(output, f"{PIECES}/{dest:05d}/{name}.npys")
         block = concat_blocks(blocks)
-        with fsspec.open(url, "wb", auto_mkdir=True) as f:
+        with storage.open(url, "wb", auto_mkdir=True) as f:
             for column, feature in schema.items():
                 values = block[column]
                 if feature.dtype == "object":
@@ -88,7 +89,7 @@ def write_pieces(output: str, schema: Schema, order: tuple,
 
 def read_piece(piece: Piece, schema: Schema) -> Block:
     block = {}
-    with fsspec.open(piece.url, "rb") as f:
+    with storage.open(piece.url, "rb") as f:
         for column, feature in schema.items():
             if feature.dtype == "object":
                 ends = np.cumsum(np.lib.format.read_array(f, allow_pickle=False))
@@ -111,11 +112,12 @@ def merge_counts(into: dict, more: dict) -> dict:
     return into
 
 
-class FinalizeShardFn(beam.DoFn):
+class FinalizeShardFn(WorkerDoFn):
     """(destination, pieces) -> the shard file, written through a temp name; pieces are then deleted."""
 
     def __init__(self, output: str, layout: ShardLayout, schema: Schema, fmt: str, block_rows: int,
                  indexes: bool = False):
+        super().__init__()
         self.output, self.layout, self.schema, self.fmt, self.block_rows = output, layout, schema, fmt, block_rows
         self.indexes = indexes
 
@@ -134,15 +136,16 @@ class FinalizeShardFn(beam.DoFn):
         if self.indexes and self.fmt == "tfrecord":
             write_atomically(join(self.output, dali_index_path(relative)), dali_index(written.offsets, written.bytes))
         for piece in pieces:
-            fs, path = fsspec.core.url_to_fs(piece.url)
+            fs, path = storage.url_to_fs(piece.url)
             fs.rm(path)
         yield ShardEntry(relative, split, group, written.records, written.bytes, written.sha256)
 
 
-class WriteRejectedFn(beam.DoFn):
+class WriteRejectedFn(WorkerDoFn):
     """One JSON-lines file per input source, in line order; yields counts by reason."""
 
     def __init__(self, output: str):
+        super().__init__()
         self.output = output
 
     def process(self, element):
@@ -152,9 +155,10 @@ class WriteRejectedFn(beam.DoFn):
         yield dict(collections.Counter(r.reason for r in rows))
 
 
-class WriteManifestFn(beam.DoFn):
+class WriteManifestFn(WorkerDoFn):
     def __init__(self, output: str, layout: ShardLayout, schema: Schema, fmt: str, parameters: dict, extra: dict,
                  files: dict[str, str], indexes: bool, tokenizer_sha256: str | None):
+        super().__init__()
         self.output, self.layout, self.schema, self.fmt = output, layout, schema, fmt
         self.parameters, self.extra, self.files, self.indexes = parameters, extra, files, indexes
         self.tokenizer_sha256 = tokenizer_sha256
@@ -186,7 +190,7 @@ class WriteManifestFn(beam.DoFn):
             inputs=tuple({"source": s, "rows": n} for s, n in sorted(rows_read.items())),
             rejected=dict(sorted(rejected.items())), parameters=self.parameters,
             tokenizer_sha256=self.tokenizer_sha256, extra=extra, kept=sum(kept) if kept else None)
-        fs, path = fsspec.core.url_to_fs(join(self.output, PIECES))
+        fs, path = storage.url_to_fs(join(self.output, PIECES))
         if fs.exists(path):
             fs.rm(path, recursive=True)
         write_manifest(self.output, manifest)

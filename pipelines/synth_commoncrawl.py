@@ -31,9 +31,9 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
-import fsspec
 import numpy as np
 
+from codistill import storage
 from pipelines import synth_commoncrawl_words as T
 
 GENERATOR = "codistill.synth_commoncrawl"
@@ -523,7 +523,7 @@ def generate_commoncrawl(out: str, docs: int, files: int = 1, seed: int = 0,
 def _write(out, files, seed, p, n, records, order, pool) -> dict:
     """WET files (records in `order`, split into `files` consecutive parts) and the sidecar."""
     ids = [_uuid(seed, "record", g) for g in range(len(records))]
-    fs, root = fsspec.core.url_to_fs(out)
+    fs, root = storage.url_to_fs(out)
     fs.makedirs(root, exist_ok=True)
     names = [f"synth-{k:05d}-of-{files:05d}.warc.wet.gz" for k in range(files)]
     # An earlier run's files under another split would be read along with these by `<out>/*.warc.wet.gz`.

@@ -20,10 +20,11 @@ import json
 from contextlib import nullcontext
 from dataclasses import dataclass
 
-import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
+
+from codistill import storage
 
 GENERATOR = "codistill.synth_criteo"
 VERSION = 1
@@ -203,7 +204,7 @@ def generate_criteo(out: str, rows: int, files: int = 1, seed: int = 0, gzip: bo
         raise ValueError(f"need rows >= 0 and files >= 1, got rows={rows} files={files}")
     p = params or CriteoParams()
     m = plant(p, rows, seed)
-    fs, root = fsspec.core.url_to_fs(out)
+    fs, root = storage.url_to_fs(out)
     fs.makedirs(root, exist_ok=True)
     bounds = [rows * k // files for k in range(files + 1)]
     cached = (-1, None)  # a chunk straddling two files is generated once

@@ -25,10 +25,10 @@ import colorsys
 import io
 import json
 
-import fsspec
 import numpy as np
 from PIL import Image, ImageDraw
 
+from codistill import storage
 from codistill.dataset import join
 
 SHAPES = ("ellipse", "square", "triangle", "cross", "ring", "diamond")
@@ -41,7 +41,7 @@ GRAYSCALE_FAULTS = ("png16", "grayscale")  # stored as 1-channel images when gra
 
 
 def read_synsets(url: str) -> list[str]:
-    with fsspec.open(url, "r") as f:
+    with storage.open(url, "r") as f:
         return [line.strip() for line in f if line.strip()]
 
 
@@ -161,7 +161,7 @@ def generate_imagenet(out: str, classes: int, per_class: int, *, val_per_class: 
     slots = rng.choice(classes * per_class, size=len(FAULTS) * faults, replace=False)
     fault_at = {int(slot): FAULTS[i % len(FAULTS)] for i, slot in enumerate(slots)}
 
-    fs, root = fsspec.core.url_to_fs(out)
+    fs, root = storage.url_to_fs(out)
     root = root.rstrip("/")
     for wnid in empty:
         fs.makedirs(f"{root}/train/{wnid}", exist_ok=True)
@@ -215,6 +215,6 @@ def generate_imagenet(out: str, classes: int, per_class: int, *, val_per_class: 
                      "written": {"train": classes * per_class - sum(quarantined.values()),
                                  "val": classes * val_per_class}},
     }
-    with fsspec.open(join(out, "synth.json"), "w") as f:
+    with storage.open(join(out, "synth.json"), "w") as f:
         json.dump(sidecar, f, indent=1, sort_keys=True)
     return sidecar

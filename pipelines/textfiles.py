@@ -5,6 +5,9 @@ of a file must know how many lines came before: a cheap first pass counts the
 newlines of every range but the last of each file, and the prefix sums give
 each range its first line number. Compressed files cannot be split: each is
 one range, read from the start, so no counting is needed for them.
+
+Reading a range reports its progress (raw bytes, lines, the range when done;
+`pipelines.progress`).
 """
 
 from __future__ import annotations
@@ -17,10 +20,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import IO
 
-import fsspec
-import fsspec.compression
 import numpy as np
+from fsspec.compression import compr
 from fsspec.utils import infer_compression
+
+from codistill import storage
+from pipelines import progress
+from pipelines.worker import WorkerDoFn
 
 READ_CHUNK_BYTES = 4 << 20
 # Longer lines are rejected (no record format read here comes near it; Criteo rows are ~200 bytes), keeping
@@ -38,6 +44,7 @@ class InputRange:
     end: int | None  # byte offset just after a newline; None = to the end of the file
     last: bool
     compressed: bool = False
+    length: int = 0  # bytes of the file this range covers (compressed bytes for a compressed file)
 
 
 @dataclass(frozen=True)
@@ -73,7 +80,7 @@ def match_inputs(pattern: str) -> list[str]:
     """Every path (file or folder) a glob, or a comma-separated list of globs, matches, with its protocol."""
     paths = []
     for part in pattern.split(","):
-        fs, _ = fsspec.core.url_to_fs(part)
+        fs, _ = storage.url_to_fs(part)
         found = sorted(fs.glob(part)) if any(c in part for c in "*?[") else ([part] if fs.exists(part) else [])
         if not found:
             raise FileNotFoundError(f"no input files match {part!r}")
@@ -85,7 +92,7 @@ def expand_inputs(pattern: str) -> list[str]:
     """Every file matching a glob (or a comma-separated list of globs), with its protocol."""
     paths = match_inputs(pattern)
     for path in paths:
-        kind = fsspec.core.url_to_fs(path)[0].info(path)["type"]
+        kind = storage.url_to_fs(path)[0].info(path)["type"]
         if kind == "directory":
             raise IsADirectoryError(f"input {path!r} is a directory; give files or a glob such as "
                                     f"{path.rstrip('/')}/*")
@@ -101,10 +108,10 @@ def expand_inputs(pattern: str) -> list[str]:
 def plan_ranges(path: str, split_bytes: int) -> list[InputRange]:
     """Line-aligned ranges of about `split_bytes` (a few small reads at the boundaries)."""
     source = posixpath.basename(path)
-    fs, fs_path = fsspec.core.url_to_fs(path)
+    fs, fs_path = storage.url_to_fs(path)
     size = fs.size(fs_path)
     if infer_compression(path) is not None or size <= split_bytes:
-        return [InputRange(path, source, 0, 0, None, True, infer_compression(path) is not None)]
+        return [InputRange(path, source, 0, 0, None, True, infer_compression(path) is not None, size)]
     starts = [0]
     with fs.open(fs_path, "rb") as f:
         for nominal in range(split_bytes, size, split_bytes):
@@ -121,15 +128,23 @@ def plan_ranges(path: str, split_bytes: int) -> list[InputRange]:
             if boundary < size:
                 starts.append(boundary)
     ends = starts[1:] + [None]
-    return [InputRange(path, source, i, s, e, e is None) for i, (s, e) in enumerate(zip(starts, ends))]
+    return [InputRange(path, source, i, s, e, e is None, length=(size if e is None else e) - s)
+            for i, (s, e) in enumerate(zip(starts, ends))]
 
 
 def count_lines(rng: InputRange) -> int:
     """Newlines in a range that is not its file's last (so every line in it ends in one)."""
     count = 0
-    for chunk in _read_range(rng):
+    for chunk, _ in _read_range(rng):
         count += chunk.count(b"\n")
     return count
+
+
+class CountLines(WorkerDoFn):
+    """range -> (source, (range index, newlines)), for `first_lines`."""
+
+    def process(self, rng: InputRange):
+        yield rng.source, (rng.index, count_lines(rng))
 
 
 # What a damaged compressed stream raises (BadGzipFile is an OSError; bz2 raises OSError too). An OSError
@@ -162,16 +177,24 @@ class _RawInput:
 @contextlib.contextmanager
 def open_compressed(path: str) -> Iterator[IO[bytes]]:
     """The decompressed stream of a compressed input (compression inferred from the name)."""
-    with fsspec.open(path, "rb") as raw:
-        with fsspec.compression.compr[infer_compression(path)](_RawInput(raw, path), mode="rb") as f:
-            yield f
+    with _open_counted(path) as (_, f):
+        yield f
+
+
+@contextlib.contextmanager
+def _open_counted(path: str) -> Iterator[tuple[_RawInput, IO[bytes]]]:
+    """The compressed input (its `tell()` is the compressed bytes read, for progress) and its decompressed stream."""
+    with storage.open(path, "rb") as raw:
+        counted = _RawInput(raw, path)
+        with compr[infer_compression(path)](counted, mode="rb") as f:
+            yield counted, f
 
 
 def read_head(path: str, size: int) -> bytes | None:
     """The first `size` bytes of an input, decompressed; None if the compressed stream is damaged
     (the pipeline quarantines it), InputReadError if reading fails."""
     if infer_compression(path) is None:
-        with fsspec.open(path, "rb") as f:
+        with storage.open(path, "rb") as f:
             return f.read(size)
     try:
         with open_compressed(path) as f:
@@ -186,11 +209,12 @@ class _DecompressionFailed(Exception):
         self.error, self.data = error, data
 
 
-def _read_range(rng: InputRange) -> Iterator[bytes]:
+def _read_range(rng: InputRange) -> Iterator[tuple[bytes, int]]:
+    """Chunks of the range's (decompressed) bytes, each with the raw bytes read for it."""
     if rng.compressed:
         yield from _read_compressed(rng.path)
         return
-    with fsspec.open(rng.path, "rb") as f:
+    with storage.open(rng.path, "rb") as f:
         f.seek(rng.start)
         remaining = None if rng.end is None else rng.end - rng.start
         while remaining is None or remaining > 0:
@@ -199,17 +223,18 @@ def _read_range(rng: InputRange) -> Iterator[bytes]:
                 return
             if remaining is not None:
                 remaining -= len(chunk)
-            yield chunk
+            yield chunk, len(chunk)
 
 
-def _read_compressed(path: str) -> Iterator[bytes]:
-    """Decompressed chunks; on a damaged stream, raises _DecompressionFailed with the bytes decoded so far.
+def _read_compressed(path: str) -> Iterator[tuple[bytes, int]]:
+    """Decompressed chunks (with the compressed bytes read for each); on a damaged stream, raises
+    _DecompressionFailed with the bytes decoded so far.
 
     `read1` hands over each decompressed piece as it comes: a plain `read(n)`
     would throw away everything it decoded before hitting the damage.
     """
-    with open_compressed(path) as f:
-        buffer = bytearray()
+    with _open_counted(path) as (raw, f):
+        buffer, position = bytearray(), 0
         while True:
             try:
                 piece = f.read1(READ_CHUNK_BYTES)
@@ -218,7 +243,8 @@ def _read_compressed(path: str) -> Iterator[bytes]:
             if piece:
                 buffer += piece
             if buffer and (not piece or len(buffer) >= READ_CHUNK_BYTES):
-                yield bytes(buffer)
+                yield bytes(buffer), raw.tell() - position
+                position = raw.tell()
                 buffer.clear()
             if not piece:
                 return
@@ -234,15 +260,18 @@ def read_line_blocks(rng: InputRange, first_line: int,
     A compressed file that ends early or is corrupt yields every whole line it
     held, then a TruncatedInput with the partial line it stopped in.
     """
-    line, carry = first_line, b""
+    line, carry, raw_total = first_line, b"", 0
     overlong: list | None = None  # [head, bytes so far] of the line being streamed past
     chunks = _read_range(rng)
     while True:
         failure = None
         try:
-            chunk = next(chunks, b"")
+            chunk, raw_bytes = next(chunks, (b"", 0))
         except _DecompressionFailed as e:
-            failure, chunk = e, e.data
+            failure, chunk, raw_bytes = e, e.data, 0
+        raw_total += raw_bytes
+        if raw_bytes:
+            progress.report(bytes=raw_bytes)
         at_end = failure is None and not chunk
         if overlong is not None:
             newline = chunk.find(b"\n")
@@ -252,6 +281,7 @@ def read_line_blocks(rng: InputRange, first_line: int,
             if newline < 0 and failure is None and not at_end:
                 continue
             if newline < 0 and failure is not None:
+                progress.report(parts=1, bytes=rng.length - raw_total, part_bytes=rng.length)
                 yield TruncatedInput(rng.source, line, _error_text(failure.error), overlong[0])
                 return
             yield OverlongLine(rng.source, line, overlong[1], overlong[0])
@@ -259,13 +289,18 @@ def read_line_blocks(rng: InputRange, first_line: int,
         data = carry + chunk
         cut = data.rfind(b"\n") + 1
         carry = data[cut:]
+        lines = data.count(b"\n", 0, cut)
+        if lines:
+            progress.report(rows=lines)
         if cut:
             yield from _overlong_lines_apart(rng.source, line, data[:cut], max_line_bytes)
-            line += data.count(b"\n", 0, cut)
+            line += lines
         if failure is not None:
+            progress.report(parts=1, bytes=rng.length - raw_total, part_bytes=rng.length)
             yield TruncatedInput(rng.source, line, _error_text(failure.error), carry[:max_line_bytes])
             return
         if at_end:
+            progress.report(parts=1, rows=int(bool(carry)), part_bytes=raw_total)
             if carry:
                 yield from _overlong_lines_apart(rng.source, line, carry + b"\n", max_line_bytes)
             return

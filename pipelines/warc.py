@@ -41,11 +41,12 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import fsspec
 from fastwarc.warc import WarcRecord, WarcRecordType
 from resiliparse.extract.html2text import extract_plain_text
 from resiliparse.parse.encoding import bytes_to_str, detect_encoding
 from resiliparse.parse.html import HTMLParserException, HTMLTree
+
+from codistill import storage
 
 DEFAULT_MAX_RECORD_BYTES = 16 << 20  # Common Crawl truncates payloads at 1 MiB (5 MiB since 2024)
 MAX_HEADER_BYTES = 64 << 10
@@ -109,7 +110,7 @@ def read_web_documents(url: str, max_record_bytes: int = DEFAULT_MAX_RECORD_BYTE
     """Every record of one WET or WARC file (gzip member per record, or uncompressed), in file order."""
     if max_record_bytes < 1:
         raise ValueError(f"max_record_bytes must be >= 1, got {max_record_bytes}")
-    fs, path = fsspec.core.url_to_fs(url)
+    fs, path = storage.url_to_fs(url)
     kind = fs.info(path).get("type")
     if kind != "file":
         raise WarcInputError(f"{url}: not a regular file (fsspec type {kind!r}); give WARC/WET files only")

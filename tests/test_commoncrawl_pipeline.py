@@ -20,6 +20,7 @@ from apache_beam.testing import test_pipeline
 from apache_beam.testing.util import assert_that, equal_to
 from warcio.archiveiterator import ArchiveIterator
 
+from codistill import units
 from codistill.config import ConfigError, parse_experiment
 from codistill.dataset import load_manifest
 from codistill.verify import verify_dataset
@@ -196,9 +197,15 @@ def test_rows_follow_the_contract(built, generated, tokenizer_url):
 def test_two_worker_processes_and_webdataset_give_the_same_data(built, generated, tokenizer_url, tmp_path):
     out, manifest = built
     _, pattern, _ = generated
-    other = run(pattern, str(tmp_path / "mp"), tokenizer_url,
-                beam_args=(RUNNER, "--direct_num_workers=2", "--direct_running_mode=multi_processing"))
+    lines: list[str] = []  # the progress reports come from the two worker processes
+    other = preprocess(config(pattern, str(tmp_path / "mp"), tokenizer_url),
+                       [RUNNER, "--direct_num_workers=2", "--direct_running_mode=multi_processing"],
+                       show_progress=lines.append)
     assert shard_bytes(str(tmp_path / "mp")) == shard_bytes(out)
+    files = expand_inputs(pattern)
+    size = units.size(sum(os.path.getsize(f) for f in files))
+    assert lines[-1].startswith(f"progress: {len(files)}/{len(files)} input parts, {size} of {size} read (100%), "
+                                f"{other.input_rows} rows, "), lines
     assert [s.sha256 for s in other.shards] == [s.sha256 for s in manifest.shards]
     assert read_bytes(str(tmp_path / "mp" / "documents" / manifest.shards[0].path) + ".jsonl") == read_bytes(
         f"{out}/documents/{manifest.shards[0].path}.jsonl")

@@ -432,3 +432,34 @@ def test_check_shards_present_names_missing_and_wrong_size_shards(tmp_path):
     (tmp_path / "eval" / "criteo-00000-of-00001.tfrecord").write_bytes(b"x" * 100)
     (tmp_path / "train" / "1" / "criteo-00000-of-00001.tfrecord").write_bytes(b"x" * 150)
     check_shards_present(root, manifest)
+
+
+# --- storage rules ---------------------------------------------------------------------------------
+
+
+def test_storage_rules_parse_with_options_and_environment_names():
+    raw = BASE | {"storage": [{"prefix": "s3://data/criteo", "options": {"endpoint_url": "http://minio:9000",
+                                                                         "client_kwargs": {"region_name": "x"}},
+                               "env": {"key": "MINIO_KEY", "secret": "MINIO_SECRET"}},
+                              {"prefix": "gs://snapshots", "options": {"project": "p"}}]}
+    rules = parse_experiment(raw).storage
+    assert [r.prefix for r in rules] == ["s3://data/criteo", "gs://snapshots"]
+    assert rules[0].options["client_kwargs"] == {"region_name": "x"} and rules[0].env["secret"] == "MINIO_SECRET"
+    assert parse_experiment(BASE).storage == ()
+
+
+@pytest.mark.parametrize("rules, message", [
+    ([{"prefix": "bucket/data"}], "storage[0].prefix: must be a URL with a protocol and a location"),
+    ([{"prefix": "s3://"}], "storage[0].prefix: must be a URL with a protocol and a location"),
+    ([{"prefix": "nosuchfs://b"}], "storage[0].prefix: unknown fsspec protocol 'nosuchfs'"),
+    ([{"options": {"anon": True}}], "storage[0].prefix: required field is missing"),
+    ([{"prefix": "s3://b", "options": ["anon"]}], "storage[0].options: expected a mapping"),
+    ([{"prefix": "s3://b", "env": {"key": 7}}], "storage[0].env.key: expected str, got int 7"),
+    ([{"prefix": "s3://b", "env": {"key": ""}}], "storage[0].env.key: must name an environment variable"),
+    ([{"prefix": "s3://b", "options": {"key": "k"}, "env": {"key": "K"}}], "storage[0].env: sets ['key']"),
+    ([{"prefix": "s3://b"}, {"prefix": "s3://b/"}], "storage[1].prefix: 's3://b/' is given twice"),
+    ([{"prefix": "s3://b", "endpoint": "x"}], "storage[0].endpoint: unknown key"),
+    ("s3://b", "storage[0]: expected a mapping, got str"),
+])
+def test_bad_storage_rules_name_the_field(rules, message):
+    assert message in config_error(BASE | {"storage": rules})

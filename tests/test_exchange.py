@@ -12,6 +12,7 @@ import fsspec
 import pytest
 import torch
 
+from codistill import storage
 from training.exchange import (LATEST, PeerWatcher, SnapshotPublisher, check_store_run, model_signature,
                                snapshot_bytes, snapshot_name)
 
@@ -34,10 +35,17 @@ SIGNATURE = model_signature(make_state())
 PAYLOAD_BYTES = snapshot_bytes(make_state())
 
 
-@pytest.fixture(params=["memory", "local"])
+@pytest.fixture(params=["memory", "local", "s3"])
 def store(request: pytest.FixtureRequest, tmp_path) -> Iterator[str]:
     if request.param == "local":
         yield str(tmp_path / "store")
+        return
+    if request.param == "s3":  # moto's S3 server on 127.0.0.1 (conftest), through s3fs
+        url = request.getfixturevalue("s3_storage").url()
+        yield url
+        fs, root = storage.url_to_fs(url)
+        if fs.exists(root):
+            fs.rm(root, recursive=True)
         return
     # fsspec's memory filesystem is process-global: give each test its own root.
     url = f"memory://codistill-test-{uuid.uuid4().hex}"
@@ -48,7 +56,7 @@ def store(request: pytest.FixtureRequest, tmp_path) -> Iterator[str]:
 
 
 def group_path(store: str, group: int, name: str = "") -> tuple[fsspec.AbstractFileSystem, str]:
-    fs, root = fsspec.core.url_to_fs(store)
+    fs, root = storage.url_to_fs(store)
     return fs, f"{root.rstrip('/')}/{RUN}/group-{group}/{name}".rstrip("/")
 
 
@@ -58,7 +66,7 @@ def watcher(store: str, **kwargs) -> PeerWatcher:
     return PeerWatcher(store, RUN, group=0, **kwargs)
 
 
-def wait_for_update(w: PeerWatcher, timeout: float = 5.0) -> dict[int, tuple[int, dict[str, torch.Tensor]]]:
+def wait_for_update(w: PeerWatcher, timeout: float = 15.0) -> dict[int, tuple[int, dict[str, torch.Tensor]]]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         updates = w.take_updates()
@@ -175,7 +183,10 @@ def test_latest_is_written_last(store):
     assert publisher.publish(3, make_state(3))
     assert recorder.writes[:2] == ["step-00000003.safetensors", "step-00000003.json"]
     assert recorder.writes[-1] == LATEST
-    assert all(name.startswith(".LATEST.") for name in recorder.writes[2:-1])  # local: temp file, then rename
+    if store.startswith("s3://"):  # no rename on S3: LATEST is one PUT, visible all at once, after the rest
+        assert recorder.writes == ["step-00000003.safetensors", "step-00000003.json", LATEST]
+    else:
+        assert all(name.startswith(".LATEST.") for name in recorder.writes[2:-1])  # local: temp file, then rename
 
 
 def test_reader_following_latest_always_finds_complete_files(store):
@@ -256,6 +267,12 @@ def test_truncated_safetensors_is_rejected(store, caplog):
     fs, path = group_path(store, 1, snapshot_name(1, "safetensors"))
     fs.pipe_file(path, fs.cat_file(path)[:-10])
     with caplog.at_level(logging.WARNING, logger="training.exchange"), watcher(store) as w:
+        # The first poll's warning, however slow the store (S3 under load), then more polls.
+        deadline = time.monotonic() + 10
+        while not any("sha256 mismatch" in r.getMessage() for r in caplog.records):
+            assert time.monotonic() < deadline, "the corrupt snapshot was never polled"
+            assert w.take_updates() == {}
+            time.sleep(POLL / 2)
         assert_no_update(w)
         assert sum("sha256 mismatch" in r.getMessage() for r in caplog.records) == 1  # warned once, not every poll
         recovers(store, publisher, w)
@@ -380,6 +397,7 @@ def test_staleness_excludes_and_warns_once_per_transition(store, caplog):
         assert sum("fresh again" in r.getMessage() for r in caplog.records) == 1
 
 
+@pytest.mark.parametrize("store", ["memory", "local"], indirect=True)  # on S3: the test above, cheaper
 def test_concurrent_publisher_and_watcher(store):
     publisher = SnapshotPublisher(store, RUN, group=1, keep=2)  # pruning races the reader
     last_step = 60

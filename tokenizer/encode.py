@@ -12,9 +12,10 @@ import hashlib
 import json
 from dataclasses import dataclass
 
-import fsspec
 import numpy as np
 import sentencepiece as spm
+
+from codistill import storage
 
 SPACE = "\u2581"  # sentencepiece's visible space
 
@@ -89,9 +90,9 @@ def _piece_bytes(processor: spm.SentencePieceProcessor) -> np.ndarray:
 
 def load_tokenizer(url: str) -> Tokenizer:
     try:
-        with fsspec.open(url, "rb") as f:
+        with storage.open(url, "rb") as f:
             model = f.read()
-        with fsspec.open(sidecar_url(url), "r") as f:
+        with storage.open(sidecar_url(url), "r") as f:
             info = json.load(f)
     except FileNotFoundError as e:
         raise TokenizerError(f"tokenizer {url}: {e.filename or e} not found (a model needs its {url}.json "

@@ -21,12 +21,13 @@ import logging
 from collections.abc import Iterable
 
 import apache_beam as beam
-import fsspec
 import numpy as np
 import sentencepiece as spm
 
+from codistill import storage
 from codistill.config import CleaningConfig
 from codistill.dataset import write_atomically
+from pipelines.worker import WorkerDoFn
 from tokenizer.encode import sidecar_url
 
 PAD_ID, EOD_ID, UNK_ID = 0, 1, 2
@@ -53,19 +54,21 @@ def write_tokenizer(model: bytes, url: str, model_type: str, documents: int) -> 
     info = {"sha256": hashlib.sha256(model).hexdigest(), "vocab_size": processor.get_piece_size(),
             "eod_id": EOD_ID, "pad_id": PAD_ID, "unk_id": UNK_ID, "type": model_type, "normalization": "identity",
             "byte_fallback": True, "newline": processor.piece_to_id("\n"), "trained_on_documents": documents}
-    with fsspec.open(url, "wb", auto_mkdir=True) as f:
+    with storage.open(url, "wb", auto_mkdir=True) as f:
         f.write(model)
     write_atomically(sidecar_url(url), json.dumps(info, indent=1, sort_keys=True) + "\n")
     return info
 
 
-class SampleFile(beam.DoFn):
+class SampleFile(WorkerDoFn):
     """A file -> its `k` cleaned documents with the lowest keyed hash, as [(hash, text)]."""
 
     def __init__(self, clean: CleaningConfig, seed: int, k: int):
+        super().__init__()
         self.clean, self.seed, self.k = clean, seed, k
 
     def setup(self):
+        super().setup()
         from pipelines.cleaning import Cleaner
 
         self.cleaner = Cleaner(self.clean)
@@ -76,6 +79,17 @@ class SampleFile(beam.DoFn):
         documents = clean_file(path, self.cleaner, self.seed, samples_per_reason=0).documents
         prio = dedup_prio(np.array([document_hash(d.key, self.seed) for d in documents], np.uint64))
         yield heapq.nsmallest(self.k, zip(prio.tolist(), (d.text for d in documents)))
+
+
+class WriteSample(WorkerDoFn):
+    """The sample -> one JSON string a line at `url`, in hash order."""
+
+    def __init__(self, url: str):
+        super().__init__()
+        self.url = url
+
+    def process(self, sample):
+        write_atomically(self.url, "".join(json.dumps(text) + "\n" for _, text in sorted(sample)))
 
 
 class SampleCleanText(beam.PTransform):
@@ -103,9 +117,8 @@ def train_tokenizer(paths: list[str], out: str, vocab_size: int, model_type: str
     sample_url = f"{out}.sample.jsonl"
     with beam.Pipeline(options=pipeline_options(list(beam_args))) as p:
         _ = (p | "SampleCleanText" >> SampleCleanText(paths, clean, seed, sample_docs)
-             | "WriteSample" >> beam.Map(lambda sample: write_atomically(
-                 sample_url, "".join(json.dumps(text) + "\n" for _, text in sorted(sample)))))
-    fs, path = fsspec.core.url_to_fs(sample_url)
+             | "WriteSample" >> beam.ParDo(WriteSample(sample_url)))
+    fs, path = storage.url_to_fs(sample_url)
     with fs.open(path, "r") as f:
         texts = [json.loads(line) for line in f]
     fs.rm(path)

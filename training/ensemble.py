@@ -15,6 +15,7 @@ import numpy as np
 import safetensors.torch
 import torch
 
+from codistill import storage
 from codistill.config import ExperimentConfig
 from codistill.dataset import load_manifest
 from pipelines.formats import concat_blocks
@@ -26,6 +27,7 @@ def evaluate_ensemble(config: ExperimentConfig, members: list[Path], out: Path, 
     if config.eval.max_rows is not None:
         raise ValueError("eval.max_rows is set: an ensemble is evaluated on the whole eval split, so its "
                          "members' metrics would not be comparable")
+    storage.configure(config.storage)  # the eval split may be on an object store
     dataset = load_manifest(config.data.output)
     workload = workload_for(dataset.dataset)
     models = []

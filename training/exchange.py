@@ -42,11 +42,13 @@ from collections.abc import Iterable, Mapping
 from datetime import datetime, timezone
 from typing import Any
 
-import fsspec
 import safetensors.torch
+from fsspec import AbstractFileSystem
 from fsspec.implementations.local import LocalFileSystem
 import torch
 from torch import Tensor
+
+from codistill import storage
 
 logger = logging.getLogger(__name__)
 
@@ -139,7 +141,7 @@ class SnapshotPublisher:
                  attempt: int = 0) -> None:
         if keep < 1:
             raise ValueError(f"keep must be >= 1, got {keep}")
-        self.fs, root = fsspec.core.url_to_fs(store_url)
+        self.fs, root = storage.url_to_fs(store_url)
         self.dir = group_dir(root, run, group)
         self.group = group
         self.keep = keep
@@ -261,7 +263,7 @@ class SnapshotError(Exception):
     """A snapshot that must not be loaded (corrupt, mismatched, malformed or not ours)."""
 
 
-def read_bounded(fs: fsspec.AbstractFileSystem, path: str, limit: int) -> bytes:
+def read_bounded(fs: AbstractFileSystem, path: str, limit: int) -> bytes:
     """The bytes of a regular file of at most `limit` bytes; SnapshotError for anything else.
 
     A symlink to /dev/zero, a FIFO or a huge file in the store must neither grow
@@ -335,7 +337,7 @@ class PeerWatcher:
             raise ValueError(f"group {group} cannot be its own peer")
         if max_staleness is not None and max_staleness < 0:
             raise ValueError(f"max_staleness must be >= 0 or None, got {max_staleness}")
-        self.fs, root = fsspec.core.url_to_fs(store_url)
+        self.fs, root = storage.url_to_fs(store_url)
         self.peer_dirs = {peer: group_dir(root, run, peer) for peer in self.peer_groups}
         self.expected_signature = model_signature
         self.payload_bytes = payload_bytes
@@ -538,7 +540,7 @@ def check_store_run(store_url: str, run: str, groups: Iterable[int], run_nonce: 
     starting at all is a mistake the user should hear about. Unreadable or
     missing snapshots say nothing about ownership and are left to the watcher.
     """
-    fs, root = fsspec.core.url_to_fs(store_url)
+    fs, root = storage.url_to_fs(store_url)
     for group in groups:
         directory = group_dir(root, run, group)
         try:

@@ -32,8 +32,10 @@ import safetensors.torch
 import torch
 import torch.distributed as dist
 
+from codistill import storage
 from codistill.config import ExperimentConfig, OptimizerConfig, ScheduleConfig, load_experiment
 from codistill.dataset import check_shards_present, load_manifest
+from codistill.units import duration
 from pipelines.formats import concat_blocks
 from training.data import StreamSpec, loader, to_torch
 from training.exchange import PeerWatcher, SnapshotPublisher, check_store_run, model_signature, snapshot_bytes
@@ -65,7 +67,7 @@ def init_distributed() -> tuple[int, int]:
     return rank, world
 
 
-def deepspeed_config(config: ExperimentConfig) -> dict:
+def deepspeed_config(config: ExperimentConfig, tensorboard_dir: Path | None = None) -> dict:
     ds = config.deepspeed
     out = {
         "train_micro_batch_size_per_gpu": ds.micro_batch_size,
@@ -79,6 +81,9 @@ def deepspeed_config(config: ExperimentConfig) -> dict:
     out["gradient_clipping"] = float(ds.gradient_clipping)
     if ds.precision != "fp32":
         out[ds.precision] = {"enabled": True}
+    if tensorboard_dir is not None:  # DeepSpeed's monitor (rank 0) writes to output_path/job_name
+        out["tensorboard"] = {"enabled": True, "output_path": str(tensorboard_dir.parent),
+                              "job_name": tensorboard_dir.name}
     return out
 
 
@@ -92,14 +97,14 @@ def make_optimizer(params, config: OptimizerConfig) -> torch.optim.Optimizer:
     return cls(params, lr=config.lr, betas=tuple(config.betas), weight_decay=config.weight_decay)
 
 
-def build_engine(model: torch.nn.Module, config: ExperimentConfig, world: int):
+def build_engine(model: torch.nn.Module, config: ExperimentConfig, world: int, tensorboard_dir: Path | None = None):
     """The DeepSpeed engine for one group's model, optimizer and LR schedule."""
     import deepspeed
 
     optimizer = make_optimizer(model.parameters(), config.optimizer)
     scheduler = Schedule(optimizer, config)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=deepspeed_config(config))
+                                           config=deepspeed_config(config, tensorboard_dir))
     if world == 1 and config.deepspeed.zero_stage == 0:
         # Nothing to average, yet DeepSpeed would flatten every gradient, all-reduce it with
         # itself over gloo and copy it back: ~10% of a small model's step.
@@ -226,7 +231,8 @@ class GroupTrainer:
         torch.manual_seed(config.train.seed * 1000 + group)  # every rank the same: one model per group
         model = self.workload.build_model(config.model, self.dataset)
         self.signature = model_signature(model.state_dict())
-        self.engine = build_engine(model, config, self.world)
+        self.engine = build_engine(model, config, self.world,
+                                   self.out / "tensorboard" if config.train.tensorboard else None)
         self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[
             config.deepspeed.precision]
 
@@ -371,6 +377,7 @@ class GroupTrainer:
         for _ in range(skip - rounds):
             next(batches)
         total = config.schedule.steps
+        self.started = (time.perf_counter(), self.step)  # for the time left
         while self.step < total:
             start = time.perf_counter()
             self.sync_peers()
@@ -401,16 +408,26 @@ class GroupTrainer:
         record |= {"step": self.step, "group": self.group, "lr": self.engine.get_lr()[0],
                    "weight": self.distill_weight(), "ms": 1000 * self.step_seconds[-1]}
         self.write_metrics("train", record)
+        self.write_tensorboard("Train", {k: record[k] for k in ("loss", "label_loss", "distill_loss", "weight", "lr",
+                                                                "ms")}
+                               | {f"staleness/group-{g}": age for g, age in record["peers"].items()})
         if self.step % self.config.train.log_every == 0:
             recent = 1000 * float(np.mean(self.step_seconds[-self.config.train.log_every:]))
             peers = ", ".join(f"g{g}:{age}" for g, age in record["peers"].items()) or "none"
+            # Wall time per step so far (evaluations and checkpoints included) times the steps to go.
+            started, first_step = self.started
+            left = (time.perf_counter() - started) / (self.step - first_step) * (self.config.schedule.steps - self.step)
             print(f"step {self.step}/{self.config.schedule.steps} loss {record['loss']:.4f} "
                   f"(label {record['label_loss']:.4f} distill {record['distill_loss']:.4f} x{record['weight']:.2f}) "
-                  f"peers[staleness] {peers}  {recent:.1f} ms/step", flush=True)
+                  f"peers[staleness] {peers}  {recent:.1f} ms/step, {duration(left)} left", flush=True)
 
     def distill_weight(self) -> float:
         # The step just logged computed its loss before the counter moved on: w(step - 1).
         return distill_weight(self.step - 1, self.distill) if self.peer_groups else 0.0
+
+    def write_tensorboard(self, section: str, scalars: dict[str, float]) -> None:
+        if self.engine.monitor.enabled:  # train.tensorboard
+            self.engine.monitor.write_events([(f"{section}/{k}", v, self.step) for k, v in scalars.items()])
 
     def write_metrics(self, kind: str, record: dict) -> None:
         if self.metrics_file is None:
@@ -453,6 +470,8 @@ class GroupTrainer:
         rows = concat_blocks(parts)
         metrics = {"step": self.step, "group": self.group, **self.workload.eval_metrics(rows, self.dataset)}
         self.write_metrics("eval", metrics)
+        self.write_tensorboard("Eval", {k: v for k, v in metrics.items()
+                                        if k not in ("step", "group") and isinstance(v, (int, float))})
         print(f"eval step {self.step}: {self.workload.describe(metrics)}", flush=True)
         if final:
             order = np.argsort(rows["key"])
@@ -617,6 +636,7 @@ def main(argv: list[str] | None = None) -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     sets = args.sets + ([f"train.run_dir={args.run_dir}"] if args.run_dir else [])
     config = load_experiment(args.manifest, sets)
+    storage.configure(config.storage)
     GroupTrainer(config, args.group, run_nonce=args.run_nonce).fit(resume=args.resume)
     exit_finished_rank()  # only after a complete run: an exception exits through the interpreter as usual
 

@@ -36,12 +36,12 @@ import logging
 import math
 from collections.abc import Callable, Iterator
 
-import fsspec
 import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils.data import IterableDataset, get_worker_info
 
+from codistill import storage
 from codistill.config import ExperimentConfig, LSTMConfig
 from codistill.dataset import DatasetError, DatasetManifest, join
 from pipelines.formats import Block, read_shard
@@ -72,7 +72,7 @@ def tokenizer_facts(manifest: DatasetManifest) -> dict:
 def check_tokenizer(manifest: DatasetManifest, tokenizer_url: str) -> str:
     """The sha256 of the configured tokenizer model file; refuses a dataset encoded with another one."""
     try:
-        with fsspec.open(tokenizer_url, "rb") as f:
+        with storage.open(tokenizer_url, "rb") as f:
             sha256 = hashlib.file_digest(f, "sha256").hexdigest()
     except FileNotFoundError:
         raise DatasetError(f"the configured tokenizer {tokenizer_url} does not exist: training checks that the "

@@ -1,0 +1,191 @@
+"""S3 through s3fs against a real endpoint (moto's server on 127.0.0.1, conftest `s3`): a Criteo dataset
+written to and trained from `s3://`, `verify` on it, and the storage rules that say how to reach it."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import REPO, RUNNER, S3_ENV, dask_args, shard_bytes
+
+from codistill import storage
+from codistill.config import ConfigError, StorageConfig, load_experiment
+from codistill.dataset import load_manifest
+from codistill.verify import verify_dataset
+from pipelines.run import preprocess
+from training.exchange import LATEST, PeerWatcher, model_signature
+from training.launch import group_commands
+from training.workloads import workload_for
+
+pytestmark = pytest.mark.timeout(300)
+
+BIN = REPO / ".venv" / "bin"
+TINY = ["data.synth.rows=4000", "schedule.warmup_steps=0", "model.hidden=[16]", "deepspeed.micro_batch_size=64",
+        "eval.batch_size=128"]
+
+
+@pytest.fixture(scope="module")
+def s3_dataset(s3, dask_cluster, tmp_path_factory):
+    """criteo-tiny generated into S3 and sharded there by the two worker processes of a Dask cluster, and the
+    same built locally.
+
+    The workers were started before any storage rule existed: the endpoint and the credentials reach them
+    only through the manifest's storage rule, carried by the pipeline's DoFns."""
+    url = s3.url("dataset")
+    on_s3 = load_experiment("criteo-tiny", TINY + [f"data.output={url}", f"storage={s3.manifest_value}"])
+    preprocess(on_s3, dask_args(dask_cluster))
+    local = str(tmp_path_factory.mktemp("local") / "criteo")
+    preprocess(load_experiment("criteo-tiny", TINY + [f"data.output={local}"]), [RUNNER])
+    storage.configure(())
+    return url, local
+
+
+def test_dataset_written_to_s3_is_byte_identical_to_a_local_build(s3_storage, s3_dataset):
+    url, local = s3_dataset
+    assert load_manifest(url).shards == load_manifest(local).shards
+    on_s3 = shard_bytes(url)
+    assert on_s3 and on_s3 == shard_bytes(local)
+    fs, path = storage.url_to_fs(url)
+    assert fs.exists(f"{path}/raw/synth.json")  # the generated input went to S3 too
+    assert not fs.exists(f"{path}/.pieces")
+
+
+def test_verify_on_s3(s3_storage, s3_dataset):
+    report = verify_dataset(s3_dataset[0])
+    assert report.ok, report.problems
+    assert report.rows == load_manifest(s3_dataset[0]).written_rows
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FSSPEC_", "AWS_"))}
+    return env | {"AWS_EC2_METADATA_DISABLED": "true"} | extra
+
+
+def test_cli_verify_with_storage_rules_from_a_manifest(s3, s3_dataset, tmp_path):
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(yaml.safe_dump({"name": "m", "data": {"input": "unused"},
+                                        "storage": [{"prefix": s3.rule.prefix, "options": s3.rule.options,
+                                                     "env": s3.rule.env}]}))
+    proc = subprocess.run([str(BIN / "codistill"), "verify", "-m", str(manifest), s3_dataset[0]], cwd=REPO,
+                          env=cli_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith(f"OK {s3_dataset[0]}")
+
+
+def test_cli_verify_with_fsspec_environment_config_only(s3, s3_dataset):
+    env = cli_env(FSSPEC_S3_ENDPOINT_URL=s3.endpoint, AWS_ACCESS_KEY_ID=S3_ENV["CODISTILL_TEST_S3_KEY"],
+                  AWS_SECRET_ACCESS_KEY=S3_ENV["CODISTILL_TEST_S3_SECRET"])
+    proc = subprocess.run([str(BIN / "codistill"), "verify", s3_dataset[0]], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_longest_prefix_wins_and_secrets_come_from_the_environment(monkeypatch):
+    monkeypatch.setenv("TEST_SECRET", "s3cret")
+    storage.configure([StorageConfig("s3://bkt", {"anon": True}),
+                       StorageConfig("s3://bkt/private/", {"profile": "team"}, {"secret": "TEST_SECRET"})])
+    try:
+        assert storage.options_for("s3://bkt/a") == {"anon": True}
+        assert storage.options_for("s3://bkt/private/x") == {"profile": "team", "secret": "s3cret"}
+        assert storage.options_for("s3://bkt2/a") == {} and storage.options_for("/local/path") == {}
+        monkeypatch.delenv("TEST_SECRET")
+        with pytest.raises(ConfigError, match="TEST_SECRET"):
+            storage.options_for("s3://bkt/private/x")
+    finally:
+        storage.configure(())
+
+
+@pytest.fixture(scope="module")
+def s3_training_run(s3, s3_dataset, tmp_path_factory):
+    """Group 0 of criteo-tiny, 2 DeepSpeed ranks, dataset and snapshot store both on S3, TensorBoard on.
+
+    (One launch serves the TensorBoard test too: a DeepSpeed start is the expensive part.)"""
+    url, _ = s3_dataset
+    store, run_dir = s3.url("store"), tmp_path_factory.mktemp("s3-train") / "run"
+    sets = TINY + [f"data.output={url}", f"storage={s3.manifest_value}", f"train.store={store}",
+                   "schedule.steps=6", "eval.every=3", "train.checkpoint_every=6", "codistill.exchange_every=3",
+                   "train.log_every=2", "train.tensorboard=true", f"train.run_dir={run_dir}"]
+    argv = group_commands("criteo-tiny", [0], 2, sets, resume=False)[0].argv
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    return load_experiment("criteo-tiny", sets), proc
+
+
+def test_training_reads_its_shards_from_s3_and_publishes_snapshots_there(s3_training_run):
+    config, proc = s3_training_run
+    assert "eval step 6:" in proc.stdout
+    assert (Path(config.run_dir) / "group-0" / "eval_predictions.npz").exists()
+    storage.configure(config.storage)
+    try:
+        fs, root = storage.url_to_fs(config.store)
+        assert fs.cat_file(f"{root}/{config.run_id}/group-0/{LATEST}") == b"step-00000006.json"
+        model = workload_for("criteo").build_model(config.model, load_manifest(config.data.output))
+        with PeerWatcher(config.store, config.run_id, 1, [0], model_signature(model.state_dict()),
+                         poll_interval=0.05) as w:
+            deadline = time.monotonic() + 30
+            while not (updates := w.take_updates()) and time.monotonic() < deadline:
+                time.sleep(0.05)
+        assert updates[0][0] == 6  # the final snapshot, read back from S3 and verified
+    finally:
+        storage.configure(())
+
+
+def test_training_writes_tensorboard_events_and_shows_time_left(s3_training_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config, proc = s3_training_run
+    assert re.search(r"^step 2/6 loss .* ms/step, \d+s left$", proc.stdout, re.M), proc.stdout[-2000:]
+    events = EventAccumulator(str(Path(config.run_dir) / "group-0" / "tensorboard"))
+    events.Reload()
+    scalars = events.Tags()["scalars"]
+    assert {"Train/loss", "Train/label_loss", "Train/lr", "Eval/log_loss", "Eval/auc"} <= set(scalars), scalars
+    logged = [json.loads(line) for line in (Path(config.run_dir) / "group-0" / "metrics.jsonl").open()]
+    train = {r["step"]: r["loss"] for r in logged if r["kind"] == "train"}
+    evals = {r["step"]: r["log_loss"] for r in logged if r["kind"] == "eval"}
+    assert [(e.step, pytest.approx(e.value, rel=1e-6)) for e in events.Scalars("Train/loss")] == list(train.items())
+    assert [(e.step, pytest.approx(e.value, rel=1e-6)) for e in events.Scalars("Eval/log_loss")] == [
+        (3, evals[3]), (6, evals[6])]
+
+
+class _DiesAfterWeights:
+    """The store as seen by a publisher whose process dies right after uploading the weights."""
+
+    def __init__(self, fs):
+        self._fs = fs
+
+    def __getattr__(self, name):
+        return getattr(self._fs, name)
+
+    def pipe_file(self, path: str, data, **kwargs) -> None:
+        if not path.endswith(".safetensors"):
+            raise OSError("killed")
+        self._fs.pipe_file(path, data, **kwargs)
+
+
+def test_snapshot_cut_off_mid_publish_on_s3_is_never_seen(s3_storage):
+    """No rename on S3: what makes a snapshot visible is the LATEST PUT, the last of the three."""
+    import torch
+
+    from training.exchange import SnapshotPublisher
+
+    store = s3_storage.url()
+    state = {"w": torch.arange(6.0).reshape(2, 3)}
+    publisher = SnapshotPublisher(store, "run", group=1)
+    assert publisher.publish(1, state)
+    publisher.fs = _DiesAfterWeights(publisher.fs)
+    assert not publisher.publish(2, {"w": torch.zeros(2, 3)})
+    fs, root = storage.url_to_fs(store)
+    assert fs.exists(f"{root}/run/group-1/step-00000002.safetensors")  # the orphaned upload is there
+    assert fs.cat_file(f"{root}/run/group-1/{LATEST}") == b"step-00000001.json"
+    with PeerWatcher(store, "run", 0, [1], model_signature(state), poll_interval=0.02) as w:
+        deadline = time.monotonic() + 10
+        while not (updates := w.take_updates()) and time.monotonic() < deadline:
+            time.sleep(0.02)
+    assert updates[1][0] == 1 and torch.equal(updates[1][1]["w"], state["w"])
