@@ -345,16 +345,9 @@ def plot_curves(plan: Plan, s: dict[str, ConditionSummary]) -> list[str]:
         mean, sd = curves.mean(axis=0), curves.std(axis=0)
         ax.plot(steps, mean, label=name)
         ax.fill_between(steps, mean - sd, mean + sd, alpha=0.2)
-    ax.set_xlabel("step")
-    ax.set_ylabel("eval excess loss (loss - floor)")
     ax.set_yscale("log")
-    ax.set_title(f"{plan.name}: mean ± sd over seeds")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(plan.out / "excess_vs_step.png", dpi=110)
-    plt.close(fig)
-    names.append("excess_vs_step.png")
+    names.append(_save(fig, ax, plan.out / "excess_vs_step.png", "step", "eval excess loss (loss - floor)",
+                       f"{plan.name}: mean ± sd over seeds"))
     if plan.claims.staleness:
         points = sorted((s[n].runs[0].exchange_every, *s[n].stat("best")) for n in plan.claims.staleness)
         fig, ax = plt.subplots(figsize=(6, 4))
@@ -363,13 +356,20 @@ def plot_curves(plan: Plan, s: dict[str, ConditionSummary]) -> list[str]:
         mean, sd = s[plan.claims.baseline].stat("best")
         ax.axhline(mean, linestyle="--", color="gray", label=f"{plan.claims.baseline} ({mean:.4f})")
         ax.set_xscale("log")
-        ax.set_xlabel("exchange_every (steps between peer snapshots)")
-        ax.set_ylabel("best eval excess loss")
-        ax.set_title(f"{plan.name}: staleness")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(plan.out / "staleness.png", dpi=110)
-        plt.close(fig)
-        names.append("staleness.png")
+        names.append(_save(fig, ax, plan.out / "staleness.png", "exchange_every (steps between peer snapshots)",
+                           "best eval excess loss", f"{plan.name}: staleness"))
     return names
+
+
+def _save(fig, ax, path: Path, xlabel: str, ylabel: str, title: str) -> str:
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path.name

@@ -243,13 +243,19 @@ def decode_example(payload: bytes, schema: Schema) -> Block:
         raise ShardFormatError(f"malformed block Example: {type(e).__name__}: {e}") from None
 
 
-def _decode_example(payload: bytes, schema: Schema) -> Block:
+def _example_features(payload: bytes) -> dict[str, tuple[int, memoryview]]:
+    """An Example's features by name: (the kind of list, its encoded values)."""
     raw: dict[str, tuple[int, memoryview]] = {}
     for _, features in _fields(memoryview(payload)):
         for _, entry in _fields(features):
             parts = dict(_fields(entry))
             (kind, values), = _fields(parts[2])
             raw[bytes(parts[1]).decode()] = (kind, values)
+    return raw
+
+
+def _decode_example(payload: bytes, schema: Schema) -> Block:
+    raw = _example_features(payload)
     block = {}
     for name, feature in schema.items():
         if name not in raw:
@@ -304,12 +310,7 @@ def encode_row_example(row: dict, schema: Schema) -> bytes:
 
 
 def _decode_row_example(payload: bytes, schema: Schema) -> dict:
-    raw: dict[str, tuple[int, memoryview]] = {}
-    for _, features in _fields(memoryview(payload)):
-        for _, entry in _fields(features):
-            parts = dict(_fields(entry))
-            (kind, values), = _fields(parts[2])
-            raw[bytes(parts[1]).decode()] = (kind, values)
+    raw = _example_features(payload)
     row = {}
     for name, feature in schema.items():
         if feature.tfrecord not in raw:
