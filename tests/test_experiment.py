@@ -40,7 +40,8 @@ def eval_losses(run_dir: Path, group: int) -> list[tuple[int, float, float | Non
 
 
 def table_row(report: str, condition: str) -> list[str]:
-    for line in report.splitlines():
+    """The condition's row in the report's Results table."""
+    for line in report.split("## Results", 1)[1].splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if cells and cells[0] == condition:
             return cells

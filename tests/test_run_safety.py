@@ -194,7 +194,7 @@ def test_sigkilling_a_groups_deepspeed_launcher_ends_its_ranks(data_dir, tmp_pat
     sets = TINY + [f"data.output={data_dir}", "schedule.steps=100000", "eval.every=100000",
                    "train.checkpoint_every=100000", "codistill.enabled=false", f"train.run_dir={run_dir}"]
     log = open(tmp_path / "hand.log", "w")
-    launcher = subprocess.Popen(group_commands("criteo-tiny", 1, 2, sets, resume=False)[0].argv, cwd=REPO, env=env(),
+    launcher = subprocess.Popen(group_commands("criteo-tiny", [0], 2, sets, resume=False)[0].argv, cwd=REPO, env=env(),
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # as a shell would
     try:
         wait_until(lambda: (run_dir / "group-0" / "metrics.jsonl").exists() or launcher.poll() is not None, 300,
@@ -224,7 +224,7 @@ def test_resume_refuses_a_planted_pickle_and_an_empty_latest_and_falls_back(data
     run_dir = tmp_path / "ckpt-run"
     sets = TINY + [f"data.output={data_dir}", "schedule.steps=4", "eval.every=4", "train.checkpoint_every=2",
                    "codistill.enabled=false", f"train.run_dir={run_dir}"]
-    proc = run(group_commands("criteo-tiny", 1, 1, sets, resume=False)[0].argv)
+    proc = run(group_commands("criteo-tiny", [0], 1, sets, resume=False)[0].argv)
     assert proc.returncode == 0, tail(proc.stdout + proc.stderr)
     checkpoints = run_dir / "group-0" / "checkpoints"
     assert sorted(p.name for p in checkpoints.glob("step-*")) == ["step-00000002", "step-00000004"]
@@ -232,7 +232,7 @@ def test_resume_refuses_a_planted_pickle_and_an_empty_latest_and_falls_back(data
     # Someone with write access to the (shared) run directory plants code in the newest checkpoint...
     torch.save({"module": Exploit(str(marker))}, checkpoints / "step-00000004" / "mp_rank_00_model_states.pt")
     (checkpoints / "latest").write_text("")  # ...and a crash left `latest` empty
-    proc = run(group_commands("criteo-tiny", 1, 1, sets, resume=True)[0].argv)
+    proc = run(group_commands("criteo-tiny", [0], 1, sets, resume=True)[0].argv)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, tail(out)
     assert not marker.exists(), "--resume ran code from a checkpoint"

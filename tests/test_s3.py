@@ -19,8 +19,8 @@ from codistill.config import ConfigError, StorageConfig, load_experiment
 from codistill.dataset import load_manifest
 from codistill.verify import verify_dataset
 from pipelines.run import preprocess
-from training.exchange import LATEST, PeerWatcher, model_signature
-from training.launch import group_commands
+from training.exchange import LATEST, PeerWatcher, model_signature, snapshot_bytes
+from training.launch import group_commands, read_run_nonce
 from training.workloads import workload_for
 
 pytestmark = pytest.mark.timeout(300)
@@ -128,7 +128,8 @@ def test_training_reads_its_shards_from_s3_and_publishes_snapshots_there(s3_trai
         assert fs.cat_file(f"{root}/{config.run_id}/group-0/{LATEST}") == b"step-00000006.json"
         model = workload_for("criteo").build_model(config.model, load_manifest(config.data.output))
         with PeerWatcher(config.store, config.run_id, 1, [0], model_signature(model.state_dict()),
-                         poll_interval=0.05) as w:
+                         snapshot_bytes(model.state_dict()), poll_interval=0.05,
+                         run_nonce=read_run_nonce(config.run_dir)) as w:
             deadline = time.monotonic() + 30
             while not (updates := w.take_updates()) and time.monotonic() < deadline:
                 time.sleep(0.05)
@@ -184,7 +185,7 @@ def test_snapshot_cut_off_mid_publish_on_s3_is_never_seen(s3_storage):
     fs, root = storage.url_to_fs(store)
     assert fs.exists(f"{root}/run/group-1/step-00000002.safetensors")  # the orphaned upload is there
     assert fs.cat_file(f"{root}/run/group-1/{LATEST}") == b"step-00000001.json"
-    with PeerWatcher(store, "run", 0, [1], model_signature(state), poll_interval=0.02) as w:
+    with PeerWatcher(store, "run", 0, [1], model_signature(state), snapshot_bytes(state), poll_interval=0.02) as w:
         deadline = time.monotonic() + 10
         while not (updates := w.take_updates()) and time.monotonic() < deadline:
             time.sleep(0.02)
