@@ -137,9 +137,12 @@ class _Window:
         self._f, self._buf, self._base = f, b"", 0
 
     def view(self, pos: int, at_least: int = 1) -> memoryview:
-        """Bytes from file offset `pos` on (never before an offset asked for earlier): at least `at_least` of
-        them unless the file ends first; empty at the end of the file."""
+        """Bytes from file offset `pos` on: at least `at_least` of them unless the file ends first; empty at
+        the end of the file."""
         end = self._base + len(self._buf)
+        if pos < self._base:  # back to the start of a damaged member that spanned several pieces
+            self._f.seek(pos)
+            self._buf, self._base, end = b"", pos, pos
         if pos + at_least > end:
             pieces = [self._buf[pos - self._base:]]
             have = len(pieces[0])
@@ -177,10 +180,12 @@ def _read_gzip_members(window: _Window, source: str, limit: int, pos: int) -> It
         try:
             member, end = _inflate_member(window, pos, limit)
         except _Damage as damage:
-            yield Quarantined(source, pos, damage.reason, damage.detail)
-            if damage.reason == "truncated":
-                return
-            pos = damage.resume if damage.resume is not None else _next_member(window, pos + 1)
+            resume = damage.resume if damage.resume is not None else _next_member(window, pos + 1)
+            reason, detail = damage.reason, damage.detail
+            if reason == "truncated" and window.view(resume):  # a torn member (e.g. stored blocks) swallowed good ones
+                reason, detail = "corrupt_gzip", f"gzip member at {pos} cut short: the next member starts at {resume}"
+            yield Quarantined(source, pos, reason, detail)
+            pos = resume
             continue
         if pos == 0 and not member.startswith(b"WARC/"):
             yield Quarantined(source, 0, "not_warc",

@@ -7,6 +7,7 @@ then each cleaning rule on small texts, on and off.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import gzip
 import os
@@ -225,6 +226,29 @@ def test_corrupt_member_in_the_middle_reading_resumes_after_it(tmp_path, damage)
     results = read(write(tmp_path, b"".join(parts[:2] + [damage(parts[2])] + parts[3:])))
     assert labels(results) == [key(0), key(1), "corrupt_gzip", key(3), key(4)]
     assert results[2].offset == at[2]
+
+
+def test_corrupt_member_longer_than_a_read_piece_resumes_at_the_next_member(tmp_path):
+    # The damage shows at the member's end (its CRC), after the reader has moved past the member's start.
+    big = warc_record(base64.b64encode(random.Random(0).randbytes(3 << 20)) + b"\n", index=2)
+    parts = members(*good(2), big, *good(2, start=3))
+    assert len(parts[2]) > 2 * (1 << 20)
+    at = offsets(parts)
+    results = read(write(tmp_path, b"".join(parts[:2] + [flip(parts[2], len(parts[2]) - 8, len(parts[2]) - 4)]
+                                  + parts[3:])))
+    assert labels(results) == [key(0), key(1), "corrupt_gzip", key(3), key(4)]
+    assert results[2].offset == at[2] and results[3].offset == at[3]
+
+
+def test_torn_member_that_swallows_the_rest_of_the_file_loses_only_itself(tmp_path):
+    # A stored (uncompressed) deflate block cut short takes the members after it as its data, up to the end
+    # of the file: the reader goes back and resumes at the first of them, across read pieces.
+    first = gzip.compress(warc_record(base64.b64encode(random.Random(0).randbytes(3 << 18)) + b"\n", index=0))
+    torn = gzip.compress(warc_record(b"x" * 400_000 + b"\n", index=1), compresslevel=0)[:(1 << 20) - len(first) - 100]
+    rest = members(*good(40, start=2))
+    results = read(write(tmp_path, first + torn + b"".join(rest)))
+    assert labels(results) == [key(0), "corrupt_gzip", *(key(i) for i in range(2, 42))]
+    assert results[1].offset == len(first) and results[2].offset == len(first) + len(torn)
 
 
 def test_member_cut_short_then_a_good_member(tmp_path):
