@@ -444,8 +444,7 @@ def experiment(plan: str, report_only: bool) -> None:
 
     parsed = load_plan(_plan_path(plan))
     if not report_only:
-        run_plan(parsed, lambda manifest, sets, resume, overwrite: _train(manifest, sets, resume, overwrite),
-                 echo=click.echo)
+        run_plan(parsed, _train, echo=click.echo)
     report = write_report(parsed)
     click.echo(report.read_text())
     click.echo(f"report: {report}")

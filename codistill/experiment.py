@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from codistill.config import ConfigError, ExperimentConfig, _build, _require, load_experiment, read_manifest_yaml
+from codistill.units import duration
 
 COMPLETE = ".complete"
 
@@ -44,14 +45,23 @@ class Claims:
     staleness: tuple[str, ...] = ()  # conditions that differ only in codistill.exchange_every, for the curve
     staleness_reference: str | None = None  # K = 1
     staleness_check: str | None = None  # K = 500
+    # Batch sweep: single-model conditions whose examples per step double from one to the next, and
+    # (optional, same length) codistillation conditions whose groups each take that sweep entry's batch.
+    batch_sweep: tuple[str, ...] = ()
+    sweep_codistill: tuple[str, ...] = ()
     churn_max_ratio: float = 0.75
     final_max_ratio: float = 0.6
     best_max_ratio: float = 0.9
     staleness_max_increase: float = 0.05
     disjoint_min_ratio: float = 2.0
+    sweep_stop_ratio: float = 0.85  # 2B "stops paying" once it needs >= this share of B's steps
+    sweep_codistill_max_ratio: float = 0.6  # the paper: ~0.5x the steps of B
 
     def validate(self, name: str) -> None:
-        pass
+        _require(not self.batch_sweep or len(self.batch_sweep) >= 2, f"{name}.batch_sweep",
+                 f"needs at least two conditions, got {list(self.batch_sweep)}")
+        _require(not self.sweep_codistill or len(self.sweep_codistill) == len(self.batch_sweep),
+                 f"{name}.sweep_codistill", "needs one condition per batch_sweep entry")
 
 
 @dataclass(frozen=True)
@@ -76,8 +86,10 @@ class Plan:
         for key in ("baseline", "codistill", "same_data", "ensemble", "staleness_reference", "staleness_check"):
             value = getattr(claims, key)
             _require(value is None or value in names, f"claims.{key}", f"names no condition: {value!r}")
-        for value in claims.staleness:
-            _require(value in names, "claims.staleness", f"names no condition: {value!r}")
+        claims.validate("claims")
+        for key in ("staleness", "batch_sweep", "sweep_codistill"):
+            for value in getattr(claims, key):
+                _require(value in names, f"claims.{key}", f"names no condition: {value!r}")
 
     @property
     def out(self) -> Path:
@@ -99,11 +111,24 @@ def load_plan(path: str) -> Plan:
     try:
         plan = _build(Plan, raw, "")
         plan.validate()
-        for condition in plan.conditions:  # every condition must be a valid manifest before anything runs
-            plan.config(condition, plan.seeds[0])
+        # Every condition must be a valid manifest before anything runs.
+        configs = {c.name: plan.config(c, plan.seeds[0]) for c in plan.conditions}
+        batches = [examples_per_step(configs[n]) for n in plan.claims.batch_sweep]
+        _require(all(b == 2 * a for a, b in zip(batches, batches[1:])), "claims.batch_sweep",
+                 f"examples per step must double from one condition to the next, got {batches}")
+        for sweep, cod in zip(plan.claims.batch_sweep, plan.claims.sweep_codistill):
+            _require(examples_per_step(configs[cod]) == examples_per_step(configs[sweep])
+                     and len(configs[cod].trained_groups) >= 2 and configs[cod].codistill.enabled,
+                     "claims.sweep_codistill", f"{cod} must codistill 2+ groups each at the batch of {sweep}")
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
     return plan
+
+
+def examples_per_step(config: ExperimentConfig) -> int:
+    """Examples one group's optimizer step consumes (rows, or token streams for the stateful LM)."""
+    ds = config.deepspeed
+    return ds.micro_batch_size * ds.grad_accum * ds.ranks_per_group
 
 
 # --- running ---------------------------------------------------------------------------------------------
@@ -116,7 +141,9 @@ def run_plan(plan: Plan, train: Callable[[str, list[str], bool, bool], object], 
     todo = [(c, s) for c in plan.conditions for s in plan.seeds]
     complete = sum((plan.run_dir(c.name, s) / COMPLETE).exists() for c, s in todo)
     start, trained = time.monotonic(), 0
+    ceiling_shown = False
     for condition, seed in todo:
+        ceiling_shown = ceiling_shown or _echo_ensemble_ceiling(plan, echo)
         run_dir = plan.run_dir(condition.name, seed)
         if (run_dir / COMPLETE).exists():
             continue
@@ -128,14 +155,27 @@ def run_plan(plan: Plan, train: Callable[[str, list[str], bool, bool], object], 
         train(plan.base, plan.overrides(condition, seed), resume, not resume)
         (run_dir / COMPLETE).write_text("")
         complete, trained = complete + 1, trained + 1
+    if not ceiling_shown:
+        _echo_ensemble_ceiling(plan, echo)
     echo(f"== all {len(todo)} runs complete ({_duration(time.monotonic() - start)} this time)")
 
 
+def _echo_ensemble_ceiling(plan: Plan, echo) -> bool:
+    """Evaluate and print the ensemble ceiling once its condition's runs are all complete (plans list
+    that condition first, so the ceiling is known before the rest trains)."""
+    name = plan.claims.ensemble
+    if not name or not all((plan.run_dir(name, s) / COMPLETE).exists() for s in plan.seeds):
+        return False
+    condition = next(c for c in plan.conditions if c.name == name)
+    ensemble = ConditionSummary("", [ensemble_result(plan, condition, s) for s in plan.seeds])
+    single = ConditionSummary("", [read_run(plan, condition, s) for s in plan.seeds])
+    echo(f"== ensemble ceiling: the ensemble of {name}'s groups ends at excess {_fmt(*ensemble.stat('final'))}; "
+         f"one {name} model: {_fmt(*single.stat('final'))}")
+    return True
+
+
 def _duration(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    minutes, secs = divmod(int(seconds), 60)
-    return f"{minutes}m{secs:02d}s"
+    return duration(seconds) if math.isfinite(seconds) else "?"
 
 
 # --- reading the runs --------------------------------------------------------------------------------------
@@ -151,6 +191,7 @@ class RunResult:
     excess: np.ndarray  # eval loss - floor, mean over the run's trained groups, at each eval step
     floor: float | None
     exchange_every: int | None
+    batch: int = 0  # examples per step of each group
 
     @property
     def best(self) -> float:
@@ -189,7 +230,8 @@ def read_run(plan: Plan, condition: Condition, seed: int) -> RunResult:
         raise ValueError(f"{run_dir}: the groups were evaluated at different steps")
     excess = np.mean([c[1] for c in curves], axis=0) - (floor or 0.0)
     return RunResult(condition.name, seed, run_dir, config.trained_groups, np.array(steps), excess, floor,
-                     config.codistill.exchange_every if config.codistill.enabled else None)
+                     config.codistill.exchange_every if config.codistill.enabled else None,
+                     examples_per_step(config))
 
 
 def ensemble_result(plan: Plan, condition: Condition, seed: int) -> RunResult:
@@ -217,6 +259,11 @@ class ConditionSummary:
     def stat(self, attr: str) -> tuple[float, float]:
         values = [getattr(r, attr) for r in self.runs]
         return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+    def steps_to(self, target: float) -> tuple[float | None, int]:
+        """Mean steps to `target` over the runs that reach it, and how many do."""
+        got = [x for x in (r.steps_to(target) for r in self.runs) if x is not None]
+        return (float(np.mean(got)) if got else None), len(got)
 
 
 def churn_over_pairs(runs: list[RunResult]) -> dict[str, float]:
@@ -286,7 +333,61 @@ def claim_rows(plan: Plan, s: dict[str, ConditionSummary]) -> list[tuple[str, st
         holds = disjoint_gain > 0 and (same_gain <= 0 or disjoint_gain >= c.disjoint_min_ratio * same_gain)
         rows.append(("disjoint vs same data", f"disjoint's reduction of final excess >= {c.disjoint_min_ratio}x "
                      "same-data's", f"{disjoint_gain:.4f} vs {same_gain:.4f} ({ratio})", holds))
+    if c.batch_sweep and c.sweep_codistill:
+        sweep = batch_sweep(plan, s)
+        goal = (f"where sync 2B needs >= {c.sweep_stop_ratio}x the steps of B, codistillation at B "
+                f"needs <= {c.sweep_codistill_max_ratio}x (paper: ~0.5x)")
+        if sweep.stop is None:
+            rows.append(("batch sweep", goal, "2B still pays at every batch of the sweep: extend it", None))
+        else:
+            steps, cod = sweep.steps[sweep.stop], sweep.codistill_steps[sweep.stop]
+            ratio = cod / steps if cod and steps else None
+            measured = (f"B = {s[c.batch_sweep[sweep.stop]].runs[0].batch}: 2B {sweep.steps[sweep.stop + 1] / steps:.2f}x, "
+                        f"codistillation " + (f"{ratio:.2f}x" if ratio else "never reached the target"))
+            rows.append(("batch sweep", goal, measured, ratio is not None and ratio <= c.sweep_codistill_max_ratio))
     return rows
+
+
+def _reached(summary: ConditionSummary, target: float) -> str:
+    steps, got = summary.steps_to(target)
+    return f"{steps:.0f} ({got}/{len(summary.runs)} reached)" if got else f"never (0/{len(summary.runs)})"
+
+
+@dataclass
+class Sweep:
+    target: float  # the worst best excess among the sweep's conditions: every one of them reaches it
+    steps: list[float | None]  # per sweep condition, to the target
+    stop: int | None  # index of B, the first batch whose doubling needs >= sweep_stop_ratio of its steps
+    codistill_steps: list[float | None]
+
+
+def batch_sweep(plan: Plan, s: dict[str, ConditionSummary]) -> Sweep:
+    c = plan.claims
+    target = max(s[n].stat("best")[0] for n in c.batch_sweep)
+    steps = [s[n].steps_to(target)[0] for n in c.batch_sweep]
+    stop = next((i for i in range(len(steps) - 1) if steps[i] and steps[i + 1]
+                 and steps[i + 1] / steps[i] >= c.sweep_stop_ratio), None)
+    return Sweep(target, steps, stop, [s[n].steps_to(target)[0] for n in c.sweep_codistill])
+
+
+def sweep_lines(plan: Plan, s: dict[str, ConditionSummary]) -> list[str]:
+    c, sweep = plan.claims, batch_sweep(plan, s)
+    lines = ["", "## Batch sweep", "", f"Steps to excess {sweep.target:.4f} (the worst best excess among the "
+             "sweep's conditions, so each of them reaches it); codistillation runs 2+ groups each at that batch.",
+             "", "| condition | examples per step | steps to target | vs half the batch | codistillation | "
+             "codistillation vs sync at this batch |", "|---|---|---|---|---|---|"]
+    for i, name in enumerate(c.batch_sweep):
+        steps = sweep.steps[i]
+        previous = sweep.steps[i - 1] if i else None
+        ratio = f"{steps / previous:.2f}x" if steps and previous else ""
+        cod, cod_ratio = "", ""
+        if c.sweep_codistill:
+            cod = f"{c.sweep_codistill[i]}: {_reached(s[c.sweep_codistill[i]], sweep.target)}"
+            cod_steps = sweep.codistill_steps[i]
+            cod_ratio = f"{cod_steps / steps:.2f}x" if cod_steps and steps else ""
+        lines.append(f"| {name} | {s[name].runs[0].batch} | {_reached(s[name], sweep.target)} | {ratio} | {cod} | "
+                     f"{cod_ratio} |")
+    return lines
 
 
 def write_report(plan: Plan, summaries: dict[str, ConditionSummary] | None = None) -> Path:
@@ -312,14 +413,15 @@ def write_report(plan: Plan, summaries: dict[str, ConditionSummary] | None = Non
               f"| condition | best excess | final excess | steps to baseline's best ({target:.4f}) | "
               f"churn {key} | churn disagreement |", "|---|---|---|---|---|---|"]
     for name, summary in s.items():
-        reached = [r.steps_to(target) for r in summary.runs]
-        got = [x for x in reached if x is not None]
-        steps = f"{np.mean(got):.0f} ({len(got)}/{len(reached)} reached)" if got else f"never (0/{len(reached)})"
-        lines.append(f"| {name} | {_fmt(*summary.stat('best'))} | {_fmt(*summary.stat('final'))} | {steps} | "
+        lines.append(f"| {name} | {_fmt(*summary.stat('best'))} | {_fmt(*summary.stat('final'))} | "
+                     f"{_reached(summary, target)} | "
                      f"{_fmt(summary.churn.get(key))} | {_fmt(summary.churn.get('disagreement'))} |")
+    if plan.claims.batch_sweep:
+        lines += sweep_lines(plan, s)
     lines += ["", "## Claims", "", "| claim | goal | measured | holds |", "|---|---|---|---|"]
     for claim, goal, measured, holds in claim_rows(plan, s):
-        lines.append(f"| {claim} | {goal} | {measured} | {'yes' if holds else 'NO'} |")
+        verdict = "n/a" if holds is None else "yes" if holds else "NO"
+        lines.append(f"| {claim} | {goal} | {measured} | {verdict} |")
     plots = plot_curves(plan, s)
     lines += ["", "## Plots", ""] + [f"![{name}]({name})" for name in plots]
     report = plan.out / "report.md"

@@ -134,3 +134,51 @@ def test_steps_to_target_interpolates_on_the_eval_curve():
     run = RunResult("c", 0, Path("."), (0,), np.array([10, 20, 30]), np.array([0.5, 0.3, 0.1]), None, None)
     assert run.steps_to(0.4) == pytest.approx(15.0)
     assert run.steps_to(0.6) == 10.0 and run.steps_to(0.05) is None
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "manifests" / "experiments").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_plan_is_valid(path):
+    plan = load_plan(str(path))
+    assert plan.claims.baseline and plan.claims.codistill and plan.claims.ensemble == plan.conditions[0].name
+
+
+def test_a_batch_sweep_whose_batches_do_not_double_fails_before_anything_runs(tmp_path):
+    import yaml
+
+    plan = yaml.safe_load((REPO / "manifests" / "experiments" / "commoncrawl-claims.yaml").read_text())
+    plan["conditions"][2]["sets"][-1] = "deepspeed.micro_batch_size=12"  # sync-b8 -> 12
+    path = tmp_path / "plan.yaml"
+    path.write_text(yaml.safe_dump(plan))
+    with pytest.raises(ConfigError, match=re.escape("claims.batch_sweep: examples per step must double from one "
+                                                    "condition to the next, got [4, 12, 16, 32, 64]")):
+        load_plan(str(path))
+
+
+def test_the_batch_sweep_finds_where_2b_stops_paying_and_times_codistillation_there():
+    from codistill.experiment import ConditionSummary, RunResult, batch_sweep, claim_rows, sweep_lines
+
+    def condition(name, batch, curve):
+        runs = [RunResult(name, seed, Path("."), (0,), np.array([100, 200, 300, 400]),
+                          np.array(curve) + 0.001 * seed, None, None, batch) for seed in (0, 1)]
+        return ConditionSummary(name, runs, {"disagreement": 0.1})
+
+    plan = load_plan(str(REPO / "manifests" / "experiments" / "commoncrawl-claims.yaml"))
+    # Steps to excess 0.4005 (the worst best excess, b4's): b4 ~400, b8 ~300, b16 ~175, b32 ~171: 2B stops
+    # paying at B = 16, where codistillation gets there at its first eval (100 steps, 0.57x).
+    s = {"baseline": condition("baseline", 16, [0.8, 0.6, 0.5, 0.45]),
+         "sync-b4": condition("sync-b4", 4, [0.9, 0.7, 0.5, 0.4]),
+         "sync-b8": condition("sync-b8", 8, [0.9, 0.5, 0.4, 0.3]),
+         "sync-b16": condition("sync-b16", 16, [0.7, 0.3, 0.3, 0.3]),
+         "sync-b32": condition("sync-b32", 32, [0.65, 0.3, 0.3, 0.3]),
+         "sync-b64": condition("sync-b64", 64, [0.5, 0.3, 0.3, 0.3])}
+    for name, batch in (("codistill-b4", 4), ("codistill-b8", 8), ("codistill", 16), ("codistill-b32", 32),
+                        ("codistill-b64", 64)):
+        s[name] = condition(name, batch, [0.35, 0.2, 0.2, 0.2])
+    sweep = batch_sweep(plan, s)
+    assert sweep.target == pytest.approx(0.4005)
+    assert sweep.steps[0] == pytest.approx(399.5) and sweep.stop == 2
+    row = next(r for r in claim_rows(plan, s) if r[0] == "batch sweep")
+    assert row[2] == f"B = 16: 2B {sweep.steps[3] / sweep.steps[2]:.2f}x, codistillation " \
+                     f"{sweep.codistill_steps[2] / sweep.steps[2]:.2f}x" and row[3] is True
+    assert any(line.startswith("| sync-b16 | 16 | 175 (2/2 reached) | 0.58x | codistill: 100 (2/2 reached) | 0.57x")
+               for line in sweep_lines(plan, s))
