@@ -16,6 +16,7 @@ to the dataset root) for WebDataset shards.
 from __future__ import annotations
 
 import collections
+import copy
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -164,7 +165,7 @@ class WriteManifestFn(WorkerDoFn):
         self.tokenizer_sha256 = tokenizer_sha256
 
     def process(self, _, shards, reject_counts, counted_only, inputs, stats, kept, facts):
-        extra = dict(self.extra)
+        extra = copy.deepcopy(self.extra)  # merge_counts adds into nested dicts; keep self.extra for a retry
         for counts in stats:
             merge_counts(extra, counts)
         for more in facts:
