@@ -98,14 +98,6 @@ def capture_seconds(date: str) -> int:
         return UNDATED
 
 
-def merge_counts(a: dict, b: dict) -> dict:
-    """Sum nested dicts of counts."""
-    out = dict(a)
-    for k, v in b.items():
-        out[k] = merge_counts(out.get(k, {}), v) if isinstance(v, dict) else out.get(k, 0) + v
-    return out
-
-
 def _sample(doc: WebDocument, reason: str, text: str, prio: int) -> tuple[int, dict]:
     return prio, {"reason": reason, "key": doc.key, "url": doc.url, "source": posixpath.basename(doc.source),
                   "offset": doc.offset, "text": text[:SAMPLE_CHARS]}
@@ -699,18 +691,16 @@ class CommonCrawlToShards(beam.PTransform):
              | "AllSamples" >> beam.Flatten()
              | "SamplesByReason" >> beam.GroupByKey()
              | "WriteSamples" >> beam.ParDo(WriteSamples(data.output, options.samples_per_reason)))
-        facts = ((staged.facts, encoded.facts, packed.facts)
-                 | "AllFacts" >> beam.Flatten()
-                 | "SumFacts" >> beam.CombineGlobally(lambda dicts: _sum_dicts(dicts)))
+        datasets = {"pieces": packed.pieces, "rejected": staged.rejected, "inputs": staged.inputs,
+                    "reject_counts": (staged.reject_counts, encoded.reject_counts) | "AllDropped" >> beam.Flatten(),
+                    "kept": encoded.kept,
+                    "stats": (staged.facts, encoded.facts, packed.facts) | "AllFacts" >> beam.Flatten()}
         if documents is not None:
-            floor = (encoded.eval_keys
-                     | "EvalKeys" >> beam.combiners.ToList()
-                     | "Floor" >> beam.Map(eval_floor, documents))
-            facts = (facts, floor) | "WithFloor" >> beam.Flatten()
+            datasets["extra"] = (encoded.eval_keys
+                                 | "EvalKeys" >> beam.combiners.ToList()
+                                 | "Floor" >> beam.Map(eval_floor, documents))
         parameters = {"input": self.paths, **pipeline_parameters(data)}
-        return {"pieces": packed.pieces, "rejected": staged.rejected, "inputs": staged.inputs,
-                "reject_counts": (staged.reject_counts, encoded.reject_counts) | "AllDropped" >> beam.Flatten(),
-                "kept": encoded.kept, "extra": facts} | WriteDataset(
+        return datasets | WriteDataset(
             output=data.output, layout=layout, schema=features, fmt=data.format, block_rows=data.block_rows,
             parameters=parameters, extra=extra, tokenizer_sha256=tokenizer.sha256)
 
@@ -718,13 +708,6 @@ class CommonCrawlToShards(beam.PTransform):
 def _size(url: str) -> int:
     fs, path = storage.url_to_fs(url)
     return fs.size(path)
-
-
-def _sum_dicts(dicts) -> dict:
-    total = {}
-    for d in dicts:
-        total = merge_counts(total, d)
-    return total
 
 
 def _generate(raw: str, synth) -> tuple[str, dict]:
