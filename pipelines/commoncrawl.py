@@ -219,9 +219,10 @@ class StageFiles(WorkerDoFn):
         source = posixpath.basename(path)
         staged, marker_url = join(self.data.output, f"{STAGED}/{source}.npz"), join(self.data.output,
                                                                                    f"{DONE}/{source}.json")
-        marker = self._marker(marker_url, path)
+        size = _size(path)
+        marker = self._marker(marker_url, size)
         if marker is None:
-            marker, fingerprints = self._stage(index, path, staged)
+            marker, fingerprints = self._stage(index, path, size, staged)
             write_atomically(marker_url, json.dumps(marker, sort_keys=True))  # only after the staged file is whole
         else:
             Metrics.counter(METRICS, "files_resumed").inc()
@@ -239,17 +240,17 @@ class StageFiles(WorkerDoFn):
         for reason, found in marker["samples"].items():
             yield beam.pvalue.TaggedOutput("samples", (reason, [tuple(s) for s in found]))
 
-    def _marker(self, url: str, path: str) -> dict | None:
+    def _marker(self, url: str, input_bytes: int) -> dict | None:
         fs, fs_path = storage.url_to_fs(url)
         if not fs.exists(fs_path):
             return None
         with fs.open(fs_path, "r") as f:
             marker = json.load(f)
-        if marker.get("parameters") != self.digest or marker.get("input_bytes") != _size(path):
+        if marker.get("parameters") != self.digest or marker.get("input_bytes") != input_bytes:
             return None  # made with other settings or from another file of the same name
         return marker
 
-    def _stage(self, index: int, path: str, staged: str) -> tuple[dict, dedup.Fingerprints]:
+    def _stage(self, index: int, path: str, input_bytes: int, staged: str) -> tuple[dict, dedup.Fingerprints]:
         options = self.data.commoncrawl
         cleaned = clean_file(path, self.cleaner, self.data.seed, options.samples_per_reason)
         fingerprints = fingerprint_documents(index, cleaned.documents, options, self.data.seed)
@@ -261,7 +262,7 @@ class StageFiles(WorkerDoFn):
             Metrics.counter(METRICS, f"lines_dropped_{reason}").inc(n)
         for rejected in cleaned.quarantined:
             Metrics.counter(METRICS, f"quarantined_{rejected.reason}").inc()
-        marker = {"input": path, "input_bytes": _size(path), "parameters": self.digest,
+        marker = {"input": path, "input_bytes": input_bytes, "parameters": self.digest,
                   "records": cleaned.records, "kept": len(cleaned.documents), "dropped": cleaned.dropped,
                   "lines_dropped": cleaned.lines_dropped, "skipped": cleaned.skipped,
                   "quarantined": [dataclasses.asdict(r) for r in cleaned.quarantined], "samples": cleaned.samples}
@@ -667,7 +668,8 @@ class CommonCrawlToShards(beam.PTransform):
         layout, features = layout_for(data), schema(options.sequence_length)
         tokenizer = load_tokenizer(self.tokenizer)
         extra = {**self.extra, "tokenizer": tokenizer.manifest_entry(self.tokenizer)}
-        progress.expect(parts=len(self.paths), bytes=sum(_size(path) for path in self.paths))
+        if progress.address() is not None:  # one size request per input, on the driver: only for a monitor
+            progress.expect(parts=len(self.paths), bytes=sum(_size(path) for path in self.paths))
         documents = None
         if "synth" in extra:  # the per-document and per-line tables stay in raw/synth.json
             documents = extra["synth"]["documents"]
