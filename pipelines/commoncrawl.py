@@ -186,12 +186,21 @@ def write_staged(url: str, documents: list[WebDocument], fingerprints: dedup.Fin
         f.write(buffer.getvalue())
 
 
-def read_staged(url: str, index: int, texts: bool = False) -> tuple[dedup.Fingerprints, dict[str, list[str]]]:
+def _load_staged(url: str):
     with storage.open(url, "rb") as f:
-        z = np.load(io.BytesIO(f.read()), allow_pickle=False)
-    fields = {name: z[name] for name in dedup.Fingerprints.__dataclass_fields__ if name != "file"}
-    names = ("key", "url", "date", "text") if texts else ()
-    return dedup.Fingerprints(index, **fields), {n: _unstrings(z[f"{n}_data"], z[f"{n}_offsets"]) for n in names}
+        return np.load(io.BytesIO(f.read()), allow_pickle=False)  # each array is decoded when first used
+
+
+def read_staged(url: str, index: int) -> dedup.Fingerprints:
+    z = _load_staged(url)
+    return dedup.Fingerprints(index, **{name: z[name] for name in dedup.Fingerprints.__dataclass_fields__
+                                        if name != "file"})
+
+
+def read_staged_documents(url: str) -> dict[str, list[str]]:
+    """The staged documents' keys, URLs and texts (what encoding needs; not their fingerprints or dates)."""
+    z = _load_staged(url)
+    return {name: _unstrings(z[f"{name}_data"], z[f"{name}_offsets"]) for name in ("key", "url", "text")}
 
 
 def parameters_digest(data: DataConfig) -> str:
@@ -226,7 +235,7 @@ class StageFiles(WorkerDoFn):
             write_atomically(marker_url, json.dumps(marker, sort_keys=True))  # only after the staged file is whole
         else:
             Metrics.counter(METRICS, "files_resumed").inc()
-            fingerprints, _ = read_staged(staged, index)
+            fingerprints = read_staged(staged, index)
         # Per file (a resumed one counts as read): the expensive part of a run is reading and cleaning.
         progress.report(parts=1, bytes=marker["input_bytes"], rows=marker["records"], part_bytes=marker["input_bytes"])
         yield index, fingerprints
@@ -488,7 +497,7 @@ class EncodeDocuments(WorkerDoFn):
         index, fp = element
         data = self.data
         source = self.sources[index]
-        _, staged = read_staged(join(data.output, f"{STAGED}/{source}.npz"), index, texts=True)
+        staged = read_staged_documents(join(data.output, f"{STAGED}/{source}.npz"))
         kept = np.flatnonzero(fp.dropped == KEPT)
         texts, keys, urls = final_texts(fp, staged["text"]), [staged["key"][i] for i in kept], [
             staged["url"][i] for i in kept]
