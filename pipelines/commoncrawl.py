@@ -355,16 +355,15 @@ def resolve_lines(rows: Block):
 
 
 def apply_drops(fp: dedup.Fingerprints, drops: list, min_words: int) -> dedup.Fingerprints:
-    """Mark dropped documents (lower reason codes first: an exact duplicate stays one, even if it is also in
-    a near-duplicate cluster) and dropped lines; a page left with too few words is dropped. Returns a new
-    Fingerprints (Beam's inputs are not to be mutated)."""
+    """Mark one deduplication step's drops: documents (reason code, indices) or lines ("lines", positions);
+    after lines, a page left with too few words is dropped. A step reads only the documents the earlier
+    steps kept, so none is marked twice. Returns a new Fingerprints (Beam's inputs are not to be mutated)."""
     fp = dataclasses.replace(fp, dropped=fp.dropped.copy(), line_dropped=fp.line_dropped.copy())
-    for reason, indices in sorted(drops, key=lambda d: (d[0] == "lines", 0 if d[0] == "lines" else d[0])):
+    for reason, indices in drops:
         if reason == "lines":
             fp.line_dropped[indices] = True
-            continue
-        fresh = indices[fp.dropped[indices] == KEPT]
-        fp.dropped[fresh] = reason
+        else:
+            fp.dropped[indices] = reason
     if any(reason == "lines" for reason, _ in drops):
         left = np.bincount(fp.line_doc, weights=np.where(fp.line_dropped, 0, fp.line_words), minlength=len(fp.prio))
         fp.dropped[(fp.dropped == KEPT) & (left < min_words)] = SHORT_AFTER_LINE_DEDUP
