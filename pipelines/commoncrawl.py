@@ -661,21 +661,22 @@ def eval_floor(eval_keys: list[list[str]], documents: dict) -> dict:
 
 
 class CommonCrawlToShards(beam.PTransform):
-    """WET/WARC files -> `<output>` with packed token shards, `rejected/` and `manifest.json`."""
+    """WET/WARC files -> `<output>` with packed token shards, `rejected/` and `manifest.json`.
+
+    Without a tokenizer (argument or `data.commoncrawl.tokenizer`), one is trained on the inputs first, on the
+    pipeline's runner, into `<output>/tokenizer/spm.model`; a resumed run keeps the one it trained."""
 
     def __init__(self, paths: list[str], data: DataConfig, extra: dict | None = None, tokenizer: str | None = None):
         super().__init__()
         self.paths, self.data, self.extra = paths, data, dict(extra or {})
         self.tokenizer = tokenizer or data.commoncrawl.tokenizer
-        if self.tokenizer is None:
-            raise ValueError("data.commoncrawl.tokenizer: no tokenizer model given; train one with "
-                             "`codistill tokenizer train` (or run through `codistill preprocess`, which trains one)")
 
     def expand(self, pbegin):
         data, options = self.data, self.data.commoncrawl
         layout, features = layout_for(data), schema(options.sequence_length)
-        tokenizer = load_tokenizer(self.tokenizer)
-        extra = {**self.extra, "tokenizer": tokenizer.manifest_entry(self.tokenizer)}
+        tokenizer_url = self.tokenizer or self._trained_tokenizer(pbegin.pipeline.options)
+        tokenizer = load_tokenizer(tokenizer_url)
+        extra = {**self.extra, "tokenizer": tokenizer.manifest_entry(tokenizer_url)}
         if progress.address() is not None:  # one size request per input, on the driver: only for a monitor
             progress.expect(parts=len(self.paths), bytes=sum(_size(path) for path in self.paths))
         documents = None
@@ -687,7 +688,7 @@ class CommonCrawlToShards(beam.PTransform):
                   | "Spread" >> beam.Reshuffle()
                   | "Stage" >> beam.ParDo(StageFiles(data)).with_outputs(
                       "inputs", "reject_counts", "rejected", "facts", "samples", main="fingerprints"))
-        encode = EncodeDocuments(data, layout, [posixpath.basename(p) for p in self.paths], self.tokenizer,
+        encode = EncodeDocuments(data, layout, [posixpath.basename(p) for p in self.paths], tokenizer_url,
                                  documents is not None)
         encoded = (staged.fingerprints
                    | "Deduplicate" >> Deduplicate(options)
@@ -695,7 +696,7 @@ class CommonCrawlToShards(beam.PTransform):
                                                                   "eval_keys", main="pieces"))
         packed = (encoded.pieces
                   | "ByShard" >> beam.GroupByKey()
-                  | "Pack" >> beam.ParDo(PackShards(data.output, layout, features, self.tokenizer,
+                  | "Pack" >> beam.ParDo(PackShards(data.output, layout, features, tokenizer_url,
                                                     options.sequence_length)).with_outputs("facts", main="pieces"))
         _ = ((staged.samples, encoded.samples)
              | "AllSamples" >> beam.Flatten()
@@ -714,6 +715,15 @@ class CommonCrawlToShards(beam.PTransform):
             output=data.output, layout=layout, schema=features, fmt=data.format, block_rows=data.block_rows,
             parameters=parameters, extra=extra, tokenizer_sha256=tokenizer.sha256)
 
+    def _trained_tokenizer(self, beam_options) -> str:
+        from tokenizer.train import train_tokenizer
+
+        url, options = join(self.data.output, "tokenizer/spm.model"), self.data.commoncrawl
+        # An output holding a model is a resumed one (`preprocess` starts only in an empty or new output).
+        train_tokenizer(self.paths, url, options.vocab_size, options.tokenizer_type, options.tokenizer_sample_docs,
+                        options.clean, self.data.seed, beam_options, reuse=True)
+        return url
+
 
 def _size(url: str) -> int:
     fs, path = storage.url_to_fs(url)
@@ -725,19 +735,6 @@ def _generate(raw: str, synth) -> tuple[str, dict]:
 
     sidecar = generate_commoncrawl(raw, synth.docs, files=synth.files, seed=synth.seed)
     return join(raw, "*.warc.wet.gz"), sidecar
-
-
-def _transform(source: str, data: DataConfig, extra: dict) -> CommonCrawlToShards:
-    """Without a tokenizer, one is trained on the input first (`<output>/tokenizer/spm.model`)."""
-    paths, tokenizer = expand_inputs(source), data.commoncrawl.tokenizer
-    if tokenizer is None:
-        from tokenizer.train import train_tokenizer
-
-        options = data.commoncrawl
-        tokenizer = join(data.output, "tokenizer/spm.model")
-        train_tokenizer(paths, tokenizer, options.vocab_size, options.tokenizer_type, options.tokenizer_sample_docs,
-                        options.clean, data.seed)
-    return CommonCrawlToShards(paths, data, extra, tokenizer)
 
 
 def dataset_checks(manifest) -> DatasetChecks:
@@ -760,4 +757,6 @@ def dataset_checks(manifest) -> DatasetChecks:
     ), key_hashes=key_hashes)
 
 
-PIPELINE = DatasetPipeline(transform=_transform, generate=_generate, checks=dataset_checks)
+PIPELINE = DatasetPipeline(
+    transform=lambda source, data, extra: CommonCrawlToShards(expand_inputs(source), data, extra),
+    generate=_generate, checks=dataset_checks)
