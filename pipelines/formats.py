@@ -234,13 +234,18 @@ def _bytes_values(buf: memoryview) -> list[bytes]:
     return values
 
 
-def decode_example(payload: bytes, schema: Schema) -> Block:
+def _decoded(decode, payload: bytes, schema: Schema, what: str):
+    """`decode(payload, schema)`; whatever a malformed payload raises becomes a ShardFormatError naming `what`."""
     try:
-        return _decode_example(payload, schema)
-    except (KeyError, ValueError, UnicodeDecodeError) as e:  # ShardFormatError is a ValueError too
+        return decode(payload, schema)
+    except (KeyError, ValueError, UnicodeDecodeError, struct.error) as e:  # ShardFormatError is a ValueError too
         if isinstance(e, ShardFormatError):
             raise
-        raise ShardFormatError(f"malformed block Example: {type(e).__name__}: {e}") from None
+        raise ShardFormatError(f"malformed {what}: {type(e).__name__}: {e}") from None
+
+
+def decode_example(payload: bytes, schema: Schema) -> Block:
+    return _decoded(_decode_example, payload, schema, "block Example")
 
 
 def _example_features(payload: bytes) -> dict[str, tuple[int, memoryview]]:
@@ -628,7 +633,7 @@ def iter_blocks(stream: IO[bytes], schema: Schema, fmt: str, max_record_bytes: i
     if fmt == "tfrecord":
         payloads = iter_tfrecord(stream, max_record_bytes, tfrecord_offsets)
         if by_row:
-            yield from _blocks_of_rows((_checked_row(_decode_row_example, p, schema) for p in payloads), schema)
+            yield from _blocks_of_rows((_decoded(_decode_row_example, p, schema, "Example") for p in payloads), schema)
         else:
             for payload in payloads:
                 yield decode_example(payload, schema)
@@ -639,12 +644,3 @@ def iter_blocks(stream: IO[bytes], schema: Schema, fmt: str, max_record_bytes: i
         else:
             for key, sample in samples:
                 yield _npy_block(key, sample, schema)
-
-
-def _checked_row(decode, payload: bytes, schema: Schema) -> dict:
-    try:
-        return decode(payload, schema)
-    except (KeyError, ValueError, UnicodeDecodeError, struct.error) as e:
-        if isinstance(e, ShardFormatError):
-            raise
-        raise ShardFormatError(f"malformed Example: {type(e).__name__}: {e}") from None
