@@ -29,8 +29,8 @@ import numpy as np
 from codistill.config import DataConfig, ImageNetConfig
 from codistill.dataset import join, load_manifest
 from pipelines.formats import write_shard
-from pipelines.imagenet import SCHEMA, ImageChecker, ImageNetToShards, InputFile, configure_pillow, plan_input, \
-    rows_to_block
+from pipelines.imagenet import SCHEMA, ImageChecker, ImageNetToShards, InputFile, configure_pillow, file_destinations, \
+    plan_input, rows_to_block
 from pipelines.run import pipeline_options
 from pipelines.sharding import string_hash
 from pipelines.sinks import Rejected, layout_for
@@ -55,9 +55,7 @@ def plain_loop(source: str, data: DataConfig) -> dict[str, str]:
             file = InputFile(f"{folder.relative}/{name}", folder.split, wnid, entry["size"],
                              "symlink" if entry.get("islink") else entry["type"])
             h = np.array([string_hash(file.key, data.seed)], np.uint64)
-            assign = (layout.eval_destination if folder.split == "val" else
-                      layout.train_destination if plan.val_is_eval else layout.assign)
-            dest = assign(h)[0]
+            dest = file_destinations(layout, h, folder.split == "val", plan.val_is_eval)[0]
             by_dest[int(dest)].append((int(h[0]), file))
     check = ImageChecker(source, data.imagenet, plan.classes)
     hashes = {}

@@ -22,7 +22,7 @@ from codistill import storage
 from codistill.config import MAX_GROUPS, MAX_SHARDS
 from codistill.dataset import DatasetManifest, join, load_manifest
 from pipelines.formats import (EXTENSIONS, MAX_RECORD_BYTES, ShardFormatError, dali_index, dali_index_path,
-                               iter_blocks, open_regular_file, read_shard, tfrecord_offsets)
+                               iter_blocks, open_regular_file, read_shard)
 from pipelines.sharding import ShardLayout
 
 READ_CHUNK_BYTES = 1 << 20
@@ -92,12 +92,12 @@ def verify_dataset(root: str) -> VerifyReport:
     for index, shard in enumerate(manifest.shards):
         url = join(root, shard.path)
         findings = _Findings()
-        rows = 0
+        rows, offsets = 0, []
         try:
             with open_regular_file(url) as raw:
                 stream = _HashingReader(raw)
                 try:  # parse even a shard with the wrong hash: say what else is wrong with it
-                    for block in iter_blocks(stream, manifest.features, manifest.format):
+                    for block in iter_blocks(stream, manifest.features, manifest.format, tfrecord_offsets=offsets):
                         keys = block["key"]
                         rows += len(keys)
                         digests.append(_key_digests(keys))
@@ -120,7 +120,7 @@ def verify_dataset(root: str) -> VerifyReport:
             report.problems.append(f"{shard.path}: {rows} rows, manifest says {shard.records}")
         report.problems += findings.problems(shard.path)
         if shard.path in dali:
-            report.problems += _dali_problems(root, shard.path, dali[shard.path])
+            report.problems += _dali_problems(root, shard.path, dali[shard.path], offsets, stream.bytes)
         report.rows += rows
     rejected = sum(manifest.rejected.values())
     if manifest.input_rows != manifest.kept_rows + rejected:
@@ -211,15 +211,13 @@ def _wids_problems(fs, base: str, manifest: DatasetManifest, lists: list[str]) -
     return problems
 
 
-def _dali_problems(root: str, shard: str, index: str) -> list[str]:
-    """A DALI-style `.idx` must list the shard's record offsets (a second read: the check needs the offsets)."""
+def _dali_problems(root: str, shard: str, index: str, offsets: list[int], shard_bytes: int) -> list[str]:
+    """A DALI-style `.idx` must list the shard's record offsets (as found while the shard was read)."""
+    fs, base = storage.url_to_fs(root)
     try:
-        with open_regular_file(join(root, shard)) as f:
-            data = f.read()
-        fs, base = storage.url_to_fs(root)
-        if _text(fs, base, index) == dali_index(tfrecord_offsets(data), len(data)):
+        if _text(fs, base, index) == dali_index(tuple(offsets), shard_bytes):
             return []
-    except (OSError, ShardFormatError):
+    except OSError:
         pass
     return [f"{index}: missing, or its record offsets do not match {shard}"]
 

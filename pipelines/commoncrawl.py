@@ -98,14 +98,6 @@ def capture_seconds(date: str) -> int:
         return UNDATED
 
 
-def merge_counts(a: dict, b: dict) -> dict:
-    """Sum nested dicts of counts."""
-    out = dict(a)
-    for k, v in b.items():
-        out[k] = merge_counts(out.get(k, {}), v) if isinstance(v, dict) else out.get(k, 0) + v
-    return out
-
-
 def _sample(doc: WebDocument, reason: str, text: str, prio: int) -> tuple[int, dict]:
     return prio, {"reason": reason, "key": doc.key, "url": doc.url, "source": posixpath.basename(doc.source),
                   "offset": doc.offset, "text": text[:SAMPLE_CHARS]}
@@ -194,12 +186,21 @@ def write_staged(url: str, documents: list[WebDocument], fingerprints: dedup.Fin
         f.write(buffer.getvalue())
 
 
-def read_staged(url: str, index: int, texts: bool = False) -> tuple[dedup.Fingerprints, dict[str, list[str]]]:
+def _load_staged(url: str):
     with storage.open(url, "rb") as f:
-        z = np.load(io.BytesIO(f.read()), allow_pickle=False)
-    fields = {name: z[name] for name in dedup.Fingerprints.__dataclass_fields__ if name != "file"}
-    names = ("key", "url", "date", "text") if texts else ()
-    return dedup.Fingerprints(index, **fields), {n: _unstrings(z[f"{n}_data"], z[f"{n}_offsets"]) for n in names}
+        return np.load(io.BytesIO(f.read()), allow_pickle=False)  # each array is decoded when first used
+
+
+def read_staged(url: str, index: int) -> dedup.Fingerprints:
+    z = _load_staged(url)
+    return dedup.Fingerprints(index, **{name: z[name] for name in dedup.Fingerprints.__dataclass_fields__
+                                        if name != "file"})
+
+
+def read_staged_documents(url: str) -> dict[str, list[str]]:
+    """The staged documents' keys, URLs and texts (what encoding needs; not their fingerprints or dates)."""
+    z = _load_staged(url)
+    return {name: _unstrings(z[f"{name}_data"], z[f"{name}_offsets"]) for name in ("key", "url", "text")}
 
 
 def parameters_digest(data: DataConfig) -> str:
@@ -227,13 +228,14 @@ class StageFiles(WorkerDoFn):
         source = posixpath.basename(path)
         staged, marker_url = join(self.data.output, f"{STAGED}/{source}.npz"), join(self.data.output,
                                                                                    f"{DONE}/{source}.json")
-        marker = self._marker(marker_url, path)
+        size = _size(path)
+        marker = self._marker(marker_url, size)
         if marker is None:
-            marker, fingerprints = self._stage(index, path, staged)
+            marker, fingerprints = self._stage(index, path, size, staged)
             write_atomically(marker_url, json.dumps(marker, sort_keys=True))  # only after the staged file is whole
         else:
             Metrics.counter(METRICS, "files_resumed").inc()
-            fingerprints, _ = read_staged(staged, index)
+            fingerprints = read_staged(staged, index)
         # Per file (a resumed one counts as read): the expensive part of a run is reading and cleaning.
         progress.report(parts=1, bytes=marker["input_bytes"], rows=marker["records"], part_bytes=marker["input_bytes"])
         yield index, fingerprints
@@ -247,17 +249,17 @@ class StageFiles(WorkerDoFn):
         for reason, found in marker["samples"].items():
             yield beam.pvalue.TaggedOutput("samples", (reason, [tuple(s) for s in found]))
 
-    def _marker(self, url: str, path: str) -> dict | None:
+    def _marker(self, url: str, input_bytes: int) -> dict | None:
         fs, fs_path = storage.url_to_fs(url)
         if not fs.exists(fs_path):
             return None
         with fs.open(fs_path, "r") as f:
             marker = json.load(f)
-        if marker.get("parameters") != self.digest or marker.get("input_bytes") != _size(path):
+        if marker.get("parameters") != self.digest or marker.get("input_bytes") != input_bytes:
             return None  # made with other settings or from another file of the same name
         return marker
 
-    def _stage(self, index: int, path: str, staged: str) -> tuple[dict, dedup.Fingerprints]:
+    def _stage(self, index: int, path: str, input_bytes: int, staged: str) -> tuple[dict, dedup.Fingerprints]:
         options = self.data.commoncrawl
         cleaned = clean_file(path, self.cleaner, self.data.seed, options.samples_per_reason)
         fingerprints = fingerprint_documents(index, cleaned.documents, options, self.data.seed)
@@ -269,7 +271,7 @@ class StageFiles(WorkerDoFn):
             Metrics.counter(METRICS, f"lines_dropped_{reason}").inc(n)
         for rejected in cleaned.quarantined:
             Metrics.counter(METRICS, f"quarantined_{rejected.reason}").inc()
-        marker = {"input": path, "input_bytes": _size(path), "parameters": self.digest,
+        marker = {"input": path, "input_bytes": input_bytes, "parameters": self.digest,
                   "records": cleaned.records, "kept": len(cleaned.documents), "dropped": cleaned.dropped,
                   "lines_dropped": cleaned.lines_dropped, "skipped": cleaned.skipped,
                   "quarantined": [dataclasses.asdict(r) for r in cleaned.quarantined], "samples": cleaned.samples}
@@ -353,16 +355,15 @@ def resolve_lines(rows: Block):
 
 
 def apply_drops(fp: dedup.Fingerprints, drops: list, min_words: int) -> dedup.Fingerprints:
-    """Mark dropped documents (lower reason codes first: an exact duplicate stays one, even if it is also in
-    a near-duplicate cluster) and dropped lines; a page left with too few words is dropped. Returns a new
-    Fingerprints (Beam's inputs are not to be mutated)."""
+    """Mark one deduplication step's drops: documents (reason code, indices) or lines ("lines", positions);
+    after lines, a page left with too few words is dropped. A step reads only the documents the earlier
+    steps kept, so none is marked twice. Returns a new Fingerprints (Beam's inputs are not to be mutated)."""
     fp = dataclasses.replace(fp, dropped=fp.dropped.copy(), line_dropped=fp.line_dropped.copy())
-    for reason, indices in sorted(drops, key=lambda d: (d[0] == "lines", 0 if d[0] == "lines" else d[0])):
+    for reason, indices in drops:
         if reason == "lines":
             fp.line_dropped[indices] = True
-            continue
-        fresh = indices[fp.dropped[indices] == KEPT]
-        fp.dropped[fresh] = reason
+        else:
+            fp.dropped[indices] = reason
     if any(reason == "lines" for reason, _ in drops):
         left = np.bincount(fp.line_doc, weights=np.where(fp.line_dropped, 0, fp.line_words), minlength=len(fp.prio))
         fp.dropped[(fp.dropped == KEPT) & (left < min_words)] = SHORT_AFTER_LINE_DEDUP
@@ -495,7 +496,7 @@ class EncodeDocuments(WorkerDoFn):
         index, fp = element
         data = self.data
         source = self.sources[index]
-        _, staged = read_staged(join(data.output, f"{STAGED}/{source}.npz"), index, texts=True)
+        staged = read_staged_documents(join(data.output, f"{STAGED}/{source}.npz"))
         kept = np.flatnonzero(fp.dropped == KEPT)
         texts, keys, urls = final_texts(fp, staged["text"]), [staged["key"][i] for i in kept], [
             staged["url"][i] for i in kept]
@@ -660,22 +661,24 @@ def eval_floor(eval_keys: list[list[str]], documents: dict) -> dict:
 
 
 class CommonCrawlToShards(beam.PTransform):
-    """WET/WARC files -> `<output>` with packed token shards, `rejected/` and `manifest.json`."""
+    """WET/WARC files -> `<output>` with packed token shards, `rejected/` and `manifest.json`.
+
+    Without a tokenizer (argument or `data.commoncrawl.tokenizer`), one is trained on the inputs first, on the
+    pipeline's runner, into `<output>/tokenizer/spm.model`; a resumed run keeps the one it trained."""
 
     def __init__(self, paths: list[str], data: DataConfig, extra: dict | None = None, tokenizer: str | None = None):
         super().__init__()
         self.paths, self.data, self.extra = paths, data, dict(extra or {})
         self.tokenizer = tokenizer or data.commoncrawl.tokenizer
-        if self.tokenizer is None:
-            raise ValueError("data.commoncrawl.tokenizer: no tokenizer model given; train one with "
-                             "`codistill tokenizer train` (or run through `codistill preprocess`, which trains one)")
 
     def expand(self, pbegin):
         data, options = self.data, self.data.commoncrawl
         layout, features = layout_for(data), schema(options.sequence_length)
-        tokenizer = load_tokenizer(self.tokenizer)
-        extra = {**self.extra, "tokenizer": tokenizer.manifest_entry(self.tokenizer)}
-        progress.expect(parts=len(self.paths), bytes=sum(_size(path) for path in self.paths))
+        tokenizer_url = self.tokenizer or self._trained_tokenizer(pbegin.pipeline.options)
+        tokenizer = load_tokenizer(tokenizer_url)
+        extra = {**self.extra, "tokenizer": tokenizer.manifest_entry(tokenizer_url)}
+        if progress.address() is not None:  # one size request per input, on the driver: only for a monitor
+            progress.expect(parts=len(self.paths), bytes=sum(_size(path) for path in self.paths))
         documents = None
         if "synth" in extra:  # the per-document and per-line tables stay in raw/synth.json
             documents = extra["synth"]["documents"]
@@ -685,7 +688,7 @@ class CommonCrawlToShards(beam.PTransform):
                   | "Spread" >> beam.Reshuffle()
                   | "Stage" >> beam.ParDo(StageFiles(data)).with_outputs(
                       "inputs", "reject_counts", "rejected", "facts", "samples", main="fingerprints"))
-        encode = EncodeDocuments(data, layout, [posixpath.basename(p) for p in self.paths], self.tokenizer,
+        encode = EncodeDocuments(data, layout, [posixpath.basename(p) for p in self.paths], tokenizer_url,
                                  documents is not None)
         encoded = (staged.fingerprints
                    | "Deduplicate" >> Deduplicate(options)
@@ -693,26 +696,33 @@ class CommonCrawlToShards(beam.PTransform):
                                                                   "eval_keys", main="pieces"))
         packed = (encoded.pieces
                   | "ByShard" >> beam.GroupByKey()
-                  | "Pack" >> beam.ParDo(PackShards(data.output, layout, features, self.tokenizer,
+                  | "Pack" >> beam.ParDo(PackShards(data.output, layout, features, tokenizer_url,
                                                     options.sequence_length)).with_outputs("facts", main="pieces"))
         _ = ((staged.samples, encoded.samples)
              | "AllSamples" >> beam.Flatten()
              | "SamplesByReason" >> beam.GroupByKey()
              | "WriteSamples" >> beam.ParDo(WriteSamples(data.output, options.samples_per_reason)))
-        facts = ((staged.facts, encoded.facts, packed.facts)
-                 | "AllFacts" >> beam.Flatten()
-                 | "SumFacts" >> beam.CombineGlobally(lambda dicts: _sum_dicts(dicts)))
+        datasets = {"pieces": packed.pieces, "rejected": staged.rejected, "inputs": staged.inputs,
+                    "reject_counts": (staged.reject_counts, encoded.reject_counts) | "AllDropped" >> beam.Flatten(),
+                    "kept": encoded.kept,
+                    "stats": (staged.facts, encoded.facts, packed.facts) | "AllFacts" >> beam.Flatten()}
         if documents is not None:
-            floor = (encoded.eval_keys
-                     | "EvalKeys" >> beam.combiners.ToList()
-                     | "Floor" >> beam.Map(eval_floor, documents))
-            facts = (facts, floor) | "WithFloor" >> beam.Flatten()
+            datasets["extra"] = (encoded.eval_keys
+                                 | "EvalKeys" >> beam.combiners.ToList()
+                                 | "Floor" >> beam.Map(eval_floor, documents))
         parameters = {"input": self.paths, **pipeline_parameters(data)}
-        return {"pieces": packed.pieces, "rejected": staged.rejected, "inputs": staged.inputs,
-                "reject_counts": (staged.reject_counts, encoded.reject_counts) | "AllDropped" >> beam.Flatten(),
-                "kept": encoded.kept, "extra": facts} | WriteDataset(
+        return datasets | WriteDataset(
             output=data.output, layout=layout, schema=features, fmt=data.format, block_rows=data.block_rows,
             parameters=parameters, extra=extra, tokenizer_sha256=tokenizer.sha256)
+
+    def _trained_tokenizer(self, beam_options) -> str:
+        from tokenizer.train import train_tokenizer
+
+        url, options = join(self.data.output, "tokenizer/spm.model"), self.data.commoncrawl
+        # An output holding a model is a resumed one (`preprocess` starts only in an empty or new output).
+        train_tokenizer(self.paths, url, options.vocab_size, options.tokenizer_type, options.tokenizer_sample_docs,
+                        options.clean, self.data.seed, beam_options, reuse=True)
+        return url
 
 
 def _size(url: str) -> int:
@@ -720,31 +730,11 @@ def _size(url: str) -> int:
     return fs.size(path)
 
 
-def _sum_dicts(dicts) -> dict:
-    total = {}
-    for d in dicts:
-        total = merge_counts(total, d)
-    return total
-
-
 def _generate(raw: str, synth) -> tuple[str, dict]:
     from pipelines.synth_commoncrawl import generate_commoncrawl
 
     sidecar = generate_commoncrawl(raw, synth.docs, files=synth.files, seed=synth.seed)
     return join(raw, "*.warc.wet.gz"), sidecar
-
-
-def _transform(source: str, data: DataConfig, extra: dict) -> CommonCrawlToShards:
-    """Without a tokenizer, one is trained on the input first (`<output>/tokenizer/spm.model`)."""
-    paths, tokenizer = expand_inputs(source), data.commoncrawl.tokenizer
-    if tokenizer is None:
-        from tokenizer.train import train_tokenizer
-
-        options = data.commoncrawl
-        tokenizer = join(data.output, "tokenizer/spm.model")
-        train_tokenizer(paths, tokenizer, options.vocab_size, options.tokenizer_type, options.tokenizer_sample_docs,
-                        options.clean, data.seed)
-    return CommonCrawlToShards(paths, data, extra, tokenizer)
 
 
 def dataset_checks(manifest) -> DatasetChecks:
@@ -767,4 +757,6 @@ def dataset_checks(manifest) -> DatasetChecks:
     ), key_hashes=key_hashes)
 
 
-PIPELINE = DatasetPipeline(transform=_transform, generate=_generate, checks=dataset_checks)
+PIPELINE = DatasetPipeline(
+    transform=lambda source, data, extra: CommonCrawlToShards(expand_inputs(source), data, extra),
+    generate=_generate, checks=dataset_checks)

@@ -212,8 +212,8 @@ def _fingerprint_chunk(texts: list[str], prio: np.ndarray, shingle_words: int, n
                        params: LSHParams) -> tuple[np.ndarray, ...]:
     """(text_hash, bands, line_doc, line_hash, line_words) of some documents (line_doc counted from 0)."""
     docs = len(texts)
-    raw = "\n".join(texts).encode()
-    lower = "\n".join(texts).lower().encode()
+    joined = "\n".join(texts)
+    raw, lower = joined.encode(), joined.lower().encode()
     # Documents are joined by "\n", so every document is a run of lines: split lines once for all.
     data, lower_data = np.frombuffer(raw, np.uint8), np.frombuffer(lower, np.uint8)
     wide, lower_wide = data.astype(np.uint64), lower_data.astype(np.uint64)

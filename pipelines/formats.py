@@ -234,13 +234,18 @@ def _bytes_values(buf: memoryview) -> list[bytes]:
     return values
 
 
-def decode_example(payload: bytes, schema: Schema) -> Block:
+def _decoded(decode, payload: bytes, schema: Schema, what: str):
+    """`decode(payload, schema)`; whatever a malformed payload raises becomes a ShardFormatError naming `what`."""
     try:
-        return _decode_example(payload, schema)
-    except (KeyError, ValueError, UnicodeDecodeError) as e:  # ShardFormatError is a ValueError too
+        return decode(payload, schema)
+    except (KeyError, ValueError, UnicodeDecodeError, struct.error) as e:  # ShardFormatError is a ValueError too
         if isinstance(e, ShardFormatError):
             raise
-        raise ShardFormatError(f"malformed block Example: {type(e).__name__}: {e}") from None
+        raise ShardFormatError(f"malformed {what}: {type(e).__name__}: {e}") from None
+
+
+def decode_example(payload: bytes, schema: Schema) -> Block:
+    return _decoded(_decode_example, payload, schema, "block Example")
 
 
 def _example_features(payload: bytes) -> dict[str, tuple[int, memoryview]]:
@@ -407,9 +412,13 @@ def frame_record(payload: bytes) -> bytes:
     return header + _masked_crc(header) + payload + _masked_crc(payload)
 
 
-def iter_tfrecord(stream: IO[bytes], max_record_bytes: int = MAX_RECORD_BYTES) -> Iterator[bytes]:
-    index = 0
+def iter_tfrecord(stream: IO[bytes], max_record_bytes: int = MAX_RECORD_BYTES,
+                  offsets: list[int] | None = None) -> Iterator[bytes]:
+    """The payloads of a TFRecord stream; with `offsets`, where each record starts is appended to it."""
+    index, pos = 0, 0
     while header := stream.read(12):
+        if offsets is not None:
+            offsets.append(pos)
         if len(header) < 12:
             raise ShardFormatError(f"record {index}: truncated length header")
         if _masked_crc(header[:8]) != header[8:]:
@@ -423,7 +432,7 @@ def iter_tfrecord(stream: IO[bytes], max_record_bytes: int = MAX_RECORD_BYTES) -
         if _masked_crc(body[:size]) != body[size:]:
             raise ShardFormatError(f"record {index}: payload CRC mismatch (corrupt shard)")
         yield body[:size]
-        index += 1
+        index, pos = index + 1, pos + 16 + size
 
 
 # --- WebDataset ---------------------------------------------------------------------------------
@@ -541,15 +550,6 @@ def dali_index_path(relative: str) -> str:
     return f"idx/{relative.rsplit('.', 1)[0]}.idx"
 
 
-def tfrecord_offsets(data: bytes) -> tuple[int, ...]:
-    """Where each record of a (well-framed) TFRecord file starts."""
-    offsets, pos = [], 0
-    while pos + 8 <= len(data):
-        offsets.append(pos)
-        pos += 16 + struct.unpack_from("<Q", data, pos)[0]
-    return tuple(offsets)
-
-
 def write_shard(url: str, blocks: list[Block], schema: Schema, fmt: str, sample_prefix: str) -> WrittenShard:
     """Write records to `url` through a temp file and a rename, so readers never see half a shard."""
     fs, path = storage.url_to_fs(url)
@@ -627,13 +627,13 @@ def read_shard(url: str, schema: Schema, fmt: str, expect_sha256: str | None = N
         yield from iter_blocks(stream, schema, fmt, max_record_bytes)
 
 
-def iter_blocks(stream: IO[bytes], schema: Schema, fmt: str, max_record_bytes: int = MAX_RECORD_BYTES
-                ) -> Iterator[Block]:
+def iter_blocks(stream: IO[bytes], schema: Schema, fmt: str, max_record_bytes: int = MAX_RECORD_BYTES,
+                tfrecord_offsets: list[int] | None = None) -> Iterator[Block]:
     by_row = one_row_per_record(schema)
     if fmt == "tfrecord":
-        payloads = iter_tfrecord(stream, max_record_bytes)
+        payloads = iter_tfrecord(stream, max_record_bytes, tfrecord_offsets)
         if by_row:
-            yield from _blocks_of_rows((_checked_row(_decode_row_example, p, schema) for p in payloads), schema)
+            yield from _blocks_of_rows((_decoded(_decode_row_example, p, schema, "Example") for p in payloads), schema)
         else:
             for payload in payloads:
                 yield decode_example(payload, schema)
@@ -644,12 +644,3 @@ def iter_blocks(stream: IO[bytes], schema: Schema, fmt: str, max_record_bytes: i
         else:
             for key, sample in samples:
                 yield _npy_block(key, sample, schema)
-
-
-def _checked_row(decode, payload: bytes, schema: Schema) -> dict:
-    try:
-        return decode(payload, schema)
-    except (KeyError, ValueError, UnicodeDecodeError, struct.error) as e:
-        if isinstance(e, ShardFormatError):
-            raise
-        raise ShardFormatError(f"malformed Example: {type(e).__name__}: {e}") from None

@@ -220,6 +220,14 @@ class ListFolder(WorkerDoFn):
             yield files
 
 
+def file_destinations(layout: ShardLayout, hashes: np.ndarray, is_val, val_is_eval: bool) -> np.ndarray:
+    """Each file's destination by its keyed hash: with the input's val/ folder as the eval split, val/ files
+    go to eval shards and train/ files to train groups; otherwise the hash picks eval or train as well."""
+    if not val_is_eval:
+        return layout.assign(hashes)
+    return np.where(is_val, layout.eval_destination(hashes), layout.train_destination(hashes))
+
+
 class AssignShards(WorkerDoFn):
     """A folder's files -> (destination, [files]) by the keyed hash of each relative path."""
 
@@ -229,12 +237,7 @@ class AssignShards(WorkerDoFn):
 
     def process(self, files: list[InputFile]):
         hashes = np.array([string_hash(f.key, self.seed) for f in files], np.uint64)
-        if files[0].split == "val":
-            dest = self.layout.eval_destination(hashes)
-        elif self.val_is_eval:
-            dest = self.layout.train_destination(hashes)
-        else:
-            dest = self.layout.assign(hashes)
+        dest = file_destinations(self.layout, hashes, files[0].split == "val", self.val_is_eval)
         by_dest = collections.defaultdict(list)
         for d, h, f in zip(dest.tolist(), hashes.tolist(), files):
             by_dest[d].append((h, f))
@@ -513,10 +516,7 @@ def dataset_checks(manifest) -> DatasetChecks:
         return np.array([string_hash(k, seed) for k in keys.tolist()], np.uint64), valid
 
     def destinations(keys: np.ndarray, hashes: np.ndarray, layout: ShardLayout) -> np.ndarray:
-        if not val_is_eval:
-            return layout.assign(hashes)
-        return np.where(np.strings.startswith(keys, b"val/"), layout.eval_destination(hashes),
-                        layout.train_destination(hashes))
+        return file_destinations(layout, hashes, np.strings.startswith(keys, b"val/"), val_is_eval)
 
     return DatasetChecks(values=(
         ValueCheck("label", lambda v: (v >= 0) & (v < outputs), f"labels in [0, {outputs})"),

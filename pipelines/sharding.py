@@ -72,18 +72,25 @@ class ShardLayout:
         """Destination index of each key hash: eval for a keyed-hash `eval_fraction`, else a train group."""
         h = np.asarray(key_hashes, dtype=np.uint64)
         unit = (mix64(h ^ _SALT_SPLIT) >> np.uint64(11)).astype(np.float64) * 2.0**-53
-        return np.where(unit < self.eval_fraction, self.eval_destination(h), self.train_destination(h))
+        shard_bits = mix64(h ^ _SALT_SHARD)  # picks the shard in eval and in a group alike: mixed once
+        return np.where(unit < self.eval_fraction, self._eval_shard(shard_bits), self._train_shard(h, shard_bits))
 
     def train_destination(self, key_hashes: np.ndarray) -> np.ndarray:
         """A train shard for every key (when the eval split comes from elsewhere, e.g. a separate folder)."""
         h = np.asarray(key_hashes, dtype=np.uint64)
-        group = (mix64(h ^ _SALT_GROUP) % np.uint64(self.groups)).astype(np.int64)
-        shard = (mix64(h ^ _SALT_SHARD) % np.uint64(self.shards_per_group)).astype(np.int64)
-        return self.eval_shards + group * self.shards_per_group + shard
+        return self._train_shard(h, mix64(h ^ _SALT_SHARD))
 
     def eval_destination(self, key_hashes: np.ndarray) -> np.ndarray:
         h = np.asarray(key_hashes, dtype=np.uint64)
-        return (mix64(h ^ _SALT_SHARD) % np.uint64(self.eval_shards)).astype(np.int64)
+        return self._eval_shard(mix64(h ^ _SALT_SHARD))
+
+    def _train_shard(self, h: np.ndarray, shard_bits: np.ndarray) -> np.ndarray:
+        group = (mix64(h ^ _SALT_GROUP) % np.uint64(self.groups)).astype(np.int64)
+        shard = (shard_bits % np.uint64(self.shards_per_group)).astype(np.int64)
+        return self.eval_shards + group * self.shards_per_group + shard
+
+    def _eval_shard(self, shard_bits: np.ndarray) -> np.ndarray:
+        return (shard_bits % np.uint64(self.eval_shards)).astype(np.int64)
 
     def describe(self, dest: int) -> tuple[str, int | None, int]:
         """(split, group or None for eval, shard index) of a destination."""

@@ -16,6 +16,8 @@ to the dataset root) for WebDataset shards.
 from __future__ import annotations
 
 import collections
+import copy
+import functools
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -164,7 +166,7 @@ class WriteManifestFn(WorkerDoFn):
         self.tokenizer_sha256 = tokenizer_sha256
 
     def process(self, _, shards, reject_counts, counted_only, inputs, stats, kept, facts):
-        extra = dict(self.extra)
+        extra = copy.deepcopy(self.extra)  # merge_counts adds into nested dicts; keep self.extra for a retry
         for counts in stats:
             merge_counts(extra, counts)
         for more in facts:
@@ -252,6 +254,9 @@ class WriteDataset(beam.PTransform):
                          | "WriteRejected" >> beam.ParDo(WriteRejectedFn(self.output)))
         optional = {name: pcolls[name] if name in pcolls else pipeline | f"No{name.capitalize()}" >> beam.Create([])
                     for name in ("stats", "kept", "extra", "reject_counts")}
+        # One dict reaches the manifest writer, however many work items counted (merge_counts adds into a new {}).
+        stats = optional["stats"] | "SumStats" >> beam.CombineGlobally(
+            lambda counts: functools.reduce(merge_counts, counts, {}))
         return (pipeline
                 | "Once" >> beam.Create([None])
                 | "WriteManifest" >> beam.ParDo(
@@ -259,5 +264,5 @@ class WriteDataset(beam.PTransform):
                                     self.files, self.indexes, self.tokenizer_sha256),
                     beam.pvalue.AsList(shards), beam.pvalue.AsList(reject_counts),
                     beam.pvalue.AsList(optional["reject_counts"]), beam.pvalue.AsList(pcolls["inputs"]),
-                    beam.pvalue.AsList(optional["stats"]), beam.pvalue.AsList(optional["kept"]),
+                    beam.pvalue.AsList(stats), beam.pvalue.AsList(optional["kept"]),
                     beam.pvalue.AsList(optional["extra"])))

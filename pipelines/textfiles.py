@@ -12,6 +12,7 @@ Reading a range reports its progress (raw bytes, lines, the range when done;
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import lzma
 import posixpath
@@ -99,7 +100,7 @@ def expand_inputs(pattern: str) -> list[str]:
         if kind != "file":  # a FIFO would hang the reader, a device never end
             raise ValueError(f"input {path!r} is not a regular file ({kind}: a FIFO, device or socket?)")
     names = [posixpath.basename(p) for p in paths]
-    duplicates = sorted({n for n in names if names.count(n) > 1})
+    duplicates = sorted(n for n, count in collections.Counter(names).items() if count > 1)
     if duplicates:
         raise ValueError(f"input file names must be unique (they are the record keys); repeated: {duplicates}")
     return paths
@@ -175,13 +176,6 @@ class _RawInput:
 
 
 @contextlib.contextmanager
-def open_compressed(path: str) -> Iterator[IO[bytes]]:
-    """The decompressed stream of a compressed input (compression inferred from the name)."""
-    with _open_counted(path) as (_, f):
-        yield f
-
-
-@contextlib.contextmanager
 def _open_counted(path: str) -> Iterator[tuple[_RawInput, IO[bytes]]]:
     """The compressed input (its `tell()` is the compressed bytes read, for progress) and its decompressed stream."""
     with storage.open(path, "rb") as raw:
@@ -197,7 +191,7 @@ def read_head(path: str, size: int) -> bytes | None:
         with storage.open(path, "rb") as f:
             return f.read(size)
     try:
-        with open_compressed(path) as f:
+        with _open_counted(path) as (_, f):
             return f.read(size)
     except DECOMPRESSION_ERRORS:
         return None

@@ -242,6 +242,35 @@ def test_rerun_after_a_crash_skips_done_files_with_the_same_bytes(built, generat
         run(pattern, str(crashed), tokenizer_url, resume=True)
 
 
+def test_resume_keeps_the_tokenizer_the_run_trained(generated, tmp_path):
+    _, pattern, sidecar = generated
+    out, settings = tmp_path / "out", {"commoncrawl": {"vocab_size": 600, "tokenizer_sample_docs": 200}}
+    manifest = run(pattern, str(out), None, **settings)
+    model = out / "tokenizer" / "spm.model"
+    assert manifest.tokenizer_sha256 == load_tokenizer(str(model)).sha256
+    expected, trained = shard_bytes(str(out)), model.stat().st_mtime_ns
+    (out / "manifest.json").unlink()
+    for name in sorted(f["name"] for f in sidecar["files"])[1:]:
+        (out / ".done" / f"{name}.json").unlink()
+    again = run(pattern, str(out), None, resume=True, **settings)
+    assert model.stat().st_mtime_ns == trained  # not trained again
+    assert shard_bytes(str(out)) == expected and again.tokenizer_sha256 == manifest.tokenizer_sha256
+
+
+def test_a_kept_tokenizer_was_trained_with_the_same_settings(generated, tokenizer_url, tmp_path):
+    _, pattern, _ = generated
+    url = tmp_path / "spm.model"
+    shutil.copy(tokenizer_url, url)
+    shutil.copy(f"{tokenizer_url}.json", f"{url}.json")
+    clean, paths = config(pattern, "x", "x").data.commoncrawl.clean, expand_inputs(pattern)
+    kept = url.stat().st_mtime_ns
+    same = train_tokenizer(paths, str(url), 1000, "unigram", 300, clean, 0, [RUNNER], reuse=True)
+    assert url.stat().st_mtime_ns == kept and same["sha256"] == load_tokenizer(tokenizer_url).sha256
+    other = train_tokenizer(paths, str(url), 900, "unigram", 300, clean, 0, [RUNNER], reuse=True)
+    assert other["trained_with"]["vocab_size"] == 900 and other["sha256"] == load_tokenizer(str(url)).sha256
+    assert other["sha256"] != same["sha256"]
+
+
 # --- real samples and damaged files: every record accounted for --------------------------------------------
 
 

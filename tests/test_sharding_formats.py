@@ -16,6 +16,7 @@ from tfrecord.writer import TFRecordWriter
 from pipelines.formats import (Feature, ShardFormatError, decode_example, encode_example, frame_record, read_shard,
                                write_shard)
 from pipelines.sharding import ShardLayout, line_key_hashes, partition, string_hash
+from pipelines.sinks import WriteManifestFn
 
 from conftest import assert_tfrecord_package_agrees, list_files, read_bytes, write_bytes
 
@@ -477,3 +478,18 @@ def test_garbage_tfrecord_is_an_error(tmp_path):
     write_bytes(url, bytes(range(256)) * 4)
     with pytest.raises(ShardFormatError):
         read_all(url, "tfrecord")
+
+
+# --- the manifest sink -----------------------------------------------------------------------------------------
+
+
+def test_rerun_manifest_writer_does_not_double_nested_counts(tmp_path):
+    # A retried work item reuses the DoFn instance: counts summed into nested `extra` dicts must start afresh.
+    layout = ShardLayout("imagenet", "tfrecord", 1, 1, 1, 0.1)
+    writer = WriteManifestFn(str(tmp_path), layout, SCHEMA, "tfrecord", parameters={}, extra={"repairs": {}},
+                             files={}, indexes=False, tokenizer_sha256=None)
+    stats = [{"repairs": {"cmyk_to_rgb": 2}}, {"repairs": {"cmyk_to_rgb": 1}}]
+    for _ in range(2):
+        (manifest,) = writer.process(None, [], [], [], [], stats, [], [])
+        assert manifest.extra["repairs"] == {"cmyk_to_rgb": 3}
+    assert writer.extra == {"repairs": {}}

@@ -1,7 +1,8 @@
 """A sentencepiece model with an exact round trip, loaded from any fsspec URL, and its batch encoding.
 
 The model file travels with a sidecar `<url>.json` (`sha256`, `vocab_size`,
-`eod_id`, `pad_id`, `type`, `normalization`). Loading checks the model's bytes
+`eod_id`, `pad_id`, `type`, `normalization`; `trained_with`: the settings it was
+trained with, so a resumed run knows whether to keep it). Loading checks the model's bytes
 against the sidecar, so a dataset's recorded `tokenizer_sha256` always names
 the model that encoded it.
 """

@@ -13,6 +13,7 @@ document, 2 = unknown (never produced with byte fallback), no BOS.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import heapq
 import io
@@ -23,12 +24,13 @@ from collections.abc import Iterable
 import apache_beam as beam
 import numpy as np
 import sentencepiece as spm
+from apache_beam.options.pipeline_options import PipelineOptions
 
 from codistill import storage
 from codistill.config import CleaningConfig
 from codistill.dataset import write_atomically
 from pipelines.worker import WorkerDoFn
-from tokenizer.encode import sidecar_url
+from tokenizer.encode import load_tokenizer, sidecar_url
 
 PAD_ID, EOD_ID, UNK_ID = 0, 1, 2
 logger = logging.getLogger(__name__)
@@ -48,12 +50,13 @@ def train_sentencepiece(documents: Iterable[str], vocab_size: int, model_type: s
     return model.getvalue()
 
 
-def write_tokenizer(model: bytes, url: str, model_type: str, documents: int) -> dict:
+def write_tokenizer(model: bytes, url: str, model_type: str, documents: int, trained_with: dict) -> dict:
     """The model at `url` and its sidecar at `<url>.json` (written last)."""
     processor = spm.SentencePieceProcessor(model_proto=model)
     info = {"sha256": hashlib.sha256(model).hexdigest(), "vocab_size": processor.get_piece_size(),
             "eod_id": EOD_ID, "pad_id": PAD_ID, "unk_id": UNK_ID, "type": model_type, "normalization": "identity",
-            "byte_fallback": True, "newline": processor.piece_to_id("\n"), "trained_on_documents": documents}
+            "byte_fallback": True, "newline": processor.piece_to_id("\n"), "trained_on_documents": documents,
+            "trained_with": trained_with}
     with storage.open(url, "wb", auto_mkdir=True) as f:
         f.write(model)
     write_atomically(sidecar_url(url), json.dumps(info, indent=1, sort_keys=True) + "\n")
@@ -109,13 +112,28 @@ class SampleCleanText(beam.PTransform):
 
 
 def train_tokenizer(paths: list[str], out: str, vocab_size: int, model_type: str, sample_docs: int,
-                    clean: CleaningConfig, seed: int, beam_args: list[str] = ()) -> dict:
-    """Sample with Beam, train, write the model and its sidecar; returns the sidecar."""
+                    clean: CleaningConfig, seed: int, beam_args: list[str] | PipelineOptions = (),
+                    reuse: bool = False) -> dict:
+    """Sample with Beam, train, write the model and its sidecar; returns the sidecar.
+
+    `beam_args`: the runner's flags, or the options of the pipeline the model is trained for. With `reuse`, a
+    model already at `out` that was trained with the same settings is kept (a resumed run)."""
     from pipelines.run import pipeline_options
 
+    trained_with = json.loads(json.dumps({"vocab_size": vocab_size, "type": model_type, "sample_docs": sample_docs,
+                                          "seed": seed, "clean": dataclasses.asdict(clean)}))  # as read back
+    if reuse:
+        try:
+            info = load_tokenizer(out).info
+            if info.get("trained_with") == trained_with:
+                logger.info("keeping the tokenizer %s, trained with the same settings", out)
+                return info
+        except ValueError:  # TokenizerError: none there, or cut short before its sidecar was written
+            pass
+    options = beam_args if isinstance(beam_args, PipelineOptions) else pipeline_options(list(beam_args))
     # The sample is written beside the model and read back: the driver sees it on any runner.
     sample_url = f"{out}.sample.jsonl"
-    with beam.Pipeline(options=pipeline_options(list(beam_args))) as p:
+    with beam.Pipeline(options=options) as p:
         _ = (p | "SampleCleanText" >> SampleCleanText(paths, clean, seed, sample_docs)
              | "WriteSample" >> beam.ParDo(WriteSample(sample_url)))
     fs, path = storage.url_to_fs(sample_url)
@@ -125,4 +143,5 @@ def train_tokenizer(paths: list[str], out: str, vocab_size: int, model_type: str
     if not texts:
         raise ValueError(f"no documents left after cleaning in {len(paths)} input file(s): nothing to train on")
     logger.info("training a %s tokenizer (vocab %d) on %d documents", model_type, vocab_size, len(texts))
-    return write_tokenizer(train_sentencepiece(texts, vocab_size, model_type), out, model_type, len(texts))
+    return write_tokenizer(train_sentencepiece(texts, vocab_size, model_type), out, model_type, len(texts),
+                           trained_with)
