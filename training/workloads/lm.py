@@ -265,14 +265,15 @@ def targets(batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
 
 def eval_rows(logits: Tensor, batch: Block) -> Rows:
     """Per row: summed nll (nats) over its real tokens, their count, their text bytes, argmax tokens (-1 = pad)."""
-    targets_ = torch.from_numpy(batch["targets"])
-    mask = torch.from_numpy(batch["mask"])
+    # On the logits' device (the [B, T, V] logits stay there); only the per-row results come back.
+    targets_ = torch.from_numpy(batch["targets"]).to(logits.device)
+    mask = torch.from_numpy(batch["mask"]).to(logits.device)
     logits = logits.float()
     nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets_.flatten(), reduction="none")
     nll = torch.where(mask, nll.view(targets_.shape), 0.0)
     argmax = torch.where(mask, logits.argmax(-1), -1)
-    return {"nll": nll.double().sum(1).numpy(), "tokens": mask.sum(1).numpy().astype(np.int64),
-            "text_bytes": np.asarray(batch["text_bytes"], np.int64), "argmax": argmax.numpy().astype(np.int32)}
+    return {"nll": nll.double().sum(1).cpu().numpy(), "tokens": mask.sum(1).cpu().numpy().astype(np.int64),
+            "text_bytes": np.asarray(batch["text_bytes"], np.int64), "argmax": argmax.cpu().numpy().astype(np.int32)}
 
 
 def eval_metrics(rows: Rows, manifest: DatasetManifest) -> dict[str, float]:
