@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import glob
+import itertools
 import json
 import logging
 import math
@@ -245,7 +246,7 @@ class GroupTrainer:
         self.stale: set[int] = set()
         self.incoming: dict[int, tuple[int, dict]] = {}
         self.states: dict = {}  # what each model carries between batches: "student", and each peer's group
-        self.placeholder = None  # one training row, for a forward on a rank that has no eval rows
+        self.placeholder = None  # one eval row, for the forwards of a rank out of eval rows (ZeRO-3)
         self.publisher = self.watcher = None
         if cod.enabled and self.rank == 0:
             nonce = run_nonce or read_run_nonce(config.run_dir)
@@ -347,10 +348,7 @@ class GroupTrainer:
         for g in set(self.states) - {"student", *usable}:
             del self.states[g]  # a peer left out for a step restarts its state when it is used again
         for _ in range(self.config.deepspeed.grad_accum):
-            block = next(batches)
-            if self.placeholder is None:
-                self.placeholder = {k: v[:1] for k, v in block.items()}
-            batch = self.batch_to_device(to_torch(block))
+            batch = self.batch_to_device(to_torch(next(batches)))
             parts = forward_backward(self.engine, self.workload, {g: self.peers[g].module for g in usable}, batch,
                                      self.step, self.distill, self.states)
             if not math.isfinite(parts.total.item()):
@@ -440,21 +438,25 @@ class GroupTrainer:
         config = self.config
         spec = StreamSpec(config.data.output, self.dataset, tuple(self.dataset.shards_of("eval")),
                           config.eval.batch_size, self.rank, self.world)
-        batches = list(self.workload.batches(spec, config, False))
+        batches = iter(self.workload.batches(spec, config, False))  # streamed: decoded batch by batch
         if config.eval.max_rows is not None:
-            batches = batches[:max(1, config.eval.max_rows // (config.eval.batch_size * self.world))]
-        # Under ZeRO-3 every forward is a collective: all ranks run the same number of them.
-        count = torch.tensor(len(batches), device=self.device)
-        if self.world > 1:
+            batches = itertools.islice(batches, max(1, config.eval.max_rows // (config.eval.batch_size * self.world)))
+        padding = 0
+        if self.world > 1 and config.deepspeed.zero_stage == 3:
+            # Every forward is a collective: all ranks run as many as the rank with the most batches.
+            batches = list(batches)
+            count = torch.tensor(len(batches), device=self.device)
             dist.all_reduce(count, op=dist.ReduceOp.MAX)
+            padding = int(count) - len(batches)
+            if padding and self.placeholder is None:
+                self.placeholder = eval_placeholder(self.workload, spec, config)
         parts: list[dict[str, np.ndarray]] = []
         state = None
         self.engine.eval()
         with torch.no_grad():
-            for i in range(int(count)):
-                batch = batches[i] if i < len(batches) else self.placeholder  # forward, then discarded
+            for batch in itertools.chain(batches, [self.placeholder] * padding):
                 logits, state = self.workload.forward(self.engine, self.batch_to_device(to_torch(batch)), state)
-                if i < len(batches):
+                if batch is not self.placeholder:  # a placeholder's forward is discarded
                     parts.append({"key": batch["key"], **self.workload.eval_rows(logits.float(), batch)})
         self.engine.train()
         gathered = [None] * self.world
@@ -546,6 +548,14 @@ class GroupTrainer:
 
 
 _CHECKPOINT_TAG = re.compile(r"^step-\d{8,}$")
+
+
+def eval_placeholder(workload: Workload, spec: StreamSpec, config: ExperimentConfig) -> dict[str, np.ndarray]:
+    """The first row of the eval split, as the batch of a forward that a rank out of eval rows runs in step with
+    the others (ZeRO-3). An eval batch takes the others' path through the model; a training batch may not (the
+    stateful LM's `history` would add a warm-up forward, and the collectives would fall out of step)."""
+    first_row = StreamSpec(spec.root, spec.manifest, spec.shards, batch_size=1)
+    return next(iter(workload.batches(first_row, config, False)))
 
 
 def checkpoint_tags(directory: Path) -> list[str]:
