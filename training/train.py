@@ -42,6 +42,7 @@ from training.data import StreamSpec, loader, to_torch
 from training.exchange import PeerWatcher, SnapshotPublisher, check_store_run, model_signature, snapshot_bytes
 from training.launch import exit_when_launcher_dies, next_attempt, read_run_nonce
 from training.loss import DistillConfig, LossParts, codistillation_loss, distill_weight
+from training.report import save_predictions
 from training.workloads import Workload, workload_for
 
 logger = logging.getLogger("codistill.train")
@@ -476,9 +477,7 @@ class GroupTrainer:
                                         if k not in ("step", "group") and isinstance(v, (int, float))})
         print(f"eval step {self.step}: {self.workload.describe(metrics)}", flush=True)
         if final:
-            order = np.argsort(rows["key"])
-            np.savez(self.out / "eval_predictions.npz", workload=np.array(self.workload.name),
-                     **{k: v[order] for k, v in rows.items()})
+            save_predictions(self.out, self.workload, rows)
         return metrics
 
     # --- checkpoints -------------------------------------------------------------------------------
