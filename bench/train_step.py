@@ -243,8 +243,7 @@ class CodistillExchange(Codistill):
         (self.peer_group,) = peers
         self.publisher = SnapshotPublisher(store, RUN, 0, keep=cod.keep_snapshots)
         self.watcher = PeerWatcher(store, RUN, 0, [self.peer_group], model_signature(engine.module.state_dict()),
-                                   snapshot_bytes(engine.module.state_dict()), poll_interval=cod.poll_seconds,
-                                   max_staleness=cod.max_staleness)
+                                   snapshot_bytes(engine.module.state_dict()), poll_interval=cod.poll_seconds)
         # The stand-in peer group: publishes its (different) weights like its own trainer would.
         self.peer_model = peer_model
         self.peer_publisher = SnapshotPublisher(store, RUN, self.peer_group, keep=cod.keep_snapshots)

@@ -152,6 +152,24 @@ def detached(state):
     return state
 
 
+def usable_peers(peer_steps: dict[int, int | None], step: int, max_staleness: int | None, stale: set[int],
+                 warn: bool = True) -> list[int]:
+    """The peer groups to distill from at `step`: those whose adopted snapshot (`peer_steps`, None before the
+    first) is at most `max_staleness` steps old. `stale` (updated in place) holds the groups left out, so a
+    group going stale is warned about once (if `warn`), not at every step."""
+    usable = []
+    for g, at in peer_steps.items():
+        if at is not None and (max_staleness is None or step - at <= max_staleness):
+            usable.append(g)
+            stale.discard(g)
+            continue
+        if at is not None and g not in stale and warn:
+            logger.warning("peer group %d left out: its snapshot (step %d) is %d steps old, max_staleness %d",
+                           g, at, step - at, max_staleness)
+        stale.add(g)
+    return usable
+
+
 def lr_factor(schedule: ScheduleConfig):
     def factor(step: int) -> float:
         if step < schedule.warmup_steps:
@@ -258,7 +276,7 @@ class GroupTrainer:
                 # The tokenizer's sha256 (None without one): a peer trained on other tokens is never adopted.
                 self.watcher = PeerWatcher(config.store, config.run_id, group, self.peer_groups, self.signature,
                                            snapshot_bytes(self.peers[self.peer_groups[0]].module.state_dict()),
-                                           poll_interval=cod.poll_seconds, max_staleness=cod.max_staleness,
+                                           poll_interval=cod.poll_seconds,
                                            vocab_hash=self.dataset.tokenizer_sha256, run_nonce=nonce,
                                            max_step=config.schedule.steps)
         self.step = 0
@@ -296,19 +314,6 @@ class GroupTrainer:
         self.peer_steps[group] = step
         self.states.pop(group, None)  # new weights start from a fresh state
 
-    def usable_peers(self) -> list[int]:
-        limit = self.config.codistill.max_staleness
-        usable = []
-        for g, step in self.peer_steps.items():
-            stale = step is None or (limit is not None and self.step - step > limit)
-            if stale and step is not None and g not in self.stale and self.rank == 0:
-                logger.warning("peer group %d left out: its snapshot (step %d) is %d steps old, max_staleness %d",
-                               g, step, self.step - step, limit)
-            self.stale = (self.stale | {g}) if stale else (self.stale - {g})
-            if not stale:
-                usable.append(g)
-        return usable
-
     @contextlib.contextmanager
     def gathered_state(self) -> Iterator[dict[str, torch.Tensor] | None]:
         """The full fp32 weights on rank 0 while the context lasts (gathered from every rank
@@ -345,7 +350,8 @@ class GroupTrainer:
                 for k, v in batch.items()}
 
     def train_step(self, batches) -> dict:
-        usable = self.usable_peers()
+        usable = usable_peers(self.peer_steps, self.step, self.config.codistill.max_staleness, self.stale,
+                              warn=self.rank == 0)
         for g in set(self.states) - {"student", *usable}:
             del self.states[g]  # a peer left out for a step restarts its state when it is used again
         for _ in range(self.config.deepspeed.grad_accum):
