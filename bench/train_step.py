@@ -99,7 +99,7 @@ from codistill.dataset import check_shards_present, load_manifest
 from training.data import StreamSpec, to_torch
 from training.exchange import PeerWatcher, SnapshotPublisher, model_signature, snapshot_bytes
 from training.loss import DistillConfig, codistillation_loss
-from training.train import (FlatPeer, build_engine, deepspeed_config, detached, forward_backward, init_distributed,
+from training.train import (FlatPeer, build_engine, deepspeed_config, forward_backward, init_distributed,
                             lr_factor, make_optimizer)
 from training.workloads import Workload, workload_for
 
@@ -188,7 +188,7 @@ class Plain(Variant):
         loss = codistillation_loss(logits.float(), targets, [], 0, DistillConfig(), binary=self.workload.binary,
                                    mask=mask).total
         loss.backward()
-        self.state = detached(state)
+        self.state = state
         if self.config.deepspeed.gradient_clipping:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.deepspeed.gradient_clipping)
         self.optimizer.step()

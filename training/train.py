@@ -119,7 +119,7 @@ def forward_backward(engine, workload: Workload, peers: dict[int, torch.nn.Modul
     """One micro-step: the student on its batch, the frozen peers on the same batch, the loss, backward, step.
 
     `states` holds what each model ("student", or a peer's group) carries from batch to batch (the LM's
-    hidden state in its stateful layout); it is updated in place, detached.
+    hidden state in its stateful layout); it is updated in place (`Workload.forward` returns it detached).
     """
     states = {} if states is None else states
     logits, student_state = workload.forward(engine, batch, states.get("student"))
@@ -139,17 +139,8 @@ def forward_backward(engine, workload: Workload, peers: dict[int, torch.nn.Modul
                                 mask=mask)
     engine.backward(parts.total)
     engine.step()
-    states["student"] = detached(student_state)
+    states["student"] = student_state
     return parts
-
-
-def detached(state):
-    """A model's carried state cut from the graph of the step that made it (tensors in nested tuples/lists)."""
-    if isinstance(state, torch.Tensor):
-        return state.detach()
-    if isinstance(state, (tuple, list)):
-        return type(state)(detached(s) for s in state)
-    return state
 
 
 def usable_peers(peer_steps: dict[int, int | None], step: int, max_staleness: int | None, stale: set[int],
