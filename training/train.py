@@ -349,14 +349,15 @@ class GroupTrainer:
             batch = self.batch_to_device(to_torch(next(batches)))
             parts = forward_backward(self.engine, self.workload, {g: self.peers[g].module for g in usable}, batch,
                                      self.step, self.distill, self.states)
-            if not math.isfinite(parts.total.item()):
+            # One device-to-host copy per micro-step.
+            loss, label_loss, distill_loss = torch.stack([parts.total, parts.label_loss, parts.distill_loss]).tolist()
+            if not math.isfinite(loss):
                 # Stop before this model is checkpointed or published: peers would distill from NaN.
                 raise FloatingPointError(
-                    f"group {self.group} rank {self.rank}: non-finite loss {parts.total.item()} at step {self.step} "
-                    f"(label loss {parts.label_loss.item()}, distill loss {parts.distill_loss.item()}); stopping. "
+                    f"group {self.group} rank {self.rank}: non-finite loss {loss} at step {self.step} "
+                    f"(label loss {label_loss}, distill loss {distill_loss}); stopping. "
                     "Check the data (codistill verify), the learning rate and the loss scale.")
-        return {"loss": parts.total.item(), "label_loss": parts.label_loss.item(),
-                "distill_loss": parts.distill_loss.item(),
+        return {"loss": loss, "label_loss": label_loss, "distill_loss": distill_loss,
                 "peers": {str(g): self.step - self.peer_steps[g] for g in usable}}
 
     def fit(self, resume: bool) -> None:
