@@ -173,8 +173,6 @@ class TokenStreams(IterableDataset):
                 pieces = [s.take(t + 1) for s in streams]
                 tokens = np.stack([p[0] for p in pieces])
                 real = np.stack([p[1] for p in pieces])
-                for s in streams:
-                    s.unread(1)
                 batch = {"key": np.array([f"{first + b}:{epoch}:{i}".encode() for b in range(self.streams)]),
                          "inputs": tokens[:, :-1], "targets": tokens[:, 1:], "mask": real[:, 1:],
                          "reset": np.full(self.streams, i == 0)}
@@ -210,7 +208,10 @@ class TokenStreams(IterableDataset):
 
 
 class _Stream:
-    """A read cursor over one stream's token pieces; past the end it yields padding (not real)."""
+    """A read cursor over one stream's token pieces; past the end it yields padding (not real).
+
+    Consecutive takes overlap by one token: each starts with the last token of the one before.
+    """
 
     def __init__(self, pieces: Iterator[np.ndarray], pad_id: int):
         self.pieces, self.pad_id = pieces, pad_id
@@ -230,14 +231,8 @@ class _Stream:
             real.append(np.ones(len(piece), bool))
             have += len(piece)
         tokens, mask = np.concatenate(parts), np.concatenate(real)
-        self.buffer, self.real = tokens[n:], mask[n:]
-        self._last = tokens[:n], mask[:n]
-        return self._last
-
-    def unread(self, k: int) -> None:
-        tokens, mask = self._last
-        self.buffer = np.concatenate([tokens[-k:], self.buffer])
-        self.real = np.concatenate([mask[-k:], self.real])
+        self.buffer, self.real = tokens[n - 1:], mask[n - 1:]
+        return tokens[:n], mask[:n]
 
 
 # --- model calls ---------------------------------------------------------------------------------------
