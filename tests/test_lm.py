@@ -193,6 +193,21 @@ def test_stateful_streams_repeat_deterministically_and_reset_at_each_epoch(datas
     assert "history" not in first[0]
 
 
+def test_stateful_streams_read_each_shard_once_with_its_size_checked(dataset, monkeypatch):
+    """8 streams over 2 shards: every stream inside a shard shares one verified read of it."""
+    root, manifest = dataset
+    reads = []
+
+    def counted(url, *args, **kwargs):
+        reads.append((url, kwargs.get("expect_bytes")))
+        return read_shard(url, *args, **kwargs)
+
+    monkeypatch.setattr(lm, "read_shard", counted)
+    streams = lm.TokenStreams(spec_for(root, manifest, 8), 5, PAD, history=False)
+    assert sum(1 for _ in streams) == streams.windows_per_epoch
+    assert sorted(reads) == sorted((join(root, s.path), s.bytes) for s in manifest.shards_of("train", 0))
+
+
 def test_too_many_streams_is_a_clear_error(dataset):
     root, manifest = dataset
     with pytest.raises(DatasetError, match="stateful layout"):

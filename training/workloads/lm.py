@@ -34,6 +34,7 @@ import functools
 import hashlib
 import logging
 import math
+import weakref
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -164,7 +165,8 @@ class TokenStreams(IterableDataset):
         first = spec.rank * self.streams
         epoch, skip = 0, spec.skip  # resume: the batches before the data position are cut, never trained on
         while True:
-            streams = [_Stream(self._tokens((first + b) * self.rows_per_stream), self.pad_id)
+            shards = _SharedShards(spec)
+            streams = [_Stream(self._tokens((first + b) * self.rows_per_stream, shards), self.pad_id)
                        for b in range(self.streams)]
             previous = np.full((self.streams, t), self.pad_id, np.int64)
             for i in range(self.windows_per_epoch):
@@ -187,16 +189,15 @@ class TokenStreams(IterableDataset):
             if not spec.repeat:
                 return
 
-    def _tokens(self, start: int) -> Iterator[np.ndarray]:
+    def _tokens(self, start: int, shards: _SharedShards) -> Iterator[np.ndarray]:
         """The real tokens of rows [start, start + rows_per_stream) of the group, in order."""
         end, offset = start + self.rows_per_stream, 0
-        for shard in self.spec.shards:
+        for i, shard in enumerate(self.spec.shards):
             if offset >= end:
                 return
             if offset + shard.records > start:
                 row = offset
-                for block in read_shard(join(self.spec.root, shard.path), self.spec.manifest.features,
-                                        self.spec.manifest.format, expect_sha256=shard.sha256):
+                for block in shards.blocks(i):
                     n = len(block["key"])
                     lo, hi = max(start - row, 0), min(end - row, n)
                     for tokens, length in zip(block["tokens"][lo:hi], block["length"][lo:hi]):
@@ -205,6 +206,32 @@ class TokenStreams(IterableDataset):
                     if row >= end:
                         return
             offset += shard.records
+
+
+class _SharedShards:
+    """The decoded blocks of the shards a rank's streams are reading, each shard read and verified once for
+    all the streams inside it at the same time (streams in lockstep: typically every stream that shares it).
+
+    A weak cache: a shard's blocks live while a stream iterates over them, so memory holds at most one
+    shard per stream, as when every stream read its own copy.
+    """
+
+    def __init__(self, spec: StreamSpec):
+        self.spec = spec
+        self.cache: weakref.WeakValueDictionary[int, _Blocks] = weakref.WeakValueDictionary()
+
+    def blocks(self, i: int) -> list[Block]:
+        blocks = self.cache.get(i)
+        if blocks is None:
+            shard = self.spec.shards[i]
+            blocks = self.cache[i] = _Blocks(read_shard(join(self.spec.root, shard.path),
+                                                        self.spec.manifest.features, self.spec.manifest.format,
+                                                        expect_sha256=shard.sha256, expect_bytes=shard.bytes))
+        return blocks
+
+
+class _Blocks(list):
+    """A list of blocks, which (unlike a plain list) a weak reference can point to."""
 
 
 class _Stream:
