@@ -83,7 +83,6 @@ import os
 import pstats
 import random
 import shutil
-import socket
 import statistics
 import tempfile
 import time
@@ -99,25 +98,16 @@ from codistill.dataset import check_shards_present, load_manifest
 from training.data import StreamSpec, to_torch
 from training.exchange import PeerWatcher, SnapshotPublisher, model_signature, snapshot_bytes
 from training.loss import DistillConfig, codistillation_loss
-from training.train import (FlatPeer, build_engine, deepspeed_config, forward_backward, init_distributed,
-                            lr_factor, make_optimizer)
+from training.train import FlatPeer, build_engine, deepspeed_config, forward_backward, lr_factor, make_optimizer
 from training.workloads import Workload, workload_for
+
+from harness import init_single_process
 
 GOALS = {"ds_plain": 1.15, "cod1_ds": 1.35, "p99_exchange": 1.10}
 RUN = "bench"
 
 
 # --- setup -------------------------------------------------------------------------------------------
-
-
-def init_single_process() -> None:
-    with socket.socket() as s:  # a free port for the one-rank gloo group
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1",
-                       "LOCAL_RANK": "0"}.items():
-        os.environ[key] = value
-    init_distributed()
 
 
 def prepare_data(config: ExperimentConfig, data_dir: str | None, workdir: str):
