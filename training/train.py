@@ -267,9 +267,8 @@ class GroupTrainer:
                 # The tokenizer's sha256 (None without one): a peer trained on other tokens is never adopted.
                 self.watcher = PeerWatcher(config.store, config.run_id, group, self.peer_groups, self.signature,
                                            snapshot_bytes(self.peers[self.peer_groups[0]].module.state_dict()),
-                                           poll_interval=cod.poll_seconds,
-                                           vocab_hash=self.dataset.tokenizer_sha256, run_nonce=nonce,
-                                           max_step=config.schedule.steps)
+                                           poll_interval=cod.poll_seconds, vocab_hash=self.dataset.tokenizer_sha256,
+                                           run_nonce=nonce, max_step=config.schedule.steps)
         self.step = 0
         self.step_seconds: list[float] = []
         self.metrics_file = None
