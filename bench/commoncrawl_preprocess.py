@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import collections
 import tempfile
-import time
 from pathlib import Path
 
 import apache_beam as beam
@@ -43,16 +42,9 @@ from pipelines.warc import WebDocument, read_web_documents
 from tokenizer.encode import load_tokenizer
 from tokenizer.train import train_tokenizer
 
+from harness import Clock
+
 REAL_WARC = Path(__file__).resolve().parents[2] / "shared/data/commoncrawl/resiliparse_CC-MAIN-2020-34_warcfile.warc.gz"
-
-
-class Timer:
-    def __enter__(self):
-        self.wall, self.cpu = time.perf_counter(), time.process_time()
-        return self
-
-    def __exit__(self, *_):
-        self.wall, self.cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
 
 
 def plain_loop(paths: list[str], data: DataConfig, tokenizer_url: str) -> dict[str, str]:
@@ -119,33 +111,33 @@ def main() -> None:
     train_tokenizer(paths, tokenizer_url, args.vocab_size, "unigram", 2000, CommonCrawlConfig().clean, 0,
                     ["--runner=FnApiRunner"])
 
-    with Timer() as read:
+    with Clock() as read:
         wet = [d for p in paths for d in read_web_documents(p) if isinstance(d, WebDocument)]
     megabytes = sum(len(d.text.encode()) for d in wet) / 1e6
     config = dict(dataset="commoncrawl", groups=2, eval_fraction=0.1, shards_per_group=2, eval_shards=1, seed=17,
                   block_rows=256, input=paths[0],
                   commoncrawl=CommonCrawlConfig(tokenizer=tokenizer_url, dedup=DedupConfig(near_threshold=0.7)))
 
-    with Timer() as plain:
+    with Clock() as plain:
         plain_hashes = plain_loop(paths, DataConfig(output=f"{workdir}/plain", **config), tokenizer_url)
-    with Timer() as piped:
+    with Clock() as piped:
         beam_hashes = beam_pipeline(paths, DataConfig(output=f"{workdir}/beam", **config), tokenizer_url)
 
     cleaner, tokenizer = Cleaner(CommonCrawlConfig().clean), load_tokenizer(tokenizer_url)
     texts = [r.text for r in (cleaner.clean(d) for d in wet) if r.text is not None]
-    with Timer() as encode:
+    with Clock() as encode:
         tokenizer.encode(texts)
     clean_mb = sum(len(t.encode()) for t in texts) / 1e6
 
     d = DedupConfig(near_threshold=0.7)
-    with Timer() as ours:
+    with Clock() as ours:
         cc.fingerprint_documents(0, [WebDocument(str(i), "", "", None, t, "", 0) for i, t in enumerate(texts)],
                                  CommonCrawlConfig(dedup=d), 0)
-    with Timer() as theirs:
+    with Clock() as theirs:
         datasketch_lsh(texts, d.near_threshold, d.num_perm, d.shingle_words)
 
     repeats = 20
-    with Timer() as warc:
+    with Clock() as warc:
         pages = sum(isinstance(item, WebDocument) or item.reason.startswith(("not_html", "http_status"))
                     for _ in range(repeats) for item in read_web_documents(str(REAL_WARC)))
 

@@ -34,10 +34,8 @@ import argparse
 import io
 import itertools
 import os
-import socket
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -53,8 +51,10 @@ from pipelines.formats import write_shard  # noqa: E402
 from pipelines.imagenet import SCHEMA  # noqa: E402
 from training.data import StreamSpec, to_torch  # noqa: E402
 from training.loss import DistillConfig  # noqa: E402
-from training.train import FlatPeer, build_engine, forward_backward, init_distributed  # noqa: E402
+from training.train import FlatPeer, build_engine, forward_backward  # noqa: E402
 from training.workloads.imagenet import WORKLOAD, ImageBatches  # noqa: E402
+
+from harness import Clock, init_single_process  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 REAL = REPO.parent / "shared" / "data" / "imagenet" / "train"
@@ -84,17 +84,6 @@ def write_dataset(root: str, repeat: int) -> tuple[DatasetManifest, int]:
     return manifest, len(files)
 
 
-class Clock:
-    """Wall and CPU (this process) seconds of a block: CPU time is what "per core" means on a shared machine."""
-
-    def __enter__(self) -> "Clock":
-        self.wall, self.cpu = time.perf_counter(), time.process_time()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.wall, self.cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
-
-
 def loader_rate(root: str, manifest: DatasetManifest, size: int, train: bool, batch: int) -> tuple[float, float]:
     spec = StreamSpec(root, manifest, manifest.shards, batch, shuffle_buffer=batch * 2 if train else 0,
                       repeat=False, seed=1)
@@ -111,14 +100,6 @@ def full_decode_rate(images: list[bytes]) -> tuple[float, float]:
             with Image.open(io.BytesIO(data)) as image:
                 image.convert("RGB")
     return len(images) / clock.wall, len(images) / clock.cpu
-
-
-def init_single_process() -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    init_distributed()
 
 
 class TrainerVariant:

@@ -24,14 +24,10 @@ import torch.nn.functional as F
 
 from codistill.config import load_experiment
 from codistill.dataset import check_shards_present, load_manifest
-from training.data import StreamSpec
+from training.data import StreamSpec, to_torch
 from training.loss import DistillConfig, codistillation_loss
 from training.train import make_optimizer
 from training.workloads import lm
-
-
-def to_torch(batch):
-    return {k: torch.from_numpy(v) for k, v in batch.items() if k != "key"}
 
 
 def main() -> None:

@@ -83,7 +83,6 @@ import os
 import pstats
 import random
 import shutil
-import socket
 import statistics
 import tempfile
 import time
@@ -99,25 +98,16 @@ from codistill.dataset import check_shards_present, load_manifest
 from training.data import StreamSpec, to_torch
 from training.exchange import PeerWatcher, SnapshotPublisher, model_signature, snapshot_bytes
 from training.loss import DistillConfig, codistillation_loss
-from training.train import (FlatPeer, build_engine, deepspeed_config, detached, forward_backward, init_distributed,
-                            lr_factor, make_optimizer)
+from training.train import FlatPeer, build_engine, deepspeed_config, forward_backward, lr_factor, make_optimizer
 from training.workloads import Workload, workload_for
+
+from harness import init_single_process
 
 GOALS = {"ds_plain": 1.15, "cod1_ds": 1.35, "p99_exchange": 1.10}
 RUN = "bench"
 
 
 # --- setup -------------------------------------------------------------------------------------------
-
-
-def init_single_process() -> None:
-    with socket.socket() as s:  # a free port for the one-rank gloo group
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1",
-                       "LOCAL_RANK": "0"}.items():
-        os.environ[key] = value
-    init_distributed()
 
 
 def prepare_data(config: ExperimentConfig, data_dir: str | None, workdir: str):
@@ -188,7 +178,7 @@ class Plain(Variant):
         loss = codistillation_loss(logits.float(), targets, [], 0, DistillConfig(), binary=self.workload.binary,
                                    mask=mask).total
         loss.backward()
-        self.state = detached(state)
+        self.state = state
         if self.config.deepspeed.gradient_clipping:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.deepspeed.gradient_clipping)
         self.optimizer.step()
@@ -243,8 +233,7 @@ class CodistillExchange(Codistill):
         (self.peer_group,) = peers
         self.publisher = SnapshotPublisher(store, RUN, 0, keep=cod.keep_snapshots)
         self.watcher = PeerWatcher(store, RUN, 0, [self.peer_group], model_signature(engine.module.state_dict()),
-                                   snapshot_bytes(engine.module.state_dict()), poll_interval=cod.poll_seconds,
-                                   max_staleness=cod.max_staleness)
+                                   snapshot_bytes(engine.module.state_dict()), poll_interval=cod.poll_seconds)
         # The stand-in peer group: publishes its (different) weights like its own trainer would.
         self.peer_model = peer_model
         self.peer_publisher = SnapshotPublisher(store, RUN, self.peer_group, keep=cod.keep_snapshots)

@@ -594,6 +594,10 @@ class ExperimentConfig:
         for g in self.train.groups or ():
             _require(0 <= g < self.data.groups, "train.groups",
                      f"groups must be in [0, data.groups={self.data.groups}), got {g}")
+        if isinstance(self.model, LSTMConfig) and self.model.layout == "stateful":
+            # The streams of a rank are one ordered reader: a second loader worker would repeat them.
+            _require(self.loader.workers <= 1, "loader.workers",
+                     f"must be 0 or 1 with model.layout: stateful, got {self.loader.workers}")
 
     @property
     def trained_groups(self) -> tuple[int, ...]:

@@ -286,6 +286,19 @@ def test_full_criteo_manifest_loads():
     assert config.data.groups >= 2 and config.data.shards_per_group > 1
 
 
+@pytest.mark.parametrize("path", sorted(REPO_MANIFESTS.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_manifest_parses(path):
+    assert load_experiment(str(path)).name == path.stem
+
+
+def test_stateful_lm_layout_takes_at_most_one_loader_worker():
+    raw = {"name": "lm", "data": {"dataset": "commoncrawl", "input": "x", "output": "out"},
+           "model": {"kind": "lstm", "layout": "stateful"}, "loader": {"workers": 2}}
+    assert config_error(raw) == "loader.workers: must be 0 or 1 with model.layout: stateful, got 2"
+    assert parse_experiment(raw, ["loader.workers=1"]).loader.workers == 1
+    assert parse_experiment(raw, ["model.layout=packed"]).loader.workers == 2  # packed rows split over workers
+
+
 def test_load_experiment_applies_overrides_and_names_the_file_in_errors():
     config = load_experiment("criteo-tiny", ["data.groups=4"])
     assert config.data.groups == 4

@@ -193,6 +193,21 @@ def test_stateful_streams_repeat_deterministically_and_reset_at_each_epoch(datas
     assert "history" not in first[0]
 
 
+def test_stateful_streams_read_each_shard_once_with_its_size_checked(dataset, monkeypatch):
+    """8 streams over 2 shards: every stream inside a shard shares one verified read of it."""
+    root, manifest = dataset
+    reads = []
+
+    def counted(url, *args, **kwargs):
+        reads.append((url, kwargs.get("expect_bytes")))
+        return read_shard(url, *args, **kwargs)
+
+    monkeypatch.setattr(lm, "read_shard", counted)
+    streams = lm.TokenStreams(spec_for(root, manifest, 8), 5, PAD, history=False)
+    assert sum(1 for _ in streams) == streams.windows_per_epoch
+    assert sorted(reads) == sorted((join(root, s.path), s.bytes) for s in manifest.shards_of("train", 0))
+
+
 def test_too_many_streams_is_a_clear_error(dataset):
     root, manifest = dataset
     with pytest.raises(DatasetError, match="stateful layout"):
@@ -214,6 +229,36 @@ def test_a_restarted_state_warms_up_on_the_previous_window(dataset):
         expected, _ = model(batches[2]["inputs"], warm)
     torch.testing.assert_close(restarted, expected)
     assert not torch.allclose(restarted, logits)  # the warm-up only sees one window, not the whole history
+
+
+def test_the_zero3_eval_placeholder_runs_one_forward_like_an_eval_batch(dataset):
+    """Under ZeRO-3 a rank out of eval rows forwards a placeholder in step with the others (every forward is a
+    collective). A row cut from a mid-stream training batch (`history`, no reset: a resumed run) would run a
+    warm-up forward first, two in all, and the ranks' collectives would fall out of step."""
+    from training.data import to_torch
+    from training.train import eval_placeholder
+
+    root, manifest = dataset
+    config = lm_config(output=root, embedding_dim=8, hidden=12, window=5)  # stateful, restart: warmup
+    eval_shards = tuple(manifest.shards_of("eval"))
+    placeholder = eval_placeholder(lm.WORKLOAD, StreamSpec(root, manifest, eval_shards, 4, rank=1, world=2), config)
+    first = next(iter(lm.batches(StreamSpec(root, manifest, eval_shards, 4), config, False)))
+    assert placeholder.keys() == first.keys() and len(placeholder["key"]) == 1
+    np.testing.assert_array_equal(placeholder["inputs"], first["inputs"][:1])
+
+    torch.manual_seed(0)
+    model = lm.build_model(config.model, manifest).eval()
+    forwards = []
+    model.register_forward_hook(lambda *_: forwards.append(1))
+    windows = iter(lm.TokenStreams(spec_for(root, manifest, 2), 5, PAD, history=True))
+    next(windows)
+    mid_stream = next(windows)
+    assert not mid_stream["reset"].any()
+    with torch.no_grad():
+        lm.forward(model, to_torch({k: v[:1] for k, v in mid_stream.items()}), None)
+        assert len(forwards) == 2  # the old placeholder, cut from a training batch
+        lm.forward(model, to_torch(placeholder), None)
+    assert len(forwards) == 3
 
 
 # --- metrics ------------------------------------------------------------------------------------------------

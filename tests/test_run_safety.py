@@ -136,6 +136,42 @@ def test_a_signal_to_the_launcher_stops_every_group(tmp_path, sig):
     wait_until(lambda: not any(alive(p) for p in started), 15, "every group process to end")
 
 
+@pytest.mark.timeout(60)
+def test_a_second_signal_while_stopping_does_not_cut_the_stop_short(tmp_path):
+    """Ctrl-C again while the groups are being stopped: a group that ignores SIGTERM still gets SIGKILL."""
+    marks = tmp_path / "marks"
+    stubborn = textwrap.dedent(f"""
+        import os, signal, time
+        signal.signal(signal.SIGTERM, lambda *_: open({str(marks)!r}, 'a').write('term\\n'))
+        open({str(marks)!r}, 'a').write(f'{{os.getpid()}}\\n')
+        while True:
+            time.sleep(1)
+    """)
+    launcher = textwrap.dedent(f"""
+        import sys
+        from training.launch import GroupCommand, GroupFailed, run_groups
+        try:
+            run_groups([GroupCommand(0, [sys.executable, '-c', {stubborn!r}])], 1, poll_seconds=0.05)
+        except GroupFailed as e:
+            print('GroupFailed:', e, flush=True)
+            sys.exit(3)
+    """)
+    proc = subprocess.Popen([PY, "-c", launcher], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    wait_until(lambda: marks.exists(), 30, "the group to start")
+    pid = int(marks.read_text().split()[0])
+    try:
+        proc.send_signal(signal.SIGTERM)
+        wait_until(lambda: "term" in marks.read_text(), 30, "the launcher to pass SIGTERM on to the group")
+        proc.send_signal(signal.SIGINT)  # during the launcher's wait for the group to end
+        out, _ = proc.communicate(timeout=30)
+        assert proc.returncode == 3 and "stopped by SIGTERM; stopped every group" in out, out
+        assert not alive(pid), "the group that ignored SIGTERM was left running"
+    finally:
+        if alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
 def test_run_groups_without_signals_still_returns_normally():
     out = io.StringIO()
     run_groups([GroupCommand(0, [PY, "-c", "print('done')"])], 1, out=out, poll_seconds=0.05)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import math
 import os
 import shutil
@@ -33,6 +34,7 @@ from pipelines.formats import read_shard
 from training import metrics
 from training.launch import GroupCommand, GroupFailed, free_port, group_commands, run_groups
 from training.report import eval_records
+from training.train import usable_peers
 
 from conftest import REPO, RUNNER
 
@@ -307,6 +309,25 @@ def test_cli_train_distills_from_stale_peers_only_after_burn_in(codistill_run):
             elif r["step"] > BURN_IN:
                 assert r["distill_loss"] == 0, r
     assert used > 0, "no group ever distilled from a peer after burn-in"
+
+
+def test_stale_peers_are_left_out_with_one_warning_per_transition(caplog):
+    stale: set[int] = set()
+    peer_steps = {1: 10, 2: None}  # group 2: no snapshot adopted yet, left out without a warning
+    with caplog.at_level(logging.WARNING, logger="codistill.train"):
+        assert usable_peers(peer_steps, 15, 5, stale) == [1]
+        assert usable_peers(peer_steps, 16, 5, stale) == usable_peers(peer_steps, 17, 5, stale) == []
+        assert [r.getMessage() for r in caplog.records] == [
+            "peer group 1 left out: its snapshot (step 10) is 6 steps old, max_staleness 5"]
+        peer_steps[1] = 20  # a newer snapshot adopted: usable again, and warned about again when it ages
+        assert usable_peers(peer_steps, 21, 5, stale) == [1]
+        assert usable_peers(peer_steps, 26, 5, stale, warn=False) == []  # the other ranks stay silent
+        assert usable_peers(peer_steps, 27, 5, stale) == []
+        assert len(caplog.records) == 1
+        peer_steps[1] = 30
+        assert usable_peers(peer_steps, 31, 5, stale) == [1] and usable_peers(peer_steps, 36, 5, stale) == []
+        assert len(caplog.records) == 2
+    assert usable_peers({1: 0, 2: None}, 10**6, None, set()) == [1]  # max_staleness None: any age
 
 
 def test_cli_train_without_codistillation_neither_distills_nor_publishes(baseline_run):

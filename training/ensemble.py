@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import safetensors.torch
 import torch
 
@@ -20,6 +19,8 @@ from codistill.config import ExperimentConfig
 from codistill.dataset import load_manifest
 from pipelines.formats import concat_blocks
 from training.data import StreamSpec, to_torch
+from training.loss import average_peer_probs
+from training.report import save_predictions
 from training.workloads import workload_for
 
 
@@ -37,16 +38,16 @@ def evaluate_ensemble(config: ExperimentConfig, members: list[Path], out: Path, 
         models.append(model.eval())
     spec = StreamSpec(config.data.output, dataset, tuple(dataset.shards_of("eval")), config.eval.batch_size)
     states = [None] * len(models)
+
+    def member_logits(batch):
+        for i, model in enumerate(models):
+            logits, states[i] = workload.forward(model, batch, states[i])
+            yield logits.float()
+
     parts = []
     with torch.no_grad():
         for block in workload.batches(spec, config, False):
-            batch = to_torch(block)
-            mean = None
-            for i, model in enumerate(models):
-                logits, states[i] = workload.forward(model, batch, states[i])
-                probs = torch.sigmoid(logits.float()) if workload.binary else torch.softmax(logits.float(), dim=-1)
-                mean = probs if mean is None else mean + probs
-            mean /= len(models)
+            mean = average_peer_probs(member_logits(to_torch(block)), temperature=1.0, binary=workload.binary)
             # Back to logits of the averaged distribution, so the workload's own eval code applies unchanged.
             logits = torch.logit(mean.double(), eps=1e-12).float() if workload.binary else mean.clamp_min(1e-30).log()
             parts.append({"key": block["key"], **workload.eval_rows(logits, block)})
@@ -56,7 +57,5 @@ def evaluate_ensemble(config: ExperimentConfig, members: list[Path], out: Path, 
     group_dir = out / "group-0"
     group_dir.mkdir(parents=True, exist_ok=True)
     (group_dir / "metrics.jsonl").write_text(json.dumps({"kind": "eval", **metrics}) + "\n")
-    order = np.argsort(rows["key"])
-    np.savez(group_dir / "eval_predictions.npz", workload=np.array(workload.name),
-             **{k: v[order] for k, v in rows.items()})
+    save_predictions(group_dir, workload, rows)
     return metrics

@@ -306,8 +306,7 @@ class PeerWatcher:
     """Polls the peers' LATEST pointers in a daemon thread and verifies new snapshots.
 
     The trainer calls `take_updates()` between steps to receive verified state
-    dicts (CPU tensors) and `usable_peers(step)` to learn which peers are fresh
-    enough to distill from. Neither ever waits on the store.
+    dicts (CPU tensors); it never waits on the store.
 
     A snapshot is adopted only if it is newer than the peer's last verified one:
     a higher step in the same attempt, or any step of a newer attempt (the peer
@@ -327,7 +326,6 @@ class PeerWatcher:
         payload_bytes: int,
         vocab_hash: str | None = None,
         poll_interval: float = 1.0,
-        max_staleness: int | None = None,
         warn_missing_after: float = 600.0,
         run_nonce: str | None = None,
         max_step: int | None = None,
@@ -335,8 +333,6 @@ class PeerWatcher:
         self.peer_groups = sorted(set(peer_groups))
         if group in self.peer_groups:
             raise ValueError(f"group {group} cannot be its own peer")
-        if max_staleness is not None and max_staleness < 0:
-            raise ValueError(f"max_staleness must be >= 0 or None, got {max_staleness}")
         self.fs, root = storage.url_to_fs(store_url)
         self.peer_dirs = {peer: group_dir(root, run, peer) for peer in self.peer_groups}
         self.expected_signature = model_signature
@@ -345,7 +341,6 @@ class PeerWatcher:
         self.run_nonce = run_nonce
         self.max_step = max_step
         self.poll_interval = poll_interval
-        self.max_staleness = max_staleness
         self.warn_missing_after = warn_missing_after
 
         self._lock = threading.Lock()
@@ -356,9 +351,6 @@ class PeerWatcher:
         self._last_problem: dict[int, str] = {}  # to warn once per distinct problem
         self._started_at = time.monotonic()
         self._warned_missing: set[int] = set()
-        # Caller-thread state.
-        self._taken_step: dict[int, int] = {}
-        self._stale: set[int] = set()
 
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"peer-watcher-group-{group}", daemon=True)
@@ -368,31 +360,7 @@ class PeerWatcher:
         """Snapshots verified since the last call: {peer_group: (step, state_dict)}."""
         with self._lock:
             updates, self._pending = self._pending, {}
-        for peer, (step, _) in updates.items():
-            self._taken_step[peer] = step
         return updates
-
-    def usable_peers(self, current_step: int) -> dict[int, int]:
-        """{peer_group: step} of taken snapshots no older than `max_staleness` steps.
-
-        Call after `take_updates`. A peer dropping out (or coming back) is logged
-        once per transition, not every step.
-        """
-        usable = {}
-        for peer, step in self._taken_step.items():
-            stale = self.max_staleness is not None and current_step - step > self.max_staleness
-            if stale and peer not in self._stale:
-                logger.warning(
-                    "peer group %d left out: its snapshot (step %d) is %d steps old, max_staleness is %d",
-                    peer, step, current_step - step, self.max_staleness,
-                )
-                self._stale.add(peer)
-            elif not stale and peer in self._stale:
-                logger.info("peer group %d fresh again (snapshot step %d)", peer, step)
-                self._stale.discard(peer)
-            if not stale:
-                usable[peer] = step
-        return usable
 
     def fetch(self, peer: int, step: int, timeout: float = 120.0) -> dict[str, Tensor] | None:
         """Read and verify one named snapshot now (on resume, to restore the peer weights in use).

@@ -20,6 +20,7 @@ Normalisation (mean/std) happens on the batch in torch (`normalize`).
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import random
@@ -90,7 +91,13 @@ def sample_rng(seed: int, epoch: int, key: bytes) -> random.Random:
 def normalize(images: torch.Tensor, dtype: torch.dtype, channels_last: bool) -> torch.Tensor:
     """uint8 (N, H, W, 3) -> normalised (N, 3, H, W) in `dtype`; NHWC in memory when `channels_last`."""
     x = images.permute(0, 3, 1, 2).to(dtype)  # a permuted NHWC tensor is already channels_last in memory
-    mean = torch.tensor(MEAN, dtype=dtype, device=x.device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(STD, dtype=dtype, device=x.device).view(1, 3, 1, 1) * 255
-    x = (x - mean) / std
+    mean, std = _mean_std(dtype, x.device)
+    x.sub_(mean).div_(std)  # in place: `x` is the fresh copy made by the conversion from uint8
     return x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+@functools.cache
+def _mean_std(dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """MEAN and STD in uint8 units, (1, 3, 1, 1) in `dtype` on `device`: made once, not at every batch."""
+    return (torch.tensor(MEAN, dtype=dtype, device=device).view(1, 3, 1, 1) * 255,
+            torch.tensor(STD, dtype=dtype, device=device).view(1, 3, 1, 1) * 255)

@@ -96,11 +96,13 @@ def _raise_stopped(signum, frame) -> None:
     raise _Stopped(signum)
 
 
+_HANDLED = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+
+
 def run_groups(commands: list[GroupCommand], ranks_per_group: int, out=sys.stdout, poll_seconds: float = 0.2) -> None:
     """Run the groups to the end; GroupFailed (every group stopped) if one fails or we are told to stop."""
-    handled = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
     in_main_thread = threading.current_thread() is threading.main_thread()  # signals go to the main thread only
-    previous = {sig: signal.signal(sig, _raise_stopped) for sig in handled} if in_main_thread else {}
+    previous = {sig: signal.signal(sig, _raise_stopped) for sig in _HANDLED} if in_main_thread else {}
     try:
         _run_groups(commands, ranks_per_group, out, poll_seconds)
     except _Stopped as stop:
@@ -141,6 +143,11 @@ def _run_groups(commands: list[GroupCommand], ranks_per_group: int, out, poll_se
                     raise GroupFailed(f"group {group} exited with code {code}; stopped the other groups")
             time.sleep(poll_seconds)
     finally:
+        if threading.current_thread() is threading.main_thread():
+            # A second Ctrl-C or SIGTERM must not cut the stop short (SIGKILL escalation, output joins);
+            # run_groups restores the handlers afterwards.
+            for sig in _HANDLED:
+                signal.signal(sig, signal.SIG_IGN)
         _stop(list(procs.values()))
         for thread in threads:
             thread.join(timeout=5)

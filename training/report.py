@@ -50,6 +50,13 @@ def final_eval(run_dir: str | Path, group: int) -> dict:
     return records[-1]
 
 
+def save_predictions(group_dir: Path, workload: Workload, rows: Rows) -> None:
+    """A group's eval rows, sorted by key, and the workload's name: what `predictions` reads."""
+    order = np.argsort(rows["key"])
+    np.savez(group_dir / "eval_predictions.npz", workload=np.array(workload.name),
+             **{k: v[order] for k, v in rows.items()})
+
+
 def predictions(run_dir: str | Path, group: int) -> tuple[Workload, Rows]:
     """A finished group's eval rows (sorted by key) and the workload that wrote them."""
     path = Path(run_dir) / f"group-{group}" / "eval_predictions.npz"

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import glob
+import itertools
 import json
 import logging
 import math
@@ -41,6 +42,7 @@ from training.data import StreamSpec, loader, to_torch
 from training.exchange import PeerWatcher, SnapshotPublisher, check_store_run, model_signature, snapshot_bytes
 from training.launch import exit_when_launcher_dies, next_attempt, read_run_nonce
 from training.loss import DistillConfig, LossParts, codistillation_loss, distill_weight
+from training.report import save_predictions
 from training.workloads import Workload, workload_for
 
 logger = logging.getLogger("codistill.train")
@@ -117,7 +119,7 @@ def forward_backward(engine, workload: Workload, peers: dict[int, torch.nn.Modul
     """One micro-step: the student on its batch, the frozen peers on the same batch, the loss, backward, step.
 
     `states` holds what each model ("student", or a peer's group) carries from batch to batch (the LM's
-    hidden state in its stateful layout); it is updated in place, detached.
+    hidden state in its stateful layout); it is updated in place (`Workload.forward` returns it detached).
     """
     states = {} if states is None else states
     logits, student_state = workload.forward(engine, batch, states.get("student"))
@@ -137,17 +139,26 @@ def forward_backward(engine, workload: Workload, peers: dict[int, torch.nn.Modul
                                 mask=mask)
     engine.backward(parts.total)
     engine.step()
-    states["student"] = detached(student_state)
+    states["student"] = student_state
     return parts
 
 
-def detached(state):
-    """A model's carried state cut from the graph of the step that made it (tensors in nested tuples/lists)."""
-    if isinstance(state, torch.Tensor):
-        return state.detach()
-    if isinstance(state, (tuple, list)):
-        return type(state)(detached(s) for s in state)
-    return state
+def usable_peers(peer_steps: dict[int, int | None], step: int, max_staleness: int | None, stale: set[int],
+                 warn: bool = True) -> list[int]:
+    """The peer groups to distill from at `step`: those whose adopted snapshot (`peer_steps`, None before the
+    first) is at most `max_staleness` steps old. `stale` (updated in place) holds the groups left out, so a
+    group going stale is warned about once (if `warn`), not at every step."""
+    usable = []
+    for g, at in peer_steps.items():
+        if at is not None and (max_staleness is None or step - at <= max_staleness):
+            usable.append(g)
+            stale.discard(g)
+            continue
+        if at is not None and g not in stale and warn:
+            logger.warning("peer group %d left out: its snapshot (step %d) is %d steps old, max_staleness %d",
+                           g, at, step - at, max_staleness)
+        stale.add(g)
+    return usable
 
 
 def lr_factor(schedule: ScheduleConfig):
@@ -245,7 +256,7 @@ class GroupTrainer:
         self.stale: set[int] = set()
         self.incoming: dict[int, tuple[int, dict]] = {}
         self.states: dict = {}  # what each model carries between batches: "student", and each peer's group
-        self.placeholder = None  # one training row, for a forward on a rank that has no eval rows
+        self.placeholder = None  # one eval row, for the forwards of a rank out of eval rows (ZeRO-3)
         self.publisher = self.watcher = None
         if cod.enabled and self.rank == 0:
             nonce = run_nonce or read_run_nonce(config.run_dir)
@@ -256,9 +267,8 @@ class GroupTrainer:
                 # The tokenizer's sha256 (None without one): a peer trained on other tokens is never adopted.
                 self.watcher = PeerWatcher(config.store, config.run_id, group, self.peer_groups, self.signature,
                                            snapshot_bytes(self.peers[self.peer_groups[0]].module.state_dict()),
-                                           poll_interval=cod.poll_seconds, max_staleness=cod.max_staleness,
-                                           vocab_hash=self.dataset.tokenizer_sha256, run_nonce=nonce,
-                                           max_step=config.schedule.steps)
+                                           poll_interval=cod.poll_seconds, vocab_hash=self.dataset.tokenizer_sha256,
+                                           run_nonce=nonce, max_step=config.schedule.steps)
         self.step = 0
         self.step_seconds: list[float] = []
         self.metrics_file = None
@@ -293,19 +303,6 @@ class GroupTrainer:
                 dist.broadcast(tensor, src=0)
         self.peer_steps[group] = step
         self.states.pop(group, None)  # new weights start from a fresh state
-
-    def usable_peers(self) -> list[int]:
-        limit = self.config.codistill.max_staleness
-        usable = []
-        for g, step in self.peer_steps.items():
-            stale = step is None or (limit is not None and self.step - step > limit)
-            if stale and step is not None and g not in self.stale and self.rank == 0:
-                logger.warning("peer group %d left out: its snapshot (step %d) is %d steps old, max_staleness %d",
-                               g, step, self.step - step, limit)
-            self.stale = (self.stale | {g}) if stale else (self.stale - {g})
-            if not stale:
-                usable.append(g)
-        return usable
 
     @contextlib.contextmanager
     def gathered_state(self) -> Iterator[dict[str, torch.Tensor] | None]:
@@ -343,24 +340,23 @@ class GroupTrainer:
                 for k, v in batch.items()}
 
     def train_step(self, batches) -> dict:
-        usable = self.usable_peers()
+        usable = usable_peers(self.peer_steps, self.step, self.config.codistill.max_staleness, self.stale,
+                              warn=self.rank == 0)
         for g in set(self.states) - {"student", *usable}:
             del self.states[g]  # a peer left out for a step restarts its state when it is used again
         for _ in range(self.config.deepspeed.grad_accum):
-            block = next(batches)
-            if self.placeholder is None:
-                self.placeholder = {k: v[:1] for k, v in block.items()}
-            batch = self.batch_to_device(to_torch(block))
+            batch = self.batch_to_device(to_torch(next(batches)))
             parts = forward_backward(self.engine, self.workload, {g: self.peers[g].module for g in usable}, batch,
                                      self.step, self.distill, self.states)
-            if not math.isfinite(parts.total.item()):
+            # One device-to-host copy per micro-step.
+            loss, label_loss, distill_loss = torch.stack([parts.total, parts.label_loss, parts.distill_loss]).tolist()
+            if not math.isfinite(loss):
                 # Stop before this model is checkpointed or published: peers would distill from NaN.
                 raise FloatingPointError(
-                    f"group {self.group} rank {self.rank}: non-finite loss {parts.total.item()} at step {self.step} "
-                    f"(label loss {parts.label_loss.item()}, distill loss {parts.distill_loss.item()}); stopping. "
+                    f"group {self.group} rank {self.rank}: non-finite loss {loss} at step {self.step} "
+                    f"(label loss {label_loss}, distill loss {distill_loss}); stopping. "
                     "Check the data (codistill verify), the learning rate and the loss scale.")
-        return {"loss": parts.total.item(), "label_loss": parts.label_loss.item(),
-                "distill_loss": parts.distill_loss.item(),
+        return {"loss": loss, "label_loss": label_loss, "distill_loss": distill_loss,
                 "peers": {str(g): self.step - self.peer_steps[g] for g in usable}}
 
     def fit(self, resume: bool) -> None:
@@ -440,21 +436,25 @@ class GroupTrainer:
         config = self.config
         spec = StreamSpec(config.data.output, self.dataset, tuple(self.dataset.shards_of("eval")),
                           config.eval.batch_size, self.rank, self.world)
-        batches = list(self.workload.batches(spec, config, False))
+        batches = iter(self.workload.batches(spec, config, False))  # streamed: decoded batch by batch
         if config.eval.max_rows is not None:
-            batches = batches[:max(1, config.eval.max_rows // (config.eval.batch_size * self.world))]
-        # Under ZeRO-3 every forward is a collective: all ranks run the same number of them.
-        count = torch.tensor(len(batches), device=self.device)
-        if self.world > 1:
+            batches = itertools.islice(batches, max(1, config.eval.max_rows // (config.eval.batch_size * self.world)))
+        padding = 0
+        if self.world > 1 and config.deepspeed.zero_stage == 3:
+            # Every forward is a collective: all ranks run as many as the rank with the most batches.
+            batches = list(batches)
+            count = torch.tensor(len(batches), device=self.device)
             dist.all_reduce(count, op=dist.ReduceOp.MAX)
+            padding = int(count) - len(batches)
+            if padding and self.placeholder is None:
+                self.placeholder = eval_placeholder(self.workload, spec, config)
         parts: list[dict[str, np.ndarray]] = []
         state = None
         self.engine.eval()
         with torch.no_grad():
-            for i in range(int(count)):
-                batch = batches[i] if i < len(batches) else self.placeholder  # forward, then discarded
+            for batch in itertools.chain(batches, [self.placeholder] * padding):
                 logits, state = self.workload.forward(self.engine, self.batch_to_device(to_torch(batch)), state)
-                if i < len(batches):
+                if batch is not self.placeholder:  # a placeholder's forward is discarded
                     parts.append({"key": batch["key"], **self.workload.eval_rows(logits.float(), batch)})
         self.engine.train()
         gathered = [None] * self.world
@@ -474,9 +474,7 @@ class GroupTrainer:
                                         if k not in ("step", "group") and isinstance(v, (int, float))})
         print(f"eval step {self.step}: {self.workload.describe(metrics)}", flush=True)
         if final:
-            order = np.argsort(rows["key"])
-            np.savez(self.out / "eval_predictions.npz", workload=np.array(self.workload.name),
-                     **{k: v[order] for k, v in rows.items()})
+            save_predictions(self.out, self.workload, rows)
         return metrics
 
     # --- checkpoints -------------------------------------------------------------------------------
@@ -546,6 +544,14 @@ class GroupTrainer:
 
 
 _CHECKPOINT_TAG = re.compile(r"^step-\d{8,}$")
+
+
+def eval_placeholder(workload: Workload, spec: StreamSpec, config: ExperimentConfig) -> dict[str, np.ndarray]:
+    """The first row of the eval split, as the batch of a forward that a rank out of eval rows runs in step with
+    the others (ZeRO-3). An eval batch takes the others' path through the model; a training batch may not (the
+    stateful LM's `history` would add a warm-up forward, and the collectives would fall out of step)."""
+    first_row = StreamSpec(spec.root, spec.manifest, spec.shards, batch_size=1)
+    return next(iter(workload.batches(first_row, config, False)))
 
 
 def checkpoint_tags(directory: Path) -> list[str]:

@@ -38,6 +38,7 @@ class Workload:
     batches: Callable[[StreamSpec, ExperimentConfig, bool], Iterable[Block]]
     # (model, torch batch, state) -> (logits, state). `state` is what one model carries from batch to batch
     # (None at the start and whenever the model's weights are replaced); stateless workloads return None.
+    # The returned state is detached from the graph: callers carry it to the next batch as it is.
     forward: Callable[[nn.Module, dict[str, Tensor], Any], tuple[Tensor, Any]]
     # torch batch -> (targets, mask or None); mask False marks padding.
     targets: Callable[[dict[str, Tensor]], tuple[Tensor, Tensor | None]]

@@ -34,6 +34,7 @@ import functools
 import hashlib
 import logging
 import math
+import weakref
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -164,7 +165,8 @@ class TokenStreams(IterableDataset):
         first = spec.rank * self.streams
         epoch, skip = 0, spec.skip  # resume: the batches before the data position are cut, never trained on
         while True:
-            streams = [_Stream(self._tokens((first + b) * self.rows_per_stream), self.pad_id)
+            shards = _SharedShards(spec)
+            streams = [_Stream(self._tokens((first + b) * self.rows_per_stream, shards), self.pad_id)
                        for b in range(self.streams)]
             previous = np.full((self.streams, t), self.pad_id, np.int64)
             for i in range(self.windows_per_epoch):
@@ -173,8 +175,6 @@ class TokenStreams(IterableDataset):
                 pieces = [s.take(t + 1) for s in streams]
                 tokens = np.stack([p[0] for p in pieces])
                 real = np.stack([p[1] for p in pieces])
-                for s in streams:
-                    s.unread(1)
                 batch = {"key": np.array([f"{first + b}:{epoch}:{i}".encode() for b in range(self.streams)]),
                          "inputs": tokens[:, :-1], "targets": tokens[:, 1:], "mask": real[:, 1:],
                          "reset": np.full(self.streams, i == 0)}
@@ -189,16 +189,15 @@ class TokenStreams(IterableDataset):
             if not spec.repeat:
                 return
 
-    def _tokens(self, start: int) -> Iterator[np.ndarray]:
+    def _tokens(self, start: int, shards: _SharedShards) -> Iterator[np.ndarray]:
         """The real tokens of rows [start, start + rows_per_stream) of the group, in order."""
         end, offset = start + self.rows_per_stream, 0
-        for shard in self.spec.shards:
+        for i, shard in enumerate(self.spec.shards):
             if offset >= end:
                 return
             if offset + shard.records > start:
                 row = offset
-                for block in read_shard(join(self.spec.root, shard.path), self.spec.manifest.features,
-                                        self.spec.manifest.format, expect_sha256=shard.sha256):
+                for block in shards.blocks(i):
                     n = len(block["key"])
                     lo, hi = max(start - row, 0), min(end - row, n)
                     for tokens, length in zip(block["tokens"][lo:hi], block["length"][lo:hi]):
@@ -209,8 +208,37 @@ class TokenStreams(IterableDataset):
             offset += shard.records
 
 
+class _SharedShards:
+    """The decoded blocks of the shards a rank's streams are reading, each shard read and verified once for
+    all the streams inside it at the same time (streams in lockstep: typically every stream that shares it).
+
+    A weak cache: a shard's blocks live while a stream iterates over them, so memory holds at most one
+    shard per stream, as when every stream read its own copy.
+    """
+
+    def __init__(self, spec: StreamSpec):
+        self.spec = spec
+        self.cache: weakref.WeakValueDictionary[int, _Blocks] = weakref.WeakValueDictionary()
+
+    def blocks(self, i: int) -> list[Block]:
+        blocks = self.cache.get(i)
+        if blocks is None:
+            shard = self.spec.shards[i]
+            blocks = self.cache[i] = _Blocks(read_shard(join(self.spec.root, shard.path),
+                                                        self.spec.manifest.features, self.spec.manifest.format,
+                                                        expect_sha256=shard.sha256, expect_bytes=shard.bytes))
+        return blocks
+
+
+class _Blocks(list):
+    """A list of blocks, which (unlike a plain list) a weak reference can point to."""
+
+
 class _Stream:
-    """A read cursor over one stream's token pieces; past the end it yields padding (not real)."""
+    """A read cursor over one stream's token pieces; past the end it yields padding (not real).
+
+    Consecutive takes overlap by one token: each starts with the last token of the one before.
+    """
 
     def __init__(self, pieces: Iterator[np.ndarray], pad_id: int):
         self.pieces, self.pad_id = pieces, pad_id
@@ -230,14 +258,8 @@ class _Stream:
             real.append(np.ones(len(piece), bool))
             have += len(piece)
         tokens, mask = np.concatenate(parts), np.concatenate(real)
-        self.buffer, self.real = tokens[n:], mask[n:]
-        self._last = tokens[:n], mask[:n]
-        return self._last
-
-    def unread(self, k: int) -> None:
-        tokens, mask = self._last
-        self.buffer = np.concatenate([tokens[-k:], self.buffer])
-        self.real = np.concatenate([mask[-k:], self.real])
+        self.buffer, self.real = tokens[n - 1:], mask[n - 1:]
+        return tokens[:n], mask[:n]
 
 
 # --- model calls ---------------------------------------------------------------------------------------
@@ -265,14 +287,15 @@ def targets(batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
 
 def eval_rows(logits: Tensor, batch: Block) -> Rows:
     """Per row: summed nll (nats) over its real tokens, their count, their text bytes, argmax tokens (-1 = pad)."""
-    targets_ = torch.from_numpy(batch["targets"])
-    mask = torch.from_numpy(batch["mask"])
+    # On the logits' device (the [B, T, V] logits stay there); only the per-row results come back.
+    targets_ = torch.from_numpy(batch["targets"]).to(logits.device)
+    mask = torch.from_numpy(batch["mask"]).to(logits.device)
     logits = logits.float()
     nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets_.flatten(), reduction="none")
     nll = torch.where(mask, nll.view(targets_.shape), 0.0)
     argmax = torch.where(mask, logits.argmax(-1), -1)
-    return {"nll": nll.double().sum(1).numpy(), "tokens": mask.sum(1).numpy().astype(np.int64),
-            "text_bytes": np.asarray(batch["text_bytes"], np.int64), "argmax": argmax.numpy().astype(np.int32)}
+    return {"nll": nll.double().sum(1).cpu().numpy(), "tokens": mask.sum(1).cpu().numpy().astype(np.int64),
+            "text_bytes": np.asarray(batch["text_bytes"], np.int64), "argmax": argmax.cpu().numpy().astype(np.int32)}
 
 
 def eval_metrics(rows: Rows, manifest: DatasetManifest) -> dict[str, float]:
