@@ -355,7 +355,7 @@ def _reached(summary: ConditionSummary, target: float) -> str:
 
 @dataclass
 class Sweep:
-    target: float  # the worst best excess among the sweep's conditions: every one of them reaches it
+    target: float  # the worst best excess of any run in the sweep: every one of them reaches it
     steps: list[float | None]  # per sweep condition, to the target
     stop: int | None  # index of B, the first batch whose doubling needs >= sweep_stop_ratio of its steps
     codistill_steps: list[float | None]
@@ -363,7 +363,7 @@ class Sweep:
 
 def batch_sweep(plan: Plan, s: dict[str, ConditionSummary]) -> Sweep:
     c = plan.claims
-    target = max(s[n].stat("best")[0] for n in c.batch_sweep)
+    target = max(r.best for n in c.batch_sweep for r in s[n].runs)
     steps = [s[n].steps_to(target)[0] for n in c.batch_sweep]
     stop = next((i for i in range(len(steps) - 1) if steps[i] and steps[i + 1]
                  and steps[i + 1] / steps[i] >= c.sweep_stop_ratio), None)
@@ -372,8 +372,8 @@ def batch_sweep(plan: Plan, s: dict[str, ConditionSummary]) -> Sweep:
 
 def sweep_lines(plan: Plan, s: dict[str, ConditionSummary]) -> list[str]:
     c, sweep = plan.claims, batch_sweep(plan, s)
-    lines = ["", "## Batch sweep", "", f"Steps to excess {sweep.target:.4f} (the worst best excess among the "
-             "sweep's conditions, so each of them reaches it); codistillation runs 2+ groups each at that batch.",
+    lines = ["", "## Batch sweep", "", f"Steps to excess {sweep.target:.4f} (the worst best excess of any run in "
+             "the sweep, so each of them reaches it); codistillation runs 2+ groups each at that batch.",
              "", "| condition | examples per step | steps to target | vs half the batch | codistillation | "
              "codistillation vs sync at this batch |", "|---|---|---|---|---|---|"]
     for i, name in enumerate(c.batch_sweep):
@@ -409,13 +409,14 @@ def write_report(plan: Plan, summaries: dict[str, ConditionSummary] | None = Non
     if plan.claims.ensemble:
         lines.append(f"| ensemble of {plan.claims.ensemble} | average of the predicted probabilities of its "
                      "independently trained groups |")
+    churn_keys = list(dict.fromkeys([key, "disagreement"]))  # class outputs have disagreement only
     lines += ["", f"## Results (mean ± sd over {len(plan.seeds)} seeds)", "",
               f"| condition | best excess | final excess | steps to baseline's best ({target:.4f}) | "
-              f"churn {key} | churn disagreement |", "|---|---|---|---|---|---|"]
+              + " | ".join(f"churn {k}" for k in churn_keys) + " |", "|---" * (4 + len(churn_keys)) + "|"]
     for name, summary in s.items():
         lines.append(f"| {name} | {_fmt(*summary.stat('best'))} | {_fmt(*summary.stat('final'))} | "
                      f"{_reached(summary, target)} | "
-                     f"{_fmt(summary.churn.get(key))} | {_fmt(summary.churn.get('disagreement'))} |")
+                     + " | ".join(_fmt(summary.churn.get(k)) for k in churn_keys) + " |")
     if plan.claims.batch_sweep:
         lines += sweep_lines(plan, s)
     lines += ["", "## Claims", "", "| claim | goal | measured | holds |", "|---|---|---|---|"]
