@@ -271,7 +271,8 @@ def churn_over_pairs(runs: list[RunResult]) -> dict[str, float]:
     from training.report import run_churn
 
     pairs = [run_churn(a.run_dir, b.run_dir, group=a.groups[0])[1] for a, b in itertools.combinations(runs, 2)]
-    return {k: float(np.mean([p[k] for p in pairs])) for k in pairs[0] if k != "rows"} | {"pairs": len(pairs)}
+    measures = [k for k, v in pairs[0].items() if isinstance(v, float)]  # int entries are counts
+    return {k: float(np.mean([p[k] for p in pairs])) for k in measures} | {"pairs": len(pairs)}
 
 
 def summarize(plan: Plan) -> dict[str, ConditionSummary]:
@@ -290,8 +291,9 @@ def summarize(plan: Plan) -> dict[str, ConditionSummary]:
 # --- the report ------------------------------------------------------------------------------------------
 
 
-def _primary_churn(churn: dict[str, float]) -> str:
-    return "mean_abs_diff" if "mean_abs_diff" in churn else "disagreement"
+def _churn_measures(churn: dict[str, float]) -> list[str]:
+    """The workload's churn measures, its primary one first (as `Workload.churn` orders them)."""
+    return [k for k in churn if k != "pairs"]
 
 
 def _fmt(mean: float, sd: float | None = None, digits: int = 4) -> str:
@@ -304,7 +306,7 @@ def claim_rows(plan: Plan, s: dict[str, ConditionSummary]) -> list[tuple[str, st
     """(claim, goal, measured, holds) for every claim the plan names conditions for."""
     c, rows = plan.claims, []
     base, cod = s[c.baseline], s[c.codistill]
-    key = _primary_churn(base.churn)
+    key = _churn_measures(base.churn)[0]
     ratio = cod.churn[key] / base.churn[key]
     ensemble = s.get(f"ensemble of {c.ensemble}") if c.ensemble else None
     measured = f"{key} {cod.churn[key]:.4f} vs baseline {base.churn[key]:.4f}: {ratio:.2f}x"
@@ -342,8 +344,9 @@ def claim_rows(plan: Plan, s: dict[str, ConditionSummary]) -> list[tuple[str, st
         else:
             steps, cod = sweep.steps[sweep.stop], sweep.codistill_steps[sweep.stop]
             ratio = cod / steps if cod and steps else None
-            measured = (f"B = {s[c.batch_sweep[sweep.stop]].runs[0].batch}: 2B {sweep.steps[sweep.stop + 1] / steps:.2f}x, "
-                        f"codistillation " + (f"{ratio:.2f}x" if ratio else "never reached the target"))
+            batch, doubled = s[c.batch_sweep[sweep.stop]].runs[0].batch, sweep.steps[sweep.stop + 1] / steps
+            measured = (f"B = {batch}: 2B {doubled:.2f}x, codistillation "
+                        + (f"{ratio:.2f}x" if ratio else "never reached the target"))
             rows.append(("batch sweep", goal, measured, ratio is not None and ratio <= c.sweep_codistill_max_ratio))
     return rows
 
@@ -395,7 +398,7 @@ def write_report(plan: Plan, summaries: dict[str, ConditionSummary] | None = Non
     base = s[plan.claims.baseline]
     target = base.stat("best")[0]
     floor = base.runs[0].floor
-    key = _primary_churn(base.churn)
+    churn_keys = _churn_measures(base.churn)
     lines = [f"# Experiment `{plan.name}`", "", plan.description.strip(), "",
              f"Base manifest `{plan.base}`; seeds {list(plan.seeds)}; every figure below is computed from the runs' "
              f"`metrics.jsonl` and `eval_predictions.npz` under `{plan.out}`.",
@@ -409,7 +412,6 @@ def write_report(plan: Plan, summaries: dict[str, ConditionSummary] | None = Non
     if plan.claims.ensemble:
         lines.append(f"| ensemble of {plan.claims.ensemble} | average of the predicted probabilities of its "
                      "independently trained groups |")
-    churn_keys = list(dict.fromkeys([key, "disagreement"]))  # class outputs have disagreement only
     lines += ["", f"## Results (mean ± sd over {len(plan.seeds)} seeds)", "",
               f"| condition | best excess | final excess | steps to baseline's best ({target:.4f}) | "
               + " | ".join(f"churn {k}" for k in churn_keys) + " |", "|---" * (4 + len(churn_keys)) + "|"]

@@ -182,3 +182,21 @@ def test_the_batch_sweep_finds_where_2b_stops_paying_and_times_codistillation_th
                      f"{sweep.codistill_steps[2] / sweep.steps[2]:.2f}x" and row[3] is True
     assert any(line.startswith("| sync-b16 | 16 | 175 (2/2 reached) | 0.58x | codistill: 100 (2/2 reached) | 0.57x")
                for line in sweep_lines(plan, s))
+
+
+def test_the_claims_compare_the_workloads_primary_churn_measure_whatever_its_name():
+    from codistill.experiment import ConditionSummary, RunResult, claim_rows
+
+    def condition(name, excess, churn):
+        runs = [RunResult(name, seed, Path("."), (0,), np.array([10, 20]), np.array(excess), 0.0, None, 64)
+                for seed in (0, 1)]
+        return ConditionSummary(name, runs, churn | {"pairs": 1})
+
+    plan = load_plan(str(REPO / "manifests" / "experiments" / "imagenet-claims.yaml"))
+    s = {"baseline": condition("baseline", [1.0, 0.8], {"top1_disagreement": 0.4}),
+         "sync-2x-batch": condition("sync-2x-batch", [0.9, 0.7], {"top1_disagreement": 0.35}),
+         "codistill": condition("codistill", [0.7, 0.4], {"top1_disagreement": 0.2}),
+         "same-data": condition("same-data", [0.9, 0.6], {"top1_disagreement": 0.3}),
+         "ensemble of baseline": condition("ensemble of baseline", [0.6], {"top1_disagreement": 0.25})}
+    churn = next(r for r in claim_rows(plan, s) if r[0] == "churn")
+    assert churn[2] == "top1_disagreement 0.2000 vs baseline 0.4000: 0.50x; ensemble 0.2500" and churn[3] is True

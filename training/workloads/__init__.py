@@ -48,7 +48,8 @@ class Workload:
     # "rows", and "floor" when the data has a known one.
     eval_metrics: Callable[[Rows, DatasetManifest], dict[str, float]]
     describe: Callable[[dict], str]  # an eval record as one console line
-    # (rows of run a, rows of run b, threshold for binary outputs) -> churn between two retrains
+    # (rows of run a, rows of run b, threshold for binary outputs) -> churn between two retrains: float
+    # measures, the primary one first (reports compare conditions on it), and int counts
     churn: Callable[[Rows, Rows, float], dict[str, float]]
     describe_churn: Callable[[dict, float], str]
 
