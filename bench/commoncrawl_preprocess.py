@@ -27,7 +27,8 @@ from pathlib import Path
 import apache_beam as beam
 import numpy as np
 
-from codistill.config import CommonCrawlConfig, DataConfig, DedupConfig
+from codistill.config import DataConfig
+from codistill.datasets.commoncrawl import CommonCrawlConfig, DedupConfig
 from codistill.dataset import join, load_manifest
 from pipelines import commoncrawl as cc
 from pipelines.cleaning import Cleaner

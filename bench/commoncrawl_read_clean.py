@@ -35,7 +35,7 @@ from resiliparse.extract.html2text import extract_plain_text
 from resiliparse.parse.encoding import bytes_to_str, detect_encoding
 from resiliparse.parse.html import HTMLTree
 
-from codistill.config import CleaningConfig
+from codistill.datasets.commoncrawl import CleaningConfig
 from pipelines.cleaning import Cleaner
 from pipelines.warc import WebDocument, read_web_documents
 

@@ -21,7 +21,8 @@ from collections import defaultdict
 import apache_beam as beam
 import numpy as np
 
-from codistill.config import CriteoConfig, DataConfig
+from codistill.config import DataConfig
+from codistill.datasets.criteo import CriteoConfig
 from codistill.dataset import join, load_manifest
 from pipelines.criteo import CAT_COLUMNS, CriteoToShards, schema
 from pipelines.sinks import layout_for

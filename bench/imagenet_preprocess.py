@@ -26,7 +26,8 @@ import time
 import apache_beam as beam
 import numpy as np
 
-from codistill.config import DataConfig, ImageNetConfig
+from codistill.config import DataConfig
+from codistill.datasets.imagenet import ImageNetConfig
 from codistill.dataset import join, load_manifest
 from pipelines.formats import write_shard
 from pipelines.imagenet import SCHEMA, ImageChecker, ImageNetToShards, InputFile, configure_pillow, file_destinations, \

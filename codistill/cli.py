@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-import json
 import logging
 import re
 import sys
+import types
+import typing
 
 import click
 
 from codistill.config import (REPO_MANIFESTS, ConfigError, parse_experiment, read_manifest_yaml, resolve_manifest,
                               set_field)
+from codistill.datasets import DATASETS, DatasetSpec, Flag
 from codistill.dataset import DatasetError, DatasetManifest
 from pipelines.textfiles import InputReadError
 
@@ -49,68 +52,116 @@ def _without_gcp_client_warning(record: logging.LogRecord) -> bool:
     return "apitools not found" not in record.getMessage()
 
 
-@main.group()
-def synth() -> None:
-    """Generate raw data sets in the real formats."""
+class DatasetCommands(click.Group):
+    """A group with one command per registered dataset (`codistill.datasets.DATASETS`), made when asked for."""
+
+    def __init__(self, make, **kwargs):
+        super().__init__(**kwargs)
+        self.make = make
+
+    def list_commands(self, ctx) -> list[str]:
+        return sorted(DATASETS)
+
+    def get_command(self, ctx, name: str) -> click.Command | None:
+        return self.make(DATASETS[name]) if name in DATASETS else None
 
 
-@synth.command("criteo")
-@click.option("--rows", type=click.IntRange(min=1), required=True, help="Rows in all files together.")
-@click.option("--out", required=True, help="Output directory (local path or fsspec URL).")
-@click.option("--files", type=click.IntRange(min=1), default=1, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--gzip", is_flag=True, help="Write .txt.gz files.")
-@_fail_cleanly
-def synth_criteo(rows: int, out: str, files: int, seed: int, gzip: bool) -> None:
-    """Raw Criteo-format files from a planted model, plus synth.json with its Bayes-optimal log loss."""
-    from pipelines.synth_criteo import generate_criteo
-
-    sidecar = generate_criteo(out, rows, files=files, seed=seed, gzip=gzip)
-    click.echo(f"wrote {rows} rows in {files} file(s) to {out}: positive rate {sidecar['positive_rate']:.3f}, "
-               f"Bayes-optimal log loss {sidecar['bayes_log_loss']:.4f} "
-               f"(base rate {sidecar['base_rate_log_loss']:.4f})")
+def _flag_option(section: type, flag: Flag, default=None, **kwargs) -> click.Option:
+    """The click option of a spec's flag: its type and choices (or --x/--no-x for a boolean) from the field."""
+    kind = typing.get_type_hints(section)[flag.field]
+    if isinstance(kind, types.UnionType):  # `str | None`: the flag gives a str
+        kind = next(a for a in typing.get_args(kind) if a is not type(None))
+    if typing.get_origin(kind) is tuple:  # one number on the command line stands for a one-item list
+        kind = typing.get_args(kind)[0]
+    if kind is bool:
+        decls = [f"{flag.option}/--no-{flag.option[2:]}", flag.field]
+    else:
+        decls = [flag.option, flag.field]
+        kwargs["type"] = click.Choice(typing.get_args(kind)) if typing.get_origin(kind) is typing.Literal else kind
+    return click.Option(decls, default=default, help=flag.help, **kwargs)
 
 
-@synth.command("commoncrawl")
-@click.option("--docs", type=click.IntRange(min=1), required=True, help="WET conversion records in all files together.")
-@click.option("--out", required=True, help="Output directory (local path or fsspec URL).")
-@click.option("--files", type=click.IntRange(min=1), default=1, show_default=True)
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
-@_fail_cleanly
-def synth_commoncrawl(docs: int, out: str, files: int, seed: int) -> None:
-    """WET files of a planted language with known noise, plus synth.json with the Bayes floor per document."""
-    from pipelines.synth_commoncrawl import generate_commoncrawl
-
-    sidecar = generate_commoncrawl(out, docs, files=files, seed=seed)
-    kinds = ", ".join(f"{v} {k}" for k, v in sidecar["counts"]["kinds"].items())
-    floor = sidecar["floor"]
-    click.echo(f"wrote {docs} records in {files} file(s) to {out}: {kinds}; Bayes floor over the clean documents "
-               f"{floor['value']:.4f} bits per byte ({floor['bytes']} bytes of planted text)")
+def _flag_error(error: ConfigError, section: str, flags: tuple[Flag, ...], given: dict) -> Exception:
+    """A field error of one of the flags given as a usage error that names the flag (exit code 2)."""
+    field, _, message = str(error).partition(": ")
+    flag = next((f for f in flags if field.split("[")[0] == f"{section}.{f.field}" and given.get(f.field) is not None),
+                None)
+    return click.BadParameter(message, param_hint=f"'{flag.option}'") if flag else error
 
 
-@main.group()
-def preprocess() -> None:
-    """Run a Beam pipeline: raw files -> disjoint per-group shards + manifest.json."""
+def _synth_command(spec: DatasetSpec) -> click.Command:
+    def run(out: str, **values) -> None:
+        from pipelines.run import dataset_pipeline
+
+        raw = {"name": f"{spec.name}-synth", "data": {"dataset": spec.name, "synth": values}}
+        try:
+            settings = parse_experiment(raw).data.synth
+        except ConfigError as e:
+            raise _flag_error(e, "data.synth", spec.synth_flags, values) from None
+        pipeline = dataset_pipeline(spec.name)
+        _, sidecar = pipeline.generate(out, settings)
+        click.echo(pipeline.describe_synth(sidecar, out))
+
+    defaults = spec.synth()
+    options = [click.Option(["--out"], required=True, help="Output directory (local path or fsspec URL).")]
+    options += [_flag_option(spec.synth, flag, required=True) if flag.required else
+                _flag_option(spec.synth, flag, getattr(defaults, flag.field), show_default=True)
+                for flag in spec.synth_flags]
+    return click.Command(spec.name, callback=_fail_cleanly(run), params=options,
+                         help=f"Generate {spec.summary}, with what was planted in synth.json.")
 
 
-def _preprocess_options(func):
-    """The options every `preprocess <dataset>` command shares (dataset-specific ones are added per command)."""
-    options = [
-        click.option("-m", "--manifest", help="Experiment manifest (path or name in manifests/); flags override it."),
-        click.option("--input", "input_glob", help="Raw input: glob, URL or folder (comma-separated for several)."),
-        click.option("--output", help="Dataset directory (local path or fsspec URL)."),
-        click.option("--groups", type=int),
-        click.option("--eval-fraction", type=float),
-        click.option("--format", "fmt", type=click.Choice(["tfrecord", "webdataset"])),
-        click.option("--runner", help="Beam runner (default FnApiRunner, in-process), e.g. DaskRunner (with "
+main.add_command(DatasetCommands(_synth_command, name="synth", help="Generate raw data sets in the real formats."))
+
+
+def _common_preprocess_options() -> list[click.Option]:
+    """The options every `preprocess <dataset>` command has (each dataset adds its spec's flags)."""
+    return [
+        click.Option(["-m", "--manifest"], help="Experiment manifest (path or name in manifests/); flags override it."),
+        click.Option(["--input", "input_glob"], help="Raw input: glob, URL or folder (comma-separated for several)."),
+        click.Option(["--output"], help="Dataset directory (local path or fsspec URL)."),
+        click.Option(["--groups"], type=int),
+        click.Option(["--eval-fraction"], type=float),
+        click.Option(["--format", "fmt"], type=click.Choice(["tfrecord", "webdataset"])),
+        click.Option(["--runner"], help="Beam runner (default FnApiRunner, in-process), e.g. DaskRunner (with "
                      "--dask_client_address HOST:PORT), DataflowRunner, FlinkRunner."),
-        click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a manifest field."),
-        click.option("--overwrite", is_flag=True, help="Replace an existing output directory."),
-        click.pass_context,
+        click.Option(["--set", "sets"], multiple=True, metavar="KEY=VALUE", help="Override a manifest field."),
+        click.Option(["--overwrite"], is_flag=True, help="Replace an existing output directory."),
     ]
-    for option in reversed(options):
-        func = option(func)
-    return click.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})(func)
+
+
+def _preprocess_command(spec: DatasetSpec) -> click.Command:
+    @click.pass_context
+    @_fail_cleanly
+    def run(ctx, manifest, input_glob, output, groups, eval_fraction, fmt, runner, sets, overwrite, resume=False,
+            **values) -> None:
+        from pipelines.run import preprocess as run_preprocess
+
+        flags = {"data.output": output, "data.groups": groups, "data.eval_fraction": eval_fraction,
+                 "data.format": fmt, **{f"data.{spec.name}.{k}": v for k, v in values.items()}}
+        try:
+            config = parse_experiment(_raw_manifest(spec.name, manifest, input_glob, flags), sets)
+        except ConfigError as e:
+            raise _flag_error(e, f"data.{spec.name}", spec.flags, values) from None
+        result = run_preprocess(config, _beam_args(ctx, runner), overwrite=overwrite, resume=resume,
+                                show_progress=_echo_progress)
+        click.echo(summarize_dataset(result, config.data.output))
+        if result.input_rows and not result.written_rows:
+            raise click.ClickException(f"every one of the {result.input_rows} rows read was rejected (not "
+                                       f"{spec.name} data, or the wrong options?); see {config.data.output}/rejected/")
+
+    options = _common_preprocess_options() + [_flag_option(spec.config, flag) for flag in spec.flags]
+    if spec.resumable:
+        options.append(click.Option(["--resume"], is_flag=True, help="Continue an interrupted run in the same "
+                                    "output: input files already staged (.done/ markers) are not read again."))
+    return click.Command(spec.name, callback=run, params=options,
+                         context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+                         help=f"{spec.summary} -> disjoint per-group shards. Unknown options go to Beam "
+                              "(e.g. --direct_num_workers=2).")
+
+
+main.add_command(DatasetCommands(_preprocess_command, name="preprocess",
+                                 help="Run a Beam pipeline: raw files -> disjoint per-group shards + manifest.json."))
 
 
 def _raw_manifest(dataset: str, manifest: str | None, input_glob: str | None, flags: dict) -> dict:
@@ -132,57 +183,8 @@ def _beam_args(ctx, runner: str | None) -> list[str]:
     return (["--runner", runner] if runner else []) + list(ctx.args)
 
 
-def _run_preprocess(ctx, dataset: str, dataset_flags: dict, manifest, input_glob, output, groups, eval_fraction, fmt,
-                    runner, sets, overwrite, resume: bool = False) -> None:
-    """Manifest (or defaults) + flags -> config, then the dataset's Beam pipeline; unknown options go to Beam."""
-    from pipelines.run import preprocess as run_preprocess
-
-    flags = {"data.output": output, "data.groups": groups, "data.eval_fraction": eval_fraction, "data.format": fmt,
-             **dataset_flags}
-    config = parse_experiment(_raw_manifest(dataset, manifest, input_glob, flags), sets)
-    result = run_preprocess(config, _beam_args(ctx, runner), overwrite=overwrite, resume=resume,
-                            show_progress=_echo_progress)
-    click.echo(summarize_dataset(result, config.data.output))
-    if result.input_rows and not result.written_rows:
-        raise click.ClickException(f"every one of the {result.input_rows} rows read was rejected (not "
-                                   f"{dataset} data, or the wrong options?); see {config.data.output}/rejected/")
-
-
 def _echo_progress(line: str) -> None:
     click.echo(line, err=True)
-
-
-@click.option("--dialect", type=click.Choice(["tsv", "csv"]),
-              help="tsv: Kaggle train.txt; csv: the header CSV export (label,I1..,C26).")
-@click.option("--cat-buckets", type=click.IntRange(min=2), help="Hash buckets for every categorical column.")
-@click.option("--keep-raw/--no-keep-raw", default=None, help="Also store the raw integer and categorical values.")
-@_preprocess_options
-@_fail_cleanly
-def preprocess_criteo(ctx, dialect, cat_buckets, keep_raw, **common) -> None:
-    """Criteo TSV (or gzip) files -> shards. Unknown options go to Beam (e.g. --direct_num_workers=2)."""
-    _run_preprocess(ctx, "criteo", {"data.criteo.dialect": dialect, "data.criteo.cat_buckets": cat_buckets,
-                                    "data.criteo.keep_raw": keep_raw}, **common)
-
-
-preprocess.add_command(preprocess_criteo, "criteo")
-
-
-# --- Common Crawl ---------------------------------------------------------------------------------
-
-
-@click.option("--tokenizer", help="sentencepiece model URL (with its .json sidecar); default: train one first.")
-@click.option("--sequence-length", type=int, help="Tokens per packed row.")
-@click.option("--resume", is_flag=True, help="Continue an interrupted run in the same output: input files already "
-              "staged (.done/ markers) are not read again.")
-@_preprocess_options
-@_fail_cleanly
-def preprocess_commoncrawl(ctx, tokenizer, sequence_length, resume, **common) -> None:
-    """WET/WARC files -> cleaned, deduplicated, tokenised, packed shards. Unknown options go to Beam."""
-    _run_preprocess(ctx, "commoncrawl", {"data.commoncrawl.tokenizer": tokenizer,
-                                         "data.commoncrawl.sequence_length": sequence_length}, **common, resume=resume)
-
-
-preprocess.add_command(preprocess_commoncrawl, "commoncrawl")
 
 
 @main.group()
@@ -218,54 +220,9 @@ def tokenizer_train(ctx, input_glob, out, vocab_size, model_type, sample_docs, m
                f"documents), sha256 {info['sha256']}")
 
 
-# --- ImageNet -------------------------------------------------------------------------------------
-
-
-@synth.command("imagenet")
-@click.option("--classes", type=click.IntRange(min=1), required=True)
-@click.option("--per-class", type=click.IntRange(min=1), required=True, help="Train images per class.")
-@click.option("--out", required=True, help="Output directory (local path or fsspec URL).")
-@click.option("--val-per-class", type=click.IntRange(min=0), default=10, show_default=True,
-              help="Validation images per class (flat val/ + LOC_val_solution.csv); 0 = none.")
-@click.option("--val-layout", type=click.Choice(["flat", "folders"]), default="flat", show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--min-size", type=click.IntRange(min=16), default=64, show_default=True)
-@click.option("--max-size", type=click.IntRange(min=16), default=160, show_default=True)
-@click.option("--faults", type=click.IntRange(min=0), default=1, show_default=True,
-              help="Copies of each bad-input kind (zero-byte, text, truncated, corrupt, PNG, CMYK, 16-bit, gray).")
-@click.option("--synsets", help="Take the wnids from this synset list (e.g. imagenet_synsets.txt).")
-@_fail_cleanly
-def synth_imagenet(classes, per_class, out, val_per_class, val_layout, seed, min_size, max_size, faults,
-                   synsets) -> None:
-    """An ILSVRC-layout folder of procedural images with bad inputs in known numbers, plus synth.json."""
-    from pipelines.synth_imagenet import generate_imagenet
-
-    sidecar = generate_imagenet(out, classes, per_class, val_per_class=val_per_class, seed=seed, min_size=min_size,
-                                max_size=max_size, faults=faults, synsets=synsets, val_layout=val_layout)
-    expected = sidecar["expected"]
-    click.echo(f"wrote {sidecar['files']['train']} train and {sidecar['files']['val']} val files of {classes} "
-               f"classes to {out} (+{len(sidecar['empty_classes'])} empty class folder); the pipeline must "
-               f"quarantine {sum(expected['quarantined'].values())} and repair "
-               f"{sum(len(sidecar['fault_paths'][k]) for k in ('png', 'cmyk', 'png16'))}")
-
-
-@click.option("--synsets", help="Synset list, one wnid per line (0-based line = label); default: sorted folders.")
-@click.option("--label-offset", type=click.IntRange(min=0), help="Added to every label (1: TF-slim convention).")
-@click.option("--grayscale", type=click.Choice(["keep", "rgb"]), help="Grayscale JPEGs: keep 1-channel (default).")
-@click.option("--resize-shorter", type=click.IntRange(min=8), help="Shrink the shorter side to this (never enlarge).")
-@_preprocess_options
-@_fail_cleanly
-def preprocess_imagenet(ctx, synsets, label_offset, grayscale, resize_shorter, **common) -> None:
-    """ILSVRC folders (train/<wnid>/, val/) -> image shards. Unknown options go to Beam."""
-    _run_preprocess(ctx, "imagenet", {"data.imagenet.synsets": synsets, "data.imagenet.label_offset": label_offset,
-                                      "data.imagenet.grayscale": grayscale,
-                                      "data.imagenet.resize_shorter": resize_shorter}, **common)
-
-
-preprocess.add_command(preprocess_imagenet, "imagenet")
-
-
 def summarize_dataset(dataset: DatasetManifest, where: str) -> str:
+    from pipelines.run import dataset_pipeline
+
     rejected = sum(dataset.rejected.values())
     reasons = ", ".join(f"{k}: {v}" for k, v in dataset.rejected.items())
     # Rows are input records, or (`kept` set) packed sequences of the documents kept.
@@ -279,17 +236,7 @@ def summarize_dataset(dataset: DatasetManifest, where: str) -> str:
         shards = dataset.shards_of(split, group)
         lines.append(f"{split:<6} {'-' if group is None else group:>5} {len(shards):>6} "
                      f"{sum(s.records for s in shards):>10} {sum(s.bytes for s in shards):>12}")
-    if "repairs" in dataset.extra:
-        repairs = ", ".join(f"{k}: {v}" for k, v in sorted(dataset.extra["repairs"].items())) or "none"
-        lines.append(f"{len(dataset.extra.get('classes', []))} classes; repaired: {repairs}; "
-                     f"1-channel (grayscale): {dataset.extra.get('grayscale', 0)}")
-    synth, floor = dataset.extra.get("synth"), dataset.extra.get("floor")
-    if floor:
-        lines.append(f"generated data: Bayes floor over the eval documents {floor['value']:.4f} {floor['metric']}")
-    elif synth and "bayes_log_loss" in synth:
-        lines.append(f"generated data: Bayes-optimal log loss {synth['bayes_log_loss']:.4f}, "
-                     f"base-rate log loss {synth['base_rate_log_loss']:.4f}")
-    return "\n".join(lines)
+    return "\n".join(lines + dataset_pipeline(dataset.dataset).describe(dataset))
 
 
 @main.command()
@@ -316,7 +263,6 @@ def verify(directory: str, manifest: str | None) -> None:
 def _dataset_for(config) -> DatasetManifest:
     """The run's dataset, built first (in-process Beam) if it is not there yet."""
     from codistill.dataset import load_manifest
-    from pipelines.run import pipeline_parameters
     from pipelines.run import preprocess as run_preprocess
 
     try:
@@ -326,9 +272,10 @@ def _dataset_for(config) -> DatasetManifest:
         dataset = run_preprocess(config, show_progress=_echo_progress)
         click.echo(summarize_dataset(dataset, config.data.output))
         return dataset
-    wanted = json.loads(json.dumps(pipeline_parameters(config.data)))  # as stored: tuples become lists
     # (`output` may differ: a dataset can be copied or moved.)
-    changed = sorted(k for k, v in wanted.items() if k != "output" and dataset.parameters.get(k) != v)
+    built, wanted = dataset.settings, config.data
+    changed = [f.name for f in dataclasses.fields(wanted) if f.name not in ("input", "output")
+               and getattr(built, f.name) != getattr(wanted, f.name)]
     if changed:
         raise click.ClickException(
             f"the dataset at {config.data.output} was built with other data settings ({', '.join(changed)}); "
@@ -470,15 +417,13 @@ def churn(run_a: str, run_b: str, group: int, threshold: float) -> None:
 @_fail_cleanly
 def demo(plan: str, sets: tuple[str, ...]) -> None:
     """The embedded default, end to end: data, Beam, verify, DeepSpeed baselines vs codistillation, report."""
-    import dataclasses
-
     from codistill.experiment import load_plan, run_plan, summarize, write_report
     from codistill.verify import verify_dataset
 
     parsed = load_plan(_plan_path(plan))
     parsed = dataclasses.replace(parsed, sets=parsed.sets + tuple(sets))
     config = parsed.config(parsed.conditions[0], parsed.seeds[0])
-    click.echo("== 1. generate Criteo-format data and shard it into groups with Beam")
+    click.echo(f"== 1. generate {config.data.dataset} data and shard it into groups with Beam")
     from pipelines.run import preprocess as run_preprocess
 
     dataset = run_preprocess(config, overwrite=True, show_progress=_echo_progress)
@@ -496,12 +441,13 @@ def demo(plan: str, sets: tuple[str, ...]) -> None:
     path = write_report(parsed, summaries)
     base, cod = summaries[parsed.claims.baseline], summaries[parsed.claims.codistill]
     floor = base.runs[0].floor
-    click.echo(f"{'condition':<22} {'final eval loss':>17} {'gap to floor':>13} {'churn |dp|':>10} {'flips':>7}")
+    measures = [k for k in base.churn if k != "pairs"]  # the workload's churn measures, its primary one first
+    click.echo(f"{'condition':<22} {'final eval loss':>17} {'gap to floor':>13} "
+               + " ".join(f"{'churn ' + k:>{max(12, len(k) + 6)}}" for k in measures))
     for name, summary in summaries.items():
         mean, sd = summary.stat("final")
-        churn = summary.churn
         click.echo(f"{name:<22} {mean + (floor or 0):>8.4f} ± {sd:.4f} {mean:>+13.4f} "
-                   f"{churn.get('mean_abs_diff', float('nan')):>10.4f} {100 * churn.get('disagreement', 0):>6.2f}%")
+                   + " ".join(f"{summary.churn.get(k, float('nan')):>{max(12, len(k) + 6)}.4f}" for k in measures))
     diff = cod.stat("final")[0] - base.stat("final")[0]
     click.echo(f"codistillation - baseline: {diff:+.4f} final eval loss; spread between seeds (sd): "
                f"baseline {base.stat('final')[1]:.4f}, codistillation {cod.stat('final')[1]:.4f}")

@@ -7,11 +7,14 @@ shards are missing or whose bytes do not hash to what the manifest says.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import uuid
 from dataclasses import dataclass, field
 
 from codistill import storage
+from codistill.config import DataConfig
+from codistill.fields import ConfigError
 
 from pipelines.formats import Feature, Schema, ShardFormatError, open_regular_file
 
@@ -46,13 +49,21 @@ class DatasetManifest:
     shards: tuple[ShardEntry, ...]
     inputs: tuple[dict, ...]  # {"source": name, "rows": rows read}
     rejected: dict[str, int]  # reason -> rows
-    parameters: dict  # the pipeline parameters that produced it
+    parameters: dict  # the data settings that produced it (`DataConfig.recorded()`) and its input files
     tokenizer_sha256: str | None = None
     schema_version: int = SCHEMA_VERSION
     extra: dict = field(default_factory=dict)  # dataset-specific facts (e.g. the synth sidecar)
     # Input records written, when a row is not one input record (documents packed into token sequences);
     # None: one row per input record.
     kept: int | None = None
+
+    @functools.cached_property
+    def settings(self) -> DataConfig:
+        """The data settings it was built with (`parameters` less the input files), typed as a manifest's."""
+        try:
+            return DataConfig.from_recorded(self.parameters, "parameters")
+        except ConfigError as e:
+            raise DatasetError(f"{self.dataset} dataset manifest: {e}") from None
 
     @property
     def input_rows(self) -> int:

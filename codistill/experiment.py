@@ -18,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from codistill.config import ConfigError, ExperimentConfig, _build, _require, load_experiment, read_manifest_yaml
+from codistill.config import ConfigError, ExperimentConfig, load_experiment, read_manifest_yaml
+from codistill.fields import build, require
 from codistill.units import duration
 
 COMPLETE = ".complete"
@@ -30,8 +31,8 @@ class Condition:
     sets: tuple[str, ...] = ()
 
     def validate(self, name: str) -> None:
-        _require(bool(self.name) and "/" not in self.name and self.name not in (".", ".."), f"{name}.name",
-                 f"must be a plain name, got {self.name!r}")
+        require(bool(self.name) and "/" not in self.name and self.name not in (".", ".."), f"{name}.name",
+                f"must be a plain name, got {self.name!r}")
 
 
 @dataclass(frozen=True)
@@ -58,10 +59,10 @@ class Claims:
     sweep_codistill_max_ratio: float = 0.6  # the paper: ~0.5x the steps of B
 
     def validate(self, name: str) -> None:
-        _require(not self.batch_sweep or len(self.batch_sweep) >= 2, f"{name}.batch_sweep",
-                 f"needs at least two conditions, got {list(self.batch_sweep)}")
-        _require(not self.sweep_codistill or len(self.sweep_codistill) == len(self.batch_sweep),
-                 f"{name}.sweep_codistill", "needs one condition per batch_sweep entry")
+        require(not self.batch_sweep or len(self.batch_sweep) >= 2, f"{name}.batch_sweep",
+                f"needs at least two conditions, got {list(self.batch_sweep)}")
+        require(not self.sweep_codistill or len(self.sweep_codistill) == len(self.batch_sweep),
+                f"{name}.sweep_codistill", "needs one condition per batch_sweep entry")
 
 
 @dataclass(frozen=True)
@@ -76,20 +77,20 @@ class Plan:
     runs_dir: str = "runs"
 
     def validate(self, name: str = "plan") -> None:
-        _require(len(self.seeds) >= 2 and len(set(self.seeds)) == len(self.seeds), "seeds",
-                 f"need at least two distinct seeds (churn compares retrains), got {list(self.seeds)}")
+        require(len(self.seeds) >= 2 and len(set(self.seeds)) == len(self.seeds), "seeds",
+                f"need at least two distinct seeds (churn compares retrains), got {list(self.seeds)}")
         names = [c.name for c in self.conditions]
-        _require(len(names) == len(set(names)) and names, "conditions", f"need distinct names, got {names}")
+        require(len(names) == len(set(names)) and names, "conditions", f"need distinct names, got {names}")
         for i, condition in enumerate(self.conditions):
             condition.validate(f"conditions[{i}]")
         claims = self.claims
         for key in ("baseline", "codistill", "same_data", "ensemble", "staleness_reference", "staleness_check"):
             value = getattr(claims, key)
-            _require(value is None or value in names, f"claims.{key}", f"names no condition: {value!r}")
+            require(value is None or value in names, f"claims.{key}", f"names no condition: {value!r}")
         claims.validate("claims")
         for key in ("staleness", "batch_sweep", "sweep_codistill"):
             for value in getattr(claims, key):
-                _require(value in names, f"claims.{key}", f"names no condition: {value!r}")
+                require(value in names, f"claims.{key}", f"names no condition: {value!r}")
 
     @property
     def out(self) -> Path:
@@ -109,17 +110,17 @@ class Plan:
 def load_plan(path: str) -> Plan:
     raw = read_manifest_yaml(path)
     try:
-        plan = _build(Plan, raw, "")
+        plan = build(Plan, raw, "")
         plan.validate()
         # Every condition must be a valid manifest before anything runs.
         configs = {c.name: plan.config(c, plan.seeds[0]) for c in plan.conditions}
         batches = [examples_per_step(configs[n]) for n in plan.claims.batch_sweep]
-        _require(all(b == 2 * a for a, b in zip(batches, batches[1:])), "claims.batch_sweep",
-                 f"examples per step must double from one condition to the next, got {batches}")
+        require(all(b == 2 * a for a, b in zip(batches, batches[1:])), "claims.batch_sweep",
+                f"examples per step must double from one condition to the next, got {batches}")
         for sweep, cod in zip(plan.claims.batch_sweep, plan.claims.sweep_codistill):
-            _require(examples_per_step(configs[cod]) == examples_per_step(configs[sweep])
-                     and len(configs[cod].trained_groups) >= 2 and configs[cod].codistill.enabled,
-                     "claims.sweep_codistill", f"{cod} must codistill 2+ groups each at the batch of {sweep}")
+            require(examples_per_step(configs[cod]) == examples_per_step(configs[sweep])
+                    and len(configs[cod].trained_groups) >= 2 and configs[cod].codistill.enabled,
+                    "claims.sweep_codistill", f"{cod} must codistill 2+ groups each at the batch of {sweep}")
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
     return plan

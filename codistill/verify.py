@@ -20,7 +20,8 @@ import numpy as np
 
 from codistill import storage
 from codistill.config import MAX_GROUPS, MAX_SHARDS
-from codistill.dataset import DatasetManifest, join, load_manifest
+from codistill.dataset import DatasetError, DatasetManifest, join, load_manifest
+from codistill.datasets import DATASETS
 from pipelines.formats import (EXTENSIONS, MAX_RECORD_BYTES, ShardFormatError, dali_index, dali_index_path,
                                iter_blocks, open_regular_file, read_shard)
 from pipelines.sharding import ShardLayout
@@ -137,14 +138,14 @@ def verify_dataset(root: str) -> VerifyReport:
 
 def _layout(manifest: DatasetManifest) -> tuple[ShardLayout | None, list[str]]:
     """The layout the manifest's parameters give, and how the indexed shards differ from it."""
-    p = manifest.parameters
     try:
-        layout = ShardLayout(manifest.dataset, EXTENSIONS[manifest.format], p["groups"], p["shards_per_group"],
-                             p["eval_shards"], p["eval_fraction"])
+        p = manifest.settings
+        layout = ShardLayout(manifest.dataset, EXTENSIONS[manifest.format], p.groups, p.shards_per_group,
+                             p.eval_shards, p.eval_fraction)
         sizes_ok = (1 <= layout.groups <= MAX_GROUPS and 1 <= layout.shards_per_group <= MAX_SHARDS
                     and 1 <= layout.eval_shards <= MAX_SHARDS and 0 < layout.eval_fraction < 1)
-    except (KeyError, TypeError) as e:
-        return None, [f"manifest parameters do not give the shard layout ({type(e).__name__}: {str(e)[:80]})"]
+    except (DatasetError, KeyError) as e:
+        return None, [f"manifest parameters do not give the shard layout ({type(e).__name__}: {str(e)[:120]})"]
     if not sizes_ok:
         return None, ["manifest parameters give an impossible shard layout"]
     problems = [] if manifest.groups == layout.groups else [
@@ -165,14 +166,14 @@ def _layout(manifest: DatasetManifest) -> tuple[ShardLayout | None, list[str]]:
 
 
 def _dataset_checks(manifest: DatasetManifest):
-    from pipelines.run import PIPELINE_MODULES, dataset_pipeline
+    from pipelines.run import dataset_pipeline
 
-    if manifest.dataset not in PIPELINE_MODULES:
+    if manifest.dataset not in DATASETS:
         return None, [f"unknown dataset {manifest.dataset!r:.40}: its keys and values cannot be checked"]
     declare = dataset_pipeline(manifest.dataset).checks
     try:
         return (declare(manifest) if declare else None), []
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError) as e:  # DatasetError is a ValueError
         return None, [f"manifest parameters do not say how to check the values ({type(e).__name__}: {str(e)[:80]})"]
 
 

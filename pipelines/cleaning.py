@@ -32,7 +32,7 @@ import pycld2
 from iso639 import Lang
 
 from codistill import storage
-from codistill.config import CleaningConfig
+from codistill.datasets.commoncrawl import CleaningConfig
 from pipelines.warc import WebDocument
 
 LINE_REASONS = ("line:empty", "line:no_terminal_punctuation", "line:too_few_words", "line:javascript",

@@ -49,12 +49,13 @@ import numpy as np
 from apache_beam.metrics import Metrics
 
 from codistill import storage
-from codistill.config import CommonCrawlConfig, DataConfig
+from codistill.config import DataConfig
+from codistill.datasets.commoncrawl import CommonCrawlConfig
 from codistill.dataset import join, write_atomically
 from pipelines import dedup, progress
 from pipelines.cleaning import Cleaner
 from pipelines.formats import Block, Feature, Schema
-from pipelines.run import DatasetChecks, DatasetPipeline, ValueCheck, pipeline_parameters
+from pipelines.run import DatasetChecks, DatasetPipeline, ValueCheck
 from pipelines.sharding import ShardLayout, mix64, partition, string_hash
 from pipelines.sinks import PIECES, Rejected, WriteDataset, layout_for, write_pieces
 from pipelines.textfiles import expand_inputs
@@ -205,8 +206,9 @@ def read_staged_documents(url: str) -> dict[str, list[str]]:
 
 def parameters_digest(data: DataConfig) -> str:
     """What a staged file depends on: a marker made with other settings is not reused."""
-    relevant = {"clean": pipeline_parameters(data)["commoncrawl"]["clean"], "seed": data.seed,
-                "dedup": {k: v for k, v in pipeline_parameters(data)["commoncrawl"]["dedup"].items()
+    options = data.recorded()["commoncrawl"]
+    relevant = {"clean": options["clean"], "seed": data.seed,
+                "dedup": {k: v for k, v in options["dedup"].items()
                           if k in ("num_perm", "shingle_words", "near_threshold")}}
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
 
@@ -710,7 +712,7 @@ class CommonCrawlToShards(beam.PTransform):
             datasets["extra"] = (encoded.eval_keys
                                  | "EvalKeys" >> beam.combiners.ToList()
                                  | "Floor" >> beam.Map(eval_floor, documents))
-        parameters = {"input": self.paths, **pipeline_parameters(data)}
+        parameters = {"input": self.paths, **data.recorded()}
         return datasets | WriteDataset(
             output=data.output, layout=layout, schema=features, fmt=data.format, block_rows=data.block_rows,
             parameters=parameters, extra=extra, tokenizer_sha256=tokenizer.sha256)
@@ -740,7 +742,7 @@ def _generate(raw: str, synth) -> tuple[str, dict]:
 def dataset_checks(manifest) -> DatasetChecks:
     """Token ids within the vocabulary, lengths within the row; keys `<WARC-Record-ID>#<token offset>`, assigned
     by the keyed hash of the record id."""
-    vocab, seed = manifest.extra["tokenizer"]["vocab_size"], manifest.parameters["seed"]
+    vocab, seed = manifest.extra["tokenizer"]["vocab_size"], manifest.settings.seed
     length = manifest.features["tokens"].shape[0]
 
     def key_hashes(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -757,6 +759,20 @@ def dataset_checks(manifest) -> DatasetChecks:
     ), key_hashes=key_hashes)
 
 
+def describe_synth(sidecar: dict, out: str) -> str:
+    kinds = ", ".join(f"{v} {k}" for k, v in sidecar["counts"]["kinds"].items())
+    floor = sidecar["floor"]
+    return (f"wrote {sidecar['docs']} records in {sidecar['num_files']} file(s) to {out}: {kinds}; Bayes floor over "
+            f"the clean documents {floor['value']:.4f} bits per byte ({floor['bytes']} bytes of planted text)")
+
+
+def describe(manifest) -> list[str]:
+    floor = manifest.extra.get("floor")
+    if not floor:
+        return []
+    return [f"generated data: Bayes floor over the eval documents {floor['value']:.4f} {floor['metric']}"]
+
+
 PIPELINE = DatasetPipeline(
     transform=lambda source, data, extra: CommonCrawlToShards(expand_inputs(source), data, extra),
-    generate=_generate, checks=dataset_checks)
+    generate=_generate, describe_synth=describe_synth, describe=describe, checks=dataset_checks)

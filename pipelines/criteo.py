@@ -33,11 +33,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 
-from codistill.config import CriteoConfig, DataConfig
+from codistill.config import DataConfig
+from codistill.datasets.criteo import CriteoConfig
 from codistill.dataset import DatasetManifest, join
 from pipelines import progress
 from pipelines.formats import Block, Feature, Schema
-from pipelines.run import DatasetChecks, DatasetPipeline, ValueCheck, pipeline_parameters
+from pipelines.run import DatasetChecks, DatasetPipeline, ValueCheck
 from pipelines.worker import WorkerDoFn
 from pipelines.sharding import ShardLayout, line_key_hashes, mix64, partition, string_hash
 from pipelines.sinks import Rejected, WriteDataset, layout_for, write_pieces
@@ -335,7 +336,7 @@ class CriteoToShards(beam.PTransform):
         parsed = ranges | "Parse" >> beam.ParDo(ParseRange(data, layout, features),
                                                 first_lines=beam.pvalue.AsDict(counts)
                                                 ).with_outputs("rejected", "inputs", main="pieces")
-        parameters = {"input": self.paths, **pipeline_parameters(data)}
+        parameters = {"input": self.paths, **data.recorded()}
         return {"pieces": parsed.pieces, "rejected": parsed.rejected, "inputs": parsed.inputs} | WriteDataset(
             output=data.output, layout=layout, schema=features, fmt=data.format, block_rows=data.block_rows,
             parameters=parameters, extra=self.extra)
@@ -350,9 +351,9 @@ def _generate(raw: str, synth) -> tuple[str, dict]:
 
 def dataset_checks(manifest: DatasetManifest) -> DatasetChecks:
     """Labels in {0, 1}, finite dense features, ids in range; keys `<file>:<line>` of a line the file had."""
-    options, seed = manifest.parameters["criteo"], manifest.parameters["seed"]
-    buckets = np.array(CriteoConfig(cat_buckets=tuple(options["cat_buckets"])).buckets_per_column())
-    last_line = {i["source"]: i["rows"] + (options["dialect"] == "csv") for i in manifest.inputs}  # + the header
+    options, seed = manifest.settings.criteo, manifest.settings.seed
+    buckets = np.array(options.buckets_per_column())
+    last_line = {i["source"]: i["rows"] + (options.dialect == "csv") for i in manifest.inputs}  # + the header
 
     def key_hashes(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         sources, _, numbers = np.strings.rpartition(keys, b":")
@@ -374,6 +375,20 @@ def dataset_checks(manifest: DatasetManifest) -> DatasetChecks:
     ), key_hashes=key_hashes)
 
 
+def describe_synth(sidecar: dict, out: str) -> str:
+    files = len(sidecar["files"])
+    return (f"wrote {sidecar['rows']} rows in {files} file(s) to {out}: positive rate {sidecar['positive_rate']:.3f}, "
+            f"Bayes-optimal log loss {sidecar['bayes_log_loss']:.4f} (base rate {sidecar['base_rate_log_loss']:.4f})")
+
+
+def describe(manifest: DatasetManifest) -> list[str]:
+    synth = manifest.extra.get("synth")
+    if not synth:
+        return []
+    return [f"generated data: Bayes-optimal log loss {synth['bayes_log_loss']:.4f}, "
+            f"base-rate log loss {synth['base_rate_log_loss']:.4f}"]
+
+
 PIPELINE = DatasetPipeline(
     transform=lambda source, data, extra: CriteoToShards(expand_inputs(source), data, extra),
-    generate=_generate, checks=dataset_checks)
+    generate=_generate, describe_synth=describe_synth, describe=describe, checks=dataset_checks)

@@ -54,11 +54,12 @@ import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from codistill import storage
-from codistill.config import DataConfig, ImageNetConfig
+from codistill.config import DataConfig
+from codistill.datasets.imagenet import ImageNetConfig
 from codistill.dataset import join
 from pipelines import progress
 from pipelines.formats import Block, Feature, Schema
-from pipelines.run import DatasetChecks, DatasetPipeline, ValueCheck, pipeline_parameters
+from pipelines.run import DatasetChecks, DatasetPipeline, ValueCheck
 from pipelines.sharding import ShardLayout, string_hash
 from pipelines.sinks import Rejected, WriteDataset, layout_for, write_pieces
 from pipelines.synth_imagenet import read_synsets
@@ -488,7 +489,7 @@ class ImageNetToShards(beam.PTransform):
         extra = {**self.extra, "classes": list(plan.classes), "label_offset": options.label_offset,
                  "num_outputs": len(plan.classes) + options.label_offset,
                  "eval_source": "val" if plan.val_is_eval else "train", "repairs": {}, "grayscale": 0}
-        parameters = {"input": self.source, **pipeline_parameters(data)}
+        parameters = {"input": self.source, **data.recorded()}
         return {"pieces": processed.pieces, "rejected": processed.rejected, "inputs": listed.inputs,
                 "stats": processed.stats} | WriteDataset(
             output=data.output, layout=layout, schema=SCHEMA, fmt=data.format, block_rows=options.images_per_task,
@@ -501,14 +502,14 @@ def _generate(raw: str, synth) -> tuple[str, dict]:
 
     sidecar = generate_imagenet(raw, synth.classes, synth.per_class, val_per_class=synth.val_per_class,
                                 seed=synth.seed, min_size=synth.min_size, max_size=synth.max_size,
-                                faults=synth.faults, synsets=synth.synsets)
+                                faults=synth.faults, synsets=synth.synsets, val_layout=synth.val_layout)
     return raw, sidecar
 
 
 def dataset_checks(manifest) -> DatasetChecks:
     """Labels within the model's outputs; keys are relative paths, assigned by their keyed hash (val/ files to
     the eval split when it is the input's val/ folder)."""
-    outputs, seed = manifest.extra["num_outputs"], manifest.parameters["seed"]
+    outputs, seed = manifest.extra["num_outputs"], manifest.settings.seed
     val_is_eval = manifest.extra.get("eval_source") == "val"
 
     def key_hashes(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -523,5 +524,21 @@ def dataset_checks(manifest) -> DatasetChecks:
     ), key_hashes=key_hashes, destinations=destinations)
 
 
+def describe_synth(sidecar: dict, out: str) -> str:
+    expected = sidecar["expected"]
+    repairs = sum(len(sidecar["fault_paths"][k]) for k in ("png", "cmyk", "png16"))
+    return (f"wrote {sidecar['files']['train']} train and {sidecar['files']['val']} val files of {sidecar['classes']} "
+            f"classes to {out} (+{len(sidecar['empty_classes'])} empty class folder); the pipeline must quarantine "
+            f"{sum(expected['quarantined'].values())} and repair {repairs}")
+
+
+def describe(manifest) -> list[str]:
+    extra = manifest.extra
+    repairs = ", ".join(f"{k}: {v}" for k, v in sorted(extra.get("repairs", {}).items())) or "none"
+    return [f"{len(extra.get('classes', []))} classes; repaired: {repairs}; "
+            f"1-channel (grayscale): {extra.get('grayscale', 0)}"]
+
+
 PIPELINE = DatasetPipeline(transform=lambda source, data, extra: ImageNetToShards(source, data, extra),
-                           generate=_generate, checks=dataset_checks)
+                           generate=_generate, describe_synth=describe_synth, describe=describe,
+                           checks=dataset_checks)

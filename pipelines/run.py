@@ -1,8 +1,9 @@
 """Run a preprocessing pipeline for an experiment's `data` section on any Beam runner.
 
-Each dataset module exposes one `PIPELINE` (a `DatasetPipeline`): how to
-generate its raw data, the PTransform that turns raw input into a dataset,
-and the parameters recorded in (and compared against) the dataset manifest.
+Each dataset's pipeline module (named by its spec in `codistill.datasets`)
+exposes one `PIPELINE` (a `DatasetPipeline`): how to generate its raw data,
+the PTransform that turns raw input into a dataset, what verify checks and
+how a built dataset is summarised.
 
 DoFns that touch storage or report progress derive from
 `pipelines.worker.WorkerDoFn`, which brings the driver's storage rules and
@@ -27,7 +28,8 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 from fsspec.implementations.local import LocalFileSystem
 
 from codistill import storage
-from codistill.config import DataConfig, ExperimentConfig, to_dict
+from codistill.config import DataConfig, ExperimentConfig
+from codistill.datasets import DATASETS
 from codistill.dataset import MANIFEST_NAME, TEMP_PREFIX, DatasetManifest, join, load_manifest
 from pipelines import progress
 from pipelines.sinks import PIECES
@@ -40,9 +42,6 @@ DEFAULT_RUNNER = "FnApiRunner"
 # both names run the fixed one.
 DASK_RUNNER = "pipelines.dask_runner.DaskRunner"
 RUNNER_NAMES = {"DaskRunner": DASK_RUNNER, "apache_beam.runners.dask.dask_runner.DaskRunner": DASK_RUNNER}
-
-PIPELINE_MODULES = {"criteo": "pipelines.criteo", "commoncrawl": "pipelines.commoncrawl",
-                    "imagenet": "pipelines.imagenet"}
 
 logger = logging.getLogger(__name__)
 
@@ -75,22 +74,16 @@ class DatasetPipeline:
     transform: Callable[[str, DataConfig, dict], beam.PTransform]
     # (raw output folder, data.synth) -> (the input to read from it, the generator's sidecar)
     generate: Callable[[str, Any], tuple[str, dict]]
+    # (generator's sidecar, where it wrote) -> one line saying what was generated
+    describe_synth: Callable[[dict, str], str]
+    # (dataset manifest) -> lines for the summary after a build, beyond counts and shards (e.g. its floor)
+    describe: Callable[[DatasetManifest], list[str]]
     # (dataset manifest) -> what verify checks in every row; None: only bytes, counts, layout and disjointness
     checks: Callable[[DatasetManifest], DatasetChecks] | None = None
 
 
 def dataset_pipeline(dataset: str) -> DatasetPipeline:
-    return importlib.import_module(PIPELINE_MODULES[dataset]).PIPELINE
-
-
-def pipeline_parameters(data: DataConfig) -> dict:
-    """The data settings a dataset was built with (recorded in its manifest; input files are recorded apart;
-    `synth` is the generator's settings, or None for real input).
-
-    Only the dataset's own section is included: another dataset's defaults changing must not make a
-    built dataset look stale."""
-    others = set(PIPELINE_MODULES) - {data.dataset}
-    return {k: v for k, v in to_dict(data).items() if k not in {"input", *others}}
+    return importlib.import_module(DATASETS[dataset].pipeline).PIPELINE
 
 
 class OutputExistsError(FileExistsError):
@@ -112,11 +105,9 @@ def pipeline_options(beam_args: list[str]) -> PipelineOptions:
     return options
 
 
-# What a dataset directory holds (an interrupted run leaves some of it, without the manifest).
-# Common Crawl adds its staging (`.staged`, `.done`), `documents` and `tokenizer`; ImageNet `classes.txt`,
-# `idx` (DALI indexes) and `*.wids.json`.
-DATASET_ENTRIES = (MANIFEST_NAME, "train", "eval", "rejected", "raw", PIECES, ".staged", ".done", "documents",
-                   "tokenizer", "classes.txt", "idx")
+# What every dataset directory may hold (an interrupted run leaves some of it, without the manifest): with
+# `indexes`, the sink also writes `idx/` (DALI indexes) and `*.wids.json`. Each spec adds its own `entries`.
+DATASET_ENTRIES = (MANIFEST_NAME, "train", "eval", "rejected", "raw", PIECES, "idx")
 
 
 def _location(url: str) -> tuple[str, str]:
@@ -133,10 +124,11 @@ def is_under(url: str, root: str) -> bool:
     return protocol == root_protocol and (path == root_path or path.startswith(root_path.rstrip("/") + "/"))
 
 
-def prepare_output(output: str, overwrite: bool, inputs: list[str] = (), resume: bool = False) -> None:
+def prepare_output(output: str, overwrite: bool, inputs: list[str] = (), resume: bool = False,
+                   own_entries: tuple[str, ...] = ()) -> None:
     """Make sure `output` is new or empty. `overwrite` deletes only a dataset directory (or what is left of
-    one), never one that holds anything else or any of the `inputs`; `resume` continues an interrupted run's
-    output (no manifest yet)."""
+    one: the shared entries and the dataset's `own_entries`), never one that holds anything else or any of
+    the `inputs`; `resume` continues an interrupted run's output (no manifest yet)."""
     if resume and overwrite:
         raise ValueError("--resume continues an interrupted run, --overwrite starts afresh: give one of them")
     fs, path = storage.url_to_fs(output)
@@ -158,7 +150,7 @@ def prepare_output(output: str, overwrite: bool, inputs: list[str] = (), resume:
         raise OutputExistsError(f"{output} exists and is not empty; choose another output, pass --overwrite, "
                                 "or --resume an interrupted run")
     foreign = [e for e in entries
-               if e not in DATASET_ENTRIES and not e.startswith(TEMP_PREFIX) and not e.endswith(".wids.json")]
+               if e not in DATASET_ENTRIES + own_entries and not e.startswith(TEMP_PREFIX) and not e.endswith(".wids.json")]
     if foreign:
         raise OutputExistsError(f"{output} is not a codistill dataset (it holds {', '.join(foreign[:5])}"
                                 f"{', ...' if len(foreign) > 5 else ''}): --overwrite deletes only a dataset "
@@ -174,7 +166,8 @@ def preprocess(config: ExperimentConfig, beam_args: list[str] = (), overwrite: b
     data = config.data
     storage.configure(config.storage)
     pipeline = dataset_pipeline(data.dataset)
-    prepare_output(data.output, overwrite, match_inputs(data.input) if data.input is not None else [], resume)
+    prepare_output(data.output, overwrite, match_inputs(data.input) if data.input is not None else [], resume,
+                   data.spec.entries)
     extra = {}
     source = data.input
     if data.synth is not None:

@@ -33,7 +33,8 @@ import torch.distributed as dist  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from codistill.config import CriteoDNNConfig, load_experiment  # noqa: E402
+from codistill.config import load_experiment  # noqa: E402
+from codistill.datasets.criteo import CriteoDNNConfig
 from training.loss import DistillConfig, codistillation_loss  # noqa: E402
 from training.train import (GroupTrainer, build_engine, exit_finished_rank, forward_backward,  # noqa: E402
                             init_distributed)

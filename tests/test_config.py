@@ -8,8 +8,9 @@ import math
 
 import pytest
 
-from codistill.config import (REPO_MANIFESTS, ConfigError, CriteoConfig, DataConfig, ExperimentConfig, SynthConfig,
-                              apply_override, load_experiment, parse_experiment, to_dict)
+from codistill.config import (REPO_MANIFESTS, ConfigError, DataConfig, ExperimentConfig, apply_override, load_experiment,
+                              parse_experiment, to_dict)
+from codistill.datasets.criteo import CriteoConfig, CriteoSynthConfig
 from codistill.dataset import (MANIFEST_NAME, DatasetError, DatasetManifest, ShardEntry, check_shards_present,
                                load_manifest, write_atomically, write_manifest)
 from pipelines.formats import Feature
@@ -76,7 +77,7 @@ def test_integer_is_accepted_for_a_float_field():
     del raw["data"]["input"]
     raw["data"]["eval_fraction"] = 0.5
     config = parse_experiment(raw)
-    assert config.data.synth == SynthConfig(rows=10)
+    assert config.data.synth == CriteoSynthConfig(rows=10)
     assert isinstance(config.data.eval_fraction, float)
 
 
@@ -221,7 +222,7 @@ def test_override_with_a_glob_is_taken_as_a_string():
 
 def test_override_can_swap_input_for_synth():
     config = parse_experiment(BASE, ["data.input=null", "data.synth.rows=100"])
-    assert config.data.input is None and config.data.synth == SynthConfig(rows=100)
+    assert config.data.input is None and config.data.synth == CriteoSynthConfig(rows=100)
 
 
 def test_override_does_not_change_the_raw_manifest():
@@ -275,7 +276,7 @@ def test_tiny_manifest_loads_by_path_and_by_name():
     assert by_path == by_name
     data = by_path.data
     assert by_path.name == "criteo-tiny"
-    assert data.input is None and isinstance(data.synth, SynthConfig)  # the embedded demo generates its data
+    assert data.input is None and isinstance(data.synth, CriteoSynthConfig)  # the embedded demo generates its data
     assert data.groups == 2 and data.dataset == "criteo"
 
 

@@ -17,7 +17,7 @@ import webdataset as wds
 from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from codistill.config import CriteoConfig
+from codistill.datasets.criteo import CriteoConfig
 from codistill.dataset import MANIFEST_NAME, DatasetManifest, join, load_manifest
 from codistill.verify import verify_dataset
 from pipelines.criteo import CriteoToShards, HeaderError, ParseRange, parse_block, schema

@@ -11,7 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from codistill.config import ConfigError, ResNetConfig, load_experiment
+from codistill.config import ConfigError, load_experiment
+from codistill.datasets.imagenet import ResNetConfig
 from codistill.dataset import DatasetManifest, ShardEntry, write_manifest
 from pipelines.formats import write_shard
 from pipelines.imagenet import SCHEMA

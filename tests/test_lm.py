@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from codistill.config import ConfigError, LSTMConfig, parse_experiment
+from codistill.config import ConfigError, parse_experiment
+from codistill.datasets.commoncrawl import LSTMConfig
 from codistill.dataset import DatasetError, join, load_manifest
 from pipelines.formats import read_shard
 from training.data import StreamSpec

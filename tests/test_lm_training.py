@@ -20,7 +20,6 @@ import yaml
 
 from codistill.config import parse_experiment
 from codistill.dataset import load_manifest
-from pipelines.run import pipeline_parameters
 from training.report import predictions
 from training.workloads import lm
 
@@ -67,7 +66,7 @@ def lm_run(tmp_path_factory):
     work = tmp_path_factory.mktemp("lm-train")
     raw = experiment(work)
     config = parse_experiment(raw)
-    write_lm_dataset(str(work / "data"), parameters=json.loads(json.dumps(pipeline_parameters(config.data))))
+    write_lm_dataset(str(work / "data"), parameters=json.loads(json.dumps(config.data.recorded())))
     (work / "lm.yaml").write_text(yaml.safe_dump(raw))
     proc = run([str(BIN / "codistill"), "train", str(work / "lm.yaml")])
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]

@@ -194,7 +194,7 @@ def test_synth_writes_files_and_a_sidecar(tmp_path):
 
 def test_synth_gzip(tmp_path):
     out = tmp_path / "raw"
-    assert_ok(invoke("synth", "criteo", "--rows", 50, "--out", out, "--gzip"))
+    assert_ok(invoke("synth", "criteo", "--rows", 50, "--out", out, "--files", 1, "--gzip"))
     data = gzip.decompress((out / "train-00000-of-00001.txt.gz").read_bytes())
     assert data.count(b"\n") == 50
 

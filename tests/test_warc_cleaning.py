@@ -20,7 +20,8 @@ import pytest
 import warcio
 from fastwarc.warc import ArchiveIterator, WarcRecordType
 
-from codistill.config import CleaningConfig, ConfigError, parse_experiment
+from codistill.config import ConfigError, parse_experiment
+from codistill.datasets.commoncrawl import CleaningConfig
 from pipelines.cleaning import DROP_REASONS, LINE_REASONS, Cleaner, detect_language
 from pipelines.warc import QUARANTINE_REASONS, Quarantined, Skipped, WarcInputError, WebDocument, read_web_documents
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from codistill.config import LSTMConfig
+from codistill.datasets.commoncrawl import LSTMConfig
 
 State = tuple[tuple[Tensor, Tensor], ...]
 

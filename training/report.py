@@ -67,8 +67,9 @@ def predictions(run_dir: str | Path, group: int) -> tuple[Workload, Rows]:
             rows = {name: data[name] for name in data.files}
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
         raise ValueError(f"{path}: not a readable eval predictions file ({type(e).__name__}: {e})") from None
-    # Files from before the workload interface hold no name: only Criteo was trained then.
-    name = str(rows.pop("workload", "criteo"))
+    if "workload" not in rows:
+        raise ValueError(f"{path}: names no workload (written before codistill recorded it): retrain the run")
+    name = str(rows.pop("workload"))
     try:
         workload = workload_for(name)
     except ValueError as e:
@@ -95,31 +96,3 @@ def run_churn(run_a: str | Path, run_b: str | Path, group: int = 0, threshold: f
     except KeyError as e:
         files = " or ".join(str(Path(r) / f"group-{group}" / "eval_predictions.npz") for r in (run_a, run_b))
         raise ValueError(f"{files}: no {e} array, which {workload.name} churn needs") from None
-
-
-def groups_of(run_dir: str | Path) -> list[int]:
-    return sorted(int(p.name.split("-", 1)[1]) for p in Path(run_dir).glob("group-*") if p.is_dir())
-
-
-def plot_eval_loss(runs: dict[str, str | Path], path: str | Path, floor: float | None = None) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for label, run_dir in runs.items():
-        for group in groups_of(run_dir):
-            records = eval_records(run_dir, group)
-            ax.plot([r["step"] for r in records], [r["log_loss"] for r in records], marker="o", markersize=3,
-                    label=f"{label} group {group}")
-    if floor is not None:
-        ax.axhline(floor, color="gray", linestyle="--", label="Bayes-optimal log loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("eval log loss")
-    ax.set_title("Criteo-format data: baseline vs 2-way codistillation")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)

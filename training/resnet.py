@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from codistill.config import ResNetConfig
+from codistill.datasets.imagenet import ResNetConfig
 
 
 class BatchNorm2d(nn.BatchNorm2d):

@@ -3,8 +3,8 @@
 The trainer, the exchanger and the loss know nothing about any data set:
 everything specific to one workload — its model, how a stored batch becomes
 model inputs / targets / mask, decoding and augmentation in the loader,
-evaluation metrics and churn — is one `Workload`, found by the dataset
-manifest's `dataset` name.
+evaluation metrics and churn — is one `Workload`, in the module that the
+dataset's spec (`codistill.datasets`) names.
 """
 
 from __future__ import annotations
@@ -17,22 +17,20 @@ from typing import Any
 import numpy as np
 from torch import Tensor, nn
 
-from codistill.config import ExperimentConfig, ModelConfig
+from codistill.config import ExperimentConfig
 from codistill.dataset import DatasetManifest
+from codistill.datasets import DATASETS
 from pipelines.formats import Block
 from training.data import StreamSpec
 
 Rows = dict[str, np.ndarray]  # per-row arrays with one leading length (eval outputs, predictions)
-
-WORKLOAD_MODULES = {"criteo": "training.workloads.criteo", "commoncrawl": "training.workloads.lm",
-                    "imagenet": "training.workloads.imagenet"}
 
 
 @dataclass(frozen=True)
 class Workload:
     name: str  # the dataset manifest's `dataset`
     binary: bool  # Bernoulli outputs through a sigmoid (logits shaped like targets) vs a softmax over the last dim
-    build_model: Callable[[ModelConfig, DatasetManifest], nn.Module]
+    build_model: Callable[[Any, DatasetManifest], nn.Module]  # (model section, dataset) -> the model
     # (stream, config, train) -> numpy batches ready for the model: decoding and augmentation happen here,
     # inside the DataLoader workers when loader.workers > 0. Train streams repeat forever; eval streams end.
     batches: Callable[[StreamSpec, ExperimentConfig, bool], Iterable[Block]]
@@ -55,9 +53,9 @@ class Workload:
 
 
 def workload_for(dataset: str) -> Workload:
-    if dataset not in WORKLOAD_MODULES:
-        raise ValueError(f"no training workload for dataset {dataset!r} (known: {', '.join(WORKLOAD_MODULES)})")
-    return importlib.import_module(WORKLOAD_MODULES[dataset]).WORKLOAD
+    if dataset not in DATASETS:
+        raise ValueError(f"no training workload for dataset {dataset!r} (known: {', '.join(DATASETS)})")
+    return importlib.import_module(DATASETS[dataset].workload).WORKLOAD
 
 
 def stateless(inputs: tuple[str, ...]) -> Callable[[nn.Module, dict[str, Tensor], Any], tuple[Tensor, None]]:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from codistill.config import CriteoDNNConfig, ExperimentConfig
+from codistill.config import ExperimentConfig
+from codistill.datasets.criteo import CriteoDNNConfig
 from codistill.dataset import DatasetManifest
 from pipelines.formats import Block
 from training import metrics
@@ -40,8 +41,7 @@ class CriteoDNN(nn.Module):
 def build_model(config: CriteoDNNConfig, dataset: DatasetManifest) -> nn.Module:
     if not isinstance(config, CriteoDNNConfig):
         raise ValueError(f"model.kind: the criteo workload trains `criteo_dnn`, got {config.kind!r}")
-    buckets = list(dataset.parameters["criteo"]["cat_buckets"])
-    return CriteoDNN(config, buckets * 26 if len(buckets) == 1 else buckets)
+    return CriteoDNN(config, list(dataset.settings.criteo.buckets_per_column()))
 
 
 def batches(spec: StreamSpec, config: ExperimentConfig, train: bool) -> ShardStream:

@@ -24,7 +24,8 @@ from PIL import Image
 from torch import Tensor, nn
 from torch.utils.data import IterableDataset, get_worker_info
 
-from codistill.config import ExperimentConfig, ResNetConfig
+from codistill.config import ExperimentConfig
+from codistill.datasets.imagenet import ResNetConfig
 from codistill.dataset import DatasetManifest
 from pipelines.formats import Block
 from training import image_transforms

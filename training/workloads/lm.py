@@ -43,7 +43,8 @@ from torch import Tensor, nn
 from torch.utils.data import IterableDataset, get_worker_info
 
 from codistill import storage
-from codistill.config import ExperimentConfig, LSTMConfig
+from codistill.config import ExperimentConfig
+from codistill.datasets.commoncrawl import LSTMConfig
 from codistill.dataset import DatasetError, DatasetManifest, join
 from pipelines.formats import Block, read_shard
 from training.data import ShardStream, StreamSpec
