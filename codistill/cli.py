@@ -167,6 +167,11 @@ main.add_command(DatasetCommands(_preprocess_command, name="preprocess",
 def _raw_manifest(dataset: str, manifest: str | None, input_glob: str | None, flags: dict) -> dict:
     """The manifest as YAML data with the flags given set (an --input replaces a manifest's `synth`)."""
     raw = read_manifest_yaml(manifest) if manifest else {"name": f"{dataset}-cli", "data": {"dataset": dataset}}
+    data = raw.get("data")
+    chosen = data.get("dataset", "criteo") if isinstance(data, dict) else dataset  # (parsing names a bad one)
+    if chosen != dataset:
+        raise ConfigError(f"{resolve_manifest(manifest)} is a {chosen!r} manifest (data.dataset); "
+                          f"`preprocess {dataset}` needs {'an' if dataset[0] in 'aeiou' else 'a'} {dataset} one")
     for dotted, value in {"data.input": input_glob, **flags}.items():
         if value is not None:
             set_field(raw, dotted, value)

@@ -119,7 +119,10 @@ def build(cls: type, raw: Any, prefix: str) -> Any:
 
     hints = typing.get_type_hints(cls)
     known = {f.name: f for f in dataclasses.fields(cls)}
-    defaults = {k: f.default for k, f in known.items() if f.default is not dataclasses.MISSING}
+    # What a field left out will be: tagged fields and sections choose by their siblings' values.
+    defaults = {k: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                for k, f in known.items()
+                if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING}
     built: dict[str, Any] = {}
     chosen_sections: dict[str, str] = {}  # key in raw -> field
     other_sections: dict[str, str] = {}  # a key another choice would use -> its tag

@@ -552,8 +552,8 @@ def test_cli_train_will_not_mix_a_new_run_with_an_earlier_one(data_dir, tmp_path
 def write_predictions(run_dir: Path, keys, probs, group: int = 0) -> None:
     path = run_dir / f"group-{group}"
     path.mkdir(parents=True, exist_ok=True)
-    np.savez(path / "eval_predictions.npz", key=np.array(keys, dtype="S"), prob=np.array(probs, np.float32),
-             label=np.zeros(len(keys), np.float32))
+    np.savez(path / "eval_predictions.npz", workload=np.array("criteo"), key=np.array(keys, dtype="S"),
+             prob=np.array(probs, np.float32), label=np.zeros(len(keys), np.float32))
 
 
 def test_churn_by_hand(tmp_path):
@@ -592,6 +592,15 @@ def test_churn_refuses_different_eval_splits(tmp_path, other_keys):
     assert result.exit_code != 0
     assert isinstance(result.exception, SystemExit), result.exception
     assert "different eval splits" in result.output and "Traceback" not in result.output
+
+
+def test_churn_of_predictions_that_name_no_workload_is_a_clear_error(tmp_path):
+    write_predictions(tmp_path / "a", [b"f:1"], [0.1])
+    path = tmp_path / "a" / "group-0" / "eval_predictions.npz"
+    with np.load(path) as data:
+        np.savez(path, **{k: data[k] for k in data.files if k != "workload"})
+    result = CliRunner().invoke(cli, ["churn", str(tmp_path / "a"), str(tmp_path / "a")])
+    assert result.exit_code != 0 and "names no workload" in result.output and "Traceback" not in result.output
 
 
 def test_churn_missing_run_is_a_clear_error(tmp_path):

@@ -304,6 +304,12 @@ def test_preprocess_without_input_or_manifest(tmp_path):
     assert_user_error(invoke("preprocess", "criteo", "--output", tmp_path / "ds"), "give exactly one of `input`")
 
 
+def test_preprocess_with_another_datasets_manifest_names_both(tmp_path):
+    result = invoke("preprocess", "imagenet", "-m", "criteo-tiny", "--output", tmp_path / "ds")
+    assert_user_error(result, "criteo-tiny.yaml is a 'criteo' manifest", "`preprocess imagenet` needs an imagenet")
+    assert not (tmp_path / "ds").exists()
+
+
 def test_preprocess_with_a_missing_manifest(tmp_path):
     assert_user_error(invoke("preprocess", "criteo", "-m", tmp_path / "nope.yaml"), "manifest not found")
 
