@@ -392,11 +392,12 @@ def _plan_path(plan: str) -> str:
 @_fail_cleanly
 def experiment(plan: str, report_only: bool) -> None:
     """Run every (condition, seed) of PLAN (manifests/experiments/*.yaml) and write report.md with plots."""
-    from codistill.experiment import load_plan, run_plan, write_report
+    from codistill.claims import write_report
+    from codistill.experiment import load_plan, run_plan
 
     parsed = load_plan(_plan_path(plan))
     if not report_only:
-        run_plan(parsed, _train, echo=click.echo)
+        run_plan(parsed, _train, _dataset_for, echo=click.echo)
     report = write_report(parsed)
     click.echo(report.read_text())
     click.echo(f"report: {report}")
@@ -422,7 +423,8 @@ def churn(run_a: str, run_b: str, group: int, threshold: float) -> None:
 @_fail_cleanly
 def demo(plan: str, sets: tuple[str, ...]) -> None:
     """The embedded default, end to end: data, Beam, verify, DeepSpeed baselines vs codistillation, report."""
-    from codistill.experiment import load_plan, run_plan, summarize, write_report
+    from codistill.claims import console_table, load_results, write_report
+    from codistill.experiment import load_plan, run_plan
     from codistill.verify import verify_dataset
 
     parsed = load_plan(_plan_path(plan))
@@ -440,22 +442,11 @@ def demo(plan: str, sets: tuple[str, ...]) -> None:
     click.echo(f"== 2. train every condition x seed with DeepSpeed ({len(parsed.conditions) * len(parsed.seeds)} runs)")
     for path in parsed.out.glob("*/.complete"):
         path.unlink()  # the data was just rebuilt: every run trains again
-    run_plan(parsed, lambda manifest, sets, resume, overwrite: _train(manifest, sets, False, True), echo=click.echo)
-    click.echo("== 3. results on the shared eval split")
-    summaries = summarize(parsed)
-    path = write_report(parsed, summaries)
-    base, cod = summaries[parsed.claims.baseline], summaries[parsed.claims.codistill]
-    floor = base.runs[0].floor
-    measures = [k for k in base.churn if k != "pairs"]  # the workload's churn measures, its primary one first
-    click.echo(f"{'condition':<22} {'final eval loss':>17} {'gap to floor':>13} "
-               + " ".join(f"{'churn ' + k:>{max(12, len(k) + 6)}}" for k in measures))
-    for name, summary in summaries.items():
-        mean, sd = summary.stat("final")
-        click.echo(f"{name:<22} {mean + (floor or 0):>8.4f} ± {sd:.4f} {mean:>+13.4f} "
-                   + " ".join(f"{summary.churn.get(k, float('nan')):>{max(12, len(k) + 6)}.4f}" for k in measures))
-    diff = cod.stat("final")[0] - base.stat("final")[0]
-    click.echo(f"codistillation - baseline: {diff:+.4f} final eval loss; spread between seeds (sd): "
-               f"baseline {base.stat('final')[1]:.4f}, codistillation {cod.stat('final')[1]:.4f}")
-    if floor is not None:
-        click.echo(f"floor (Bayes-optimal eval loss of the generated data): {floor:.4f}")
+    run_plan(parsed, lambda manifest, sets, resume, overwrite: _train(manifest, sets, False, True), _dataset_for,
+             echo=click.echo)
+    click.echo("== 3. results: each model at its step best on validation, measured on the test half")
+    results = load_results(parsed)
+    path = write_report(parsed, results)
+    for line in console_table(results):
+        click.echo(line)
     click.echo(f"report and plots: {path}")

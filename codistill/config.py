@@ -10,7 +10,6 @@ experiment has live here; a dataset's own sections (`data.<dataset>`,
 from __future__ import annotations
 
 import copy
-import dataclasses
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -179,6 +178,12 @@ class CodistillConfig:
     max_staleness: int | None = None  # in steps; None = any age
     keep_snapshots: int = 3
     poll_seconds: float = 1.0
+    # Exact staleness: at step s a group distils from exactly its peers' snapshots of step s - (s mod
+    # exchange_every), waiting for them (at most lockstep_timeout seconds, then the run stops with an error);
+    # snapshots from before burn_in_steps are not used. false: peers are adopted whenever a newer snapshot
+    # arrives and training never waits.
+    lockstep: bool = False
+    lockstep_timeout: float = 600.0
 
     def validate(self, name: str) -> None:
         require(self.weight >= 0, f"{name}.weight", f"must be >= 0, got {self.weight}")
@@ -190,16 +195,22 @@ class CodistillConfig:
                 f"must be >= 0 or null, got {self.max_staleness}")
         require(self.keep_snapshots >= 1, f"{name}.keep_snapshots", f"must be >= 1, got {self.keep_snapshots}")
         require(self.poll_seconds > 0, f"{name}.poll_seconds", f"must be > 0, got {self.poll_seconds}")
+        require(self.lockstep_timeout > 0, f"{name}.lockstep_timeout", f"must be > 0, got {self.lockstep_timeout}")
+        require(not (self.lockstep and self.max_staleness is not None and self.max_staleness < self.exchange_every - 1),
+                f"{name}.max_staleness", f"lockstep peers are up to exchange_every - 1 = {self.exchange_every - 1} "
+                f"steps old: max_staleness {self.max_staleness} would leave them out")
 
 
 @dataclass(frozen=True)
 class EvalConfig:
     every: int = 200  # steps
+    steps: tuple[int, ...] = ()  # evaluate at these steps too (dense early evals: steps-to-target resolution)
     batch_size: int = 4096
     max_rows: int | None = None  # None = the whole eval split
 
     def validate(self, name: str) -> None:
         require(self.every >= 1, f"{name}.every", f"must be >= 1, got {self.every}")
+        require(all(step >= 1 for step in self.steps), f"{name}.steps", f"must be >= 1, got {list(self.steps)}")
         require(self.batch_size >= 1, f"{name}.batch_size", f"must be >= 1, got {self.batch_size}")
 
 
@@ -219,6 +230,9 @@ class TrainConfig:
     # What each training group reads: its own split (disjoint data, the paper's set-up), the split
     # of the first training group ("same": same-data codistillation), or every train split ("union").
     reads: Literal["own", "same", "union"] = "own"
+    # Label smoothing of the label term (a control for codistillation's regularisation): binary targets move
+    # toward the training split's base rate, multiclass targets toward uniform.
+    label_smoothing: float = 0.0
 
     def validate(self, name: str) -> None:
         require(0 <= self.seed < 2**31, f"{name}.seed", f"must be in [0, 2^31), got {self.seed}")
@@ -227,6 +241,8 @@ class TrainConfig:
                     f"must list distinct groups, got {list(self.groups)}")
         require(self.log_every >= 1, f"{name}.log_every", f"must be >= 1, got {self.log_every}")
         require(self.checkpoint_every >= 1, f"{name}.checkpoint_every", f"must be >= 1, got {self.checkpoint_every}")
+        require(0 <= self.label_smoothing < 1, f"{name}.label_smoothing",
+                f"must be in [0, 1), got {self.label_smoothing}")
 
 
 @dataclass(frozen=True)
@@ -284,8 +300,8 @@ class ExperimentConfig:
         require(type(self.model) in self.data.spec.models, "model.kind",
                 f"the {self.data.dataset} workload trains {list(self.data.spec.model_choices())}, "
                 f"got {self.model.kind!r}")
-        for section in ("data", "model", "optimizer", "schedule", "deepspeed", "loader", "codistill", "eval", "train"):
-            getattr(self, section).validate(section)
+        for name in ("data", "model", "optimizer", "schedule", "deepspeed", "loader", "codistill", "eval", "train"):
+            getattr(self, name).validate(name)
         prefixes = [rule.prefix.rstrip("/") for rule in self.storage]
         for i, rule in enumerate(self.storage):
             rule.validate(f"storage[{i}]")

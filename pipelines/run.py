@@ -149,8 +149,8 @@ def prepare_output(output: str, overwrite: bool, inputs: list[str] = (), resume:
     if not overwrite:
         raise OutputExistsError(f"{output} exists and is not empty; choose another output, pass --overwrite, "
                                 "or --resume an interrupted run")
-    foreign = [e for e in entries
-               if e not in DATASET_ENTRIES + own_entries and not e.startswith(TEMP_PREFIX) and not e.endswith(".wids.json")]
+    known = DATASET_ENTRIES + own_entries
+    foreign = [e for e in entries if e not in known and not e.startswith(TEMP_PREFIX) and not e.endswith(".wids.json")]
     if foreign:
         raise OutputExistsError(f"{output} is not a codistill dataset (it holds {', '.join(foreign[:5])}"
                                 f"{', ...' if len(foreign) > 5 else ''}): --overwrite deletes only a dataset "

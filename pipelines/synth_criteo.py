@@ -256,3 +256,25 @@ def generate_criteo(out: str, rows: int, files: int = 1, seed: int = 0, gzip: bo
         f.write(text)
     return json.loads(text)  # exactly what readers of synth.json will see
 
+
+def planted_probabilities(sidecar: dict, keys: np.ndarray) -> np.ndarray:
+    """The planted click probability p* of each row named by a `<file name>:<line>` key of the files this
+    generator wrote (`sidecar`: their synth.json). Rows are regenerated chunk by chunk, features only."""
+    p = CriteoParams(**{k: tuple(v) if isinstance(v, list) else v for k, v in sidecar["params"].items()})
+    m = plant(p, sidecar["rows"], sidecar["seed"])
+    if m.bias != sidecar["bias"] or m.vocab.tolist() != sidecar["vocab"]:
+        raise ValueError("the Criteo generator has changed since these files were written: cannot recompute p*")
+    first_row, start = {}, 0
+    for f in sidecar["files"]:
+        first_row[f["name"]], start = start, start + f["rows"]
+    sources, _, lines = np.strings.rpartition(np.asarray(keys, dtype="S"), b":")
+    rows = np.array([first_row[s] for s in sources.astype(str).tolist()], np.int64) + lines.astype(np.int64) - 1
+    probs = np.empty(len(rows))
+    chunks = rows // CHUNK_ROWS
+    for c in np.unique(chunks).tolist():
+        n = min(CHUNK_ROWS, sidecar["rows"] - c * CHUNK_ROWS)
+        ints, int_missing, ranks = _sample_features(np.random.default_rng([sidecar["seed"], _ROWS, c]), n, p, m.vocab)
+        here = chunks == c
+        probs[here] = _sigmoid(_logit(ints, int_missing, ranks, p, m))[rows[here] - c * CHUNK_ROWS]
+    return probs
+

@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from codistill.config import load_experiment  # noqa: E402
-from codistill.datasets.criteo import CriteoDNNConfig
+from codistill.datasets.criteo import CriteoDNNConfig  # noqa: E402
 from training.loss import DistillConfig, codistillation_loss  # noqa: E402
 from training.train import (GroupTrainer, build_engine, exit_finished_rank, forward_backward,  # noqa: E402
                             init_distributed)

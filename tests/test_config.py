@@ -8,8 +8,8 @@ import math
 
 import pytest
 
-from codistill.config import (REPO_MANIFESTS, ConfigError, DataConfig, ExperimentConfig, apply_override, load_experiment,
-                              parse_experiment, to_dict)
+from codistill.config import (REPO_MANIFESTS, ConfigError, DataConfig, ExperimentConfig, apply_override,
+                              load_experiment, parse_experiment, to_dict)
 from codistill.datasets.criteo import CriteoConfig, CriteoSynthConfig
 from codistill.dataset import (MANIFEST_NAME, DatasetError, DatasetManifest, ShardEntry, check_shards_present,
                                load_manifest, write_atomically, write_manifest)

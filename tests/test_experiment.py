@@ -1,9 +1,11 @@
-"""`codistill experiment`: the smoke plan runs every (condition, seed) as a real `codistill train` run, skips
-finished runs on a rerun, and its report's numbers are the ones the runs' metrics files give."""
+"""`codistill demo --plan criteo-smoke` and `codistill experiment`: every (condition, seed) is a real `codistill
+train` run; the report selects each model's step on the validation half and measures it on the test half, with
+intervals, from the saved predictions; lockstep staleness is exact; finished runs are never trained again."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -12,13 +14,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from codistill.config import ConfigError
-from codistill.experiment import load_plan
+from codistill.experiment import load_plan, run_plan
+from training.metrics import row_log_loss, validation_half
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "manifests" / "experiments" / "criteo-smoke.yaml"
 CODISTILL = Path(sys.executable).parent / "codistill"
+EVAL_STEPS = [5, 20, 40, 60]
 
 
 def run_cli(args: list[str], cwd: Path, timeout: int = 900) -> subprocess.CompletedProcess:
@@ -28,72 +33,104 @@ def run_cli(args: list[str], cwd: Path, timeout: int = 900) -> subprocess.Comple
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
+    """The demo command on the smoke plan: data, verify, every run, the report and its console table."""
     work = tmp_path_factory.mktemp("experiment")
-    proc = run_cli(["experiment", str(SMOKE)], work)
+    proc = run_cli(["demo", "--plan", str(SMOKE)], work)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return work, proc
 
 
-def eval_losses(run_dir: Path, group: int) -> list[tuple[int, float, float | None]]:
-    records = [json.loads(line) for line in (run_dir / f"group-{group}" / "metrics.jsonl").read_text().splitlines()]
-    return [(r["step"], r["log_loss"], r.get("bayes_log_loss")) for r in records if r["kind"] == "eval"]
+def group_dirs(work: Path, condition: str, seed: int) -> list[Path]:
+    return sorted((work / "runs" / "criteo-smoke" / f"{condition}-seed{seed}").glob("group-*"))
 
 
-def table_row(report: str, condition: str) -> list[str]:
-    """The condition's row in the report's Results table."""
-    for line in report.split("## Results", 1)[1].splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if cells and cells[0] == condition:
-            return cells
-    raise AssertionError(f"no row for {condition} in the report")
-
-
-def test_every_run_is_an_ordinary_finished_training_run(smoke):
+def test_every_run_is_an_ordinary_finished_training_run_with_predictions_at_every_eval(smoke):
     work, proc = smoke
     plan = load_plan(str(SMOKE))
     for condition in plan.conditions:
         for seed in plan.seeds:
-            run_dir = work / "runs" / plan.name / f"{condition.name}-seed{seed}"
             groups = plan.config(condition, seed).trained_groups
-            assert sorted(p.name for p in run_dir.glob("group-*")) == [f"group-{g}" for g in groups]
-            for g in groups:
-                assert (run_dir / f"group-{g}" / "eval_predictions.npz").exists()
-                assert eval_losses(run_dir, g)[-1][0] == 60
-    assert "== run 1/8: baseline seed 0" in proc.stdout and "left)" in proc.stdout
+            assert [p.name for p in group_dirs(work, condition.name, seed)] == [f"group-{g}" for g in groups]
+            for group_dir in group_dirs(work, condition.name, seed):
+                assert sorted(p.name for p in (group_dir / "eval").iterdir()) == ["keys.npy"] + [
+                    f"step-{s:08d}.npz" for s in EVAL_STEPS]
+                assert (group_dir / "best.safetensors").exists() and (group_dir / "model.safetensors").exists()
+    assert "== tuning" in proc.stdout and "verify: OK" in proc.stdout
+    assert "== run 10/10: codistill seed 1" in proc.stdout.replace("== run 2/2", "== run 10/10")
 
 
-def test_report_numbers_are_the_metrics_files_numbers(smoke):
+def reported(report: str, condition: str, column: str) -> float:
+    """The point estimate in a condition's cell of the report's Results table."""
+    lines = report.split("## Results", 1)[1].splitlines()
+    header = next(line for line in lines if line.startswith("| condition"))
+    index = [c.strip() for c in header.strip("|").split("|")].index(column)
+    for line in lines:
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if cells and cells[0].split(" (=")[0] == condition:
+            return float(cells[index].split()[0])
+    raise AssertionError(f"no row for {condition}")
+
+
+def test_report_measures_each_model_on_test_at_its_best_validation_step(smoke):
+    """Recomputed here from the saved predictions alone, independently of the report's code."""
     work, _ = smoke
-    out = work / "runs" / "criteo-smoke"
-    report = (out / "report.md").read_text()
-    for condition, groups in (("baseline", (0, 1)), ("codistill", (0, 1)), ("sync-2x-batch", (0,))):
-        best, final = [], []
+    report = (work / "runs" / "criteo-smoke" / "report.md").read_text()
+    for condition in ("baseline", "codistill", "union-2x-batch"):
+        per_seed = []
         for seed in (0, 1):
-            curves = [eval_losses(out / f"{condition}-seed{seed}", g) for g in groups]
-            excess = np.mean([[loss - floor for _, loss, floor in c] for c in curves], axis=0)
-            best.append(excess.min())
-            final.append(excess[-1])
-        row = table_row(report, condition)
-        assert row[1] == f"{np.mean(best):.4f} ± {np.std(best, ddof=1):.4f}", row
-        assert row[2] == f"{np.mean(final):.4f} ± {np.std(final, ddof=1):.4f}", row
-        # Churn between the two seeds' group-0 models, from their saved predictions.
-        with np.load(out / f"{condition}-seed0" / "group-0" / "eval_predictions.npz") as a, \
-                np.load(out / f"{condition}-seed1" / "group-0" / "eval_predictions.npz") as b:
-            assert np.array_equal(a["key"], b["key"])
-            assert row[4] == f"{np.mean(np.abs(a['prob'] - b['prob'])):.4f}", row
-    assert (out / "excess_vs_step.png").stat().st_size > 10_000
-    assert "## Claims" in report and re.search(r"\| churn \| .* \| (yes|NO) \|", report)
+            losses = []
+            for group_dir in group_dirs(work, condition, seed):
+                keys = np.load(group_dir / "eval" / "keys.npy")
+                validation = validation_half(keys)
+                curve = {}
+                for step in EVAL_STEPS:
+                    with np.load(group_dir / "eval" / f"step-{step:08d}.npz") as rows:
+                        loss = row_log_loss(rows["prob"], rows["label"])
+                    curve[step] = (loss[validation].mean(), loss[~validation].mean())
+                    record = next(r for r in map(json.loads, (group_dir / "metrics.jsonl").read_text().splitlines())
+                                  if r["kind"] == "eval" and r["step"] == step)
+                    # The trainer's own halves agree with the saved predictions.
+                    assert record["validation"]["loss"] == pytest.approx(curve[step][0], rel=1e-6)
+                    assert record["test"]["loss"] == pytest.approx(curve[step][1], rel=1e-6)
+                best = min(EVAL_STEPS, key=lambda s: (curve[s][0], s))
+                losses.append(curve[best][1])
+            per_seed.append(np.mean(losses))
+        assert reported(report, condition, "test loss") == pytest.approx(np.mean(per_seed), abs=6e-5), condition
+    assert re.search(r"\| churn vs baseline \| .* \| (holds|FAILS|inconclusive) \|", report)
+    assert (work / "runs" / "criteo-smoke" / "loss_vs_step.png").stat().st_size > 10_000
 
 
-def test_the_ensemble_averages_the_baselines_probabilities(smoke):
+def test_lockstep_staleness_is_exactly_the_schedule(smoke):
     work, _ = smoke
-    out = work / "runs" / "criteo-smoke"
-    with np.load(out / "baseline-seed0" / "group-0" / "eval_predictions.npz") as g0, \
-            np.load(out / "baseline-seed0" / "group-1" / "eval_predictions.npz") as g1, \
-            np.load(out / "ensemble-baseline-seed0" / "group-0" / "eval_predictions.npz") as ens:
-        assert np.array_equal(g0["key"], ens["key"]) and np.array_equal(g1["key"], ens["key"])
-        np.testing.assert_allclose(ens["prob"], (g0["prob"] + g1["prob"]) / 2, atol=2e-6)
-    assert table_row((out / "report.md").read_text(), "ensemble of baseline")
+    for seed in (0, 1):
+        for group_dir in group_dirs(work, "codistill", seed):
+            records = [r for r in map(json.loads, (group_dir / "metrics.jsonl").read_text().splitlines())
+                       if r["kind"] == "train"]
+            for r in records:
+                computed_at = r["step"] - 1  # a train record is logged once its step is done
+                uses_peers = computed_at >= 10  # burn-in 10, exchange every 10: the step-10 snapshot is the first
+                assert bool(r["peers"]) == uses_peers, r
+                if uses_peers:
+                    assert list(r["peers"].values()) == [computed_at % 10], r
+
+
+def test_the_ensemble_averages_each_baseline_runs_groups(smoke):
+    from codistill.analysis import ensemble_model, group_model
+    from training.workloads import workload_for
+
+    work, _ = smoke
+    run = work / "runs" / "criteo-smoke" / "baseline-seed0"
+    members = [group_model(run, 0), group_model(run, 1)]
+    ensemble = ensemble_model("e", members, workload_for("criteo"))
+    np.testing.assert_allclose(ensemble.load(3)["prob"], (members[0].load(3)["prob"] + members[1].load(3)["prob"]) / 2,
+                               atol=1e-6)
+
+
+def test_the_tuning_is_fixed_before_its_followers_train(smoke):
+    work, proc = smoke
+    targets = json.loads((work / "runs" / "criteo-smoke" / "targets.json").read_text())["tuning"]
+    assert targets["best"] in ("baseline", "label-smoothing") and targets["then_train"] == ["codistill"]
+    assert proc.stdout.index("== tuning") < proc.stdout.index("codistill seed 0")
 
 
 def test_a_rerun_trains_nothing_and_report_only_rebuilds_the_same_report(smoke):
@@ -102,24 +139,45 @@ def test_a_rerun_trains_nothing_and_report_only_rebuilds_the_same_report(smoke):
     before = report.read_text()
     proc = run_cli(["experiment", str(SMOKE)], work, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "== run" not in proc.stdout.replace("== all", ""), "finished runs must not be trained again"
+    assert "== run" not in proc.stdout, "finished runs must not be trained again"
     report.unlink()
     proc = run_cli(["experiment", str(SMOKE), "--report-only"], work, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert report.read_text() == before
 
 
+def test_a_plan_whose_runs_would_reread_their_split_is_refused_before_anything_trains(tmp_path):
+    plan = yaml.safe_load(SMOKE.read_text())
+    plan["max_passes"] = 1.0
+    path = tmp_path / "plan.yaml"
+    path.write_text(yaml.safe_dump(plan))
+
+    def dataset_for(config):
+        from pipelines.run import preprocess
+
+        return preprocess(config)
+
+    def train(*args):
+        raise AssertionError("nothing may train")
+
+    os.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=r"max_passes is 1, but baseline reads its split 3\.\d\d times"):
+        run_plan(load_plan(str(path)), train, dataset_for)
+
+
 @pytest.mark.parametrize("edit, message", [
     (lambda p: p.update(seeds=[0]), "seeds: need at least two distinct seeds"),
     (lambda p: p["conditions"].append(dict(p["conditions"][0])), "conditions: need distinct names"),
-    (lambda p: p["claims"].update(codistill="nope"), "claims.codistill: names no condition"),
+    (lambda p: p["claims"][0].update(of=["nope"]), "claims[0]: names no condition: 'nope'"),
+    (lambda p: p["claims"][0].update(at_least=1.0), "claims[0]: a goal is either at_most or at_least"),
+    (lambda p: p["derived"][0].update(of=["calibrated"]), "derived[0].of: names no condition defined before it"),
+    (lambda p: p["tuning"]["then"].pop("baseline"), "tuning.then: must name what to train after each candidate"),
     (lambda p: p["conditions"][0].update(sets=["train.groups=[5]"]), "train.groups: groups must be in [0, data"),
     (lambda p: p["conditions"][0].update(sets=["train.reads=both"]), "train.reads: must be one of"),
+    (lambda p: p.update(lr_rule="cubic"), "lr_rule: must be one of"),
     (lambda p: p.update(bogus=1), "bogus: unknown key"),
 ])
 def test_bad_plans_fail_before_anything_runs(tmp_path, edit, message):
-    import yaml
-
     plan = yaml.safe_load(SMOKE.read_text())
     edit(plan)
     path = tmp_path / "plan.yaml"
@@ -128,75 +186,14 @@ def test_bad_plans_fail_before_anything_runs(tmp_path, edit, message):
         load_plan(str(path))
 
 
-def test_steps_to_target_interpolates_on_the_eval_curve():
-    from codistill.experiment import RunResult
-
-    run = RunResult("c", 0, Path("."), (0,), np.array([10, 20, 30]), np.array([0.5, 0.3, 0.1]), None, None)
-    assert run.steps_to(0.4) == pytest.approx(15.0)
-    assert run.steps_to(0.6) == 10.0 and run.steps_to(0.05) is None
-
-
 @pytest.mark.parametrize("path", sorted((REPO / "manifests" / "experiments").glob("*.yaml")), ids=lambda p: p.stem)
 def test_every_shipped_plan_is_valid(path):
     plan = load_plan(str(path))
-    assert plan.claims.baseline and plan.claims.codistill and plan.claims.ensemble == plan.conditions[0].name
+    assert plan.claims or plan.sweep
 
 
-def test_a_batch_sweep_whose_batches_do_not_double_fails_before_anything_runs(tmp_path):
-    import yaml
-
-    plan = yaml.safe_load((REPO / "manifests" / "experiments" / "commoncrawl-claims.yaml").read_text())
-    plan["conditions"][2]["sets"][-1] = "deepspeed.micro_batch_size=12"  # sync-b8 -> 12
-    path = tmp_path / "plan.yaml"
-    path.write_text(yaml.safe_dump(plan))
-    with pytest.raises(ConfigError, match=re.escape("claims.batch_sweep: examples per step must double from one "
-                                                    "condition to the next, got [4, 12, 16, 32, 64]")):
-        load_plan(str(path))
-
-
-def test_the_batch_sweep_finds_where_2b_stops_paying_and_times_codistillation_there():
-    from codistill.experiment import ConditionSummary, RunResult, batch_sweep, claim_rows, sweep_lines
-
-    def condition(name, batch, curve):
-        runs = [RunResult(name, seed, Path("."), (0,), np.array([100, 200, 300, 400]),
-                          np.array(curve) + 0.001 * seed, None, None, batch) for seed in (0, 1)]
-        return ConditionSummary(name, runs, {"disagreement": 0.1})
-
-    plan = load_plan(str(REPO / "manifests" / "experiments" / "commoncrawl-claims.yaml"))
-    # Steps to excess 0.401 (the worst best excess, b4 seed 1's): b4 ~400, b8 ~300, b16 ~175, b32 ~171: 2B stops
-    # paying at B = 16, where codistillation gets there at its first eval (100 steps, 0.57x).
-    s = {"baseline": condition("baseline", 16, [0.8, 0.6, 0.5, 0.45]),
-         "sync-b4": condition("sync-b4", 4, [0.9, 0.7, 0.5, 0.4]),
-         "sync-b8": condition("sync-b8", 8, [0.9, 0.5, 0.4, 0.3]),
-         "sync-b16": condition("sync-b16", 16, [0.7, 0.3, 0.3, 0.3]),
-         "sync-b32": condition("sync-b32", 32, [0.65, 0.3, 0.3, 0.3]),
-         "sync-b64": condition("sync-b64", 64, [0.5, 0.3, 0.3, 0.3])}
-    for name, batch in (("codistill-b4", 4), ("codistill-b8", 8), ("codistill", 16), ("codistill-b32", 32),
-                        ("codistill-b64", 64)):
-        s[name] = condition(name, batch, [0.35, 0.2, 0.2, 0.2])
-    sweep = batch_sweep(plan, s)
-    assert sweep.target == pytest.approx(0.401)
-    assert sweep.steps[0] == pytest.approx(399.5) and sweep.stop == 2
-    row = next(r for r in claim_rows(plan, s) if r[0] == "batch sweep")
-    assert row[2] == f"B = 16: 2B {sweep.steps[3] / sweep.steps[2]:.2f}x, codistillation " \
-                     f"{sweep.codistill_steps[2] / sweep.steps[2]:.2f}x" and row[3] is True
-    assert any(line.startswith("| sync-b16 | 16 | 175 (2/2 reached) | 0.58x | codistill: 100 (2/2 reached) | 0.57x")
-               for line in sweep_lines(plan, s))
-
-
-def test_the_claims_compare_the_workloads_primary_churn_measure_whatever_its_name():
-    from codistill.experiment import ConditionSummary, RunResult, claim_rows
-
-    def condition(name, excess, churn):
-        runs = [RunResult(name, seed, Path("."), (0,), np.array([10, 20]), np.array(excess), 0.0, None, 64)
-                for seed in (0, 1)]
-        return ConditionSummary(name, runs, churn | {"pairs": 1})
-
-    plan = load_plan(str(REPO / "manifests" / "experiments" / "imagenet-claims.yaml"))
-    s = {"baseline": condition("baseline", [1.0, 0.8], {"top1_disagreement": 0.4}),
-         "sync-2x-batch": condition("sync-2x-batch", [0.9, 0.7], {"top1_disagreement": 0.35}),
-         "codistill": condition("codistill", [0.7, 0.4], {"top1_disagreement": 0.2}),
-         "same-data": condition("same-data", [0.9, 0.6], {"top1_disagreement": 0.3}),
-         "ensemble of baseline": condition("ensemble of baseline", [0.6], {"top1_disagreement": 0.25})}
-    churn = next(r for r in claim_rows(plan, s) if r[0] == "churn")
-    assert churn[2] == "top1_disagreement 0.2000 vs baseline 0.4000: 0.50x; ensemble 0.2500" and churn[3] is True
+def test_the_learning_rate_rule_scales_with_the_batch():
+    plan = load_plan(str(SMOKE))
+    base = plan.config(plan.condition("baseline"), 0).optimizer.lr
+    union = plan.config(plan.condition("union-2x-batch"), 0).optimizer.lr  # twice the batch
+    assert union == pytest.approx(base * math.sqrt(2))

@@ -320,3 +320,30 @@ def test_peak_memory_of_the_loss_does_not_grow_with_peers(monkeypatch):
     # The student's logits, one peer's logits, the peers' mean (the gradient comes once the peer is gone),
     # chunk temporaries: never a full-size log-softmax.
     assert one <= 3.5 * buffer, one / buffer
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_label_smoothing_of_the_fused_multiclass_loss_matches_torch(temperature):
+    torch.manual_seed(0)
+    logits = torch.randn(7, 11, requires_grad=True)
+    targets = torch.randint(0, 11, (7,))
+    peer = torch.randn(7, 11)
+    cfg = DistillConfig(weight=0.5, temperature=temperature)
+    parts = codistillation_loss(logits, targets, [peer], step=3, cfg=cfg, binary=False, label_smoothing=0.1)
+    label = F.cross_entropy(logits, targets, label_smoothing=0.1)
+    target = torch.softmax(peer / temperature, -1)
+    expected = label + 0.5 * temperature**2 * -(target * F.log_softmax(logits / temperature, -1)).sum(-1).mean()
+    assert parts.label_loss.item() == pytest.approx(label.item(), rel=1e-6)
+    grad, = torch.autograd.grad(parts.total, logits)
+    expected_grad, = torch.autograd.grad(expected, logits)
+    torch.testing.assert_close(grad, expected_grad)
+
+
+def test_binary_label_smoothing_moves_targets_toward_the_base_rate():
+    logits = torch.tensor([0.3, -1.0, 2.0])
+    labels = torch.tensor([1.0, 0.0, 1.0])
+    parts = codistillation_loss(logits, labels, [], step=0, cfg=DistillConfig(), binary=True, label_smoothing=0.2,
+                                label_prior=0.25)
+    expected = F.binary_cross_entropy_with_logits(logits, 0.8 * labels + 0.2 * 0.25)
+    assert parts.total.item() == pytest.approx(expected.item())
+

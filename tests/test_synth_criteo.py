@@ -154,3 +154,19 @@ def test_planted_signal_is_learnable(generated):
     y_test = y[15_000:]
     log_loss = -np.mean(y_test * np.log(q) + (1 - y_test) * np.log(1 - q))
     assert sidecar["bayes_log_loss"] - 0.02 < log_loss < sidecar["base_rate_log_loss"] - 0.03
+
+
+def test_the_planted_probabilities_of_the_rows_are_what_the_floor_was_computed_from(tmp_path):
+    from pipelines.synth_criteo import planted_probabilities
+    from training.metrics import binary_entropy
+
+    sidecar = generate_criteo(str(tmp_path), 150_000, files=3, seed=5)  # 3 chunks of rows, split over 3 files
+    keys = np.array([f"{f['name']}:{line}".encode() for f in sidecar["files"] for line in range(1, f["rows"] + 1)])
+    probs = planted_probabilities(sidecar, keys)
+    assert np.mean(binary_entropy(probs)) == pytest.approx(sidecar["bayes_log_loss"], rel=1e-9)
+    labels = np.concatenate([np.loadtxt(tmp_path / f["name"], usecols=0, delimiter="\t") for f in sidecar["files"]])
+    assert abs(probs.mean() - labels.mean()) < 0.01  # the labels were drawn from them
+    changed = dict(sidecar, bias=sidecar["bias"] + 1)
+    with pytest.raises(ValueError, match="generator has changed"):
+        planted_probabilities(changed, keys[:3])
+

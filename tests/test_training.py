@@ -504,6 +504,23 @@ def test_cli_train_reports_a_failing_group_and_stops_the_others(data_dir, tmp_pa
     assert not steps or max(steps) < 100000
 
 
+# --- lockstep exchange ------------------------------------------------------------------------------------
+
+
+def test_lockstep_with_a_dead_peer_ends_with_a_clear_error_not_a_hang(data_dir, tmp_path):
+    """Group 0 of a 2-group lockstep run started alone: at its first exchange after burn-in it waits for group
+    1's snapshot, which never comes, and stops after lockstep_timeout with an error naming the peer."""
+    sets = TINY + [f"data.output={data_dir}", "schedule.steps=100", "eval.every=100", "train.checkpoint_every=100",
+                   "codistill.burn_in_steps=10", "codistill.exchange_every=10", "codistill.lockstep=true",
+                   "codistill.lockstep_timeout=5", "codistill.poll_seconds=0.2", f"train.run_dir={tmp_path / 'run'}"]
+    proc = run(group_commands("criteo-tiny", [0], 1, sets, False)[0].argv, timeout=280)  # a hang would time out
+    assert proc.returncode != 0
+    assert "lockstep: group 1's snapshot of step 10 was not published after 5s" in proc.stdout + proc.stderr, \
+        tail(proc.stdout + proc.stderr)
+    steps = [r["step"] for r in records(tmp_path / "run", 0, "train")]
+    assert max(steps) == 10, "it must stop at the exchange it waits for, not train on without its peer"
+
+
 # --- ZeRO-3 evaluation when a rank has no eval rows ------------------------------------------------------
 
 

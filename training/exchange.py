@@ -263,6 +263,10 @@ class SnapshotError(Exception):
     """A snapshot that must not be loaded (corrupt, mismatched, malformed or not ours)."""
 
 
+class LockstepTimeout(TimeoutError):
+    """A lockstep peer's snapshot did not appear in time: the peer died or fell behind."""
+
+
 def read_bounded(fs: AbstractFileSystem, path: str, limit: int) -> bytes:
     """The bytes of a regular file of at most `limit` bytes; SnapshotError for anything else.
 
@@ -329,6 +333,7 @@ class PeerWatcher:
         warn_missing_after: float = 600.0,
         run_nonce: str | None = None,
         max_step: int | None = None,
+        poll: bool = True,
     ) -> None:
         self.peer_groups = sorted(set(peer_groups))
         if group in self.peer_groups:
@@ -353,8 +358,10 @@ class PeerWatcher:
         self._warned_missing: set[int] = set()
 
         self._stop = threading.Event()
+        # Without polling (lockstep), snapshots are only read when named: `wait_for`, `fetch`.
         self._thread = threading.Thread(target=self._run, name=f"peer-watcher-group-{group}", daemon=True)
-        self._thread.start()
+        if poll:
+            self._thread.start()
 
     def take_updates(self) -> dict[int, tuple[int, dict[str, Tensor]]]:
         """Snapshots verified since the last call: {peer_group: (step, state_dict)}."""
@@ -389,9 +396,32 @@ class PeerWatcher:
             return None
         return outcome
 
+    def wait_for(self, peer: int, step: int, timeout: float) -> dict[str, Tensor]:
+        """Lockstep: the peer's snapshot of exactly `step`, verified, waiting until it is published.
+
+        LockstepTimeout after `timeout` seconds (a peer that died or fell behind), naming the last problem
+        seen (a snapshot being written is read again; one that stays bad is the problem)."""
+        path = f"{self.peer_dirs[peer]}/{snapshot_name(step, 'json')}"
+        deadline, problem = time.monotonic() + timeout, "not published"
+        while True:
+            self.fs.invalidate_cache(self.peer_dirs[peer])
+            try:
+                return self._verify(peer, step, read_bounded(self.fs, path, META_MAX_BYTES))[1]
+            except FileNotFoundError:
+                problem = "not published"
+            except SnapshotError as err:
+                problem = f"refused: {err}"
+            if time.monotonic() >= deadline:
+                raise LockstepTimeout(f"lockstep: group {peer}'s snapshot of step {step} was {problem} after "
+                                      f"{timeout:.0f}s ({path}); is group {peer} running? "
+                                      "(codistill.lockstep_timeout)")
+            time.sleep(min(self.poll_interval, max(0.0, deadline - time.monotonic())))
+
     def close(self, timeout: float = 5.0) -> None:
         """Stop polling. Returns within `timeout` even if a download is stuck (the thread is a daemon)."""
         self._stop.set()
+        if not self._thread.is_alive():
+            return
         self._thread.join(timeout)
         if self._thread.is_alive():
             logger.warning("peer watcher did not stop within %.1fs; leaving its daemon thread behind", timeout)

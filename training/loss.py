@@ -102,6 +102,8 @@ def codistillation_loss(
     *,
     binary: bool,
     mask: Tensor | None = None,
+    label_smoothing: float = 0.0,
+    label_prior: float = 0.5,
 ) -> LossParts:
     """Label loss plus the weighted distance to the peers' averaged prediction.
 
@@ -113,12 +115,14 @@ def codistillation_loss(
       does not grow with the number of peers; it is not consumed at all while w(step) == 0.
       No peers gives total == label_loss exactly.
     mask: bool, shaped like `targets`; False marks padding.
+    label_smoothing: epsilon of the label term (a control for the regularisation codistillation brings):
+      binary targets move toward `label_prior` (the training base rate), multiclass toward uniform.
     """
     _check_shapes(student_logits, targets, binary, mask)
     w = distill_weight(step, cfg)
     peers = iter(peer_logits if w else ())
     if not binary and cfg.distance != "mse_logits":
-        return _multiclass_soft_target_loss(student_logits, targets, peers, w, cfg, mask)
+        return _multiclass_soft_target_loss(student_logits, targets, peers, w, cfg, mask, label_smoothing)
 
     if mask is not None:
         mask = mask.bool()
@@ -126,12 +130,13 @@ def codistillation_loss(
         # cross_entropy happy and is masked out below.
         targets = targets.masked_fill(~mask, 0)
     if binary:
-        per_position = F.binary_cross_entropy_with_logits(
-            student_logits, targets.to(student_logits.dtype), reduction="none"
-        )
+        soft = targets.to(student_logits.dtype)
+        if label_smoothing:
+            soft = (1 - label_smoothing) * soft + label_smoothing * label_prior
+        per_position = F.binary_cross_entropy_with_logits(student_logits, soft, reduction="none")
     else:
         per_position = F.cross_entropy(
-            student_logits.flatten(0, -2), targets.flatten(), reduction="none"
+            student_logits.flatten(0, -2), targets.flatten(), reduction="none", label_smoothing=label_smoothing
         ).view(targets.shape)
     label_loss = _masked_mean(per_position, mask)
 
@@ -175,7 +180,7 @@ CHUNK_ELEMENTS = 1 << 20
 
 
 def _multiclass_soft_target_loss(student_logits: Tensor, targets: Tensor, peers: Iterator[Tensor], w: float,
-                                 cfg: DistillConfig, mask: Tensor | None) -> LossParts:
+                                 cfg: DistillConfig, mask: Tensor | None, smoothing: float) -> LossParts:
     """"ce"/"kl" over a softmax: label and distillation terms as ONE soft-target cross-entropy.
 
     At temperature 1, CE(y) + w CE(p) = (1 + w) CE((onehot(y) + w p) / (1 + w)): one
@@ -195,7 +200,7 @@ def _multiclass_soft_target_loss(student_logits: Tensor, targets: Tensor, peers:
                                   chunk)
     w = w if peer_probs is not None else 0.0
     total, label, distill = _SoftTargetCrossEntropy.apply(logits, flat_targets, rows, peer_probs, w,
-                                                          cfg.temperature, chunk)
+                                                          cfg.temperature, chunk, smoothing)
     if peer_probs is None:
         return _label_only(total)
     if cfg.distance == "kl":  # KL = CE - H(p): the same gradient, a value that reads 0 on agreement
@@ -205,7 +210,8 @@ def _multiclass_soft_target_loss(student_logits: Tensor, targets: Tensor, peers:
         distill, total = distill + shift, total + w * shift
     return LossParts(total=total, label_loss=label, distill_loss=distill)
 class _SoftTargetCrossEntropy(torch.autograd.Function):
-    """mean over real positions of CE(y, x) + w T^2 CE(p, x / T), chunked over positions.
+    """mean over real positions of CE(y_eps, x) + w T^2 CE(p, x / T), chunked over positions, where y_eps is the
+    one-hot label smoothed toward uniform by `smoothing` (eps): CE(y_eps, x) = lse - (1 - eps) x_y - eps mean(x).
 
     Saves only what the loss holds anyway (the logits it was given, the peer target, one
     logsumexp per position) and recomputes the softmax chunk by chunk in backward, writing
@@ -214,7 +220,7 @@ class _SoftTargetCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits, targets, rows, peer_probs, w, temperature, chunk):
+    def forward(ctx, logits, targets, rows, peer_probs, w, temperature, chunk, smoothing):
         positions = logits.shape[0] if rows is None else len(rows)
         scale = 1.0 / max(positions, 1)
         lse = logits.new_empty(positions)
@@ -225,7 +231,9 @@ class _SoftTargetCrossEntropy(torch.autograd.Function):
             x, y = _rows(logits, rows, s, chunk), _rows(targets, rows, s, chunk)
             log_probs = F.log_softmax(x, dim=-1)
             lse[s:s + chunk] = x[:, 0] - log_probs[:, 0]
-            label -= log_probs.gather(1, y.unsqueeze(1)).sum()
+            label -= (1 - smoothing) * log_probs.gather(1, y.unsqueeze(1)).sum()
+            if smoothing:
+                label -= smoothing * log_probs.mean(dim=1).sum()
             if peer_probs is not None:
                 if lse_t is not None:
                     log_probs = F.log_softmax(x / temperature, dim=-1)
@@ -234,14 +242,14 @@ class _SoftTargetCrossEntropy(torch.autograd.Function):
                 distill -= torch.dot(peer_probs[s:s + chunk].flatten(), log_probs.flatten())
         label, distill = label * scale, distill * (scale * temperature**2)
         ctx.save_for_backward(logits, targets, rows, peer_probs, lse, lse_t)
-        ctx.w, ctx.temperature, ctx.chunk, ctx.scale = w, temperature, chunk, scale
+        ctx.w, ctx.temperature, ctx.chunk, ctx.scale, ctx.smoothing = w, temperature, chunk, scale, smoothing
         ctx.mark_non_differentiable(label, distill)
         return label + w * distill, label, distill
 
     @staticmethod
     def backward(ctx, grad_total, _grad_label, _grad_distill):
         logits, targets, rows, peer_probs, lse, lse_t = ctx.saved_tensors
-        w, temperature, chunk = ctx.w, ctx.temperature, ctx.chunk
+        w, temperature, chunk, smoothing = ctx.w, ctx.temperature, ctx.chunk, ctx.smoothing
         scale = grad_total * ctx.scale
         grad = torch.zeros_like(logits) if rows is not None else torch.empty_like(logits)
         for s in range(0, len(lse), chunk):
@@ -254,11 +262,13 @@ class _SoftTargetCrossEntropy(torch.autograd.Function):
                     torch.lerp(p, g, 1 + w, out=g)
                 else:  # d/dx of w T^2 (lse(x / T) - p.x / T) = w T (softmax(x / T) - p)
                     g.add_(torch.exp(x / temperature - lse_t[s:s + chunk, None]).sub_(p), alpha=w * temperature)
-            g[torch.arange(len(y), device=y.device), y] -= 1
+            g[torch.arange(len(y), device=y.device), y] -= 1 - smoothing
+            if smoothing:
+                g.sub_(smoothing / g.shape[1])
             g.mul_(scale)
             if rows is not None:
                 grad.index_copy_(0, rows[s:s + chunk], g)
-        return grad, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None
 
 
 def _rows(tensor: Tensor, rows: Tensor | None, start: int, chunk: int) -> Tensor:

@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 
 
-def log_loss(probs: np.ndarray, labels: np.ndarray) -> float:
+def row_log_loss(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
     p = np.clip(probs.astype(np.float64), 1e-7, 1 - 1e-7)
-    return float(-np.mean(labels * np.log(p) + (1 - labels) * np.log1p(-p)))
+    return -(labels * np.log(p) + (1 - labels) * np.log1p(-p))
+
+
+def log_loss(probs: np.ndarray, labels: np.ndarray) -> float:
+    return float(np.mean(row_log_loss(probs, labels)))
+
+
+def binary_entropy(probs: np.ndarray) -> np.ndarray:
+    """Expected log loss of predicting p when the outcome is Bernoulli(p): the Bayes floor of a row."""
+    p = np.clip(probs.astype(np.float64), 1e-12, 1 - 1e-12)
+    return -(p * np.log(p) + (1 - p) * np.log1p(-p))
 
 
 def auc(scores: np.ndarray, labels: np.ndarray) -> float:
@@ -43,3 +55,13 @@ def churn(probs_a: np.ndarray, probs_b: np.ndarray, threshold: float = 0.5) -> d
         "disagreement": float(np.mean((probs_a > threshold) != (probs_b > threshold))),
         "rows": int(len(probs_a)),
     }
+
+
+def validation_half(units: np.ndarray) -> np.ndarray:
+    """True for the eval rows of the validation half, False for the test half, by a fixed keyed hash of each
+    row's unit (its key, or its document): every run halves the eval split the same way, so the step chosen
+    on validation is never measured on a row it was chosen by."""
+    digests = b"".join(hashlib.blake2b(u, digest_size=8, key=b"codistill-validation").digest()
+                       for u in units.tolist())
+    return (np.frombuffer(digests, "<u8") & 1) == 0
+

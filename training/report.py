@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import zipfile
 from pathlib import Path
 
@@ -55,6 +56,40 @@ def save_predictions(group_dir: Path, workload: Workload, rows: Rows) -> None:
     order = np.argsort(rows["key"])
     np.savez(group_dir / "eval_predictions.npz", workload=np.array(workload.name),
              **{k: v[order] for k, v in rows.items()})
+
+
+EVAL_DIR = "eval"  # a group's eval predictions at every eval step: keys.npy, step-<step:08d>.npz
+_EVAL_STEP = re.compile(r"^step-(\d{8,})\.npz$")
+
+
+def save_eval_rows(group_dir: Path, workload: Workload, step: int, rows: Rows) -> None:
+    """One eval step's rows, sorted by key; the keys once per group (every step has the same eval split)."""
+    directory = group_dir / EVAL_DIR
+    directory.mkdir(exist_ok=True)
+    order = np.argsort(rows["key"])
+    if not (directory / "keys.npy").exists():
+        np.save(directory / "keys.npy", rows["key"][order])
+    np.savez(directory / f"step-{step:08d}.npz", workload=np.array(workload.name),
+             **{k: v[order] for k, v in rows.items() if k != "key"})
+
+
+def read_eval_steps(run_dir: str | Path, group: int) -> np.ndarray:
+    directory = Path(run_dir) / f"group-{group}" / EVAL_DIR
+    steps = sorted(int(m.group(1)) for p in directory.glob("step-*.npz") if (m := _EVAL_STEP.match(p.name)))
+    if not steps:
+        raise FileNotFoundError(f"{directory}: no eval predictions; did group {group} of this run evaluate?")
+    return np.array(steps)
+
+
+def read_eval_keys(run_dir: str | Path, group: int) -> np.ndarray:
+    return np.load(Path(run_dir) / f"group-{group}" / EVAL_DIR / "keys.npy", allow_pickle=False)
+
+
+def read_eval_rows(run_dir: str | Path, group: int, step: int) -> Rows:
+    """A group's eval rows at one step (sorted by key; the keys themselves: `read_eval_keys`)."""
+    path = Path(run_dir) / f"group-{group}" / EVAL_DIR / f"step-{step:08d}.npz"
+    with np.load(path, allow_pickle=False) as data:
+        return {name: data[name] for name in data.files if name != "workload"}
 
 
 def predictions(run_dir: str | Path, group: int) -> tuple[Workload, Rows]:

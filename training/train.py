@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import glob
 import itertools
 import json
@@ -42,8 +43,9 @@ from training.data import StreamSpec, loader, to_torch
 from training.exchange import PeerWatcher, SnapshotPublisher, check_store_run, model_signature, snapshot_bytes
 from training.launch import exit_when_launcher_dies, next_attempt, read_run_nonce
 from training.loss import DistillConfig, LossParts, codistillation_loss, distill_weight
-from training.report import save_predictions
-from training.workloads import Workload, workload_for
+from training.metrics import validation_half
+from training.report import save_eval_rows, save_predictions
+from training.workloads import Workload, subset, workload_for
 
 logger = logging.getLogger("codistill.train")
 
@@ -115,7 +117,8 @@ def build_engine(model: torch.nn.Module, config: ExperimentConfig, world: int, t
 
 
 def forward_backward(engine, workload: Workload, peers: dict[int, torch.nn.Module], batch: dict[str, torch.Tensor],
-                     step: int, distill: DistillConfig, states: dict | None = None) -> LossParts:
+                     step: int, distill: DistillConfig, states: dict | None = None, label_smoothing: float = 0.0,
+                     label_prior: float = 0.5) -> LossParts:
     """One micro-step: the student on its batch, the frozen peers on the same batch, the loss, backward, step.
 
     `states` holds what each model ("student", or a peer's group) carries from batch to batch (the LM's
@@ -136,7 +139,7 @@ def forward_backward(engine, workload: Workload, peers: dict[int, torch.nn.Modul
 
     targets, mask = workload.targets(batch)
     parts = codistillation_loss(logits.float(), targets, peer_logits(), step, distill, binary=workload.binary,
-                                mask=mask)
+                                mask=mask, label_smoothing=label_smoothing, label_prior=label_prior)
     engine.backward(parts.total)
     engine.step()
     states["student"] = student_state
@@ -268,7 +271,10 @@ class GroupTrainer:
                 self.watcher = PeerWatcher(config.store, config.run_id, group, self.peer_groups, self.signature,
                                            snapshot_bytes(self.peers[self.peer_groups[0]].module.state_dict()),
                                            poll_interval=cod.poll_seconds, vocab_hash=self.dataset.tokenizer_sha256,
-                                           run_nonce=nonce, max_step=config.schedule.steps)
+                                           run_nonce=nonce, max_step=config.schedule.steps, poll=not cod.lockstep)
+        self.halves = None  # the eval split's validation rows (the rest: test), once its keys are known
+        self.best_validation = math.inf
+        self.label_prior = 0.5  # the binary label smoothing's target: the training base rate (fit measures it)
         self.step = 0
         self.step_seconds: list[float] = []
         self.metrics_file = None
@@ -283,6 +289,9 @@ class GroupTrainer:
         """Adopt newer peer snapshots: rank 0 decides and sends the weights, so every rank uses the same peers."""
         if not self.peer_groups:
             return
+        if self.config.codistill.lockstep:
+            self.lockstep_peers()
+            return
         if self.watcher is not None:
             self.incoming.update(self.watcher.take_updates())
         decision = torch.tensor([self.incoming[g][0] if g in self.incoming else -1 for g in self.peer_groups],
@@ -292,6 +301,19 @@ class GroupTrainer:
         for g, step in zip(self.peer_groups, decision.tolist()):
             if step >= 0:
                 self._adopt(g, step, self.incoming.pop(g, (step, None))[1])
+
+    def lockstep_peers(self) -> None:
+        """Exactly the peers' snapshots of step s - (s mod exchange_every): rank 0 waits for each (bounded) and
+        sends it; every rank knows the step, so no decision needs sending. A snapshot from before the burn-in
+        ended is never distilled from (until the first exchange after it, the group trains on its labels)."""
+        needed = self.step - self.step % self.config.codistill.exchange_every
+        if needed < self.distill.burn_in_steps:
+            return
+        for g in self.peer_groups:
+            if self.peer_steps[g] != needed:
+                state = self.watcher.wait_for(g, needed, self.config.codistill.lockstep_timeout) if self.rank == 0 \
+                    else None
+                self._adopt(g, needed, state)
 
     def _adopt(self, group: int, step: int, state: dict | None) -> None:
         peer = self.peers[group]
@@ -319,17 +341,23 @@ class GroupTrainer:
                    for k, v in module.state_dict().items()} if self.rank == 0 else None
 
     def publish(self) -> None:
+        if self.publisher is not None and self.config.codistill.lockstep:
+            self.publisher.wait()  # lockstep peers wait for every snapshot: none may be skipped
         with self.gathered_state() as state:
             if self.publisher is not None:  # serialises a copy before returning, inside the gather
                 self.publisher.publish_async(self.step, state, vocab_hash=self.dataset.tokenizer_sha256)
 
+    def save_weights(self, name: str) -> None:
+        """The full weights as `<group dir>/<name>` (every rank takes part: ZeRO-3 gathers them)."""
+        with self.gathered_state() as state:
+            if state is not None:
+                safetensors.torch.save_file({k: v.contiguous() for k, v in state.items()}, str(self.out / name))
+
     def save_final(self) -> None:
         """The final weights: `model.safetensors` in the group's directory (what ensembles of finished runs
         load) and, synchronously, the last snapshot for the peers."""
+        self.save_weights("model.safetensors")
         with self.gathered_state() as state:
-            if state is not None:
-                safetensors.torch.save_file({k: v.contiguous() for k, v in state.items()},
-                                            str(self.out / "model.safetensors"))
             if self.publisher is not None:
                 self.publisher.publish(self.step, state, vocab_hash=self.dataset.tokenizer_sha256)
 
@@ -347,7 +375,8 @@ class GroupTrainer:
         for _ in range(self.config.deepspeed.grad_accum):
             batch = self.batch_to_device(to_torch(next(batches)))
             parts = forward_backward(self.engine, self.workload, {g: self.peers[g].module for g in usable}, batch,
-                                     self.step, self.distill, self.states)
+                                     self.step, self.distill, self.states, self.config.train.label_smoothing,
+                                     self.label_prior)
             # One device-to-host copy per micro-step.
             loss, label_loss, distill_loss = torch.stack([parts.total, parts.label_loss, parts.distill_loss]).tolist()
             if not math.isfinite(loss):
@@ -369,6 +398,8 @@ class GroupTrainer:
                           config.deepspeed.micro_batch_size, self.rank, self.world,
                           shuffle_buffer=config.loader.shuffle_buffer, repeat=True,
                           seed=config.train.seed * 1000 + self.group, skip=rounds)
+        if config.train.label_smoothing and self.workload.binary:
+            self.label_prior = self.base_rate(dataclasses.replace(spec, skip=0))
         batches = iter(loader(self.workload.batches(spec, config, True), config.loader.workers))
         for _ in range(skip - rounds):
             next(batches)
@@ -384,12 +415,26 @@ class GroupTrainer:
                 self.publish()
             self.step_seconds.append(time.perf_counter() - start)
             self.log_train(record)
-            if self.step % config.eval.every == 0 or self.step == total:
-                self.evaluate(final=self.step == total)
+            if self.step % config.eval.every == 0 or self.step in config.eval.steps or self.step == total:
+                self.keep_best(self.evaluate(final=self.step == total))
             if self.step % config.train.checkpoint_every == 0 or self.step == total:
                 self.save_checkpoint()
         self.save_final()
         self.close()
+
+    def base_rate(self, spec: StreamSpec, batches: int = 64) -> float:
+        """The mean binary target of the first `batches` training batches of every rank (label smoothing's prior)."""
+        total = torch.zeros(2, dtype=torch.float64, device=self.device)
+        for batch in itertools.islice(iter(self.workload.batches(spec, self.config, True)), batches):
+            targets, _ = self.workload.targets(to_torch(batch))
+            total += torch.tensor([float(targets.float().sum()), targets.numel()], dtype=torch.float64,
+                                  device=self.device)
+        if self.world > 1:
+            dist.all_reduce(total)
+        if self.rank == 0:
+            print(f"label smoothing {self.config.train.label_smoothing} toward the training base rate "
+                  f"{float(total[0] / total[1]):.4f}", flush=True)
+        return float(total[0] / total[1])
 
     def train_shards(self) -> tuple:
         reads = self.config.train.reads
@@ -468,14 +513,32 @@ class GroupTrainer:
         if not parts:
             raise ValueError(f"{config.data.output}: the eval split holds no rows")
         rows = concat_blocks(parts)
-        metrics = {"step": self.step, "group": self.group, **self.workload.eval_metrics(rows, self.dataset)}
+        if self.halves is None:
+            self.halves = validation_half(self.workload.eval_unit(rows["key"]))
+        metrics = {"step": self.step, "group": self.group, **self.workload.eval_metrics(rows, self.dataset),
+                   **{half: self.workload.eval_metrics(subset(rows, mask), self.dataset)
+                      for half, mask in (("validation", self.halves), ("test", ~self.halves))}}
         self.write_metrics("eval", metrics)
         self.write_tensorboard("Eval", {k: v for k, v in metrics.items()
-                                        if k not in ("step", "group") and isinstance(v, (int, float))})
-        print(f"eval step {self.step}: {self.workload.describe(metrics)}", flush=True)
+                                        if k not in ("step", "group") and isinstance(v, (int, float))}
+                               | {f"{half}_loss": metrics[half]["loss"] for half in ("validation", "test")})
+        print(f"eval step {self.step}: {self.workload.describe(metrics)}; validation loss "
+              f"{metrics['validation']['loss']:.4f}, test {metrics['test']['loss']:.4f}", flush=True)
+        save_eval_rows(self.out, self.workload, self.step, rows)  # reports select and measure from these
         if final:
             save_predictions(self.out, self.workload, rows)
         return metrics
+
+    def keep_best(self, metrics: dict | None) -> None:
+        """`best.safetensors`: the weights of the eval step best on validation so far (rank 0 decides)."""
+        better = torch.tensor(int(metrics is not None and metrics["validation"]["loss"] < self.best_validation),
+                              device=self.device)
+        if self.world > 1:
+            dist.broadcast(better, src=0)
+        if better:
+            if metrics is not None:
+                self.best_validation = metrics["validation"]["loss"]
+            self.save_weights("best.safetensors")
 
     # --- checkpoints -------------------------------------------------------------------------------
 

@@ -50,12 +50,38 @@ class Workload:
     # measures, the primary one first (reports compare conditions on it), and int counts
     churn: Callable[[Rows, Rows, float], dict[str, float]]
     describe_churn: Callable[[dict, float], str]
+    # What reports compute with intervals, as per-row terms: a figure over any subset of the eval rows is
+    # sum(numerator[subset]) / sum(denominator[subset]), so bootstrap replicates cost two gathers and sums.
+    # rows -> {figure: (numerator, denominator)}: always "loss" (eval_metrics' "loss" on the same rows),
+    # "floor" when the rows carry the generator's `truth`, and the workload's other figures (e.g. "top1").
+    row_terms: Callable[[Rows], dict[str, tuple[np.ndarray, np.ndarray]]]
+    # (rows of model a, rows of model b) -> per-row terms of the primary churn measure (`churn`'s first).
+    churn_terms: Callable[[Rows, Rows], tuple[np.ndarray, np.ndarray]]
+    # Rows of several models on the same eval rows -> the rows of their ensemble (predicted distributions
+    # averaged), as far as the rows allow: every row term can be computed from them.
+    ensemble: Callable[[list[Rows]], Rows]
+    # (rows, temperature) -> the rows of the model with its logits divided by the temperature; None when the
+    # rows do not carry the whole predicted distribution.
+    calibrate: Callable[[Rows, float], Rows] | None = None
+    # (dataset, eval keys) -> what the data's generator planted for each row (the true probability), or None
+    # when the data was not generated or the generator cannot say.
+    truth: Callable[[DatasetManifest, np.ndarray], np.ndarray | None] | None = None
+    # (config, dataset) -> stored rows one example of a batch consumes (1; the stateful LM's stream windows
+    # are window / row-length rows), for the passes over its split a run makes.
+    records_per_example: Callable[[ExperimentConfig, DatasetManifest], float] = lambda config, dataset: 1.0
+    # Keys -> the unit the eval split is halved by (validation / test): rows of one unit stay together.
+    eval_unit: Callable[[np.ndarray], np.ndarray] = lambda keys: keys
 
 
 def workload_for(dataset: str) -> Workload:
     if dataset not in DATASETS:
         raise ValueError(f"no training workload for dataset {dataset!r} (known: {', '.join(DATASETS)})")
     return importlib.import_module(DATASETS[dataset].workload).WORKLOAD
+
+
+def subset(rows: Rows, index: np.ndarray) -> Rows:
+    """Rows at `index` (a boolean mask or indices) of every per-row array."""
+    return {k: v[index] for k, v in rows.items()}
 
 
 def stateless(inputs: tuple[str, ...]) -> Callable[[nn.Module, dict[str, Tensor], Any], tuple[Tensor, None]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -61,6 +62,36 @@ def eval_metrics(rows: Rows, dataset: DatasetManifest) -> dict[str, float]:
     return result
 
 
+def row_terms(rows: Rows) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    ones = np.ones(len(rows["prob"]))
+    terms = {"loss": (metrics.row_log_loss(rows["prob"], rows["label"]), ones)}
+    if "truth" in rows:  # the Bayes floor of these rows (expected log loss of p*), and the distance to p*
+        terms["floor"] = (metrics.binary_entropy(rows["truth"]), ones)
+        terms["truth_gap"] = (np.abs(rows["prob"].astype(np.float64) - rows["truth"]), ones)
+    return terms
+
+
+def churn_terms(a: Rows, b: Rows) -> tuple[np.ndarray, np.ndarray]:
+    return np.abs(a["prob"].astype(np.float64) - b["prob"]), np.ones(len(a["prob"]))
+
+
+def ensemble(members: list[Rows]) -> Rows:
+    return members[0] | {"prob": np.mean([m["prob"] for m in members], axis=0, dtype=np.float64).astype(np.float32)}
+
+
+def calibrate(rows: Rows, temperature: float) -> Rows:
+    p = np.clip(rows["prob"].astype(np.float64), 1e-7, 1 - 1e-7)
+    return rows | {"prob": (1 / (1 + np.exp(-np.log(p / (1 - p)) / temperature))).astype(np.float32)}
+
+
+def truth(dataset: DatasetManifest, keys: np.ndarray) -> np.ndarray | None:
+    """The planted click probabilities, when the data came from the project's generator."""
+    from pipelines.synth_criteo import GENERATOR, planted_probabilities
+
+    synth = dataset.extra.get("synth")
+    return planted_probabilities(synth, keys) if synth and synth.get("generator") == GENERATOR else None
+
+
 def describe(m: dict) -> str:
     return f"log loss {m['log_loss']:.4f} AUC {m['auc']:.4f} calibration {m['calibration']:.3f} ({m['rows']} rows)"
 
@@ -77,4 +108,5 @@ def describe_churn(c: dict, threshold: float) -> str:
 WORKLOAD = Workload(
     name="criteo", binary=True, build_model=build_model, batches=batches, forward=stateless(("dense", "cat")),
     targets=lambda batch: (batch["label"].float(), None), eval_rows=eval_rows, eval_metrics=eval_metrics,
-    describe=describe, churn=churn, describe_churn=describe_churn)
+    describe=describe, churn=churn, describe_churn=describe_churn, row_terms=row_terms, churn_terms=churn_terms,
+    ensemble=ensemble, calibrate=calibrate, truth=truth)

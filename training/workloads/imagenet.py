@@ -117,10 +117,12 @@ def batches(spec: StreamSpec, config: ExperimentConfig, train: bool) -> ImageBat
 def eval_rows(logits: Tensor, batch: Block) -> Rows:
     logits = logits.detach()
     labels = torch.from_numpy(batch["label"]).to(logits.device)
-    top5 = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
-    nll = F.cross_entropy(logits, labels, reduction="none")
-    return {"top1": top5[:, 0].cpu().numpy(), "top5": top5.cpu().numpy(), "nll": nll.cpu().numpy(),
-            "label": batch["label"]}
+    log_probs = logits.float().log_softmax(-1)
+    top5 = log_probs.topk(min(5, logits.shape[-1]), dim=-1)
+    nll = F.nll_loss(log_probs, labels, reduction="none")
+    return {"top1": top5.indices[:, 0].cpu().numpy(), "top5": top5.indices.cpu().numpy(),
+            # the top-5 probabilities: enough to average members' predictions into an ensemble's top classes
+            "top5_prob": top5.values.exp().cpu().numpy(), "nll": nll.cpu().numpy(), "label": batch["label"]}
 
 
 def eval_metrics(rows: Rows, dataset: DatasetManifest) -> dict[str, float]:
@@ -130,6 +132,35 @@ def eval_metrics(rows: Rows, dataset: DatasetManifest) -> dict[str, float]:
               "cross_entropy": float(np.mean(rows["nll"])), "rows": int(len(label))}
     result["loss"] = result["cross_entropy"]
     return result
+
+
+def row_terms(rows: Rows) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    ones, label = np.ones(len(rows["label"])), rows["label"]
+    return {"loss": (rows["nll"].astype(np.float64), ones), "top1": ((rows["top1"] == label).astype(np.float64), ones),
+            "top5": ((rows["top5"] == label[:, None]).any(axis=1).astype(np.float64), ones)}
+
+
+def churn_terms(a: Rows, b: Rows) -> tuple[np.ndarray, np.ndarray]:
+    return (a["top1"] != b["top1"]).astype(np.float64), np.ones(len(a["top1"]))
+
+
+def ensemble(members: list[Rows]) -> Rows:
+    """The label's probability is averaged exactly (from each member's nll); the top classes from the members'
+    top-5 (a class outside a member's top 5 counts as 0 for it)."""
+    nll = -np.log(np.mean([np.exp(-m["nll"].astype(np.float64)) for m in members], axis=0))
+    ids = np.concatenate([m["top5"] for m in members], axis=1)
+    probs = np.concatenate([m["top5_prob"] for m in members], axis=1) / len(members)
+    score = ((ids[:, :, None] == ids[:, None, :]) * probs[:, None, :]).sum(-1)  # each candidate's summed prob
+    top5, top5_prob = [], []
+    for row_ids, row_score in zip(ids, score):
+        order = np.argsort(-row_score, kind="stable")
+        _, first = np.unique(row_ids[order], return_index=True)
+        best = order[np.sort(first)][:members[0]["top5"].shape[1]]
+        top5.append(row_ids[best])
+        top5_prob.append(row_score[best])
+    top5 = np.array(top5)
+    return {"top1": top5[:, 0], "top5": top5, "top5_prob": np.array(top5_prob, np.float32),
+            "nll": nll.astype(np.float32), "label": members[0]["label"]}
 
 
 def describe(m: dict) -> str:
@@ -149,4 +180,5 @@ def describe_churn(c: dict, threshold: float) -> str:
 WORKLOAD = Workload(
     name="imagenet", binary=False, build_model=build_model, batches=batches, forward=stateless(("image",)),
     targets=lambda batch: (batch["label"], None), eval_rows=eval_rows, eval_metrics=eval_metrics,
-    describe=describe, churn=churn, describe_churn=describe_churn)
+    describe=describe, churn=churn, describe_churn=describe_churn, row_terms=row_terms, churn_terms=churn_terms,
+    ensemble=ensemble)

@@ -287,7 +287,8 @@ def targets(batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
 
 
 def eval_rows(logits: Tensor, batch: Block) -> Rows:
-    """Per row: summed nll (nats) over its real tokens, their count, their text bytes, argmax tokens (-1 = pad)."""
+    """Per row: summed nll (nats) over its real tokens, their count, their text bytes; per position: the log
+    probability of the target and the argmax token (0 and -1 at padding)."""
     # On the logits' device (the [B, T, V] logits stay there); only the per-row results come back.
     targets_ = torch.from_numpy(batch["targets"]).to(logits.device)
     mask = torch.from_numpy(batch["mask"]).to(logits.device)
@@ -296,7 +297,8 @@ def eval_rows(logits: Tensor, batch: Block) -> Rows:
     nll = torch.where(mask, nll.view(targets_.shape), 0.0)
     argmax = torch.where(mask, logits.argmax(-1), -1)
     return {"nll": nll.double().sum(1).cpu().numpy(), "tokens": mask.sum(1).cpu().numpy().astype(np.int64),
-            "text_bytes": np.asarray(batch["text_bytes"], np.int64), "argmax": argmax.cpu().numpy().astype(np.int32)}
+            "text_bytes": np.asarray(batch["text_bytes"], np.int64), "argmax": argmax.cpu().numpy().astype(np.int32),
+            "target_logprob": (-nll).cpu().numpy()}
 
 
 def eval_metrics(rows: Rows, manifest: DatasetManifest) -> dict[str, float]:
@@ -310,6 +312,25 @@ def eval_metrics(rows: Rows, manifest: DatasetManifest) -> dict[str, float]:
     if floor and floor.get("metric") == "bits_per_byte":
         out["floor"] = float(floor["value"])
     return out
+
+
+def row_terms(rows: Rows) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    return {"loss": (rows["nll"] / math.log(2), rows["text_bytes"].astype(np.float64))}
+
+
+def churn_terms(a: Rows, b: Rows) -> tuple[np.ndarray, np.ndarray]:
+    real = (a["argmax"] >= 0) & (b["argmax"] >= 0)
+    return ((a["argmax"] != b["argmax"]) & real).sum(1).astype(np.float64), real.sum(1).astype(np.float64)
+
+
+def ensemble(members: list[Rows]) -> Rows:
+    """The target's probability under the averaged distributions, at every position (the next-token argmax of
+    an average is unknown from the rows: -1)."""
+    real = members[0]["argmax"] >= 0
+    stacked = np.stack([m["target_logprob"].astype(np.float64) for m in members])
+    logprob = np.where(real, np.logaddexp.reduce(stacked, axis=0) - math.log(len(members)), 0.0)
+    return members[0] | {"nll": -logprob.sum(1), "target_logprob": logprob.astype(np.float32),
+                         "argmax": np.full_like(members[0]["argmax"], -1)}
 
 
 def describe(record: dict) -> str:
@@ -336,4 +357,8 @@ def describe_churn(c: dict, threshold: float = 0.5) -> str:
 
 WORKLOAD = Workload(
     name="commoncrawl", binary=False, build_model=build_model, batches=batches, forward=forward, targets=targets,
+    row_terms=row_terms, churn_terms=churn_terms, ensemble=ensemble,
+    eval_unit=lambda keys: np.strings.rpartition(keys, b"#")[0],  # a document's rows stay in one half
+    records_per_example=lambda config, dataset: (
+        config.model.window / dataset.features["tokens"].shape[0] if config.model.layout == "stateful" else 1.0),
     eval_rows=eval_rows, eval_metrics=eval_metrics, describe=describe, churn=churn, describe_churn=describe_churn)
