@@ -20,8 +20,8 @@ import numpy as np
 from codistill.analysis import (Bootstrap, Condition, EvalSplit, Model, Unit, calibrated_model, ensemble_model,
                                 group_model, steps_to)
 from codistill.dataset import load_manifest
-from codistill.experiment import (COMPLETE, TARGETS, Claim, Plan, examples_per_step, passes, read_targets,
-                                  write_targets)
+from codistill.plans import (COMPLETE, TARGETS, Claim, Plan, examples_per_step, passes, read_targets,
+                             write_targets)
 from codistill.stats import Estimate, Goal
 from training.report import metric_records, read_eval_keys
 from training.workloads import workload_for

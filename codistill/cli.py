@@ -393,7 +393,8 @@ def _plan_path(plan: str) -> str:
 def experiment(plan: str, report_only: bool) -> None:
     """Run every (condition, seed) of PLAN (manifests/experiments/*.yaml) and write report.md with plots."""
     from codistill.claims import write_report
-    from codistill.experiment import load_plan, run_plan
+    from codistill.experiment import run_plan
+    from codistill.plans import load_plan
 
     parsed = load_plan(_plan_path(plan))
     if not report_only:
@@ -424,7 +425,8 @@ def churn(run_a: str, run_b: str, group: int, threshold: float) -> None:
 def demo(plan: str, sets: tuple[str, ...]) -> None:
     """The embedded default, end to end: data, Beam, verify, DeepSpeed baselines vs codistillation, report."""
     from codistill.claims import console_table, load_results, write_report
-    from codistill.experiment import load_plan, run_plan
+    from codistill.experiment import run_plan
+    from codistill.plans import load_plan
     from codistill.verify import verify_dataset
 
     parsed = load_plan(_plan_path(plan))

@@ -19,7 +19,7 @@ import fsspec
 import yaml
 
 from codistill.datasets import DATASETS, DatasetSpec, spec_for
-from codistill.fields import ConfigError, bounded, build, key_text, require, section, tagged, to_dict
+from codistill.fields import ConfigError, bounded, build, key_text, plain_name, require, section, tagged, to_dict
 
 __all__ = ["ConfigError", "DataConfig", "ExperimentConfig", "load_experiment", "parse_experiment", "to_dict"]
 
@@ -293,8 +293,7 @@ class ExperimentConfig:
     def validate(self) -> None:
         # `runs/<name>` is the default run directory, which `--overwrite` deletes: `..` would be the working
         # directory's parent.
-        require(bool(self.name) and self.name not in (".", "..") and not any(c in self.name for c in "/\\"),
-                "name", f"must be a plain name (not '.' or '..', no '/' or '\\'), got {bounded(self.name)}")
+        plain_name(self.name, "name")
         require(Path(self.run_dir).name not in ("", ".", ".."), "train.run_dir",
                 f"must end in a directory name (it names the run in the store), got {bounded(self.run_dir)}")
         require(type(self.model) in self.data.spec.models, "model.kind",

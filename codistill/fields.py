@@ -38,6 +38,13 @@ def bounded(value: Any) -> str:
     return _SHORT_REPR.repr(value)
 
 
+def plain_name(value: str, name: str) -> None:
+    """A name that becomes a directory (a run, a plan, a condition): never `..`, never a path."""
+    require(bool(value) and value not in (".", "..") and not any(c in value for c in "/\\")
+            and value.isprintable(), name,
+            f"must be a plain name (not '.' or '..', no '/' or '\\'), got {bounded(value)}")
+
+
 def key_text(key: Any) -> str:
     """A manifest key as it goes into a dotted field name."""
     return key if isinstance(key, str) and len(key) <= 80 else bounded(key)

@@ -161,13 +161,14 @@ def sweep_results(tmp_path, cod_curve: list[float], delta: float):
     import yaml
 
     from codistill.claims import Results
-    from codistill.experiment import load_plan
+    from codistill.plans import load_plan
 
     sync = ["codistill.enabled=false", "train.groups=[0]", "train.reads=union"]
     plan = {"name": "sweep", "base": "criteo-datalimited", "seeds": [0, 1], "runs_dir": str(tmp_path),
             "conditions": [{"name": f"sync-{b}", "sets": sync + [f"deepspeed.micro_batch_size={b}"]}
                            for b in (64, 128, 256)] + [{"name": "cod-128", "sets": ["deepspeed.micro_batch_size=128"]}],
-            "sweep": {"points": [{"sync": "sync-64"}, {"sync": "sync-128", "codistill": "cod-128"}, {"sync": "sync-256"}]}}
+            "sweep": {"points": [{"sync": "sync-64"}, {"sync": "sync-128", "codistill": "cod-128"},
+                                 {"sync": "sync-256"}]}}
     (tmp_path / "plan.yaml").write_text(yaml.safe_dump(plan))
     plan = load_plan(str(tmp_path / "plan.yaml"))
     context = split(2000)

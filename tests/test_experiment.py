@@ -17,7 +17,8 @@ import pytest
 import yaml
 
 from codistill.config import ConfigError
-from codistill.experiment import load_plan, run_plan
+from codistill.experiment import run_plan
+from codistill.plans import load_plan
 from training.metrics import row_log_loss, validation_half
 
 REPO = Path(__file__).resolve().parents[1]
@@ -167,6 +168,8 @@ def test_a_plan_whose_runs_would_reread_their_split_is_refused_before_anything_t
 
 @pytest.mark.parametrize("edit, message", [
     (lambda p: p.update(seeds=[0]), "seeds: need at least two distinct seeds"),
+    (lambda p: p.update(name="../outside"), "name: must be a plain name"),  # runs/<name> is deleted on --overwrite
+    (lambda p: p["conditions"][0].update(name="a/b"), "conditions[0].name: must be a plain name"),
     (lambda p: p["conditions"].append(dict(p["conditions"][0])), "conditions: need distinct names"),
     (lambda p: p["claims"][0].update(of=["nope"]), "claims[0]: names no condition: 'nope'"),
     (lambda p: p["claims"][0].update(at_least=1.0), "claims[0]: a goal is either at_most or at_least"),

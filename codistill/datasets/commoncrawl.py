@@ -8,7 +8,7 @@ from typing import Literal
 from iso639 import Lang
 from iso639.exceptions import DeprecatedLanguageValue, InvalidLanguageValue
 
-from codistill.datasets import DatasetSpec, Flag
+from codistill.datasets.spec import DatasetSpec, Flag
 from codistill.fields import ConfigError, require
 
 

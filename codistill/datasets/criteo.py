@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from codistill.datasets import DatasetSpec, Flag
+from codistill.datasets.spec import DatasetSpec, Flag
 from codistill.fields import require
 
 # Every categorical column gets an embedding table of cat_buckets rows: a typo must not size it beyond reason.

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from codistill.datasets import DatasetSpec, Flag
+from codistill.datasets.spec import DatasetSpec, Flag
 from codistill.fields import require
 
 
