@@ -337,6 +337,11 @@ def _first(fs, paths: list[str]) -> str | None:
     return next((p for p in paths if fs.exists(p)), None)
 
 
+def _url(fs, path: str, source: str) -> str:
+    """A path found on `source`'s file system, spelt as `source` is (a plain path for a plain path)."""
+    return fs.unstrip_protocol(path) if "://" in source else path
+
+
 def plan_input(source: str, options: ImageNetConfig) -> InputPlan:
     """On the driver: the layout, class list, labels and listings (cheap: no image is listed)."""
     fs, base = storage.url_to_fs(source)
@@ -393,7 +398,7 @@ def plan_input(source: str, options: ImageNetConfig) -> InputPlan:
     if options.synsets:
         classes, facts["classes_from"] = read_synsets(options.synsets), options.synsets
     elif synset_mapping:
-        classes, facts["classes_from"] = read_synsets(fs.unstrip_protocol(synset_mapping)), KAGGLE_SYNSETS
+        classes, facts["classes_from"] = read_synsets(_url(fs, synset_mapping, source)), KAGGLE_SYNSETS
     else:
         classes, facts["classes_from"] = train_classes, "the sorted train class names"
     if len(set(classes)) != len(classes):
@@ -416,7 +421,7 @@ def _val_labels(fs, source: str, base: str, tops: list[str], options: ImageNetCo
         raise FileNotFoundError(f"{source}: val/ is one flat folder (or {VAL_ARCHIVE}) but there is no label file: "
                                 f"neither {KAGGLE_VAL_LABELS} nor the devkit ({DEVKIT}.tar.gz or its folder); give "
                                 "one with data.imagenet.val_labels (--val-labels)")
-    return read_val_labels(fs.unstrip_protocol(found)), posixpath.relpath(found, base)
+    return read_val_labels(_url(fs, found, source)), posixpath.relpath(found, base)
 
 
 # --- listing (on workers) ---------------------------------------------------------------------------------
@@ -457,16 +462,16 @@ class ListInput(WorkerDoFn):
         for entry in sorted(self.fs.ls(f"{self.base}/{listing.relative}", detail=True), key=lambda e: e["name"]):
             name = posixpath.basename(entry["name"].rstrip("/"))
             kind = "symlink" if entry.get("islink") else entry["type"]
-            if kind == "directory" and listing.holds_classes:
-                continue  # class folders (or junk, skipped on the driver)
+            if kind == "directory" and (listing.holds_classes or (listing.wnid is None and is_junk(name))):
+                continue  # class folders, and junk beside them or in a flat val folder (skipped on the driver)
             label = self._label(listing, name)
             if bad_name(name):  # keys, records and rejected/ paths are printable UTF-8: report it escaped
                 name, kind = escaped(name), "bad_name"
             yield InputFile(f"{listing.relative}/{name}", listing.split, label, int(entry.get("size") or 0), kind)
 
     def _archive(self, listing: Listing) -> Iterator[InputFile]:
-        where = f"{self.root}/{listing.archive}" + (f" ({listing.relative}.tar)" if listing.wnid else "")
-        with _open_archive(f"{self.fs.unstrip_protocol(self.base)}/{listing.archive}") as raw:
+        where = f"{join(self.root, listing.archive)}" + (f" (its member {listing.wnid}.tar)" if listing.wnid else "")
+        with _open_archive(join(self.root, listing.archive)) as raw:
             for member in tar_members(raw, listing.start, listing.size, where):
                 if listing.holds_classes and (_is_class_tar(member) or is_junk(member.name.split("/")[0])):
                     continue  # listed on their own, or skipped on the driver
