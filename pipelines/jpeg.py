@@ -95,7 +95,7 @@ def check_scans(data: bytes, mode: str) -> None:
     if colorspace is None:
         return
     try:
-        simplejpeg.decode_jpeg(data, colorspace, min_factor=8)
+        simplejpeg.decode_jpeg(data, colorspace, min_height=1, min_width=1)  # the smallest scale: 1/8
     except ValueError as e:
         message = str(e)
         raise ScanError(message, "premature end of jpeg file" in message.lower()) from None

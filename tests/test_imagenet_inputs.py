@@ -24,7 +24,7 @@ from pipelines.imagenet import Quarantine, check_image
 from pipelines.imagenet_input import ArchiveError, read_val_labels
 
 from conftest import RUNNER, shard_bytes
-from test_imagenet_pipeline import read_records, read_rejected_tree, run_imagenet
+from test_imagenet_pipeline import MULTI, read_records, read_rejected_tree, run_imagenet
 from test_verify_cli import rewrite_shard
 
 MEMBER_SIZE_FIELD = slice(124, 136)  # a ustar header's size (octal) and checksum fields
@@ -146,7 +146,7 @@ def test_downloaded_extracted_and_kaggle_layouts_give_the_same_dataset(imagenet,
     (extracted / "LOC_val_solution.csv").write_text(kaggle_val_csv(imagenet))
     kaggle = write_kaggle(tmp_path / "kaggle", imagenet)
     synsets = str(imagenet["synsets_file"])
-    built = {"downloaded": run_imagenet(downloaded, tmp_path / "out-downloaded", synsets=synsets),
+    built = {"downloaded": run_imagenet(downloaded, tmp_path / "out-downloaded", beam_args=MULTI, synsets=synsets),
              "extracted": run_imagenet(extracted, tmp_path / "out-extracted", synsets=synsets),
              "kaggle": run_imagenet(kaggle, tmp_path / "out-kaggle")}  # labels from LOC_synset_mapping.txt
     reference = shard_bytes(str(tmp_path / "out-downloaded"))
@@ -444,10 +444,11 @@ def test_duplicates_are_kept_once_never_across_splits_and_conflicts_quarantined(
     (root / "train" / b / "from_val.JPEG").write_bytes(val[val_b][1])  # a copy of an eval image in train
     (root / "train" / d / "also_c.JPEG").write_bytes(train[c][f"{c}_2.JPEG"])  # the same bytes under two labels
     out = {}
-    for name, args in {"one": dict(), "buckets": dict(dedup_buckets=5, images_per_task=3)}.items():
+    for name, args in {"one": dict(), "buckets": dict(beam_args=MULTI, dedup_buckets=5, images_per_task=3)}.items():
         out[name] = tmp_path / name
         manifest = run_imagenet(root, out[name], **args)
-    assert shard_bytes(str(out["one"])) == shard_bytes(str(out["buckets"]))  # bucket count and task size: no effect
+    # bucket count, task size and worker processes: no effect
+    assert shard_bytes(str(out["one"])) == shard_bytes(str(out["buckets"]))
     assert manifest.rejected == {"duplicate": 2, "duplicate_of_eval": 1, "conflicting_labels": 2}
     assert manifest.extra["duplicates"] == manifest.rejected
     assert manifest.input_rows == 43 == manifest.written_rows + 5
