@@ -213,11 +213,12 @@ def _orientation(image: Image.Image) -> int | None:
         return -1
 
 
-def _check_jpeg(data: bytes, image: Image.Image) -> tuple[bytes, list[str]]:
-    """libjpeg's strict decode of the scans, then the stream alone: bytes after its end-of-image marker cut
-    (an MPO file's further pictures with the index that points to them), an EXIF orientation removed."""
+def _check_jpeg(data: bytes, image: Image.Image, size: tuple[int, int]) -> tuple[bytes, list[str], np.ndarray | None]:
+    """libjpeg's strict decode (at the smallest scale covering `size`), then the stream alone: bytes after its
+    end-of-image marker cut (an MPO file's further pictures with the index that points to them), an EXIF
+    orientation removed. Returns (bytes to keep, repairs, pixels or None)."""
     try:
-        jpeg.check_scans(data, image.mode)
+        pixels = jpeg.decode_strict(data, image.mode, size)
     except jpeg.ScanError as e:
         raise Quarantine("truncated" if e.truncated else "corrupt", f"libjpeg: {e}") from None
     end = jpeg.stream_end(data)
@@ -230,7 +231,7 @@ def _check_jpeg(data: bytes, image: Image.Image) -> tuple[bytes, list[str]]:
     if _orientation(image) not in (None, 1):
         data = jpeg.without_segments(data, jpeg.EXIF)
         repairs.append("exif_orientation_removed")
-    return data, repairs
+    return data, repairs, pixels
 
 
 def check_image(data: bytes, options: ImageNetConfig) -> tuple[bytes, int, int, str, list[str]]:
@@ -251,14 +252,21 @@ def check_image(data: bytes, options: ImageNetConfig) -> tuple[bytes, int, int, 
                          f"data.imagenet.max_image_pixels={options.max_image_pixels}")
     target = _target_size(width, height, options.resize_shorter)
     mode = image.mode
-    if image.format in _JPEG_FORMATS:
-        data, repairs = _check_jpeg(data, image)
     keep = (image.format in _JPEG_FORMATS and mode in _KEPT_MODES and target is None
             and not (mode == "L" and options.grayscale == "rgb"))
-    if keep:
-        return data, width, height, mode, repairs
-    _decode(image, target)
-    repairs = [] if image.format in _JPEG_FORMATS else [f"{image.format.lower()}_to_jpeg"]
+    if image.format not in _JPEG_FORMATS:
+        _decode(image, target)
+        repairs = [f"{image.format.lower()}_to_jpeg"]
+    else:  # libjpeg decodes it once, strictly: at 1/8 to check it, or at the size a repair of RGB or gray needs
+        from_pixels = not keep and mode in _KEPT_MODES
+        data, repairs, pixels = _check_jpeg(data, image, (target or (width, height)) if from_pixels else (1, 1))
+        if keep:
+            return data, width, height, mode, repairs
+        repairs = []  # re-encoded: what followed the picture, and EXIF, are not carried anyway
+        if from_pixels:
+            image = Image.fromarray(pixels, mode)
+        else:
+            _decode(image, target)  # CMYK/YCCK: Pillow knows Adobe's inverted CMYK
     if mode == "CMYK":
         repairs.append("ycck_to_rgb" if image.info.get("adobe_transform") == 2 else "cmyk_to_rgb")
         image = image.convert("RGB")

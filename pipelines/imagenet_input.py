@@ -23,9 +23,11 @@ import io
 import posixpath
 import re
 import tarfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+import apache_beam as beam
 import numpy as np
 from scipy.io import loadmat
 
@@ -35,8 +37,6 @@ from codistill.datasets.imagenet import ImageNetConfig
 from pipelines import progress
 from pipelines.synth_imagenet import read_synsets
 from pipelines.worker import WorkerDoFn
-
-import apache_beam as beam
 
 TRAIN_ARCHIVE, VAL_ARCHIVE = "ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar"
 DEVKIT = "ILSVRC2012_devkit_t12"  # `.tar.gz` as downloaded, or the folder it extracts to
@@ -247,7 +247,8 @@ def read_val_labels(url: str) -> dict[str, str]:
     with storage.open(url, "rb") as f:
         text = _read_capped(f, LABEL_FILE_MAX_BYTES, url).decode("utf-8", "replace")
     lines = text.splitlines()
-    if lines and all(line.strip().isdigit() for line in lines if line.strip()):
+    filled = [line for line in lines if line.strip()]
+    if filled and all(line.strip().isdigit() for line in filled):
         meta = join(posixpath.dirname(url.rstrip("/")), "meta.mat")
         if not fs.exists(storage.url_to_fs(meta)[1]):
             raise FileNotFoundError(f"{url} lists ILSVRC2012 IDs: their wnids come from the devkit's meta.mat, "
@@ -309,7 +310,7 @@ def devkit_archive_labels(url: str) -> dict[str, str]:
                         found[name] = tar.extractfile(info).read()
                     if len(found) == 2:
                         break
-        except (tarfile.TarError, EOFError, OSError) as e:
+        except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
             raise ArchiveError(f"{url}: not a readable devkit archive ({type(e).__name__}: {e})") from None
     missing = [n for n in (GROUND_TRUTH, META) if n not in found]
     if missing:
@@ -353,47 +354,17 @@ def plan_input(source: str, options: ImageNetConfig) -> InputPlan:
     # Kaggle's label files sit at the dataset root, three levels above the image folders.
     tops = [base] + ([posixpath.dirname(posixpath.dirname(posixpath.dirname(base)))]
                      if base.endswith("/" + KAGGLE_DATA) else [])
-    facts = {"skipped": []}
-    listings = [Listing("train", "train", None, True)]
-    if fs.isdir(f"{root}/train"):
-        names, skipped = class_names(_folders(fs, f"{root}/train"), options, f"{source}: train/")
-        listings += [Listing(f"train/{w}", "train", w) for w in names]
-        facts["sources"] = {"train": posixpath.relpath(f"{root}/train", base) + "/"}
-    elif fs.isfile(f"{root}/{TRAIN_ARCHIVE}"):
-        members, skipped = train_archive_classes(join(root_url, TRAIN_ARCHIVE))
-        names, more = class_names([m.name[:-len(".tar")] for m in members], options, join(source, TRAIN_ARCHIVE))
-        skipped += more
-        members = {m.name[:-len(".tar")]: m for m in members}
-        listings[0] = Listing("train", "train", None, True, TRAIN_ARCHIVE, 0, fs.size(f"{root}/{TRAIN_ARCHIVE}"))
-        listings += [Listing(f"train/{w}", "train", w, False, TRAIN_ARCHIVE, members[w].offset, members[w].size)
-                     for w in names]
-        facts["sources"] = {"train": TRAIN_ARCHIVE}
-    else:
-        raise FileNotFoundError(f"{source}: no train/ folder, {TRAIN_ARCHIVE} or {KAGGLE_DATA}/train/ (expected "
-                                "ImageNet as downloaded, extracted into train/<wnid>/, or Kaggle's layout)")
-    if len(set(names)) != len(names):
-        raise ValueError(f"{source}: a train class is listed twice")
-    facts["skipped"] += [f"train/{n}" for n in skipped]
-    train_classes = sorted(names)
-    val_folder, val_archive = fs.isdir(f"{root}/val"), fs.isfile(f"{root}/{VAL_ARCHIVE}")
-    if options.eval_source == "val" and not (val_folder or val_archive):
+    facts = {"skipped": [], "sources": {}}
+    train_classes, listings = _train_listings(fs, source, base, root, root_url, options, facts)
+    val_is_eval, val_classes, val_labels = False, [], {}
+    if fs.isdir(f"{root}/val") or fs.isfile(f"{root}/{VAL_ARCHIVE}"):
+        val_is_eval = options.eval_source != "train"
+    elif options.eval_source == "val":
         raise FileNotFoundError(f"{source}: data.imagenet.eval_source is 'val' but there is no val/ folder or "
                                 f"{VAL_ARCHIVE}")
-    val_is_eval = (val_folder or val_archive) and options.eval_source != "train"
-    val_labels, val_classes = {}, []
     if val_is_eval:
-        facts["sources"]["val"] = posixpath.relpath(f"{root}/val", base) + "/" if val_folder else VAL_ARCHIVE
-        names, skipped = class_names(_folders(fs, f"{root}/val"), options, f"{source}: val/") if val_folder \
-            else ([], [])
-        facts["skipped"] += [f"val/{n}" for n in skipped]
-        if names:
-            val_classes = names
-            listings += [Listing("val", "val", None, True)] + [Listing(f"val/{w}", "val", w) for w in names]
-        else:
-            val_labels, facts["val_labels_from"] = _val_labels(fs, source, base, tops, options)
-            val_classes = sorted(set(val_labels.values()))
-            listings.append(Listing("val", "val", None) if val_folder else
-                            Listing("val", "val", None, False, VAL_ARCHIVE, 0, fs.size(f"{root}/{VAL_ARCHIVE}")))
+        val_classes, val_labels, more = _val_listings(fs, source, base, root, tops, options, facts)
+        listings += more
     synset_mapping = _first(fs, [f"{top}/{KAGGLE_SYNSETS}" for top in tops])
     if options.synsets:
         classes, facts["classes_from"] = read_synsets(options.synsets), options.synsets
@@ -409,6 +380,50 @@ def plan_input(source: str, options: ImageNetConfig) -> InputPlan:
         raise ValueError(f"{source}: {len(unknown)} class(es) not in {where} ({', '.join(unknown[:5])}"
                          f"{', ...' if len(unknown) > 5 else ''}); remove the folders or use a synset list with them")
     return InputPlan(root_url, tuple(classes), tuple(listings), val_labels, val_is_eval, facts)
+
+
+def _train_listings(fs, source: str, base: str, root: str, root_url: str, options: ImageNetConfig,
+                    facts: dict) -> tuple[list[str], list[Listing]]:
+    """(sorted class names, listings) of the train split: class folders, or the train archive's class tars."""
+    if fs.isdir(f"{root}/train"):
+        names, skipped = class_names(_folders(fs, f"{root}/train"), options, f"{source}: train/")
+        listings = [Listing("train", "train", None, True)] + [Listing(f"train/{w}", "train", w) for w in names]
+        facts["sources"]["train"] = posixpath.relpath(f"{root}/train", base) + "/"
+    elif fs.isfile(f"{root}/{TRAIN_ARCHIVE}"):
+        members, skipped = train_archive_classes(join(root_url, TRAIN_ARCHIVE))
+        names, more = class_names([m.name[:-len(".tar")] for m in members], options, join(source, TRAIN_ARCHIVE))
+        skipped += more
+        if len(set(names)) != len(names):
+            raise ArchiveError(f"{join(source, TRAIN_ARCHIVE)}: a class tar is in it twice")
+        by_name = {m.name[:-len(".tar")]: m for m in members}
+        listings = [Listing("train", "train", None, True, TRAIN_ARCHIVE, 0, fs.size(f"{root}/{TRAIN_ARCHIVE}"))]
+        listings += [Listing(f"train/{w}", "train", w, False, TRAIN_ARCHIVE, by_name[w].offset, by_name[w].size)
+                     for w in names]
+        facts["sources"]["train"] = TRAIN_ARCHIVE
+    else:
+        raise FileNotFoundError(f"{source}: no train/ folder, {TRAIN_ARCHIVE} or {KAGGLE_DATA}/train/ (expected "
+                                "ImageNet as downloaded, extracted into train/<wnid>/, or Kaggle's layout)")
+    facts["skipped"] += [f"train/{n}" for n in skipped]
+    return sorted(names), listings
+
+
+def _val_listings(fs, source: str, base: str, root: str, tops: list[str], options: ImageNetConfig,
+                  facts: dict) -> tuple[list[str], dict[str, str], list[Listing]]:
+    """(classes named, flat val labels, listings) of the val split: class folders, or one flat folder or the
+    val archive with labels from elsewhere."""
+    if not fs.isdir(f"{root}/val"):
+        facts["sources"]["val"] = VAL_ARCHIVE
+        names = []
+    else:
+        facts["sources"]["val"] = posixpath.relpath(f"{root}/val", base) + "/"
+        names, skipped = class_names(_folders(fs, f"{root}/val"), options, f"{source}: val/")
+        facts["skipped"] += [f"val/{n}" for n in skipped]
+    if names:
+        return names, {}, [Listing("val", "val", None, True)] + [Listing(f"val/{w}", "val", w) for w in names]
+    labels, facts["val_labels_from"] = _val_labels(fs, source, base, tops, options)
+    listing = (Listing("val", "val", None) if fs.isdir(f"{root}/val") else
+               Listing("val", "val", None, False, VAL_ARCHIVE, 0, fs.size(f"{root}/{VAL_ARCHIVE}")))
+    return sorted(set(labels.values())), labels, [listing]
 
 
 def _val_labels(fs, source: str, base: str, tops: list[str], options: ImageNetConfig) -> tuple[dict, str]:

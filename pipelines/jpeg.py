@@ -5,13 +5,14 @@ data segment", the rest of the picture filled grey), a header that promises
 more pixels than the scan holds, or bytes left over after the last block all
 decode without an error. `check_scans` decodes with simplejpeg (libjpeg-turbo)
 in strict mode, where each such warning is an error: the scans must hold
-exactly the blocks the header declares.
+exactly the blocks the header declares (`decode_strict`).
 """
 
 from __future__ import annotations
 
 import re
 
+import numpy as np
 import simplejpeg
 
 # In entropy-coded data a 0xFF byte is stuffed (FF 00) or starts a restart marker (FF D0-D7); anything else
@@ -87,15 +88,17 @@ def without_segments(data: bytes, *kinds: tuple[int, bytes]) -> bytes:
     return b"".join(kept) + data[pos:]
 
 
-def check_scans(data: bytes, mode: str) -> None:
-    """Decode at 1/8 scale (libjpeg still reads every coded block) with libjpeg's warnings as errors.
+def decode_strict(data: bytes, mode: str, size: tuple[int, int] = (1, 1)) -> np.ndarray | None:
+    """The pixels at the smallest DCT scale (1, 1/2, 1/4, 1/8) that covers `size` (libjpeg still reads every
+    coded block at 1/8), decoded with libjpeg's warnings as errors; uint8 (H, W) or (H, W, C).
 
-    Raises ScanError. Modes libjpeg-turbo has no output space for are left to Pillow's decode."""
+    Raises ScanError. None for modes libjpeg-turbo has no output space for (left to Pillow's decode)."""
     colorspace = _COLORSPACES.get(mode)
     if colorspace is None:
-        return
+        return None
     try:
-        simplejpeg.decode_jpeg(data, colorspace, min_height=1, min_width=1)  # the smallest scale: 1/8
+        pixels = simplejpeg.decode_jpeg(data, colorspace, min_width=size[0], min_height=size[1])
     except ValueError as e:
         message = str(e)
         raise ScanError(message, "premature end of jpeg file" in message.lower()) from None
+    return pixels[:, :, 0] if colorspace == "GRAY" else pixels

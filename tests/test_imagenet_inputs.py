@@ -23,7 +23,7 @@ from pipelines import jpeg
 from pipelines.imagenet import Quarantine, check_image
 from pipelines.imagenet_input import ArchiveError, read_val_labels
 
-from conftest import RUNNER, shard_bytes
+from conftest import shard_bytes
 from test_imagenet_pipeline import MULTI, read_records, read_rejected_tree, run_imagenet
 from test_verify_cli import rewrite_shard
 
@@ -257,7 +257,8 @@ def test_damaged_archives_stop_the_run_naming_the_archive(imagenet, tmp_path):
     huge_inner = tar_bytes([(members[0].name, patched_size(first_inner, 1, (8 << 30) - 1))] + [
         (m.name, data[m.offset_data:m.offset_data + m.size]) for m in members[1:]])
     cases = {  # name: (file, bytes, message)
-        "outer_cut_inside_a_member": ("train", data[:members[-1].offset_data + 5000], "declares .* past the archive's end"),
+        "outer_cut_inside_a_member": ("train", data[:members[-1].offset_data + 5000],
+                                      "declares .* past the archive's end"),
         "outer_cut_between_members": ("train", data[:last_inner_end], "no end-of-archive marker"),
         "outer_huge_declared_size": ("train", patched_size(data, 3, (8 << 30) - 1), "8589934591 bytes, past"),
         "outer_empty": ("train", b"", "not a readable tar"),
@@ -287,7 +288,8 @@ def test_hostile_members_are_quarantined_and_junk_skipped(imagenet, tmp_path):
     inner = io.BytesIO()
     with tarfile.open(fileobj=inner, mode="w", format=tarfile.GNU_FORMAT) as tar:
         for name, data in files + [("../../escape.JPEG", files[0][1]), ("new\nline.JPEG", files[0][1]),
-                                   ("big.JPEG", b"\xff\xd8" + b"\0" * 300_000), ("sub/deeper.JPEG", variant(files[1][1], 3))]:
+                                   ("big.JPEG", b"\xff\xd8" + b"\0" * 300_000),
+                                   ("sub/deeper.JPEG", variant(files[1][1], 3))]:
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
