@@ -21,7 +21,7 @@ from codistill.datasets.imagenet import ImageNetConfig
 from codistill.verify import verify_dataset
 from pipelines import jpeg
 from pipelines.imagenet import Quarantine, check_image
-from pipelines.imagenet_input import ArchiveError, read_val_labels
+from pipelines.imagenet_input import ArchiveError, plan_input, read_val_labels
 
 from conftest import shard_bytes
 from test_imagenet_pipeline import MULTI, read_records, read_rejected_tree, run_imagenet
@@ -161,6 +161,10 @@ def test_downloaded_extracted_and_kaggle_layouts_give_the_same_dataset(imagenet,
     assert extra["kaggle"]["sources"] == {"train": "ILSVRC/Data/CLS-LOC/train/", "val": "ILSVRC/Data/CLS-LOC/val/"}
     assert extra["kaggle"]["val_labels_from"] == "LOC_val_solution.csv"
     assert extra["kaggle"]["classes_from"] == "LOC_synset_mapping.txt" and extra["extracted"]["classes_from"] == synsets
+    # Kaggle's image folder given as the input: the label files are found three levels up, where Kaggle puts them
+    plan = plan_input(str(kaggle / "ILSVRC" / "Data" / "CLS-LOC"), ImageNetConfig())
+    assert plan.classes == tuple(imagenet["synsets"]) and plan.facts["classes_from"] == "LOC_synset_mapping.txt"
+    assert plan.val_labels == {n[:-5]: w for n, (w, _) in imagenet["val"].items()}
     records = read_records(tmp_path / "out-downloaded")
     labels = expected_labels(imagenet, imagenet["synsets"])
     assert {k: (int(r["label"]), r["synset"].decode()) for k, r in records.items()} == labels
