@@ -70,9 +70,12 @@ def duplicate_losers(facts: Block) -> Iterator[tuple[int, str, str]]:
             yield row, reason, f"the same bytes as {keys[kept].decode()}, which is kept"
 
 
+_DECIDED_BY = ("key", "digest", "prio", "val", "label", "synset")  # the facts the shuffle carries
+
+
 def _bucketed(task: tuple, facts: Block, buckets: int):
     """(bucket, facts with the task and row of each) for each bucket present: all copies of one digest meet."""
-    rows = {**facts, "task_dest": np.full(len(facts["key"]), task[0], np.int64),
+    rows = {**{name: facts[name] for name in _DECIDED_BY}, "task_dest": np.full(len(facts["key"]), task[0], np.int64),
             "task_index": np.full(len(facts["key"]), task[1], np.int64),
             "row": np.arange(len(facts["key"]), dtype=np.int64)}
     for bucket, picked in partition((digest_words(facts["digest"])[:, 0] % np.uint64(buckets)).astype(np.int64)):
