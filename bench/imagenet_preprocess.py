@@ -1,15 +1,19 @@
 """ImageNet preprocessing: the Beam pipeline vs a plain single-process loop, same run, same data.
 
     .venv/bin/python bench/imagenet_preprocess.py [--images 2000] [--min-size 200 --max-size 500]
-                                                  [--resize-shorter N] [--format tfrecord] [--workdir DIR]
+                                                  [--resize-shorter N] [--format tfrecord] [--layout folders]
+                                                  [--workdir DIR]
 
-Both do the same work on the same generated ILSVRC folder (ImageNet-like
-sizes by default, bad inputs included): list the class folders, hash each
-relative path to its shard, read every file, check it (reduced-size `draft`
-decode), repair what needs it, and write the same shards in key-hash order.
-The loop calls the same per-image function as the pipeline (so the figures
-compare Beam's overhead, not two implementations); the pipeline runs on the
-in-process FnApiRunner with one worker. Shards are compared byte for byte.
+Both do the same work on the same generated ImageNet (ImageNet-like sizes by
+default, bad inputs included; `--layout archives` packs it as downloaded:
+`ILSVRC2012_img_train.tar` of class tars and `ILSVRC2012_img_val.tar`): list
+the class folders or tars, hash each key to its shard, read every image, check
+it (libjpeg's strict decode at 1/8 scale), repair what needs it, find exact
+duplicates over the whole set by content hash, and write the same shards in
+key-hash order. The loop calls the same per-image and per-duplicate functions
+as the pipeline (so the figures compare Beam's overhead, not two
+implementations); the pipeline runs on the in-process FnApiRunner with one
+worker. Shards are compared byte for byte.
 
 Beam's start-up (building the pipeline, starting the runner, ~1 CPU-second)
 is a fixed cost that a real data set amortises: it is measured in the same run
@@ -20,8 +24,12 @@ from __future__ import annotations
 
 import argparse
 import collections
+import io
+import shutil
+import tarfile
 import tempfile
 import time
+from pathlib import Path
 
 import apache_beam as beam
 import numpy as np
@@ -30,8 +38,10 @@ from codistill.config import DataConfig
 from codistill.datasets.imagenet import ImageNetConfig
 from codistill.dataset import join, load_manifest
 from pipelines.formats import write_shard
-from pipelines.imagenet import SCHEMA, ImageChecker, ImageNetToShards, InputFile, configure_pillow, file_destinations, \
-    plan_input, rows_to_block
+from pipelines.imagenet import SCHEMA, ImageChecker, ImageNetToShards, configure_pillow, file_destinations, \
+    image_facts, rows_to_block
+from pipelines.imagenet_dedup import duplicate_losers
+from pipelines.imagenet_input import ListInput, plan_input
 from pipelines.run import pipeline_options
 from pipelines.sharding import string_hash
 from pipelines.sinks import Rejected, layout_for
@@ -39,39 +49,61 @@ from pipelines.synth_imagenet import generate_imagenet
 
 
 def plain_loop(source: str, data: DataConfig) -> dict[str, str]:
-    """List, assign, then per shard: read, check, repair, write. Returns shard path -> sha256."""
-    import fsspec
-
+    """List, assign, then per shard: read, check, repair; drop duplicates; write. Returns shard path -> sha256."""
     configure_pillow(data.imagenet)
     plan = plan_input(source, data.imagenet)
     layout = layout_for(data)
-    fs, root = fsspec.core.url_to_fs(source)
+    lister = ListInput(plan.root, plan.val_labels)
+    lister.setup()
     by_dest = collections.defaultdict(list)
-    for folder in plan.folders:
-        if folder.wnid is None and folder.subfolders_are_classes:
-            continue  # split roots hold only class folders here
-        for entry in fs.ls(f"{root}/{folder.relative}", detail=True):
-            name = entry["name"].rstrip("/").rsplit("/", 1)[-1]
-            wnid = folder.wnid or plan.val_labels.get(name.rsplit(".", 1)[0])
-            file = InputFile(f"{folder.relative}/{name}", folder.split, wnid, entry["size"],
-                             "symlink" if entry.get("islink") else entry["type"])
-            h = np.array([string_hash(file.key, data.seed)], np.uint64)
-            dest = file_destinations(layout, h, folder.split == "val", plan.val_is_eval)[0]
-            by_dest[int(dest)].append((int(h[0]), file))
-    check = ImageChecker(source, data.imagenet, plan.classes)
+    for listing in plan.listings:
+        for files in lister.process(listing):
+            if isinstance(files, beam.pvalue.TaggedOutput):
+                continue  # the input counts
+            hashes = np.array([string_hash(f.key, data.seed) for f in files], np.uint64)
+            dest = file_destinations(layout, hashes, files[0].split == "val", plan.val_is_eval)
+            for d, h, file in zip(dest.tolist(), hashes.tolist(), files):
+                by_dest[d].append((h, file))
+    check = ImageChecker(plan.root, data.imagenet, plan.classes)
+    rows = {}
+    for dest in range(layout.destinations):
+        outcomes = (check(file) for _, file in sorted(by_dest[dest], key=lambda item: (item[0], item[1].key)))
+        rows[dest] = [row for row in outcomes if not isinstance(row, Rejected)]
+    facts = [image_facts(rows[dest], data.seed, plan.val_is_eval) for dest in rows]
+    every = {name: np.concatenate([f[name] for f in facts]) for name in facts[0]}
+    dropped = {every["key"][row].decode() for row, _, _ in duplicate_losers(every)}
     hashes = {}
     for dest in range(layout.destinations):
-        rows = []
-        for _, file in sorted(by_dest[dest], key=lambda item: (item[0], item[1].key)):
-            outcome = check(file)
-            if not isinstance(outcome, Rejected):
-                rows.append(outcome)
+        kept = [row for row in rows[dest] if row.key not in dropped]
         relative = layout.relative_path(dest)
         split, group, shard = layout.describe(dest)
         prefix = f"{split}-s{shard:05d}" if group is None else f"{split}-g{group}-s{shard:05d}"
-        blocks = [rows_to_block(rows)] if rows else []
+        blocks = [rows_to_block(kept)] if kept else []
         hashes[relative] = write_shard(join(data.output, relative), blocks, SCHEMA, data.format, prefix).sha256
     return hashes
+
+
+def pack_as_downloaded(raw: str) -> None:
+    """The generated folders as the archives image-net.org serves: train/ as a tar of class tars, val/ as a
+    flat tar (its labels stay in LOC_val_solution.csv); the folders go."""
+    root = Path(raw)
+
+    def tar_of(paths, arcname) -> bytes:
+        out = io.BytesIO()
+        with tarfile.open(fileobj=out, mode="w", format=tarfile.GNU_FORMAT) as tar:
+            for path in sorted(paths):
+                tar.add(path, arcname(path), recursive=False)
+        return out.getvalue()
+
+    with tarfile.open(root / "ILSVRC2012_img_train.tar", "w", format=tarfile.GNU_FORMAT) as outer:
+        for folder in sorted((root / "train").iterdir()):
+            inner = tar_of(folder.iterdir(), lambda p: p.name)
+            info = tarfile.TarInfo(f"{folder.name}.tar")
+            info.size = len(inner)
+            outer.addfile(info, io.BytesIO(inner))
+    (root / "ILSVRC2012_img_val.tar").write_bytes(tar_of((root / "val").iterdir(), lambda p: p.name))
+    for split in ("train", "val"):
+        shutil.rmtree(root / split)
 
 
 def beam_pipeline(source: str, data: DataConfig) -> dict[str, str]:
@@ -89,6 +121,7 @@ def main() -> None:
     parser.add_argument("--max-size", type=int, default=500)
     parser.add_argument("--resize-shorter", type=int, default=None)
     parser.add_argument("--format", default="tfrecord", choices=["tfrecord", "webdataset"])
+    parser.add_argument("--layout", default="folders", choices=["folders", "archives"])
     parser.add_argument("--workdir", default=None)
     args = parser.parse_args()
     workdir = args.workdir or tempfile.mkdtemp(prefix="codistill-bench-")
@@ -97,11 +130,13 @@ def main() -> None:
     sidecar = generate_imagenet(raw, args.classes, per_class, val_per_class=max(1, per_class // 10), seed=7,
                                 min_size=args.min_size, max_size=args.max_size, faults=1)
     images = sidecar["files"]["train"] + sidecar["files"]["val"]
+    if args.layout == "archives":
+        pack_as_downloaded(raw)
     generate_imagenet(f"{workdir}/one", 1, 1, val_per_class=0, faults=0, min_size=args.min_size,
                       max_size=args.max_size)
     options = ImageNetConfig(resize_shorter=args.resize_shorter)
     config = dict(dataset="imagenet", input=raw, groups=2, shards_per_group=2, eval_shards=1, format=args.format,
-                  seed=17, imagenet=options)
+                  seed=17, options=options)
 
     # CPU seconds of this process (all threads) as well as wall time: on a shared machine the wall time
     # also counts other people's work; CPU time is what the work costs one core.
@@ -121,7 +156,7 @@ def main() -> None:
     same = sum(plain[p] == piped[p] for p in piped)
     mode = f"resize shorter side to {args.resize_shorter}" if args.resize_shorter else "keep bytes"
     print(f"images: {images} ({args.min_size}-{args.max_size} px, {stats['source'] / images / 1e3:.0f} kB "
-          f"average), {mode}, {args.format}")
+          f"average), {mode}, {args.format}, {args.layout}")
     print(f"{'':32} {'wall s':>7} {'images/s':>9} {'CPU s':>7} {'images/CPU-s':>12}")
     for name, wall, cpu in (("plain Python loop (1 process)", plain_s, plain_cpu),
                             ("Beam pipeline (FnApiRunner, 1)", beam_s, beam_cpu),

@@ -6,7 +6,8 @@ it: every key's destination from the manifest's seed (so a swapped eval and
 train shard, two swapped shards or a foreign key are found), the whole shard
 layout (so a dropped shard or group is found even with counts lowered to
 match), the quarantined records behind every rejected count, and the values
-each dataset declares checks for (labels, finite features, ids in range).
+each dataset declares checks for (labels, finite features, ids in range, and
+columns that may hold no value twice: no ImageNet picture is stored twice).
 """
 
 from __future__ import annotations
@@ -40,9 +41,9 @@ class VerifyReport:
         return not self.problems
 
 
-def _key_digests(keys: np.ndarray) -> np.ndarray:
-    """128-bit digests of the keys, as rows of two uint64 (collisions are out of reach)."""
-    joined = b"".join(hashlib.blake2b(k, digest_size=16).digest() for k in keys.tolist())
+def _digests(values: np.ndarray) -> np.ndarray:
+    """128-bit digests of byte values (keys, images), as rows of two uint64 (collisions are out of reach)."""
+    joined = b"".join(hashlib.blake2b(k, digest_size=16).digest() for k in values.tolist())
     return np.frombuffer(joined, np.uint64).reshape(-1, 2)
 
 
@@ -87,7 +88,8 @@ def verify_dataset(root: str) -> VerifyReport:
     checks, problems = _dataset_checks(manifest)
     report.problems += problems
     destination = {layout.relative_path(d): d for d in range(layout.destinations)} if layout else {}
-    digests, owners = [], []
+    # column -> (digests, shard index of each row): keys, and the columns the dataset declares distinct
+    seen = {column: ([], []) for column in ("key", *(checks.distinct if checks else ()))}
     indexes = manifest.extra.get("indexes", {})
     dali = {s.path: dali_index_path(s.path) for s in manifest.shards} if "dali" in indexes else {}
     for index, shard in enumerate(manifest.shards):
@@ -101,8 +103,9 @@ def verify_dataset(root: str) -> VerifyReport:
                     for block in iter_blocks(stream, manifest.features, manifest.format, tfrecord_offsets=offsets):
                         keys = block["key"]
                         rows += len(keys)
-                        digests.append(_key_digests(keys))
-                        owners.append(np.full(len(keys), index))
+                        for column, (digests, owners) in seen.items():
+                            digests.append(_digests(block[column]))
+                            owners.append(np.full(len(keys), index))
                         _check_block(block, checks, layout, destination.get(shard.path), findings)
                 except ShardFormatError as e:
                     report.problems.append(f"{shard.path}: {e}")
@@ -131,8 +134,9 @@ def verify_dataset(root: str) -> VerifyReport:
     report.problems += _unindexed_files(fs, base, manifest)
     report.problems += _quarantine_problems(root, fs, base, manifest)
     report.problems += _wids_problems(fs, base, manifest, indexes.get("wids", []))
-    if digests:
-        report.problems += _duplicate_keys(root, manifest, np.concatenate(digests), np.concatenate(owners))
+    for column, (digests, owners) in seen.items():
+        if digests:
+            report.problems += _repeated(root, manifest, column, np.concatenate(digests), np.concatenate(owners))
     return report
 
 
@@ -267,7 +271,9 @@ def _quarantine_problems(root: str, fs, base: str, manifest: DatasetManifest) ->
     return problems
 
 
-def _duplicate_keys(root: str, manifest: DatasetManifest, digests: np.ndarray, owners: np.ndarray) -> list[str]:
+def _repeated(root: str, manifest: DatasetManifest, column: str, digests: np.ndarray,
+              owners: np.ndarray) -> list[str]:
+    """A problem for each value of `column` found more than once (a key, or an image stored twice)."""
     order = np.lexsort((digests[:, 1], digests[:, 0]))
     sorted_digests = digests[order]
     same = (sorted_digests[1:] == sorted_digests[:-1]).all(axis=1)
@@ -277,24 +283,29 @@ def _duplicate_keys(root: str, manifest: DatasetManifest, digests: np.ndarray, o
     wanted = {digests[i].tobytes(): set() for i in dup_rows}
     for i in dup_rows:
         wanted[digests[i].tobytes()].add(manifest.shards[owners[i]].path)
-    names = _keys_for(root, manifest, wanted)
+    names = _keys_for(root, manifest, wanted, column)
     problems = []
     for digest, paths in list(wanted.items())[:20]:
         where = ", ".join(sorted(paths)) if len(paths) > 1 else f"{next(iter(paths))} (twice)"
-        problems.append(f"key {names.get(digest, digest.hex())!r} is in more than one place: {where}")
+        keys = names.get(digest, [digest.hex()])
+        if column == "key":
+            problems.append(f"key {keys[0]!r} is in more than one place: {where}")
+        else:
+            problems.append(f"the same {column} is stored under keys {', '.join(repr(k) for k in keys[:4])}"
+                            f"{', ...' if len(keys) > 4 else ''}: {where}")
     if len(wanted) > 20:
-        problems.append(f"... {len(wanted) - 20} more duplicated keys")
+        problems.append(f"... {len(wanted) - 20} more repeated {column} values")
     return problems
 
 
-def _keys_for(root: str, manifest: DatasetManifest, wanted: dict[bytes, set]) -> dict[bytes, str]:
-    """Second pass over the shards involved, to name the duplicated keys."""
+def _keys_for(root: str, manifest: DatasetManifest, wanted: dict[bytes, set], column: str) -> dict[bytes, list]:
+    """Second pass over the shards involved: the keys of the rows holding each repeated value."""
     paths = set().union(*wanted.values())
-    names = {}
+    names = collections.defaultdict(list)
     for shard in manifest.shards:
         if shard.path in paths:
             for block in read_shard(join(root, shard.path), manifest.features, manifest.format):
-                for key, digest in zip(block["key"].tolist(), _key_digests(block["key"])):
+                for key, digest in zip(block["key"].tolist(), _digests(block[column])):
                     if digest.tobytes() in wanted:
-                        names[digest.tobytes()] = key.decode(errors="backslashreplace")
+                        names[digest.tobytes()].append(key.decode(errors="backslashreplace"))
     return names

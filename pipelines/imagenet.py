@@ -1,41 +1,53 @@
-"""ImageNet (ILSVRC-2012 layout) JPEG folders -> disjoint per-group shards, one image per record.
+"""ImageNet (ILSVRC-2012) -> disjoint per-group shards, one image per record, each picture once.
 
-Input, local or any fsspec URL: `train/<wnid>/*` and optionally `val/`, either
-as `val/<wnid>/*` or as one flat folder whose labels come from a label file
-(Kaggle `LOC_val_solution.csv`, or `filename<TAB>wnid` lines).
+Input (`pipelines.imagenet_input`): extracted ILSVRC folders, the archives as
+downloaded (`ILSVRC2012_img_train.tar`, `ILSVRC2012_img_val.tar`, the devkit:
+read in place, never extracted), or Kaggle's layout; local or any fsspec URL.
 
 Labels: the 0-based line of the wnid in `imagenet.synsets` (the standard
-1000-class list), or the index among the sorted train folder names, plus
-`label_offset`. A train or val folder (or label-file wnid) missing from the
-synset list stops the pipeline before any work with a message naming it: a
-wrong list would otherwise mislabel or silently drop a whole class.
+1000-class list), else in Kaggle's `LOC_synset_mapping.txt`, else the index
+among the sorted train class names (`extra["classes_from"]` says which), plus
+`label_offset`. Class folders must be named as wnids (`n` + 8 digits) unless
+`any_class_names`; dot-folders and `__MACOSX`, `lost+found` are skipped
+(`extra["skipped"]`). A class missing from the list stops the pipeline before
+any work with a message naming it.
 
-Eval split: with `eval_source: auto` (default), the input's `val/` folder is
-the shared eval split when there is one and every train image goes to a train
+Eval split: with `eval_source: auto` (default), the input's val split is the
+shared eval split when there is one and every train image goes to a train
 group; without it, a keyed-hash `data.eval_fraction` of train is the eval split.
 
-Streaming: the driver lists only the class folders; workers list each folder
-(path, size, type), each path's keyed hash picks its shard, only paths are
-grouped by shard, and each task then reads, checks and writes ~`images_per_task`
-images of one shard, in key-hash order (so no shard is sorted by class).
+Streaming: the driver lists only the class folders (or the train archive's
+class tars); workers list each folder or tar (path, size, type; a tar by its
+headers), each key's keyed hash picks its shard, only listings are grouped by
+shard, and each task then reads, checks and writes ~`images_per_task` images
+of one shard, in key-hash order (so no shard is sorted by class). Then exact
+duplicates are found over the whole data set (`pipelines.imagenet_dedup`) and
+dropped from the tasks' pieces before the sink writes the shards.
 
 Every file is decided by its content, never its name:
 * kept byte for byte: RGB and grayscale JPEGs (grayscale ones stay 1-channel
-  unless `grayscale: rgb`);
+  unless `grayscale: rgb`), less any bytes after the JPEG's end-of-image
+  marker (`trailing_bytes_removed`; an MPO file keeps its first picture) and
+  less an EXIF segment that sets an orientation (`exif_orientation_removed`):
+  the stored pixel grid is the picture, as the reference ImageNet loaders
+  read it, and no reader can turn it;
 * repaired (re-encoded as RGB or grayscale JPEG at `jpeg_quality`, recorded in
   the record's `repairs` and counted in `manifest.extra["repairs"]`): any other
   format (`png_to_jpeg`, ...), CMYK/YCCK JPEGs (`cmyk_to_rgb`, `ycck_to_rgb`),
   16-bit images (`16bit_to_8bit`), other modes (`rgba_to_rgb`, `p_to_rgb`, ...),
   and `resized` when `resize_shorter` shrinks it (never enlarged);
 * quarantined (`rejected/<key>.jsonl`: path, reason, detail, never the bytes):
-  `empty`, `not_an_image`, `truncated`, `corrupt` (a reduced-size `draft`
-  decode of every image with LOAD_TRUNCATED_IMAGES off), `too_large` (more than
-  `max_image_bytes`, from the listing, before reading), `decompression_bomb`
-  (more than `max_image_pixels`, from the header), `symlink`,
-  `not_a_regular_file` (FIFOs, devices, nested folders), `no_label`
-  (a file outside a class folder, a flat val file missing from the label
-  file), `bad_file_name` (not valid UTF-8), `unreadable`.
-EXIF is never parsed; re-encoded images do not carry it (nor an ICC profile).
+  `empty`, `not_an_image`, `truncated`, `corrupt` (libjpeg's corruption
+  warnings are errors: a scan that ends early or has bytes left over, as
+  under a header bigger than the scan; other formats: a full Pillow decode
+  with LOAD_TRUNCATED_IMAGES off), `too_large` (more than `max_image_bytes`,
+  from the listing, before reading), `decompression_bomb` (more than
+  `max_image_pixels`, from the header), `symlink`, `not_a_regular_file`
+  (FIFOs, devices, nested folders, hard links in a tar), `no_label` (a file
+  outside a class folder, a flat val file missing from the labels),
+  `bad_file_name` (not UTF-8, control characters, or an archive path that
+  climbs out), `unreadable`, and the duplicates' `duplicate`,
+  `duplicate_of_eval`, `conflicting_labels`.
 
 Records (`SCHEMA`): TFRecord Examples with the TensorFlow ImageNet converters'
 features, or WebDataset samples `<key>.jpg`, `<key>.cls`, `<key>.json`.
@@ -44,6 +56,7 @@ features, or WebDataset samples `<key>.jpg`, `<key>.cls`, `<key>.json`.
 from __future__ import annotations
 
 import collections
+import hashlib
 import io
 import posixpath
 import warnings
@@ -56,13 +69,13 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 from codistill import storage
 from codistill.config import DataConfig
 from codistill.datasets.imagenet import ImageNetConfig
-from codistill.dataset import join
-from pipelines import progress
+from pipelines import jpeg, progress
 from pipelines.formats import Block, Feature, Schema
+from pipelines.imagenet_dedup import DUPLICATE_REASONS, FindDuplicates, copy_priority
+from pipelines.imagenet_input import InputFile, ListInput, plan_input, read_input
 from pipelines.run import DatasetChecks, DatasetPipeline, ValueCheck
 from pipelines.sharding import ShardLayout, string_hash
-from pipelines.sinks import Rejected, WriteDataset, layout_for, write_pieces
-from pipelines.synth_imagenet import read_synsets
+from pipelines.sinks import Piece, Rejected, WriteDataset, layout_for, read_piece, write_pieces
 from pipelines.worker import WorkerDoFn
 
 SCHEMA: Schema = {
@@ -83,142 +96,7 @@ _KEPT_MODES = {"RGB": "RGB", "L": "Grayscale"}
 _JPEG_FORMATS = ("JPEG", "MPO")  # Pillow names a JPEG with an MPF segment (several pictures) MPO
 
 
-# --- the input: folders, labels -------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Folder:
-    """A folder a worker lists: a class folder (`wnid` set), or a split root / flat val folder (`wnid` None)."""
-
-    relative: str
-    wnid: str | None
-    split: str  # "train" or "val"
-    subfolders_are_classes: bool = False  # split roots: their subfolders are listed as folders of their own
-
-
-@dataclass(frozen=True)
-class InputFile:
-    key: str  # path relative to the input root
-    split: str
-    wnid: str | None  # None: no label known
-    size: int
-    kind: str  # "file", "symlink", "directory", "other" (FIFO, device), "bad_name" (not UTF-8)
-
-
-@dataclass(frozen=True)
-class InputPlan:
-    classes: tuple[str, ...]  # wnids in label order
-    folders: tuple[Folder, ...]
-    val_labels: dict[str, str]  # flat val: file stem -> wnid
-    val_is_eval: bool
-
-
-def read_val_labels(url: str) -> dict[str, str]:
-    """File stem -> wnid from Kaggle's LOC_val_solution.csv or `filename<TAB>wnid` lines."""
-    with storage.open(url, "r") as f:
-        lines = f.read().splitlines()
-    kaggle = bool(lines) and lines[0].startswith("ImageId,")
-    labels = {}
-    for number, line in enumerate(lines[1:] if kaggle else lines, start=2 if kaggle else 1):
-        if not line.strip():
-            continue
-        name, _, rest = line.partition("," if kaggle else "\t")
-        fields = rest.split()
-        if not name or not fields:
-            raise ValueError(f"{url}:{number}: expected {'ImageId,PredictionString' if kaggle else 'filename<TAB>wnid'}"
-                             f", got {line[:80]!r}")
-        stem = name.strip() if kaggle else name.strip().rsplit(".", 1)[0]
-        if labels.setdefault(stem, fields[0]) != fields[0]:
-            raise ValueError(f"{url}:{number}: {stem} labelled both {labels[stem]} and {fields[0]}")
-    return labels
-
-
-def _is_utf8(name: str) -> bool:
-    """Local names that are not valid UTF-8 reach Python with surrogate escapes."""
-    try:
-        name.encode("utf-8")
-        return True
-    except UnicodeEncodeError:
-        return False
-
-
-def _subfolders(fs, path: str) -> list[str]:
-    names = sorted(posixpath.basename(e["name"].rstrip("/")) for e in fs.ls(path, detail=True)
-                   if e["type"] == "directory" and not e.get("islink"))
-    bad = [n.encode("utf-8", "surrogateescape") for n in names if not _is_utf8(n)]
-    if bad:
-        raise ValueError(f"{path}: folder names that are not valid UTF-8: {bad[:5]}; rename them")
-    return names
-
-
-def plan_input(source: str, options: ImageNetConfig) -> InputPlan:
-    """On the driver: class folders, labels and where the eval split comes from (cheap: no image is listed)."""
-    fs, root = storage.url_to_fs(source)
-    root = root.rstrip("/")
-    if not fs.isdir(f"{root}/train"):
-        raise FileNotFoundError(f"{source}: no train/ folder (expected the ILSVRC layout train/<wnid>/*.JPEG)")
-    train_classes = _subfolders(fs, f"{root}/train")
-    has_val = fs.isdir(f"{root}/val")
-    if options.eval_source == "val" and not has_val:
-        raise FileNotFoundError(f"{source}: data.imagenet.eval_source is 'val' but there is no val/ folder")
-    val_is_eval = has_val and options.eval_source != "train"
-    folders = [Folder("train", None, "train", True)] + [Folder(f"train/{w}", w, "train") for w in train_classes]
-    val_labels, val_classes = {}, []
-    if val_is_eval:
-        val_classes = _subfolders(fs, f"{root}/val")
-        if val_classes:
-            folders += [Folder("val", None, "val", True)] + [Folder(f"val/{w}", w, "val") for w in val_classes]
-        else:
-            labels_url = options.val_labels or join(source, "LOC_val_solution.csv")
-            if not fs.exists(storage.url_to_fs(labels_url)[1]) and options.val_labels is None:
-                raise FileNotFoundError(f"{source}: val/ is one flat folder but there is no label file "
-                                        f"{labels_url}; give one with data.imagenet.val_labels")
-            val_labels = read_val_labels(labels_url)
-            val_classes = sorted(set(val_labels.values()))
-            folders.append(Folder("val", None, "val"))
-    if options.synsets:
-        classes = read_synsets(options.synsets)
-        if len(set(classes)) != len(classes):
-            raise ValueError(f"{options.synsets}: a wnid is listed twice")
-    else:
-        classes = train_classes
-    unknown = sorted(set(train_classes + val_classes) - set(classes))
-    if unknown:
-        where = f"the synset list {options.synsets}" if options.synsets else "train/"
-        raise ValueError(f"{source}: {len(unknown)} class(es) not in {where} ({', '.join(unknown[:5])}"
-                         f"{', ...' if len(unknown) > 5 else ''}); remove the folders or use a synset list with them")
-    return InputPlan(tuple(classes), tuple(folders), val_labels, val_is_eval)
-
-
-class ListFolder(WorkerDoFn):
-    """A folder -> its files as one list (few elements: Beam costs ~250 us each); `inputs` counts per folder."""
-
-    def __init__(self, source: str, val_labels: dict[str, str]):
-        super().__init__()
-        self.source, self.val_labels = source, val_labels
-
-    def setup(self):
-        super().setup()
-        self.fs, root = storage.url_to_fs(self.source)
-        self.root = root.rstrip("/")
-
-    def process(self, folder: Folder):
-        files = []
-        for entry in sorted(self.fs.ls(f"{self.root}/{folder.relative}", detail=True), key=lambda e: e["name"]):
-            name = posixpath.basename(entry["name"].rstrip("/"))
-            kind = "symlink" if entry.get("islink") else entry["type"]
-            if not _is_utf8(name):  # keys, records and rejected/ paths are UTF-8: report it escaped
-                name, kind = name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace"), "bad_name"
-            if kind == "directory" and folder.subfolders_are_classes:
-                continue
-            wnid = folder.wnid if folder.wnid is not None else self.val_labels.get(name.rsplit(".", 1)[0])
-            files.append(InputFile(f"{folder.relative}/{name}", folder.split, wnid, int(entry.get("size") or 0),
-                                   kind))
-        # The driver plans folders only: the files (and bytes) to read are known once each folder is listed.
-        progress.report(found_parts=len(files), found_bytes=sum(f.size for f in files))
-        yield beam.pvalue.TaggedOutput("inputs", (folder.relative, len(files)))
-        if files:
-            yield files
+# --- shards and tasks -------------------------------------------------------------------------------
 
 
 def file_destinations(layout: ShardLayout, hashes: np.ndarray, is_val, val_is_eval: bool) -> np.ndarray:
@@ -271,7 +149,8 @@ def configure_pillow(options: ImageNetConfig) -> None:
 def check_entry(file: InputFile, max_bytes: int) -> None:
     """Checks on the listing entry, before any read (a FIFO would block, a symlink may point anywhere)."""
     if file.kind == "bad_name":
-        raise Quarantine("bad_file_name", "the name is not valid UTF-8 (shown with \\x escapes)")
+        raise Quarantine("bad_file_name", "the name is not printable UTF-8 or not a plain path (shown with "
+                         "\\x escapes)")
     if file.kind == "symlink":
         raise Quarantine("symlink", "symbolic links are not followed")
     if file.kind != "file":
@@ -280,15 +159,16 @@ def check_entry(file: InputFile, max_bytes: int) -> None:
         raise Quarantine("too_large", f"{file.size} bytes, more than data.imagenet.max_image_bytes={max_bytes}")
 
 
-def read_file(fs, path: str, max_bytes: int) -> bytes:
-    """At most `max_bytes` of the file (a file may grow after it was listed)."""
+def read_file(fs, base: str, file: InputFile, max_bytes: int) -> bytes:
+    """The file's bytes: a file may have grown after it was listed, an archive may have been cut short."""
     try:
-        with fs.open(path, "rb") as f:
-            data = f.read(max_bytes + 1)
+        data = read_input(fs, base, file, max_bytes)
     except OSError as e:
         raise Quarantine("unreadable", f"{type(e).__name__}: {e}") from None
     if len(data) > max_bytes:
         raise Quarantine("too_large", f"more than data.imagenet.max_image_bytes={max_bytes} bytes (grew after listing)")
+    if file.archive is not None and len(data) != file.size:
+        raise Quarantine("truncated", f"{file.archive} holds {len(data)} of the {file.size} bytes its header declares")
     return data
 
 
@@ -324,6 +204,36 @@ def _target_size(width: int, height: int, shorter: int | None) -> tuple[int, int
     return max(shorter, round(width * scale)), max(shorter, round(height * scale))
 
 
+def _orientation(image: Image.Image) -> int | None:
+    if "exif" not in image.info:
+        return None
+    try:
+        return image.getexif().get(0x0112)
+    except Exception:  # Pillow raises many kinds on a damaged EXIF block: it may hold any orientation
+        return -1
+
+
+def _check_jpeg(data: bytes, image: Image.Image, size: tuple[int, int]) -> tuple[bytes, list[str], np.ndarray | None]:
+    """libjpeg's strict decode (at the smallest scale covering `size`), then the stream alone: bytes after its
+    end-of-image marker cut (an MPO file's further pictures with the index that points to them), an EXIF
+    orientation removed. Returns (bytes to keep, repairs, pixels or None)."""
+    try:
+        pixels = jpeg.decode_strict(data, image.mode, size)
+    except jpeg.ScanError as e:
+        raise Quarantine("truncated" if e.truncated else "corrupt", f"libjpeg: {e}") from None
+    end = jpeg.stream_end(data)
+    if end is None:
+        raise Quarantine("corrupt", "no end-of-image marker after the scans")
+    repairs = []
+    if end < len(data):
+        data = jpeg.without_segments(data[:end], jpeg.MPF)
+        repairs.append("trailing_bytes_removed")
+    if _orientation(image) not in (None, 1):
+        data = jpeg.without_segments(data, jpeg.EXIF)
+        repairs.append("exif_orientation_removed")
+    return data, repairs, pixels
+
+
 def check_image(data: bytes, options: ImageNetConfig) -> tuple[bytes, int, int, str, list[str]]:
     """(JPEG bytes to store, width, height, mode "RGB"/"L", repairs) or Quarantine."""
     if not data:
@@ -344,11 +254,19 @@ def check_image(data: bytes, options: ImageNetConfig) -> tuple[bytes, int, int, 
     mode = image.mode
     keep = (image.format in _JPEG_FORMATS and mode in _KEPT_MODES and target is None
             and not (mode == "L" and options.grayscale == "rgb"))
-    if keep:  # validation only: a 1/8-scale decode still reads every byte of the stream
-        _decode(image, (max(1, width // 8), max(1, height // 8)))
-        return data, width, height, mode, []
-    _decode(image, target)
-    repairs = [] if image.format in _JPEG_FORMATS else [f"{image.format.lower()}_to_jpeg"]
+    if image.format not in _JPEG_FORMATS:
+        _decode(image, target)
+        repairs = [f"{image.format.lower()}_to_jpeg"]
+    else:  # libjpeg decodes it once, strictly: at 1/8 to check it, or at the size a repair of RGB or gray needs
+        from_pixels = not keep and mode in _KEPT_MODES
+        data, repairs, pixels = _check_jpeg(data, image, (target or (width, height)) if from_pixels else (1, 1))
+        if keep:
+            return data, width, height, mode, repairs
+        repairs = []  # re-encoded: what followed the picture, and EXIF, are not carried anyway
+        if from_pixels:
+            image = Image.fromarray(pixels, mode)
+        else:
+            _decode(image, target)  # CMYK/YCCK: Pillow knows Adobe's inverted CMYK
     if mode == "CMYK":
         repairs.append("ycck_to_rgb" if image.info.get("adobe_transform") == 2 else "cmyk_to_rgb")
         image = image.convert("RGB")
@@ -397,9 +315,9 @@ class ImageChecker:
         try:
             check_entry(file, self.options.max_image_bytes)
             if file.wnid is None:
-                raise Quarantine("no_label", "not inside a class folder" if file.split == "train"
-                                 else "not in the val label file")
-            data = read_file(self.fs, f"{self.root}/{file.key}", self.options.max_image_bytes)
+                raise Quarantine("no_label", "not inside a class folder (or class tar)" if file.split == "train"
+                                 else "not in the val labels")
+            data = read_file(self.fs, self.root, file, self.options.max_image_bytes)
             image, width, height, mode, repairs = check_image(data, self.options)
         except Quarantine as q:
             return Rejected(file.key, 0, q.reason, q.detail, "")
@@ -422,12 +340,27 @@ def rows_to_block(rows: list[ImageRow]) -> Block:
         "repairs": np.array([",".join(r.repairs).encode() for r in rows], np.bytes_)}
 
 
-def row_stats(rows: list[ImageRow], part: str) -> dict:
+def image_facts(rows: list[ImageRow], seed: int, val_is_eval: bool) -> Block:
+    """What deduplication and the manifest's counts need of each row written (`pipelines.imagenet_dedup`)."""
+    keys = [r.key for r in rows]
+    return {"key": np.array([k.encode() for k in keys], np.bytes_),
+            "digest": np.array([hashlib.sha256(r.image).digest() for r in rows], "S32"),
+            "prio": copy_priority(np.array([string_hash(k, seed) for k in keys], np.uint64)),
+            "val": np.array([val_is_eval and k.startswith("val/") for k in keys], bool),
+            "label": np.array([r.label for r in rows], np.int64),
+            "synset": np.array([r.synset.encode() for r in rows], np.bytes_),
+            "gray": np.array([r.mode == "L" for r in rows], bool),
+            "repairs": np.array([",".join(r.repairs).encode() for r in rows], np.bytes_),
+            "source_bytes": np.array([r.source_bytes for r in rows], np.int64),
+            "stored_bytes": np.array([len(r.image) for r in rows], np.int64)}
+
+
+def facts_stats(facts: Block, part: str) -> dict:
     """Counts summed into the manifest's `extra`."""
-    repairs = collections.Counter(fix for r in rows for fix in r.repairs)
-    return {"class_counts": {part: dict(collections.Counter(r.synset for r in rows))},
-            "repairs": dict(repairs), "grayscale": sum(r.mode == "L" for r in rows),
-            "image_bytes": {"source": sum(r.source_bytes for r in rows), "stored": sum(len(r.image) for r in rows)}}
+    repairs = collections.Counter(fix for r in facts["repairs"].tolist() if r for fix in r.decode().split(","))
+    return {"class_counts": {part: dict(collections.Counter(s.decode() for s in facts["synset"].tolist()))},
+            "repairs": dict(repairs), "grayscale": int(facts["gray"].sum()),
+            "image_bytes": {"source": int(facts["source_bytes"].sum()), "stored": int(facts["stored_bytes"].sum())}}
 
 
 def part_name(layout: ShardLayout, dest: int) -> str:
@@ -435,17 +368,23 @@ def part_name(layout: ShardLayout, dest: int) -> str:
     return split if group is None else f"{split}/{group}"
 
 
-class ProcessImages(WorkerDoFn):
-    """A task (one shard's next images) -> one piece; quarantined files and counts aside."""
+@dataclass(frozen=True)
+class WrittenTask:
+    piece: Piece  # the task's rows, in one piece file of its shard
+    facts: Block  # image_facts of the same rows, in the same order
 
-    def __init__(self, source: str, data: DataConfig, layout: ShardLayout, classes: tuple[str, ...]):
+
+class ProcessImages(WorkerDoFn):
+    """A task (one shard's next images) -> ((destination, task index), WrittenTask); quarantined files aside."""
+
+    def __init__(self, root: str, data: DataConfig, classes: tuple[str, ...], val_is_eval: bool):
         super().__init__()
-        self.source, self.data, self.layout, self.classes = source, data, layout, classes
+        self.root, self.data, self.classes, self.val_is_eval = root, data, classes, val_is_eval
 
     def setup(self):
         super().setup()
         configure_pillow(self.data.imagenet)
-        self.check = ImageChecker(self.source, self.data.imagenet, self.classes)
+        self.check = ImageChecker(self.root, self.data.imagenet, self.classes)
 
     def process(self, task):
         dest, index, files = task
@@ -458,12 +397,38 @@ class ProcessImages(WorkerDoFn):
                 rows.append(outcome)
         progress.report(parts=len(files), bytes=sum(f.size for f in files), rows=len(files))
         if rows:
-            yield beam.pvalue.TaggedOutput("stats", row_stats(rows, part_name(self.layout, dest)))
-            yield from write_pieces(self.data.output, SCHEMA, (dest, index), {dest: [rows_to_block(rows)]})
+            (_, piece), = write_pieces(self.data.output, SCHEMA, (dest, index), {dest: [rows_to_block(rows)]})
+            yield (dest, index), WrittenTask(piece, image_facts(rows, self.data.seed, self.val_is_eval))
+
+
+class DropDuplicates(WorkerDoFn):
+    """A task's piece and the rows deduplication drops from it -> (destination, piece without them); the
+    counts of what stays aside. A piece that loses rows is written anew beside the old (so a retry finds the
+    old one; the sink removes every piece at the end)."""
+
+    def __init__(self, output: str, layout: ShardLayout):
+        super().__init__()
+        self.output, self.layout = output, layout
+
+    def process(self, element):
+        (dest, index), joined = element
+        (task,) = joined["task"]
+        dropped = sorted({row for rows in joined["drops"] for row in rows})
+        keep = np.ones(task.piece.rows, bool)
+        keep[dropped] = False
+        piece = task.piece
+        if dropped and keep.any():
+            block = {name: column[keep] for name, column in read_piece(piece, SCHEMA).items()}
+            (_, piece), = write_pieces(self.output, SCHEMA, (dest, index, "dedup"), {dest: [block]})
+        if keep.any():
+            yield dest, piece
+            facts = {name: column[keep] for name, column in task.facts.items()}
+            yield beam.pvalue.TaggedOutput("stats", facts_stats(facts, part_name(self.layout, dest)))
 
 
 class ImageNetToShards(beam.PTransform):
-    """An ILSVRC-layout folder -> `<output>` with shards, indexes, `classes.txt`, `rejected/`, `manifest.json`."""
+    """ImageNet as downloaded, extracted or from Kaggle -> `<output>` with shards, indexes, `classes.txt`,
+    `rejected/`, `manifest.json`."""
 
     def __init__(self, source: str, data: DataConfig, extra: dict | None = None):
         super().__init__()
@@ -474,24 +439,32 @@ class ImageNetToShards(beam.PTransform):
         plan = plan_input(self.source, options)
         layout = layout_for(data)
         listed = (pbegin
-                  | "Folders" >> beam.Create(plan.folders)
-                  | "SpreadFolders" >> beam.Reshuffle()
-                  | "ListFolders" >> beam.ParDo(ListFolder(self.source, plan.val_labels)).with_outputs(
-                      "inputs", main="files"))
+                  | "Listings" >> beam.Create(plan.listings)
+                  | "SpreadListings" >> beam.Reshuffle()
+                  | "List" >> beam.ParDo(ListInput(plan.root, plan.val_labels)).with_outputs("inputs", main="files"))
         tasks = (listed.files
                  | "AssignShards" >> beam.ParDo(AssignShards(layout, data.seed, plan.val_is_eval))
                  | "GroupByShard" >> beam.GroupByKey()
                  | "PlanTasks" >> beam.FlatMapTuple(
                      lambda dest, batches: plan_tasks(dest, batches, options.images_per_task))
                  | "SpreadTasks" >> beam.Reshuffle())
-        processed = tasks | "ProcessImages" >> beam.ParDo(
-            ProcessImages(self.source, data, layout, plan.classes)).with_outputs("rejected", "stats", main="pieces")
-        extra = {**self.extra, "classes": list(plan.classes), "label_offset": options.label_offset,
+        written = tasks | "ProcessImages" >> beam.ParDo(
+            ProcessImages(plan.root, data, plan.classes, plan.val_is_eval)).with_outputs("rejected", main="tasks")
+        duplicates = (written.tasks
+                      | "Facts" >> beam.MapTuple(lambda task, result: (task, result.facts))
+                      | "FindDuplicates" >> FindDuplicates(options.dedup_buckets))
+        kept = ({"task": written.tasks, "drops": duplicates.drops}
+                | "JoinDrops" >> beam.CoGroupByKey()
+                | "DropDuplicates" >> beam.ParDo(DropDuplicates(data.output, layout)).with_outputs(
+                    "stats", main="pieces"))
+        extra = {**self.extra, **plan.facts, "classes": list(plan.classes), "label_offset": options.label_offset,
                  "num_outputs": len(plan.classes) + options.label_offset,
-                 "eval_source": "val" if plan.val_is_eval else "train", "repairs": {}, "grayscale": 0}
+                 "eval_source": "val" if plan.val_is_eval else "train", "repairs": {}, "grayscale": 0,
+                 "duplicates": dict.fromkeys(DUPLICATE_REASONS, 0)}
         parameters = {"input": self.source, **data.recorded()}
-        return {"pieces": processed.pieces, "rejected": processed.rejected, "inputs": listed.inputs,
-                "stats": processed.stats} | WriteDataset(
+        rejected = (written.rejected, duplicates.rejected) | "AllRejected" >> beam.Flatten()
+        stats = (kept.stats, duplicates.stats) | "AllStats" >> beam.Flatten()
+        return {"pieces": kept.pieces, "rejected": rejected, "inputs": listed.inputs, "stats": stats} | WriteDataset(
             output=data.output, layout=layout, schema=SCHEMA, fmt=data.format, block_rows=options.images_per_task,
             parameters=parameters, extra=extra, files={"classes.txt": "".join(c + "\n" for c in plan.classes)},
             indexes=True)
@@ -508,7 +481,7 @@ def _generate(raw: str, synth) -> tuple[str, dict]:
 
 def dataset_checks(manifest) -> DatasetChecks:
     """Labels within the model's outputs; keys are relative paths, assigned by their keyed hash (val/ files to
-    the eval split when it is the input's val/ folder)."""
+    the eval split when it is the input's val split); no image's bytes stored twice."""
     outputs, seed = manifest.extra["num_outputs"], manifest.settings.seed
     val_is_eval = manifest.extra.get("eval_source") == "val"
 
@@ -521,7 +494,7 @@ def dataset_checks(manifest) -> DatasetChecks:
 
     return DatasetChecks(values=(
         ValueCheck("label", lambda v: (v >= 0) & (v < outputs), f"labels in [0, {outputs})"),
-    ), key_hashes=key_hashes, destinations=destinations)
+    ), key_hashes=key_hashes, destinations=destinations, distinct=("image",))
 
 
 def describe_synth(sidecar: dict, out: str) -> str:
@@ -535,8 +508,10 @@ def describe_synth(sidecar: dict, out: str) -> str:
 def describe(manifest) -> list[str]:
     extra = manifest.extra
     repairs = ", ".join(f"{k}: {v}" for k, v in sorted(extra.get("repairs", {}).items())) or "none"
-    return [f"{len(extra.get('classes', []))} classes; repaired: {repairs}; "
-            f"1-channel (grayscale): {extra.get('grayscale', 0)}"]
+    duplicates = ", ".join(f"{k}: {v}" for k, v in sorted(extra.get("duplicates", {}).items()) if v) or "none"
+    return [f"{len(extra.get('classes', []))} classes ({extra.get('classes_from', 'sorted train folders')}); "
+            f"repaired: {repairs}; 1-channel (grayscale): {extra.get('grayscale', 0)}; duplicates dropped: "
+            f"{duplicates}"]
 
 
 PIPELINE = DatasetPipeline(transform=lambda source, data, extra: ImageNetToShards(source, data, extra),

@@ -66,6 +66,8 @@ class DatasetChecks:
     # (keys, their hashes, layout) -> each key's destination; by default `ShardLayout.assign` (a dataset whose
     # eval split comes from elsewhere, as ImageNet's val/ folder, says how instead).
     destinations: Callable[[np.ndarray, np.ndarray, Any], np.ndarray] | None = None
+    # Columns whose values may not repeat anywhere in the dataset (ImageNet's image bytes: no picture twice).
+    distinct: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

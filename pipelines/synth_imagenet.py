@@ -41,8 +41,9 @@ GRAYSCALE_FAULTS = ("png16", "grayscale")  # stored as 1-channel images when gra
 
 
 def read_synsets(url: str) -> list[str]:
+    """The wnid of each line: its first word (a plain list, or Kaggle's `LOC_synset_mapping.txt` with names)."""
     with storage.open(url, "r") as f:
-        return [line.strip() for line in f if line.strip()]
+        return [line.split()[0] for line in f if line.strip()]
 
 
 def choose_wnids(count: int, rng: np.random.Generator, synsets: list[str] | None) -> list[str]:

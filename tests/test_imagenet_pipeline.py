@@ -538,21 +538,29 @@ def test_other_formats_and_modes_are_repaired_by_content(small, tmp_path):
     shutil.copytree(small / "train", root / "train")
     folder = next(p for p in sorted((root / "train").iterdir()))
     rgb = Image.open(next(folder.iterdir())).convert("RGB")
-    files = {"rgba.JPEG": ("PNG", rgb.convert("RGBA"), {}), "palette.JPEG": ("GIF", rgb.convert("P"), {}),
-             "bmp.JPEG": ("BMP", rgb, {}), "two-pictures.JPEG": ("MPO", rgb, {"save_all": True,
-                                                                             "append_images": [rgb]})}
+    turned = [rgb.transpose(t) for t in (Image.Transpose.FLIP_LEFT_RIGHT, Image.Transpose.FLIP_TOP_BOTTOM,
+                                         Image.Transpose.ROTATE_180)]  # distinct pictures: no duplicates
+    files = {"rgba.JPEG": ("PNG", rgb.convert("RGBA"), {}), "palette.JPEG": ("GIF", turned[0].convert("P"), {}),
+             "bmp.JPEG": ("BMP", turned[1], {}), "two-pictures.JPEG": ("MPO", turned[2], {"save_all": True,
+                                                                                       "append_images": [rgb]})}
     for name, (fmt, image, options) in files.items():
         image.save(folder / name, fmt, **options)
-    run_imagenet(root, tmp_path / "out")
+    manifest = run_imagenet(root, tmp_path / "out")
+    assert manifest.rejected == {}
     records = read_records(tmp_path / "out")
     key = f"train/{folder.name}"
     assert records[f"{key}/rgba.JPEG"]["repairs"] == b"png_to_jpeg,rgba_to_rgb"
     assert records[f"{key}/palette.JPEG"]["repairs"] == b"gif_to_jpeg,p_to_rgb"
     assert records[f"{key}/bmp.JPEG"]["repairs"] == b"bmp_to_jpeg"
+    # An MPO file keeps its first picture, cut losslessly at its end-of-image marker, without the index of
+    # the pictures that followed it: a plain JPEG whose pixels are the first picture's.
     mpo = records[f"{key}/two-pictures.JPEG"]
-    assert mpo["repairs"] == b"" and mpo["image"] == (folder / "two-pictures.JPEG").read_bytes()
+    source = (folder / "two-pictures.JPEG").read_bytes()
+    assert mpo["repairs"] == b"trailing_bytes_removed" and len(mpo["image"]) < len(source)
+    stored = Image.open(io.BytesIO(mpo["image"]))
+    assert stored.format == "JPEG" and np.array_equal(np.asarray(stored), np.asarray(Image.open(io.BytesIO(source))))
     for name in files:
-        assert Image.open(io.BytesIO(records[f"{key}/{name}"]["image"])).format in ("JPEG", "MPO")
+        assert Image.open(io.BytesIO(records[f"{key}/{name}"]["image"])).format == "JPEG"
 
 
 def test_verify_catches_stale_indexes(built, tmp_path):
@@ -576,7 +584,8 @@ def test_listing_and_task_planning_transforms(small):
     from apache_beam.testing.test_pipeline import TestPipeline
     from apache_beam.testing.util import assert_that, equal_to
 
-    from pipelines.imagenet import AssignShards, ListFolder, plan_input, plan_tasks
+    from pipelines.imagenet import AssignShards, plan_tasks
+    from pipelines.imagenet_input import ListInput, plan_input
     from pipelines.sharding import ShardLayout, string_hash
 
     config = imagenet_config(str(small), "unused", eval_source="train")
@@ -590,8 +599,8 @@ def test_listing_and_task_planning_transforms(small):
         return dest, index, hashes == sorted(hashes), [f.key for f in files]
 
     with TestPipeline(options=PipelineOptions(["--runner=FnApiRunner"])) as p:
-        listed = (p | beam.Create([f for f in plan.folders if f.split == "train"])
-                  | beam.ParDo(ListFolder(str(small), {})).with_outputs("inputs", main="files"))
+        listed = (p | beam.Create([f for f in plan.listings if f.split == "train"])
+                  | beam.ParDo(ListInput(str(small), {})).with_outputs("inputs", main="files"))
         tasks = (listed.files | beam.ParDo(AssignShards(layout, 3, False)) | beam.GroupByKey()
                  | beam.FlatMapTuple(lambda dest, batches: plan_tasks(dest, batches, 4)) | beam.Map(summary))
         keys = tasks | "Keys" >> beam.FlatMap(lambda t: t[3])
@@ -602,7 +611,7 @@ def test_listing_and_task_planning_transforms(small):
 
 
 def test_label_files_parse_both_formats_and_bad_ones_fail_clearly(tmp_path):
-    from pipelines.imagenet import read_val_labels
+    from pipelines.imagenet_input import read_val_labels
 
     kaggle = tmp_path / "LOC_val_solution.csv"
     kaggle.write_text("ImageId,PredictionString\nILSVRC2012_val_00000002,n01 1 2 3 4 n01 5 6 7 8 \n"

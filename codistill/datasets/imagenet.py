@@ -1,4 +1,5 @@
-"""ImageNet (ILSVRC-2012 layout): JPEG folders -> checked, repaired image shards, trained by a ResNet."""
+"""ImageNet (ILSVRC-2012): archives or JPEG folders -> checked, repaired, deduplicated image shards, trained by a
+ResNet."""
 
 from __future__ import annotations
 
@@ -46,15 +47,19 @@ class ImageNetConfig:
     # Where the shared eval split comes from: "auto" = the input's val/ folder when there is one, else a
     # keyed-hash `data.eval_fraction` of train; "val" requires the folder; "train" ignores it.
     eval_source: Literal["auto", "val", "train"] = "auto"
-    # Labels of a flat val/ folder: Kaggle LOC_val_solution.csv or `filename<TAB>wnid` lines (path or URL);
-    # None = <input>/LOC_val_solution.csv. Unused for the val/<wnid>/ layout.
+    # Labels of a flat val split (path or URL): Kaggle's LOC_val_solution.csv, `filename<TAB>wnid` lines, the
+    # devkit's ILSVRC2012_validation_ground_truth.txt (meta.mat beside it), or the devkit archive or folder;
+    # None = LOC_val_solution.csv where Kaggle puts it, else the devkit in the input. Unused for val/<wnid>/.
     val_labels: str | None = None
+    # Class folder names (or class tars) that are not wnids (n + 8 digits) are refused, unless this is set.
+    any_class_names: bool = False
     grayscale: Literal["keep", "rgb"] = "keep"  # grayscale JPEGs stay 1-channel, or become RGB JPEGs
     resize_shorter: int | None = None  # shrink images whose shorter side is longer (never upscales); None = keep
     jpeg_quality: int = 95  # for re-encoded images (repairs, resizes)
     max_image_bytes: int = 64 << 20  # bigger files are quarantined unread
     max_image_pixels: int = 89_478_485  # bigger images (decompression bombs) are quarantined; Pillow's default
     images_per_task: int = 256  # images per unit of parallel work
+    dedup_buckets: int = 16  # the content hashes of all images are shuffled into this many groups to find copies
 
     def validate(self, name: str) -> None:
         require(self.label_offset >= 0, f"{name}.label_offset", f"must be >= 0, got {self.label_offset}")
@@ -66,6 +71,7 @@ class ImageNetConfig:
         require(self.max_image_pixels >= 1, f"{name}.max_image_pixels",
                  f"must be >= 1, got {self.max_image_pixels}")
         require(self.images_per_task >= 1, f"{name}.images_per_task", f"must be >= 1, got {self.images_per_task}")
+        require(self.dedup_buckets >= 1, f"{name}.dedup_buckets", f"must be >= 1, got {self.dedup_buckets}")
 
 
 @dataclass(frozen=True)
@@ -88,13 +94,16 @@ class ResNetConfig:
 
 
 SPEC = DatasetSpec(
-    summary="ILSVRC-layout JPEG folders (train/<wnid>/, val/)",
+    summary="ImageNet as downloaded (ILSVRC2012_img_*.tar + devkit), extracted (train/<wnid>/, val/) or from Kaggle",
     name="imagenet", config=ImageNetConfig, synth=ImageNetSynthConfig, models=(ResNetConfig,),
     pipeline="pipelines.imagenet", workload="training.workloads.imagenet",
     flags=(Flag("synsets", "Synset list, one wnid per line (0-based line = label); default: sorted folders."),
            Flag("label_offset", "Added to every label (1: TF-slim convention)."),
            Flag("grayscale", "Grayscale JPEGs: keep 1-channel (default) or make them RGB."),
-           Flag("resize_shorter", "Shrink the shorter side to this (never enlarge).")),
+           Flag("resize_shorter", "Shrink the shorter side to this (never enlarge)."),
+           Flag("val_labels", "Labels of a flat val split: LOC_val_solution.csv, filename<TAB>wnid lines, the "
+                "devkit's ground truth, or the devkit archive or folder; default: found in the input."),
+           Flag("any_class_names", "Accept class folders not named as wnids (n + 8 digits).")),
     synth_flags=(Flag("classes", required=True), Flag("per_class", "Train images per class.", required=True),
                  Flag("val_per_class", "Validation images per class; 0 = none."),
                  Flag("val_layout", "flat: val/ + LOC_val_solution.csv; folders: val/<wnid>/."), Flag("seed"),
