@@ -15,8 +15,7 @@ from dataclasses import dataclass, field
 from codistill import storage
 from codistill.config import DataConfig
 from codistill.fields import ConfigError
-
-from pipelines.formats import Feature, Schema, ShardFormatError, open_regular_file
+from codistill.shards import Feature, Schema, ShardFormatError, open_regular_file
 
 SCHEMA_VERSION = 1
 MAX_MANIFEST_BYTES = 1 << 28  # ~1M shard entries

@@ -22,8 +22,8 @@ from codistill import storage
 from codistill.config import MAX_GROUPS, MAX_SHARDS
 from codistill.dataset import DatasetError, DatasetManifest, join, load_manifest
 from codistill.datasets import DATASETS
-from pipelines.formats import (EXTENSIONS, MAX_RECORD_BYTES, ShardFormatError, dali_index, dali_index_path,
-                               iter_blocks, open_regular_file, read_shard)
+from codistill.shards import ShardFormatError, open_regular_file
+from pipelines.formats import EXTENSIONS, MAX_RECORD_BYTES, dali_index, dali_index_path, iter_blocks, read_shard
 from pipelines.sharding import ShardLayout
 
 READ_CHUNK_BYTES = 1 << 20

@@ -52,9 +52,9 @@ from codistill import storage
 from codistill.config import DataConfig
 from codistill.datasets.commoncrawl import CommonCrawlConfig
 from codistill.dataset import join, write_atomically
+from codistill.shards import Block, Feature, Schema
 from pipelines import dedup, progress
 from pipelines.cleaning import Cleaner
-from pipelines.formats import Block, Feature, Schema
 from pipelines.run import DatasetChecks, DatasetPipeline, ValueCheck
 from pipelines.sharding import ShardLayout, mix64, partition, string_hash
 from pipelines.sinks import PIECES, Rejected, WriteDataset, layout_for, write_pieces

@@ -58,7 +58,7 @@ from codistill.config import DataConfig
 from codistill.datasets.imagenet import ImageNetConfig
 from codistill.dataset import join
 from pipelines import progress
-from pipelines.formats import Block, Feature, Schema
+from codistill.shards import Block, Feature, Schema
 from pipelines.run import DatasetChecks, DatasetPipeline, ValueCheck
 from pipelines.sharding import ShardLayout, string_hash
 from pipelines.sinks import Rejected, WriteDataset, layout_for, write_pieces

@@ -28,8 +28,8 @@ import numpy as np
 from codistill import storage
 from codistill.config import DataConfig
 from codistill.dataset import DatasetManifest, ShardEntry, join, write_atomically, write_manifest
-from pipelines.formats import (EXTENSIONS, Block, Schema, concat_blocks, dali_index, dali_index_path, rebatch,
-                               write_shard)
+from codistill.shards import Block, Schema
+from pipelines.formats import EXTENSIONS, concat_blocks, dali_index, dali_index_path, rebatch, write_shard
 from pipelines.worker import WorkerDoFn
 from pipelines.sharding import ShardLayout
 

@@ -13,7 +13,7 @@ from codistill.config import (REPO_MANIFESTS, ConfigError, DataConfig, Experimen
 from codistill.datasets.criteo import CriteoConfig, CriteoSynthConfig
 from codistill.dataset import (MANIFEST_NAME, DatasetError, DatasetManifest, ShardEntry, check_shards_present,
                                load_manifest, write_atomically, write_manifest)
-from pipelines.formats import Feature
+from codistill.shards import Feature
 
 from conftest import list_files, write_bytes
 

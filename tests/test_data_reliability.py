@@ -33,9 +33,10 @@ from fsspec.implementations.memory import MemoryFile, MemoryFileSystem
 from codistill.config import ConfigError, load_experiment, parse_experiment, set_field
 from codistill.cli import main as cli_main
 from codistill.dataset import MANIFEST_NAME, DatasetError, DatasetManifest, load_manifest, write_atomically
+from codistill.shards import Feature, ShardFormatError
 from codistill.verify import verify_dataset
 from conftest import make_criteo_file, read_rows, run_criteo
-from pipelines.formats import Feature, ShardFormatError, read_shard, write_shard
+from pipelines.formats import read_shard, write_shard
 from pipelines.run import OutputExistsError
 from pipelines import textfiles
 from pipelines.textfiles import (InputReadError, OverlongLine, count_lines, first_lines, plan_ranges, read_head,

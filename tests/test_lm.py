@@ -307,7 +307,7 @@ def test_bytes_per_token_of_the_test_data(dataset):
 def test_a_dataset_without_token_features_is_refused(dataset):
     import dataclasses
 
-    from pipelines.formats import Feature
+    from codistill.shards import Feature
 
     _, manifest = dataset
     criteo_like = dataclasses.replace(manifest, features={"key": Feature("bytes"), "label": Feature("float32")})

@@ -32,9 +32,7 @@ the verified state dicts that `PeerWatcher.take_updates` hands it.
 import hashlib
 import json
 import logging
-import os
 import re
-import stat
 import threading
 import time
 import uuid
@@ -49,6 +47,7 @@ import torch
 from torch import Tensor
 
 from codistill import storage
+from codistill.shards import read_regular_file
 
 logger = logging.getLogger(__name__)
 
@@ -264,42 +263,10 @@ class SnapshotError(Exception):
 
 
 def read_bounded(fs: AbstractFileSystem, path: str, limit: int) -> bytes:
-    """The bytes of a regular file of at most `limit` bytes; SnapshotError for anything else.
-
-    A symlink to /dev/zero, a FIFO or a huge file in the store must neither grow
-    this process without bound nor hang it. Locally the file is opened without
-    following symlinks and without blocking, then checked with fstat (no race
-    between the check and the read); other stores are checked with `fs.info`
-    and read with a bounded range. FileNotFoundError passes through.
-    """
-    if isinstance(fs, LocalFileSystem):
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-        except FileNotFoundError:
-            raise
-        except OSError as err:
-            raise SnapshotError(f"{path}: cannot be opened as a plain file ({err.strerror})") from None
-        try:
-            info = os.fstat(fd)
-            if not stat.S_ISREG(info.st_mode):
-                raise SnapshotError(f"{path}: not a regular file")
-            if info.st_size > limit:
-                raise SnapshotError(f"{path}: {info.st_size} bytes, more than the {limit} expected")
-            with os.fdopen(os.dup(fd), "rb") as f:
-                data = f.read(limit + 1)
-        finally:
-            os.close(fd)
-    else:
-        info = fs.info(path)
-        if info.get("type") != "file":
-            raise SnapshotError(f"{path}: not a regular file (type {info.get('type')!r})")
-        size = info.get("size")
-        if not isinstance(size, int) or size > limit:
-            raise SnapshotError(f"{path}: size {size!r}, more than the {limit} bytes expected")
-        data = fs.cat_file(path, start=0, end=limit + 1)
-    if len(data) > limit:  # it grew after the check
-        raise SnapshotError(f"{path}: more than the {limit} bytes expected")
-    return data
+    """The bytes of a regular file of at most `limit` bytes; SnapshotError for anything else (a symlink to
+    /dev/zero, a FIFO or a huge file in the store must neither grow this process without bound nor hang it:
+    `codistill.shards.read_regular_file`). FileNotFoundError passes through."""
+    return read_regular_file(path, limit, fs=fs, error=SnapshotError)
 
 
 class PeerWatcher:
