@@ -320,7 +320,7 @@ def _start_afresh(config, overwrite: bool) -> None:
         if not overwrite:
             raise click.ClickException(f"{run_dir} (or {config.store}/{config.run_id}) holds an earlier run: "
                                        "continue it with --resume, or start over with --overwrite")
-        foreign = _foreign_entries([p.name for p in earlier], RUN_ENTRIES)
+        foreign = _foreign_entries([p.name for p in earlier if not storage.is_temp(p.name)], RUN_ENTRIES)
         if foreign:
             raise click.ClickException(f"{run_dir} is not a codistill run directory (it holds {foreign}): "
                                        "--overwrite deletes only a run directory; remove it yourself or choose "

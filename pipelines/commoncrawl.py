@@ -51,8 +51,9 @@ from apache_beam.metrics import Metrics
 from codistill import storage
 from codistill.config import DataConfig
 from codistill.datasets.commoncrawl import CommonCrawlConfig
-from codistill.dataset import join, write_atomically
+from codistill.dataset import join
 from codistill.shards import Block, Feature, Schema
+from codistill.storage import write_atomically
 from pipelines import dedup, progress
 from pipelines.cleaning import Cleaner
 from pipelines.run import DatasetChecks, DatasetPipeline, ValueCheck

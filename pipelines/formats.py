@@ -51,7 +51,6 @@ import io
 import json
 import struct
 import tarfile
-import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import IO
@@ -524,14 +523,10 @@ def dali_index_path(relative: str) -> str:
 
 
 def write_shard(url: str, blocks: list[Block], schema: Schema, fmt: str, sample_prefix: str) -> WrittenShard:
-    """Write records to `url` through a temp file and a rename, so readers never see half a shard."""
-    fs, path = storage.url_to_fs(url)
-    parent, name = path.rsplit("/", 1)
-    fs.makedirs(parent, exist_ok=True)
-    tmp = f"{parent}/.tmp-{uuid.uuid4().hex}-{name}"
+    """Write records to `url` atomically (`storage.atomic_writer`), so readers never see half a shard."""
     rows, offsets = 0, []
     by_row = one_row_per_record(schema)
-    with fs.open(tmp, "wb") as raw:
+    with storage.atomic_writer(url) as raw:
         out = _HashingWriter(raw)
         if fmt == "tfrecord":
             for block in blocks:
@@ -554,7 +549,6 @@ def write_shard(url: str, blocks: list[Block], schema: Schema, fmt: str, sample_
                     writer.write({"__key__": f"{sample_prefix}-{index:06d}", **sample})
                     rows += block_rows(block)
             writer.close()
-    fs.mv(tmp, path)
     return WrittenShard(url, rows, out.bytes, out.sha256.hexdigest(), tuple(offsets))
 
 

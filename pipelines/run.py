@@ -30,7 +30,7 @@ from fsspec.implementations.local import LocalFileSystem
 from codistill import storage
 from codistill.config import DataConfig, ExperimentConfig
 from codistill.datasets import DATASETS
-from codistill.dataset import MANIFEST_NAME, TEMP_PREFIX, DatasetManifest, join, load_manifest
+from codistill.dataset import MANIFEST_NAME, DatasetManifest, join, load_manifest
 from pipelines import progress
 from pipelines.sinks import PIECES
 from pipelines.textfiles import InputReadError, match_inputs
@@ -150,7 +150,7 @@ def prepare_output(output: str, overwrite: bool, inputs: list[str] = (), resume:
         raise OutputExistsError(f"{output} exists and is not empty; choose another output, pass --overwrite, "
                                 "or --resume an interrupted run")
     foreign = [e for e in entries
-               if e not in DATASET_ENTRIES + own_entries and not e.startswith(TEMP_PREFIX) and not e.endswith(".wids.json")]
+               if e not in DATASET_ENTRIES + own_entries and not storage.is_temp(e) and not e.endswith(".wids.json")]
     if foreign:
         raise OutputExistsError(f"{output} is not a codistill dataset (it holds {', '.join(foreign[:5])}"
                                 f"{', ...' if len(foreign) > 5 else ''}): --overwrite deletes only a dataset "

@@ -32,8 +32,9 @@ from fsspec.implementations.memory import MemoryFile, MemoryFileSystem
 
 from codistill.config import ConfigError, load_experiment, parse_experiment, set_field
 from codistill.cli import main as cli_main
-from codistill.dataset import MANIFEST_NAME, DatasetError, DatasetManifest, load_manifest, write_atomically
+from codistill.dataset import MANIFEST_NAME, DatasetError, DatasetManifest, load_manifest
 from codistill.shards import Feature, ShardFormatError
+from codistill.storage import write_atomically
 from codistill.verify import verify_dataset
 from conftest import make_criteo_file, read_rows, run_criteo
 from pipelines.formats import read_shard, write_shard
@@ -219,6 +220,7 @@ def test_train_overwrite_deletes_only_a_run_directory(tmp_path):
     run = tmp_path / "runs" / "old"
     (run / "group-1" / "checkpoints").mkdir(parents=True)
     (run / "store" / "old" / "group-1").mkdir(parents=True)
+    (run / ".tmp-0123abcd-run.json").write_text("")  # a write cut short
     _start_afresh(run_config(run), overwrite=True)
     assert list(run.iterdir()) == []  # emptied; the directory stays (it holds the run lock while a run lives)
 
@@ -723,8 +725,11 @@ class FullDiskFileSystem(MemoryFileSystem):
 
     def _open(self, path, mode="rb", **kwargs):
         if "w" in mode:
-            path = self._strip_protocol(path)
-            return _QuotaFile(self, path)
+            f = _QuotaFile(self, self._strip_protocol(path))
+            if kwargs.get("data") is not None:  # pipe_file: the whole file at once
+                f.write(kwargs["data"])
+                f.close()
+            return f
         return super()._open(path, mode, **kwargs)
 
 

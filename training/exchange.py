@@ -35,7 +35,6 @@ import logging
 import re
 import threading
 import time
-import uuid
 from collections.abc import Iterable, Mapping
 from datetime import datetime, timezone
 from typing import Any
@@ -147,9 +146,6 @@ class SnapshotPublisher:
         self.run_nonce = run_nonce
         self.attempt = attempt
         self._failing: str | None = None  # the kind of error the last publish failed with
-        # A rename within one local directory is atomic; writing in place is not.
-        # Object stores make a single put visible all at once.
-        self._latest_via_rename = isinstance(self.fs, LocalFileSystem)
         self.last_published_step: int | None = None
         self._upload: threading.Thread | None = None
 
@@ -211,7 +207,7 @@ class SnapshotPublisher:
             data = payload if isinstance(self.fs, LocalFileSystem) else bytes(payload)
             self.fs.pipe_file(f"{self.dir}/{snapshot_name(step, 'safetensors')}", data)
             self.fs.pipe_file(f"{self.dir}/{json_name}", json.dumps(meta, indent=1).encode())
-            self._write_latest(json_name)
+            storage.write_atomically(f"{self.dir}/{LATEST}", json_name, fs=self.fs)
         except Exception as err:
             kind, self._failing = self._failing, type(err).__name__
             if kind == self._failing:  # the same outage again: warned already
@@ -231,15 +227,6 @@ class SnapshotPublisher:
         except Exception:
             logger.warning("group %d: pruning old snapshots in %s failed", self.group, self.dir, exc_info=True)
         return True
-
-    def _write_latest(self, json_name: str) -> None:
-        latest = f"{self.dir}/{LATEST}"
-        if self._latest_via_rename:
-            tmp = f"{self.dir}/.{LATEST}.{uuid.uuid4().hex}.tmp"
-            self.fs.pipe_file(tmp, json_name.encode())
-            self.fs.mv(tmp, latest)
-        else:
-            self.fs.pipe_file(latest, json_name.encode())
 
     def _prune(self, latest_step: int) -> None:
         """Keep `keep` steps: the one LATEST names and the newest others.

@@ -31,6 +31,8 @@ from typing import Iterator
 
 import torch
 
+from codistill.storage import write_atomically
+
 LOCK_FILE = ".codistill.lock"
 # DeepSpeed's JIT-built op, cached per environment: torch's shared default (~/.cache/torch_extensions) is rebuilt
 # for every venv path, and a build killed half-way leaves a lock that makes every later start wait for ever.
@@ -261,16 +263,8 @@ def read_run_nonce(run_dir: str | Path) -> str:
     different run directories must be given one nonce (`training.train --run-nonce`).
     """
     path = Path(run_dir) / RUN_FILE
-    if not path.exists():  # link(2) publishes a complete file, and only if none is there yet: race-free
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{RUN_FILE}.{uuid.uuid4().hex}.tmp")
-        tmp.write_text(json.dumps({"run_nonce": uuid.uuid4().hex}) + "\n")
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            pass
-        finally:
-            tmp.unlink()
+    if not path.exists():  # written complete, and only if none is there yet: race-free
+        write_atomically(str(path), json.dumps({"run_nonce": uuid.uuid4().hex}) + "\n", replace=False)
     text = path.read_text()[:4096]
     try:
         nonce = json.loads(text)["run_nonce"]
@@ -290,7 +284,5 @@ def next_attempt(group_dir: str | Path) -> int:
         attempt = 0
     except ValueError as err:
         raise ValueError(f"{path}: not an attempt number ({err})") from None
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(f"{attempt}\n")
-    tmp.replace(path)
+    write_atomically(str(path), f"{attempt}\n")
     return attempt
