@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import re
 import sys
 import types
 import typing
@@ -16,6 +15,7 @@ from codistill.config import (REPO_MANIFESTS, ConfigError, parse_experiment, rea
                               set_field)
 from codistill.datasets import DATASETS, DatasetSpec, Flag
 from codistill.dataset import DatasetError, DatasetManifest
+from codistill.rundir import RunDir
 from pipelines.textfiles import InputReadError
 
 REPO_EXPERIMENTS = REPO_MANIFESTS / "experiments"
@@ -289,13 +289,8 @@ def _dataset_for(config) -> DatasetManifest:
     return dataset
 
 
-# What a run directory holds (`store` is the default snapshot store); `--overwrite` deletes nothing else.
-# run.json: the run nonce; .codistill.lock: the run lock; .complete: marked by codistill experiment.
-RUN_ENTRIES = re.compile(r"group-\d+|store|run\.json|\.codistill\.lock|\.complete")
-
-
-def _foreign_entries(names: list[str], allowed: re.Pattern) -> str:
-    foreign = sorted(n for n in names if not allowed.fullmatch(n))
+def _foreign_entries(names: list[str], allowed) -> str:
+    foreign = sorted(n for n in names if not allowed(n))
     return ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
 
 
@@ -308,26 +303,24 @@ def _start_afresh(config, overwrite: bool) -> None:
 
     from codistill import storage
 
-    from training.launch import LOCK_FILE
-
     run_dir = Path(config.run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise click.ClickException(f"run directory {run_dir} exists and is not a directory")
     store_fs, store_root = storage.url_to_fs(config.store)
     old_snapshots = f"{store_root.rstrip('/')}/{config.run_id}"
-    earlier = [p for p in run_dir.iterdir() if p.name != LOCK_FILE] if run_dir.exists() else []
+    earlier = [p for p in run_dir.iterdir() if p.name != RunDir.LOCK] if run_dir.exists() else []
     if earlier or store_fs.exists(old_snapshots):
         if not overwrite:
             raise click.ClickException(f"{run_dir} (or {config.store}/{config.run_id}) holds an earlier run: "
                                        "continue it with --resume, or start over with --overwrite")
-        foreign = _foreign_entries([p.name for p in earlier if not storage.is_temp(p.name)], RUN_ENTRIES)
+        foreign = _foreign_entries([p.name for p in earlier], RunDir.is_entry)
         if foreign:
             raise click.ClickException(f"{run_dir} is not a codistill run directory (it holds {foreign}): "
                                        "--overwrite deletes only a run directory; remove it yourself or choose "
                                        "another train.run_dir")
         if store_fs.exists(old_snapshots):
             names = [p.rstrip("/").rsplit("/", 1)[-1] for p in store_fs.ls(old_snapshots, detail=False)]
-            foreign = _foreign_entries(names, re.compile(r"group-\d+"))
+            foreign = _foreign_entries(names, RunDir.GROUP.fullmatch)
             if foreign:
                 raise click.ClickException(f"{config.store}/{config.run_id} is not this run's snapshots (it holds "
                                            f"{foreign}); remove it yourself or choose another train.store")
@@ -438,7 +431,7 @@ def demo(plan: str, sets: tuple[str, ...]) -> None:
         raise click.ClickException("verify failed: " + "; ".join(report.problems))
     click.echo(f"verify: OK ({report.rows} rows, no key in two places)")
     click.echo(f"== 2. train every condition x seed with DeepSpeed ({len(parsed.conditions) * len(parsed.seeds)} runs)")
-    for path in parsed.out.glob("*/.complete"):
+    for path in parsed.out.glob(f"*/{RunDir.COMPLETE}"):
         path.unlink()  # the data was just rebuilt: every run trains again
     run_plan(parsed, lambda manifest, sets, resume, overwrite: _train(manifest, sets, False, True), echo=click.echo)
     click.echo("== 3. results on the shared eval split")

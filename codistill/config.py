@@ -21,6 +21,7 @@ import yaml
 
 from codistill.datasets import DATASETS, DatasetSpec, spec_for
 from codistill.fields import ConfigError, bounded, build, key_text, require, section, tagged, to_dict
+from codistill.rundir import RunDir
 
 __all__ = ["ConfigError", "DataConfig", "ExperimentConfig", "load_experiment", "parse_experiment", "to_dict"]
 
@@ -306,7 +307,7 @@ class ExperimentConfig:
 
     @property
     def store(self) -> str:
-        return self.train.store or f"{self.run_dir}/store"
+        return self.train.store or RunDir(self.run_dir).default_store
 
     @property
     def run_id(self) -> str:

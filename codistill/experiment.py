@@ -20,9 +20,8 @@ import numpy as np
 
 from codistill.config import ConfigError, ExperimentConfig, load_experiment, read_manifest_yaml
 from codistill.fields import build, require
+from codistill.rundir import RunDir
 from codistill.units import duration
-
-COMPLETE = ".complete"
 
 
 @dataclass(frozen=True)
@@ -140,21 +139,21 @@ def run_plan(plan: Plan, train: Callable[[str, list[str], bool, bool], object], 
 
     A run left unfinished by a kill continues from its checkpoints."""
     todo = [(c, s) for c in plan.conditions for s in plan.seeds]
-    complete = sum((plan.run_dir(c.name, s) / COMPLETE).exists() for c, s in todo)
+    complete = sum(RunDir(plan.run_dir(c.name, s)).complete.exists() for c, s in todo)
     start, trained = time.monotonic(), 0
     ceiling_shown = False
     for condition, seed in todo:
         ceiling_shown = ceiling_shown or _echo_ensemble_ceiling(plan, echo)
-        run_dir = plan.run_dir(condition.name, seed)
-        if (run_dir / COMPLETE).exists():
+        run = RunDir(plan.run_dir(condition.name, seed))
+        if run.complete.exists():
             continue
         elapsed = time.monotonic() - start
         left = elapsed / trained * (len(todo) - complete) if trained else float("nan")
         echo(f"== run {complete + 1}/{len(todo)}: {condition.name} seed {seed} "
              f"(elapsed {_duration(elapsed)}, ~{_duration(left)} left)")
-        resume = any(run_dir.glob("group-*/checkpoints/latest"))
+        resume = any((group.checkpoints / "latest").exists() for group in run.groups())
         train(plan.base, plan.overrides(condition, seed), resume, not resume)
-        (run_dir / COMPLETE).write_text("")
+        run.complete.write_text("")
         complete, trained = complete + 1, trained + 1
     if not ceiling_shown:
         _echo_ensemble_ceiling(plan, echo)
@@ -165,7 +164,7 @@ def _echo_ensemble_ceiling(plan: Plan, echo) -> bool:
     """Evaluate and print the ensemble ceiling once its condition's runs are all complete (plans list
     that condition first, so the ceiling is known before the rest trains)."""
     name = plan.claims.ensemble
-    if not name or not all((plan.run_dir(name, s) / COMPLETE).exists() for s in plan.seeds):
+    if not name or not all(RunDir(plan.run_dir(name, s)).complete.exists() for s in plan.seeds):
         return False
     condition = next(c for c in plan.conditions if c.name == name)
     ensemble = ConditionSummary("", [ensemble_result(plan, condition, s) for s in plan.seeds])
@@ -242,8 +241,8 @@ def ensemble_result(plan: Plan, condition: Condition, seed: int) -> RunResult:
 
     source = read_run(plan, condition, seed)
     out = plan.out / f"ensemble-{condition.name}-seed{seed}"
-    if not (out / "group-0" / "eval_predictions.npz").exists():
-        members = [source.run_dir / f"group-{g}" for g in source.groups]
+    if not RunDir(out).group(0).predictions.exists():
+        members = [RunDir(source.run_dir).group(g).path for g in source.groups]
         evaluate_ensemble(plan.config(condition, seed), members, out, int(source.steps[-1]))
     record = eval_records(out, 0)[-1]
     excess = np.array([record["loss"] - (record.get("floor") or 0.0)])

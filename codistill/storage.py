@@ -24,11 +24,14 @@ import contextlib
 import os
 import uuid
 from collections.abc import Iterable, Iterator
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 import fsspec
 
-from codistill.config import ConfigError, StorageConfig
+from codistill.fields import ConfigError
+
+if TYPE_CHECKING:
+    from codistill.config import StorageConfig
 
 _rules: tuple[StorageConfig, ...] = ()
 

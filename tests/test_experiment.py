@@ -15,6 +15,7 @@ import pytest
 
 from codistill.config import ConfigError
 from codistill.experiment import load_plan
+from codistill.rundir import RunDir
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "manifests" / "experiments" / "criteo-smoke.yaml"
@@ -35,7 +36,7 @@ def smoke(tmp_path_factory):
 
 
 def eval_losses(run_dir: Path, group: int) -> list[tuple[int, float, float | None]]:
-    records = [json.loads(line) for line in (run_dir / f"group-{group}" / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in RunDir(run_dir).group(group).metrics.read_text().splitlines()]
     return [(r["step"], r["log_loss"], r.get("bayes_log_loss")) for r in records if r["kind"] == "eval"]
 
 
@@ -57,7 +58,7 @@ def test_every_run_is_an_ordinary_finished_training_run(smoke):
             groups = plan.config(condition, seed).trained_groups
             assert sorted(p.name for p in run_dir.glob("group-*")) == [f"group-{g}" for g in groups]
             for g in groups:
-                assert (run_dir / f"group-{g}" / "eval_predictions.npz").exists()
+                assert RunDir(run_dir).group(g).predictions.exists()
                 assert eval_losses(run_dir, g)[-1][0] == 60
     assert "== run 1/8: baseline seed 0" in proc.stdout and "left)" in proc.stdout
 
@@ -77,8 +78,8 @@ def test_report_numbers_are_the_metrics_files_numbers(smoke):
         assert row[1] == f"{np.mean(best):.4f} ± {np.std(best, ddof=1):.4f}", row
         assert row[2] == f"{np.mean(final):.4f} ± {np.std(final, ddof=1):.4f}", row
         # Churn between the two seeds' group-0 models, from their saved predictions.
-        with np.load(out / f"{condition}-seed0" / "group-0" / "eval_predictions.npz") as a, \
-                np.load(out / f"{condition}-seed1" / "group-0" / "eval_predictions.npz") as b:
+        with np.load(RunDir(out / f"{condition}-seed0").group(0).predictions) as a, \
+                np.load(RunDir(out / f"{condition}-seed1").group(0).predictions) as b:
             assert np.array_equal(a["key"], b["key"])
             assert row[4] == f"{np.mean(np.abs(a['prob'] - b['prob'])):.4f}", row
     assert (out / "excess_vs_step.png").stat().st_size > 10_000
@@ -88,9 +89,9 @@ def test_report_numbers_are_the_metrics_files_numbers(smoke):
 def test_the_ensemble_averages_the_baselines_probabilities(smoke):
     work, _ = smoke
     out = work / "runs" / "criteo-smoke"
-    with np.load(out / "baseline-seed0" / "group-0" / "eval_predictions.npz") as g0, \
-            np.load(out / "baseline-seed0" / "group-1" / "eval_predictions.npz") as g1, \
-            np.load(out / "ensemble-baseline-seed0" / "group-0" / "eval_predictions.npz") as ens:
+    with np.load(RunDir(out / "baseline-seed0").group(0).predictions) as g0, \
+            np.load(RunDir(out / "baseline-seed0").group(1).predictions) as g1, \
+            np.load(RunDir(out / "ensemble-baseline-seed0").group(0).predictions) as ens:
         assert np.array_equal(g0["key"], ens["key"]) and np.array_equal(g1["key"], ens["key"])
         np.testing.assert_allclose(ens["prob"], (g0["prob"] + g1["prob"]) / 2, atol=2e-6)
     assert table_row((out / "report.md").read_text(), "ensemble of baseline")

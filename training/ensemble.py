@@ -17,6 +17,7 @@ import torch
 from codistill import storage
 from codistill.config import ExperimentConfig
 from codistill.dataset import load_manifest
+from codistill.rundir import GroupDir, RunDir
 from pipelines.formats import concat_blocks
 from training.data import StreamSpec, to_torch
 from training.loss import average_peer_probs
@@ -34,7 +35,7 @@ def evaluate_ensemble(config: ExperimentConfig, members: list[Path], out: Path, 
     models = []
     for member in members:
         model = workload.build_model(config.model, dataset)
-        model.load_state_dict(safetensors.torch.load_file(str(member / "model.safetensors")))
+        model.load_state_dict(safetensors.torch.load_file(str(GroupDir(member).weights)))
         models.append(model.eval())
     spec = StreamSpec(config.data.output, dataset, tuple(dataset.shards_of("eval")), config.eval.batch_size)
     states = [None] * len(models)
@@ -54,8 +55,8 @@ def evaluate_ensemble(config: ExperimentConfig, members: list[Path], out: Path, 
     rows = concat_blocks(parts)
     metrics = {"step": step, "group": 0, "members": [str(m) for m in members],
                **workload.eval_metrics(rows, dataset)}
-    group_dir = out / "group-0"
-    group_dir.mkdir(parents=True, exist_ok=True)
-    (group_dir / "metrics.jsonl").write_text(json.dumps({"kind": "eval", **metrics}) + "\n")
-    save_predictions(group_dir, workload, rows)
+    group = RunDir(out).group(0)
+    group.path.mkdir(parents=True, exist_ok=True)
+    group.metrics.write_text(json.dumps({"kind": "eval", **metrics}) + "\n")
+    save_predictions(group, workload, rows)
     return metrics

@@ -31,14 +31,12 @@ from typing import Iterator
 
 import torch
 
+from codistill.rundir import RunDir
 from codistill.storage import write_atomically
 
-LOCK_FILE = ".codistill.lock"
 # DeepSpeed's JIT-built op, cached per environment: torch's shared default (~/.cache/torch_extensions) is rebuilt
 # for every venv path, and a build killed half-way leaves a lock that makes every later start wait for ever.
 JIT_CACHE = os.path.join(sys.prefix, "torch_extensions")
-RUN_FILE = "run.json"
-ATTEMPT_FILE = "attempt"
 # Set for every group by run_groups: ranks end when this process (or any process between it and them) dies.
 LAUNCHER_PID_ENV = "CODISTILL_LAUNCHER_PID"
 
@@ -239,7 +237,7 @@ def locked_run_dir(run_dir: str | Path) -> Iterator[None]:
     `flock` on `<run_dir>/.codistill.lock`: released by the kernel when this
     process ends however it ends, so a crashed run never leaves a stale lock.
     """
-    path = Path(run_dir) / LOCK_FILE
+    path = RunDir(run_dir).lock
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as f:
         try:
@@ -262,7 +260,7 @@ def read_run_nonce(run_dir: str | Path) -> str:
     wiped directory gets a new one. Groups of one run on different machines with
     different run directories must be given one nonce (`training.train --run-nonce`).
     """
-    path = Path(run_dir) / RUN_FILE
+    path = RunDir(run_dir).run_file
     if not path.exists():  # written complete, and only if none is there yet: race-free
         write_atomically(str(path), json.dumps({"run_nonce": uuid.uuid4().hex}) + "\n", replace=False)
     text = path.read_text()[:4096]
@@ -275,9 +273,9 @@ def read_run_nonce(run_dir: str | Path) -> str:
     return nonce
 
 
-def next_attempt(group_dir: str | Path) -> int:
-    """0 for a group's first start in this run directory, one more on every restart (`--resume`)."""
-    path = Path(group_dir) / ATTEMPT_FILE
+def next_attempt(path: Path) -> int:
+    """0 for a group's first start in this run directory, one more on every restart (`--resume`); `path` is the
+    group's attempt file (`GroupDir.attempt`)."""
     try:
         attempt = int(path.read_text().strip()) + 1
     except FileNotFoundError:

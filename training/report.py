@@ -9,13 +9,14 @@ from pathlib import Path
 
 import numpy as np
 
+from codistill.rundir import GroupDir, RunDir
 from training.workloads import Rows, Workload, workload_for
 
 logger = logging.getLogger(__name__)
 
 
 def eval_records(run_dir: str | Path, group: int) -> list[dict]:
-    path = Path(run_dir) / f"group-{group}" / "metrics.jsonl"
+    path = RunDir(run_dir).group(group).metrics
     if not path.exists():
         raise FileNotFoundError(f"{path}: no metrics; did group {group} of this run train?")
     records = metric_records(path)
@@ -50,16 +51,16 @@ def final_eval(run_dir: str | Path, group: int) -> dict:
     return records[-1]
 
 
-def save_predictions(group_dir: Path, workload: Workload, rows: Rows) -> None:
+def save_predictions(group: GroupDir, workload: Workload, rows: Rows) -> None:
     """A group's eval rows, sorted by key, and the workload's name: what `predictions` reads."""
     order = np.argsort(rows["key"])
-    np.savez(group_dir / "eval_predictions.npz", workload=np.array(workload.name),
+    np.savez(group.predictions, workload=np.array(workload.name),
              **{k: v[order] for k, v in rows.items()})
 
 
 def predictions(run_dir: str | Path, group: int) -> tuple[Workload, Rows]:
     """A finished group's eval rows (sorted by key) and the workload that wrote them."""
-    path = Path(run_dir) / f"group-{group}" / "eval_predictions.npz"
+    path = RunDir(run_dir).group(group).predictions
     if not path.exists():
         raise FileNotFoundError(f"{path}: no eval predictions; did group {group} of this run finish?")
     try:
@@ -94,5 +95,5 @@ def run_churn(run_a: str | Path, run_b: str | Path, group: int = 0, threshold: f
     try:
         return workload, workload.churn(rows_a, rows_b, threshold)
     except KeyError as e:
-        files = " or ".join(str(Path(r) / f"group-{group}" / "eval_predictions.npz") for r in (run_a, run_b))
+        files = " or ".join(str(RunDir(r).group(group).predictions) for r in (run_a, run_b))
         raise ValueError(f"{files}: no {e} array, which {workload.name} churn needs") from None

@@ -36,6 +36,7 @@ import torch.distributed as dist
 from codistill import storage
 from codistill.config import ExperimentConfig, OptimizerConfig, ScheduleConfig, load_experiment
 from codistill.dataset import check_shards_present, load_manifest
+from codistill.rundir import RunDir
 from codistill.units import duration
 from pipelines.formats import concat_blocks
 from training.data import StreamSpec, loader, to_torch
@@ -228,8 +229,8 @@ class GroupTrainer:
         self.rank, self.world = init_distributed()
         cuda = torch.cuda.is_available()
         self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
-        self.out = Path(config.run_dir) / f"group-{group}"
-        self.out.mkdir(parents=True, exist_ok=True)
+        self.out = RunDir(config.run_dir).group(group)
+        self.out.path.mkdir(parents=True, exist_ok=True)
 
         self.dataset = load_manifest(config.data.output)
         check_shards_present(config.data.output, self.dataset)
@@ -243,7 +244,7 @@ class GroupTrainer:
         model = self.workload.build_model(config.model, self.dataset)
         self.signature = model_signature(model.state_dict())
         self.engine = build_engine(model, config, self.world,
-                                   self.out / "tensorboard" if config.train.tensorboard else None)
+                                   self.out.tensorboard if config.train.tensorboard else None)
         self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[
             config.deepspeed.precision]
 
@@ -262,7 +263,7 @@ class GroupTrainer:
             nonce = run_nonce or read_run_nonce(config.run_dir)
             check_store_run(config.store, config.run_id, range(self.dataset.groups), nonce)
             self.publisher = SnapshotPublisher(config.store, config.run_id, group, keep=cod.keep_snapshots,
-                                               run_nonce=nonce, attempt=next_attempt(self.out))
+                                               run_nonce=nonce, attempt=next_attempt(self.out.attempt))
             if self.peer_groups:
                 # The tokenizer's sha256 (None without one): a peer trained on other tokens is never adopted.
                 self.watcher = PeerWatcher(config.store, config.run_id, group, self.peer_groups, self.signature,
@@ -329,7 +330,7 @@ class GroupTrainer:
         with self.gathered_state() as state:
             if state is not None:
                 safetensors.torch.save_file({k: v.contiguous() for k, v in state.items()},
-                                            str(self.out / "model.safetensors"))
+                                            str(self.out.weights))
             if self.publisher is not None:
                 self.publisher.publish(self.step, state, vocab_hash=self.dataset.tokenizer_sha256)
 
@@ -427,7 +428,7 @@ class GroupTrainer:
 
     def write_metrics(self, kind: str, record: dict) -> None:
         if self.metrics_file is None:
-            self.metrics_file = open(self.out / "metrics.jsonl", "a", buffering=1)  # line-buffered: readable live
+            self.metrics_file = open(self.out.metrics, "a", buffering=1)  # line-buffered: readable live
         self.metrics_file.write(json.dumps({"kind": kind, **record}) + "\n")
 
     # --- evaluation --------------------------------------------------------------------------------
@@ -480,7 +481,7 @@ class GroupTrainer:
     # --- checkpoints -------------------------------------------------------------------------------
 
     def save_checkpoint(self) -> None:
-        directory = self.out / "checkpoints"
+        directory = self.out.checkpoints
         tag = f"step-{self.step:08d}"
         peers = {str(g): s for g, s in self.peer_steps.items()}
         self.engine.save_checkpoint(str(directory), tag=tag, client_state={"step": self.step, "peer_steps": peers})
@@ -496,7 +497,7 @@ class GroupTrainer:
         empty, missing or unloadable (every rank sees the same files, so every rank
         makes the same choice). Never unpickles code: see `load_weights_only`.
         """
-        directory = self.out / "checkpoints"
+        directory = self.out.checkpoints
         tags = checkpoint_tags(directory)
         if not tags:
             if self.rank == 0:
