@@ -86,6 +86,23 @@ def dataset_pipeline(dataset: str) -> DatasetPipeline:
     return importlib.import_module(DATASETS[dataset].pipeline).PIPELINE
 
 
+def summarize_dataset(dataset: DatasetManifest, where: str) -> str:
+    rejected = sum(dataset.rejected.values())
+    reasons = ", ".join(f"{k}: {v}" for k, v in dataset.rejected.items())
+    # Rows are input records, or (`kept` set) packed sequences of the documents kept.
+    read, written = ("rows", f"{dataset.written_rows} written") if dataset.kept is None else (
+        "documents", f"{dataset.kept} kept, packed into {dataset.written_rows} rows")
+    lines = [f"{dataset.dataset} ({dataset.format}) at {where}: {dataset.input_rows} {read} read, "
+             f"{written}, {rejected} rejected" + (f" ({reasons})" if reasons else ""),
+             f"{'split':<6} {'group':>5} {'shards':>6} {'rows':>10} {'bytes':>12}"]
+    parts = [("eval", None)] + [("train", g) for g in range(dataset.groups)]
+    for split, group in parts:
+        shards = dataset.shards_of(split, group)
+        lines.append(f"{split:<6} {'-' if group is None else group:>5} {len(shards):>6} "
+                     f"{sum(s.records for s in shards):>10} {sum(s.bytes for s in shards):>12}")
+    return "\n".join(lines + dataset_pipeline(dataset.dataset).describe(dataset))
+
+
 class OutputExistsError(FileExistsError):
     pass
 
