@@ -170,6 +170,21 @@ class LoaderConfig:
 
 @dataclass(frozen=True)
 class CodistillConfig:
+    """How strongly and in what way a group is pulled toward its peers (the loss: `training/loss.py`).
+
+    weight, burn_in_steps, ramp_steps: w(step) is 0 during burn-in, then `weight`, reached linearly over
+      `ramp_steps` (`training.loss.distill_weight`).
+    temperature: for "ce"/"kl", both student and peer distributions are computed from logits / T, and the
+      term is multiplied by T^2 (Hinton et al. 2015) so that its gradient keeps roughly the same size
+      whatever T is.
+    distance:
+      "ce"          cross-entropy from the averaged peer distribution to the student's.
+      "kl"          KL(target || student): the same gradient as "ce"; the value is lower by the target's
+                    entropy, so it reads 0 when a group agrees with its peers.
+      "mse_logits"  mean squared error between the student's logits and the mean of the peers' logits,
+                    averaged over every logit entry of the real positions (temperature does not apply).
+    """
+
     enabled: bool = True  # false: the plain baseline, same code path
     weight: float = 1.0
     burn_in_steps: int = 0

@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 
 from codistill import storage
-from codistill.config import ExperimentConfig, OptimizerConfig, ScheduleConfig, load_experiment
+from codistill.config import CodistillConfig, ExperimentConfig, OptimizerConfig, ScheduleConfig, load_experiment
 from codistill.dataset import check_shards_present, load_manifest
 from codistill.rundir import RunDir
 from codistill.units import duration
@@ -42,7 +42,7 @@ from pipelines.formats import concat_blocks
 from training.data import StreamSpec, loader, to_torch
 from training.exchange import PeerWatcher, SnapshotPublisher, check_store_run, model_signature, snapshot_bytes
 from training.launch import exit_when_launcher_dies, next_attempt, read_run_nonce
-from training.loss import DistillConfig, LossParts, codistillation_loss, distill_weight
+from training.loss import LossParts, codistillation_loss, distill_weight
 from training.report import save_predictions
 from training.workloads import Workload, workload_for
 
@@ -116,7 +116,7 @@ def build_engine(model: torch.nn.Module, config: ExperimentConfig, world: int, t
 
 
 def forward_backward(engine, workload: Workload, peers: dict[int, torch.nn.Module], batch: dict[str, torch.Tensor],
-                     step: int, distill: DistillConfig, states: dict | None = None) -> LossParts:
+                     step: int, distill: CodistillConfig, states: dict | None = None) -> LossParts:
     """One micro-step: the student on its batch, the frozen peers on the same batch, the loss, backward, step.
 
     `states` holds what each model ("student", or a peer's group) carries from batch to batch (the LM's
@@ -249,8 +249,6 @@ class GroupTrainer:
             config.deepspeed.precision]
 
         cod = config.codistill
-        self.distill = DistillConfig(weight=cod.weight, burn_in_steps=cod.burn_in_steps, ramp_steps=cod.ramp_steps,
-                                     temperature=cod.temperature, distance=cod.distance)
         self.peer_groups = [g for g in config.trained_groups if g != group] if cod.enabled else []
         self.peers = {g: self._frozen_copy() for g in self.peer_groups}
         self.peer_steps: dict[int, int | None] = {g: None for g in self.peer_groups}
@@ -348,7 +346,7 @@ class GroupTrainer:
         for _ in range(self.config.deepspeed.grad_accum):
             batch = self.batch_to_device(to_torch(next(batches)))
             parts = forward_backward(self.engine, self.workload, {g: self.peers[g].module for g in usable}, batch,
-                                     self.step, self.distill, self.states)
+                                     self.step, self.config.codistill, self.states)
             # One device-to-host copy per micro-step.
             loss, label_loss, distill_loss = torch.stack([parts.total, parts.label_loss, parts.distill_loss]).tolist()
             if not math.isfinite(loss):
@@ -420,7 +418,7 @@ class GroupTrainer:
 
     def distill_weight(self) -> float:
         # The step just logged computed its loss before the counter moved on: w(step - 1).
-        return distill_weight(self.step - 1, self.distill) if self.peer_groups else 0.0
+        return distill_weight(self.step - 1, self.config.codistill) if self.peer_groups else 0.0
 
     def write_tensorboard(self, section: str, scalars: dict[str, float]) -> None:
         if self.engine.monitor.enabled:  # train.tensorboard
