@@ -38,7 +38,7 @@ from codistill.config import CodistillConfig, ExperimentConfig, OptimizerConfig,
 from codistill.dataset import check_shards_present, load_manifest
 from codistill.rundir import RunDir
 from codistill.units import duration
-from pipelines.formats import concat_blocks
+from training import evaluation
 from training.data import StreamSpec, loader, to_torch
 from training.exchange import PeerWatcher, SnapshotPublisher, check_store_run, model_signature, snapshot_bytes
 from training.launch import exit_when_launcher_dies, next_attempt, read_run_nonce
@@ -447,27 +447,15 @@ class GroupTrainer:
             padding = int(count) - len(batches)
             if padding and self.placeholder is None:
                 self.placeholder = eval_placeholder(self.workload, spec, config)
-        parts: list[dict[str, np.ndarray]] = []
-        state = None
         self.engine.eval()
-        with torch.no_grad():
-            for batch in itertools.chain(batches, [self.placeholder] * padding):
-                logits, state = self.workload.forward(self.engine, self.batch_to_device(to_torch(batch)), state)
-                if batch is not self.placeholder:  # a placeholder's forward is discarded
-                    parts.append({"key": batch["key"], **self.workload.eval_rows(logits.float(), batch)})
+        result = evaluation.evaluate(self.workload, self.eval_forward,
+                                     itertools.chain(batches, [self.placeholder] * padding), self.dataset,
+                                     placeholder=self.placeholder, gather=self.gather_rows)
         self.engine.train()
-        gathered = [None] * self.world
-        if self.world > 1:
-            dist.all_gather_object(gathered, parts)  # our own ranks' arrays, inside one job
-        else:
-            gathered = [parts]
-        if self.rank != 0:
+        if result is None:
             return None
-        parts = [p for rank_parts in gathered for p in rank_parts]
-        if not parts:
-            raise ValueError(f"{config.data.output}: the eval split holds no rows")
-        rows = concat_blocks(parts)
-        metrics = {"step": self.step, "group": self.group, **self.workload.eval_metrics(rows, self.dataset)}
+        rows, metrics = result
+        metrics = {"step": self.step, "group": self.group, **metrics}
         self.write_metrics("eval", metrics)
         self.write_tensorboard("Eval", {k: v for k, v in metrics.items()
                                         if k not in ("step", "group") and isinstance(v, (int, float))})
@@ -475,6 +463,17 @@ class GroupTrainer:
         if final:
             save_predictions(self.out, self.workload, rows)
         return metrics
+
+    def eval_forward(self, batch: dict[str, torch.Tensor], state):
+        return self.workload.forward(self.engine, self.batch_to_device(batch), state)
+
+    def gather_rows(self, parts: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]] | None:
+        """Every rank's eval rows on rank 0 (None on the others)."""
+        gathered = [parts]
+        if self.world > 1:
+            gathered = [None] * self.world
+            dist.all_gather_object(gathered, parts)  # our own ranks' arrays, inside one job
+        return [p for rank_parts in gathered for p in rank_parts] if self.rank == 0 else None
 
     # --- checkpoints -------------------------------------------------------------------------------
 
