@@ -45,12 +45,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from codistill.config import load_experiment  # noqa: E402
+from codistill.config import CodistillConfig, load_experiment  # noqa: E402
 from codistill.dataset import DatasetManifest, ShardEntry, write_manifest  # noqa: E402
 from pipelines.formats import write_shard  # noqa: E402
 from pipelines.imagenet import SCHEMA  # noqa: E402
 from training.data import StreamSpec, to_torch  # noqa: E402
-from training.loss import DistillConfig  # noqa: E402
 from training.train import FlatPeer, build_engine, forward_backward  # noqa: E402
 from training.workloads.imagenet import WORKLOAD, ImageBatches  # noqa: E402
 
@@ -112,7 +111,7 @@ class TrainerVariant:
         self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[config.deepspeed.precision]
         self.peers = {g: FlatPeer(WORKLOAD.build_model(config.model, manifest).eval().requires_grad_(False)).module
                       for g in range(1, 1 + peers)}
-        self.distill = DistillConfig(weight=1.0)
+        self.distill = CodistillConfig(weight=1.0)
         self.times: list[tuple[float, float]] = []  # (wall, cpu) seconds per step
 
     def run(self, batches: list[dict], steps: int, timed: bool = True) -> None:

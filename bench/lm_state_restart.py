@@ -22,10 +22,10 @@ import time
 import torch
 import torch.nn.functional as F
 
-from codistill.config import load_experiment
+from codistill.config import CodistillConfig, load_experiment
 from codistill.dataset import check_shards_present, load_manifest
 from training.data import StreamSpec, to_torch
-from training.loss import DistillConfig, codistillation_loss
+from training.loss import codistillation_loss
 from training.train import make_optimizer
 from training.workloads import lm
 
@@ -57,7 +57,7 @@ def main() -> None:
         start = time.perf_counter()
         logits, state = lm.forward(model, batch, state)
         targets, mask = lm.targets(batch)
-        codistillation_loss(logits, targets, [], step, DistillConfig(), binary=False, mask=mask).total.backward()
+        codistillation_loss(logits, targets, [], step, CodistillConfig(), binary=False, mask=mask).total.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step_seconds.append(time.perf_counter() - start)

@@ -93,11 +93,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from codistill.config import ExperimentConfig, load_experiment
+from codistill.config import CodistillConfig, ExperimentConfig, load_experiment
 from codistill.dataset import check_shards_present, load_manifest
 from training.data import StreamSpec, to_torch
 from training.exchange import PeerWatcher, SnapshotPublisher, model_signature, snapshot_bytes
-from training.loss import DistillConfig, codistillation_loss
+from training.loss import codistillation_loss
 from training.train import FlatPeer, build_engine, deepspeed_config, forward_backward, lr_factor, make_optimizer
 from training.workloads import Workload, workload_for
 
@@ -175,7 +175,7 @@ class Plain(Variant):
         logits, state = self.workload.forward(self.model, batch, self.state)
         targets, mask = self.workload.targets(batch)
         # The trainer's loss without peers (BCE-with-logits for Criteo, masked cross-entropy for the LM).
-        loss = codistillation_loss(logits.float(), targets, [], 0, DistillConfig(), binary=self.workload.binary,
+        loss = codistillation_loss(logits.float(), targets, [], 0, CodistillConfig(), binary=self.workload.binary,
                                    mask=mask).total
         loss.backward()
         self.state = state
@@ -195,7 +195,7 @@ class DeepSpeedBaseline(Variant):
         self.states: dict = {}
 
     def step(self, batch):  # no peers: the label loss alone
-        forward_backward(self.engine, self.workload, {}, batch, 0, DistillConfig(), self.states)
+        forward_backward(self.engine, self.workload, {}, batch, 0, CodistillConfig(), self.states)
 
 
 class Codistill(Variant):
@@ -206,8 +206,7 @@ class Codistill(Variant):
         self.engine, self.workload, self.peers = engine, workload, peers
         self.name = f"codist-{len(peers)}"
         cod = config.codistill
-        self.distill = DistillConfig(weight=cod.weight, burn_in_steps=cod.burn_in_steps, ramp_steps=cod.ramp_steps,
-                                     temperature=cod.temperature, distance=cod.distance)
+        self.distill = cod
         self.past_burn_in = cod.burn_in_steps + cod.ramp_steps  # w(step) = weight: the distillation term is live
         self.states: dict = {}  # GroupTrainer.states: the student's and each peer's carried state
 
@@ -357,7 +356,7 @@ def loss_peak_mib(positions: int, vocab: int, peers: int, ours: bool) -> float:
     with tracker:
         if ours:
             lazy = (torch.randn(positions, vocab, generator=g) for _ in range(peers))
-            codistillation_loss(student, targets, lazy, 0, DistillConfig(), binary=False).total.backward()
+            codistillation_loss(student, targets, lazy, 0, CodistillConfig(), binary=False).total.backward()
         else:
             logits = [torch.randn(positions, vocab, generator=g) for _ in range(peers)]
             target = sum(F.softmax(z, -1) for z in logits) / peers

@@ -20,7 +20,8 @@ import numpy as np
 from codistill.analysis import (Bootstrap, Condition, EvalSplit, Model, Unit, calibrated_model, ensemble_model,
                                 group_model, steps_to)
 from codistill.dataset import load_manifest
-from codistill.plans import (COMPLETE, TARGETS, Claim, Plan, examples_per_step, passes, read_targets,
+from codistill.rundir import RunDir
+from codistill.plans import (TARGETS, Claim, Plan, examples_per_step, passes, read_targets,
                              write_targets)
 from codistill.stats import Estimate, Goal
 from training.report import metric_records, read_eval_keys
@@ -44,13 +45,13 @@ class Results:
 def load_results(plan: Plan, names: list[str] | None = None) -> Results:
     """The plan's finished conditions (or `names` of them) and every derived condition they allow."""
     trained = [c for c in plan.conditions if names is None or c.name in names]
-    trained = [c for c in trained if all((plan.run_dir(c.name, s) / COMPLETE).exists() for s in plan.seeds)]
+    trained = [c for c in trained if all(plan.run_dir(c.name, s).complete.exists() for s in plan.seeds)]
     if not trained:
         raise FileNotFoundError(f"{plan.out}: no condition has finished every seed yet")
     first = plan.config(trained[0], plan.seeds[0])
     dataset = load_manifest(first.data.output)
     workload = workload_for(dataset.dataset)
-    keys = read_eval_keys(plan.run_dir(trained[0].name, plan.seeds[0]), first.trained_groups[0])
+    keys = read_eval_keys(plan.run_dir(trained[0].name, plan.seeds[0]).path, first.trained_groups[0])
     truth = workload.truth(dataset, keys) if workload.truth is not None else None
     context = EvalSplit.of(workload, keys, truth)
     conditions = {c.name: _trained(plan, c, dataset, keys) for c in trained}
@@ -70,10 +71,10 @@ def _trained(plan: Plan, condition, dataset, keys: np.ndarray) -> Condition:
     for seed in plan.seeds:
         config, run_dir = plan.config(condition, seed), plan.run_dir(condition.name, seed)
         for group in config.trained_groups:
-            if not np.array_equal(read_eval_keys(run_dir, group), keys):
-                raise ValueError(f"{run_dir}/group-{group} was evaluated on another eval split than the plan's "
+            if not np.array_equal(read_eval_keys(run_dir.path, group), keys):
+                raise ValueError(f"{run_dir.group(group).path} was evaluated on another eval split than the plan's "
                                  "other runs: rebuild it (the data changed under it?)")
-        units.append(Unit(seed, [group_model(run_dir, g) for g in config.trained_groups],
+        units.append(Unit(seed, [group_model(run_dir.path, g) for g in config.trained_groups],
                           run_facts(config, run_dir, dataset)))
     return Condition(condition.name, units)
 
@@ -97,14 +98,14 @@ def _derived(derived, conditions: dict[str, Condition], context: EvalSplit) -> C
     return Condition(derived.name, units)
 
 
-def run_facts(config, run_dir: Path, dataset) -> dict:
+def run_facts(config, run_dir: RunDir, dataset) -> dict:
     """Measured, not configured: peer staleness after burn-in (mean, max), the share of those steps with every
     peer (coverage), passes over the split read, step time, examples."""
     groups = config.trained_groups
     ages, covered, steps, ms = [], 0, 0, []
     peers = len(groups) - 1 if config.codistill.enabled else 0
     for group in groups:
-        for record in metric_records(run_dir / f"group-{group}" / "metrics.jsonl"):
+        for record in metric_records(run_dir.group(group).metrics):
             if record["kind"] != "train":
                 continue
             ms.append(record["ms"])

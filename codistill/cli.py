@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import re
 import sys
 import types
 import typing
@@ -15,12 +14,14 @@ import click
 from codistill.config import (REPO_MANIFESTS, ConfigError, parse_experiment, read_manifest_yaml, resolve_manifest,
                               set_field)
 from codistill.datasets import DATASETS, DatasetSpec, Flag
-from codistill.dataset import DatasetError, DatasetManifest
+from codistill.dataset import DatasetError
+from codistill.rundir import RunDir
+from codistill.run import RunError
 from pipelines.textfiles import InputReadError
 
 REPO_EXPERIMENTS = REPO_MANIFESTS / "experiments"
 # OSError: a missing, unreadable or special input, a full disk: the message says what and where.
-USER_ERRORS = (ConfigError, DatasetError, OSError, ValueError, InputReadError)
+USER_ERRORS = (ConfigError, DatasetError, OSError, ValueError, InputReadError, RunError)
 
 
 def _fail_cleanly(func):
@@ -136,6 +137,7 @@ def _preprocess_command(spec: DatasetSpec) -> click.Command:
     def run(ctx, manifest, input_glob, output, groups, eval_fraction, fmt, runner, sets, overwrite, resume=False,
             **values) -> None:
         from pipelines.run import preprocess as run_preprocess
+        from pipelines.run import summarize_dataset
 
         flags = {"data.output": output, "data.groups": groups, "data.eval_fraction": eval_fraction,
                  "data.format": fmt, **{f"data.{spec.name}.{k}": v for k, v in values.items()}}
@@ -225,25 +227,6 @@ def tokenizer_train(ctx, input_glob, out, vocab_size, model_type, sample_docs, m
                f"documents), sha256 {info['sha256']}")
 
 
-def summarize_dataset(dataset: DatasetManifest, where: str) -> str:
-    from pipelines.run import dataset_pipeline
-
-    rejected = sum(dataset.rejected.values())
-    reasons = ", ".join(f"{k}: {v}" for k, v in dataset.rejected.items())
-    # Rows are input records, or (`kept` set) packed sequences of the documents kept.
-    read, written = ("rows", f"{dataset.written_rows} written") if dataset.kept is None else (
-        "documents", f"{dataset.kept} kept, packed into {dataset.written_rows} rows")
-    lines = [f"{dataset.dataset} ({dataset.format}) at {where}: {dataset.input_rows} {read} read, "
-             f"{written}, {rejected} rejected" + (f" ({reasons})" if reasons else ""),
-             f"{'split':<6} {'group':>5} {'shards':>6} {'rows':>10} {'bytes':>12}"]
-    parts = [("eval", None)] + [("train", g) for g in range(dataset.groups)]
-    for split, group in parts:
-        shards = dataset.shards_of(split, group)
-        lines.append(f"{split:<6} {'-' if group is None else group:>5} {len(shards):>6} "
-                     f"{sum(s.records for s in shards):>10} {sum(s.bytes for s in shards):>12}")
-    return "\n".join(lines + dataset_pipeline(dataset.dataset).describe(dataset))
-
-
 @main.command()
 @click.argument("directory")
 @click.option("-m", "--manifest", help="Experiment manifest whose `storage` rules apply (e.g. an S3 endpoint).")
@@ -265,101 +248,18 @@ def verify(directory: str, manifest: str | None) -> None:
                f"no key in two places")
 
 
-def _dataset_for(config) -> DatasetManifest:
-    """The run's dataset, built first (in-process Beam) if it is not there yet."""
-    from codistill.dataset import load_manifest
-    from pipelines.run import preprocess as run_preprocess
-
-    try:
-        dataset = load_manifest(config.data.output)
-    except DatasetError:
-        click.echo(f"no dataset at {config.data.output}: preprocessing it first")
-        dataset = run_preprocess(config, show_progress=_echo_progress)
-        click.echo(summarize_dataset(dataset, config.data.output))
-        return dataset
-    # (`output` may differ: a dataset can be copied or moved.)
-    built, wanted = dataset.settings, config.data
-    changed = [f.name for f in dataclasses.fields(wanted) if f.name not in ("input", "output")
-               and getattr(built, f.name) != getattr(wanted, f.name)]
-    if changed:
-        raise click.ClickException(
-            f"the dataset at {config.data.output} was built with other data settings ({', '.join(changed)}); "
-            f"rebuild it with `codistill preprocess {config.data.dataset} -m <manifest> --overwrite` or point "
-            "data.output elsewhere")
-    return dataset
-
-
-# What a run directory holds (`store` is the default snapshot store); `--overwrite` deletes nothing else.
-# run.json: the run nonce; .codistill.lock: the run lock; .complete: marked by codistill experiment.
-RUN_ENTRIES = re.compile(r"group-\d+|store|run\.json|\.codistill\.lock|\.complete")
-
-
-def _foreign_entries(names: list[str], allowed: re.Pattern) -> str:
-    foreign = sorted(n for n in names if not allowed.fullmatch(n))
-    return ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
-
-
-def _start_afresh(config, overwrite: bool) -> None:
-    """A new run must not inherit an earlier one's checkpoints, metrics or snapshots: its groups
-    would adopt the old peers' weights as if they were fresh. Called with the run directory locked
-    (the lock file stays: it is what keeps another `codistill train` out while we delete)."""
-    import shutil
-    from pathlib import Path
-
-    from codistill import storage
-
-    from training.launch import LOCK_FILE
-
-    run_dir = Path(config.run_dir)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise click.ClickException(f"run directory {run_dir} exists and is not a directory")
-    store_fs, store_root = storage.url_to_fs(config.store)
-    old_snapshots = f"{store_root.rstrip('/')}/{config.run_id}"
-    earlier = [p for p in run_dir.iterdir() if p.name != LOCK_FILE] if run_dir.exists() else []
-    if earlier or store_fs.exists(old_snapshots):
-        if not overwrite:
-            raise click.ClickException(f"{run_dir} (or {config.store}/{config.run_id}) holds an earlier run: "
-                                       "continue it with --resume, or start over with --overwrite")
-        foreign = _foreign_entries([p.name for p in earlier], RUN_ENTRIES)
-        if foreign:
-            raise click.ClickException(f"{run_dir} is not a codistill run directory (it holds {foreign}): "
-                                       "--overwrite deletes only a run directory; remove it yourself or choose "
-                                       "another train.run_dir")
-        if store_fs.exists(old_snapshots):
-            names = [p.rstrip("/").rsplit("/", 1)[-1] for p in store_fs.ls(old_snapshots, detail=False)]
-            foreign = _foreign_entries(names, re.compile(r"group-\d+"))
-            if foreign:
-                raise click.ClickException(f"{config.store}/{config.run_id} is not this run's snapshots (it holds "
-                                           f"{foreign}); remove it yourself or choose another train.store")
-        for path in earlier:
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path)
-            else:
-                path.unlink()
-        if store_fs.exists(old_snapshots):
-            store_fs.rm(old_snapshots, recursive=True)
-
-
 def _train(manifest: str, sets: list[str], resume: bool, overwrite: bool = False):
-    """Start every group of a run (one deepspeed launch each); returns the config."""
-    from codistill import storage
-    from codistill.config import load_experiment
-    from training.launch import GroupFailed, RunLocked, group_commands, locked_run_dir, read_run_nonce, run_groups
+    """`codistill.run.train`, saying what it does on the console."""
+    from codistill.run import train
 
-    config = load_experiment(manifest, sets)
-    storage.configure(config.storage)
-    dataset = _dataset_for(config)
-    try:
-        with locked_run_dir(config.run_dir):  # held until every group has ended
-            if not resume:
-                _start_afresh(config, overwrite)
-            read_run_nonce(config.run_dir)  # drawn here for a new run, kept on --resume; each group reads it
-            commands = group_commands(resolve_manifest(manifest), list(config.trained_groups),
-                                      config.deepspeed.ranks_per_group, sets, resume)
-            run_groups(commands, config.deepspeed.ranks_per_group)
-    except (GroupFailed, RunLocked) as e:
-        raise click.ClickException(str(e)) from None
-    return config, dataset
+    return train(manifest, sets, resume, overwrite, echo=click.echo, progress=_echo_progress)
+
+
+def _dataset_for(config):
+    """`codistill.run.dataset_for`, saying what it does on the console."""
+    from codistill.run import dataset_for
+
+    return dataset_for(config, echo=click.echo, progress=_echo_progress)
 
 
 @main.command()
@@ -434,6 +334,7 @@ def demo(plan: str, sets: tuple[str, ...]) -> None:
     config = parsed.config(parsed.conditions[0], parsed.seeds[0])
     click.echo(f"== 1. generate {config.data.dataset} data and shard it into groups with Beam")
     from pipelines.run import preprocess as run_preprocess
+    from pipelines.run import summarize_dataset
 
     dataset = run_preprocess(config, overwrite=True, show_progress=_echo_progress)
     click.echo(summarize_dataset(dataset, config.data.output))
@@ -442,7 +343,7 @@ def demo(plan: str, sets: tuple[str, ...]) -> None:
         raise click.ClickException("verify failed: " + "; ".join(report.problems))
     click.echo(f"verify: OK ({report.rows} rows, no key in two places)")
     click.echo(f"== 2. train every condition x seed with DeepSpeed ({len(parsed.conditions) * len(parsed.seeds)} runs)")
-    for path in parsed.out.glob("*/.complete"):
+    for path in parsed.out.glob(f"*/{RunDir.COMPLETE}"):
         path.unlink()  # the data was just rebuilt: every run trains again
     run_plan(parsed, lambda manifest, sets, resume, overwrite: _train(manifest, sets, False, True), _dataset_for,
              echo=click.echo)

@@ -20,6 +20,7 @@ import yaml
 
 from codistill.datasets import DATASETS, DatasetSpec, spec_for
 from codistill.fields import ConfigError, bounded, build, key_text, plain_name, require, section, tagged, to_dict
+from codistill.rundir import RunDir
 
 __all__ = ["ConfigError", "DataConfig", "ExperimentConfig", "load_experiment", "parse_experiment", "to_dict"]
 
@@ -168,6 +169,21 @@ class LoaderConfig:
 
 @dataclass(frozen=True)
 class CodistillConfig:
+    """How strongly and in what way a group is pulled toward its peers (the loss: `training/loss.py`).
+
+    weight, burn_in_steps, ramp_steps: w(step) is 0 during burn-in, then `weight`, reached linearly over
+      `ramp_steps` (`training.loss.distill_weight`).
+    temperature: for "ce"/"kl", both student and peer distributions are computed from logits / T, and the
+      term is multiplied by T^2 (Hinton et al. 2015) so that its gradient keeps roughly the same size
+      whatever T is.
+    distance:
+      "ce"          cross-entropy from the averaged peer distribution to the student's.
+      "kl"          KL(target || student): the same gradient as "ce"; the value is lower by the target's
+                    entropy, so it reads 0 when a group agrees with its peers.
+      "mse_logits"  mean squared error between the student's logits and the mean of the peers' logits,
+                    averaged over every logit entry of the real positions (temperature does not apply).
+    """
+
     enabled: bool = True  # false: the plain baseline, same code path
     weight: float = 1.0
     burn_in_steps: int = 0
@@ -321,7 +337,7 @@ class ExperimentConfig:
 
     @property
     def store(self) -> str:
-        return self.train.store or f"{self.run_dir}/store"
+        return self.train.store or RunDir(self.run_dir).default_store
 
     @property
     def run_id(self) -> str:

@@ -9,21 +9,18 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import uuid
 from dataclasses import dataclass, field
 
-from codistill import storage
 from codistill.config import DataConfig
 from codistill.fields import ConfigError
-
-from pipelines.formats import Feature, Schema, ShardFormatError, open_regular_file
+from codistill.shards import Feature, Schema, ShardFormatError, open_regular_file
+from codistill.storage import write_atomically
 
 SCHEMA_VERSION = 1
 MAX_MANIFEST_BYTES = 1 << 28  # ~1M shard entries
 # "object": variable-length bytes (e.g. JPEG images), stored as bytes and read back as bytes, never pickled.
 FEATURE_DTYPES = ("bytes", "object", "float32", "int32", "int64", "uint8", "int8", "int16", "uint16", "float16")
 MANIFEST_NAME = "manifest.json"
-TEMP_PREFIX = ".tmp-"  # files written under a temp name, then renamed
 
 
 class DatasetError(ValueError):
@@ -142,17 +139,6 @@ def _is_relative_path(path) -> bool:
 
 def join(root: str, relative: str) -> str:
     return f"{root.rstrip('/')}/{relative}"
-
-
-def write_atomically(url: str, text: str) -> None:
-    """Temp file + rename on file systems with renames; one PUT (atomic anyway) on object stores."""
-    fs, path = storage.url_to_fs(url)
-    parent = path.rsplit("/", 1)[0]
-    fs.makedirs(parent, exist_ok=True)
-    tmp = f"{parent}/{TEMP_PREFIX}{uuid.uuid4().hex}"
-    with fs.open(tmp, "w") as f:
-        f.write(text)
-    fs.mv(tmp, path)
 
 
 def write_manifest(root: str, manifest: DatasetManifest) -> None:

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 from codistill.claims import fix_sweep_targets, fix_tuning
 from codistill.config import ConfigError, ExperimentConfig
-from codistill.plans import COMPLETE, Condition, Plan, passes
+from codistill.plans import Condition, Plan, passes
 from codistill.units import duration
 
 Train = Callable[[str, list[str], bool, bool], object]  # (manifest, sets, resume, overwrite): one run
@@ -65,13 +65,13 @@ def _todo(plan: Plan, conditions) -> list[tuple[Condition, int]]:
 
 
 def _train_all(plan: Plan, todo: list[tuple[Condition, int]], train: Train, echo, start: float) -> None:
-    left = [(c, s) for c, s in todo if not (plan.run_dir(c.name, s) / COMPLETE).exists()]
+    left = [(c, s) for c, s in todo if not plan.run_dir(c.name, s).complete.exists()]
     for i, (condition, seed) in enumerate(left):
         elapsed = time.monotonic() - start
         remaining = elapsed / i * (len(left) - i) if i else math.nan
         echo(f"== run {len(todo) - len(left) + i + 1}/{len(todo)}: {condition.name} seed {seed} "
              f"(elapsed {duration(elapsed)}, ~{duration(remaining) if math.isfinite(remaining) else '?'} left)")
         run_dir = plan.run_dir(condition.name, seed)
-        resume = any(run_dir.glob("group-*/checkpoints/latest"))
+        resume = any((group.checkpoints / "latest").exists() for group in run_dir.groups())
         train(plan.base, plan.overrides(condition, seed), resume, not resume)
-        (run_dir / COMPLETE).write_text("")
+        run_dir.complete.write_text("")

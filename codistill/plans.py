@@ -19,9 +19,9 @@ from typing import Literal
 
 from codistill.config import ConfigError, ExperimentConfig, load_experiment, read_manifest_yaml
 from codistill.fields import build, plain_name, require
+from codistill.rundir import RunDir
 from codistill.stats import Goal
 
-COMPLETE = ".complete"
 TARGETS = "targets.json"
 
 
@@ -184,8 +184,8 @@ class Plan:
     def out(self) -> Path:
         return Path(self.runs_dir) / self.name
 
-    def run_dir(self, condition: str, seed: int) -> Path:
-        return self.out / f"{condition}-seed{seed}"
+    def run_dir(self, condition: str, seed: int) -> RunDir:
+        return RunDir(self.out / f"{condition}-seed{seed}")
 
     def condition(self, name: str) -> Condition:
         return next(c for c in self.conditions if c.name == name)
@@ -194,7 +194,7 @@ class Plan:
         sets = [*self.sets, *condition.sets]
         if self.lr_rule != "none" or condition.lr_factor != 1:
             sets.append(f"optimizer.lr={self._lr(sets, condition)!r}")
-        return [*sets, f"train.seed={seed}", f"train.run_dir={self.run_dir(condition.name, seed)}"]
+        return [*sets, f"train.seed={seed}", f"train.run_dir={self.run_dir(condition.name, seed).path}"]
 
     def _lr(self, sets: list[str], condition: Condition) -> float:
         config = load_experiment(self.base, sets)

@@ -7,16 +7,31 @@ do so from the manifest, and Beam workers from the DoFns that carry them
 (`pipelines.run.WorkerDoFn`). URLs no rule matches get fsspec's own
 configuration only (`FSSPEC_<PROTOCOL>_<OPTION>` variables, and for S3 the
 usual `AWS_*` variables and profiles), exactly as plain fsspec would.
+
+Files that readers must see whole or not at all (shards, manifests, markers,
+the snapshot store's LATEST, a run's nonce) are written by `atomic_writer` /
+`write_atomically`: on a local file system under a temp name in the same
+directory (`.tmp-<random>-<name>`, which `is_temp` recognises) and then
+renamed, since rename(2) is atomic and writing in place is not; on other file
+systems as one upload at the final name, since object stores make an upload
+visible only once it is complete (and have no rename: `mv` copies, then
+deletes).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Iterable
+import uuid
+from collections.abc import Iterable, Iterator
+from typing import IO, TYPE_CHECKING
 
 import fsspec
 
-from codistill.config import ConfigError, StorageConfig
+from codistill.fields import ConfigError
+
+if TYPE_CHECKING:
+    from codistill.config import StorageConfig
 
 _rules: tuple[StorageConfig, ...] = ()
 
@@ -55,3 +70,78 @@ def url_to_fs(url: str, **kwargs) -> tuple[fsspec.AbstractFileSystem, str]:
 
 def open(url: str, mode: str = "rb", **kwargs) -> fsspec.core.OpenFile:  # noqa: A001 (fsspec.open's twin)
     return fsspec.open(url, mode, **options_for(url), **kwargs)
+
+
+TEMP_PREFIX = ".tmp-"  # the names files are written under before their rename
+
+
+def is_temp(name: str) -> bool:
+    """Whether a file or directory name is a temp name of `atomic_writer` (a leftover of an interrupted write)."""
+    return name.startswith(TEMP_PREFIX)
+
+
+def _renames_atomically(fs: fsspec.AbstractFileSystem) -> bool:
+    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol
+    return "file" in protocols
+
+
+def _target(url: str, fs: fsspec.AbstractFileSystem | None) -> tuple[fsspec.AbstractFileSystem, str, str]:
+    """(file system, path, temp path beside it), with the parent directory made."""
+    fs, path = (fs, url) if fs is not None else url_to_fs(url)
+    parent, name = path.rsplit("/", 1)
+    fs.makedirs(parent, exist_ok=True)
+    return fs, path, f"{parent}/{TEMP_PREFIX}{uuid.uuid4().hex}-{name}"
+
+
+def _remove(fs: fsspec.AbstractFileSystem, path: str) -> None:
+    with contextlib.suppress(OSError):
+        fs.rm_file(path)
+
+
+@contextlib.contextmanager
+def atomic_writer(url: str, fs: fsspec.AbstractFileSystem | None = None) -> Iterator[IO[bytes]]:
+    """A binary file to write `url` through: it appears at `url` complete when the block ends. If the block
+    raises, no part of it is left behind (a local file it was to replace stays). With `fs`, `url` is a path on
+    that file system."""
+    fs, path, tmp = _target(url, fs)
+    written = tmp if _renames_atomically(fs) else path
+    try:
+        with fs.open(written, "wb") as f:
+            yield f
+        if written != path:
+            fs.mv(written, path)
+    except BaseException:
+        _remove(fs, written)  # a temp file, or an upload cut short
+        raise
+
+
+def write_atomically(url: str, data: bytes | str, fs: fsspec.AbstractFileSystem | None = None,
+                     replace: bool = True) -> bool:
+    """`data` (text as UTF-8) at `url`, all at once: locally a temp file and a rename, elsewhere one put.
+    With `replace=False` a file already at `url` stays (an exclusive create: locally a hard link of the temp
+    file, which fails if the name exists); returns whether `data` was written. With `fs`, `url` is a path on
+    that file system."""
+    data = data.encode() if isinstance(data, str) else data
+    fs, path, tmp = _target(url, fs)
+    if not _renames_atomically(fs):
+        if replace:
+            fs.pipe_file(path, data)
+            return True
+        try:
+            with fs.open(path, "xb") as f:
+                f.write(data)
+        except FileExistsError:
+            return False
+        return True
+    try:
+        fs.pipe_file(tmp, data)
+        if replace:
+            fs.mv(tmp, path)
+            return True
+        try:
+            fs.link(tmp, path)
+        except FileExistsError:
+            return False
+        return True
+    finally:
+        _remove(fs, tmp)  # left after a failed write or a link; a rename took it already

@@ -23,8 +23,8 @@ from codistill import storage
 from codistill.config import MAX_GROUPS, MAX_SHARDS
 from codistill.dataset import DatasetError, DatasetManifest, join, load_manifest
 from codistill.datasets import DATASETS
-from pipelines.formats import (EXTENSIONS, MAX_RECORD_BYTES, ShardFormatError, dali_index, dali_index_path,
-                               iter_blocks, open_regular_file, read_shard)
+from codistill.shards import ShardFormatError, open_regular_file
+from pipelines.formats import EXTENSIONS, MAX_RECORD_BYTES, dali_index, dali_index_path, iter_blocks, read_shard
 from pipelines.sharding import ShardLayout
 
 READ_CHUNK_BYTES = 1 << 20
@@ -228,11 +228,13 @@ def _dali_problems(root: str, shard: str, index: str, offsets: list[int], shard_
 
 
 def _unindexed_files(fs, base: str, manifest: DatasetManifest) -> list[str]:
+    """Files among the shards that the manifest does not index (a temp file of an interrupted write is none)."""
     indexed = {s.path for s in manifest.shards}
     found = set()
     for split in ("train", "eval"):
         for path in fs.find(f"{base.rstrip('/')}/{split}"):
-            found.add(path[len(base.rstrip("/")) + 1:])
+            if not storage.is_temp(path.rsplit("/", 1)[-1]):
+                found.add(path[len(base.rstrip("/")) + 1:])
     return [f"{path}: shard file not in the manifest" for path in sorted(found - indexed)]
 
 
@@ -243,8 +245,8 @@ def _quarantine_problems(root: str, fs, base: str, manifest: DatasetManifest) ->
     top = f"{base.rstrip('/')}/rejected/"
     for path in sorted(fs.find(top)) if fs.exists(top) else []:  # nested for inputs named by relative path
         name = path[len(top):]
-        if name.startswith("samples/"):
-            continue  # a few examples of what each rule removed (Common Crawl), not quarantined records
+        if name.startswith("samples/") or storage.is_temp(name.rsplit("/", 1)[-1]):
+            continue  # a few examples of what each rule removed (Common Crawl), not quarantined records; temp files
         source = name.removesuffix(".jsonl")
         # An input is a file (Criteo) or a folder whose files each have a quarantine file (ImageNet).
         ancestors = {source, *("/".join(source.split("/")[:i]) for i in range(1, source.count("/") + 1))}

@@ -51,10 +51,11 @@ from apache_beam.metrics import Metrics
 from codistill import storage
 from codistill.config import DataConfig
 from codistill.datasets.commoncrawl import CommonCrawlConfig
-from codistill.dataset import join, write_atomically
+from codistill.dataset import join
+from codistill.shards import Block, Feature, Schema
+from codistill.storage import write_atomically
 from pipelines import dedup, progress
 from pipelines.cleaning import Cleaner
-from pipelines.formats import Block, Feature, Schema
 from pipelines.run import DatasetChecks, DatasetPipeline, ValueCheck
 from pipelines.sharding import ShardLayout, mix64, partition, string_hash
 from pipelines.sinks import PIECES, Rejected, WriteDataset, layout_for, write_pieces

@@ -37,7 +37,7 @@ from codistill.config import DataConfig
 from codistill.datasets.criteo import CriteoConfig
 from codistill.dataset import DatasetManifest, join
 from pipelines import progress
-from pipelines.formats import Block, Feature, Schema
+from codistill.shards import Block, Feature, Schema
 from pipelines.run import DatasetChecks, DatasetPipeline, ValueCheck
 from pipelines.worker import WorkerDoFn
 from pipelines.sharding import ShardLayout, line_key_hashes, mix64, partition, string_hash

@@ -1,9 +1,11 @@
 """Shard formats: TFRecord of `tf.train.Example` and WebDataset tar, both ways.
 
-A shard holds *records*; each record is a block of rows (a dict of numpy
-arrays with the same leading length, one column `key` holding every row's
-key). Block records keep Beam and the readers at numpy speed instead of
-paying per-row costs.
+A shard holds *records*; each record is a block of rows (`codistill.shards.Block`:
+a dict of numpy arrays with the same leading length, one column `key` holding
+every row's key). Block records keep Beam and the readers at numpy speed
+instead of paying per-row costs. The schema types and how a shard file is
+opened (a regular file only, of the indexed size) are the shard contract in
+`codistill/shards.py`; this module is the codecs.
 
 TFRecord: each record is one `tf.train.Example` (framing: length, masked
 CRC32C of the length, payload, masked CRC32C of the payload). Columns map to
@@ -43,16 +45,12 @@ allocating it.
 
 from __future__ import annotations
 
-import errno
 import functools
 import hashlib
 import io
 import json
-import os
-import stat
 import struct
 import tarfile
-import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import IO
@@ -60,42 +58,16 @@ from typing import IO
 import google_crc32c
 import numpy as np
 import webdataset as wds
-from fsspec.implementations.local import LocalFileSystem
 
 from codistill import storage
+from codistill.shards import Block, Schema, ShardFormatError, open_regular_file
 
 EXTENSIONS = {"tfrecord": "tfrecord", "webdataset": "tar"}
 # Default cap on one stored record (TFRecord payload, tar member): records are ~100 kB (a block of rows, or
 # one image); a length field or tar header claiming more is hostile or corrupt.
 MAX_RECORD_BYTES = 256 << 20
 
-Block = dict[str, np.ndarray]
-
 READ_BLOCK_ROWS = 64  # rows per block yielded when reading one-row-per-record shards
-
-
-class ShardFormatError(ValueError):
-    """A shard is truncated, corrupt or does not match its schema."""
-
-
-@dataclass(frozen=True)
-class Feature:
-    dtype: str  # "bytes" (fixed-width), "object" (variable-length bytes; one-row records only) or a numpy dtype
-    shape: tuple[int, ...] = ()  # per row
-    # Set for one-row-per-record schemas (all features or none): where the column is stored.
-    tfrecord: str | None = None  # the Example's feature key, e.g. "image/encoded"
-    webdataset: str | None = None  # a member extension ("jpg", "cls"), or "json": a field of <sample>.json
-
-    def to_json(self) -> dict:
-        raw = {"dtype": self.dtype, "shape": list(self.shape)}
-        return raw | {k: v for k, v in (("tfrecord", self.tfrecord), ("webdataset", self.webdataset)) if v}
-
-    @classmethod
-    def from_json(cls, raw: dict) -> "Feature":
-        return cls(raw["dtype"], tuple(raw["shape"]), raw.get("tfrecord"), raw.get("webdataset"))
-
-
-Schema = dict[str, Feature]
 
 
 def one_row_per_record(schema: Schema) -> bool:
@@ -551,14 +523,10 @@ def dali_index_path(relative: str) -> str:
 
 
 def write_shard(url: str, blocks: list[Block], schema: Schema, fmt: str, sample_prefix: str) -> WrittenShard:
-    """Write records to `url` through a temp file and a rename, so readers never see half a shard."""
-    fs, path = storage.url_to_fs(url)
-    parent, name = path.rsplit("/", 1)
-    fs.makedirs(parent, exist_ok=True)
-    tmp = f"{parent}/.tmp-{uuid.uuid4().hex}-{name}"
+    """Write records to `url` atomically (`storage.atomic_writer`), so readers never see half a shard."""
     rows, offsets = 0, []
     by_row = one_row_per_record(schema)
-    with fs.open(tmp, "wb") as raw:
+    with storage.atomic_writer(url) as raw:
         out = _HashingWriter(raw)
         if fmt == "tfrecord":
             for block in blocks:
@@ -581,36 +549,7 @@ def write_shard(url: str, blocks: list[Block], schema: Schema, fmt: str, sample_
                     writer.write({"__key__": f"{sample_prefix}-{index:06d}", **sample})
                     rows += block_rows(block)
             writer.close()
-    fs.mv(tmp, path)
     return WrittenShard(url, rows, out.bytes, out.sha256.hexdigest(), tuple(offsets))
-
-
-def open_regular_file(url: str, expect_bytes: int | None = None) -> IO[bytes]:
-    """A shard (or manifest) opened for reading: a regular file only (a FIFO would hang the reader, a symlink to
-    /dev/zero never end), opened without following a symlink where the file system has them, and with
-    `expect_bytes`, of that size before one byte is read."""
-    fs, path = storage.url_to_fs(url)
-    if isinstance(fs, LocalFileSystem):
-        try:  # O_NONBLOCK: opening a FIFO must not wait for a writer
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-        except OSError as e:
-            if e.errno != errno.ELOOP:
-                raise
-            raise ShardFormatError(f"{url}: a symbolic link; shards must be regular files") from None
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            os.close(fd)
-            raise ShardFormatError(f"{url}: not a regular file (a FIFO, device or directory?)")
-        size, stream = info.st_size, os.fdopen(fd, "rb")
-    else:
-        info = fs.info(path)
-        if info.get("type") != "file" or info.get("islink"):
-            raise ShardFormatError(f"{url}: not a regular file ({info.get('type')})")
-        size, stream = info.get("size"), fs.open(path, "rb")
-    if expect_bytes is not None and size != expect_bytes:
-        stream.close()
-        raise ShardFormatError(f"{url} has {size} bytes, manifest says {expect_bytes}")
-    return stream
 
 
 def read_shard(url: str, schema: Schema, fmt: str, expect_sha256: str | None = None,

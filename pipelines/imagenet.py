@@ -69,8 +69,8 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 from codistill import storage
 from codistill.config import DataConfig
 from codistill.datasets.imagenet import ImageNetConfig
+from codistill.shards import Block, Feature, Schema
 from pipelines import jpeg, progress
-from pipelines.formats import Block, Feature, Schema
 from pipelines.imagenet_dedup import DUPLICATE_REASONS, FindDuplicates, copy_priority
 from pipelines.imagenet_input import InputFile, ListInput, plan_input, read_input
 from pipelines.run import DatasetChecks, DatasetPipeline, ValueCheck

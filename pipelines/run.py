@@ -30,7 +30,7 @@ from fsspec.implementations.local import LocalFileSystem
 from codistill import storage
 from codistill.config import DataConfig, ExperimentConfig
 from codistill.datasets import DATASETS
-from codistill.dataset import MANIFEST_NAME, TEMP_PREFIX, DatasetManifest, join, load_manifest
+from codistill.dataset import MANIFEST_NAME, DatasetManifest, join, load_manifest
 from pipelines import progress
 from pipelines.sinks import PIECES
 from pipelines.textfiles import InputReadError, match_inputs
@@ -86,6 +86,23 @@ class DatasetPipeline:
 
 def dataset_pipeline(dataset: str) -> DatasetPipeline:
     return importlib.import_module(DATASETS[dataset].pipeline).PIPELINE
+
+
+def summarize_dataset(dataset: DatasetManifest, where: str) -> str:
+    rejected = sum(dataset.rejected.values())
+    reasons = ", ".join(f"{k}: {v}" for k, v in dataset.rejected.items())
+    # Rows are input records, or (`kept` set) packed sequences of the documents kept.
+    read, written = ("rows", f"{dataset.written_rows} written") if dataset.kept is None else (
+        "documents", f"{dataset.kept} kept, packed into {dataset.written_rows} rows")
+    lines = [f"{dataset.dataset} ({dataset.format}) at {where}: {dataset.input_rows} {read} read, "
+             f"{written}, {rejected} rejected" + (f" ({reasons})" if reasons else ""),
+             f"{'split':<6} {'group':>5} {'shards':>6} {'rows':>10} {'bytes':>12}"]
+    parts = [("eval", None)] + [("train", g) for g in range(dataset.groups)]
+    for split, group in parts:
+        shards = dataset.shards_of(split, group)
+        lines.append(f"{split:<6} {'-' if group is None else group:>5} {len(shards):>6} "
+                     f"{sum(s.records for s in shards):>10} {sum(s.bytes for s in shards):>12}")
+    return "\n".join(lines + dataset_pipeline(dataset.dataset).describe(dataset))
 
 
 class OutputExistsError(FileExistsError):
@@ -152,7 +169,7 @@ def prepare_output(output: str, overwrite: bool, inputs: list[str] = (), resume:
         raise OutputExistsError(f"{output} exists and is not empty; choose another output, pass --overwrite, "
                                 "or --resume an interrupted run")
     known = DATASET_ENTRIES + own_entries
-    foreign = [e for e in entries if e not in known and not e.startswith(TEMP_PREFIX) and not e.endswith(".wids.json")]
+    foreign = [e for e in entries if e not in known and not storage.is_temp(e) and not e.endswith(".wids.json")]
     if foreign:
         raise OutputExistsError(f"{output} is not a codistill dataset (it holds {', '.join(foreign[:5])}"
                                 f"{', ...' if len(foreign) > 5 else ''}): --overwrite deletes only a dataset "

@@ -27,9 +27,10 @@ import numpy as np
 
 from codistill import storage
 from codistill.config import DataConfig
-from codistill.dataset import DatasetManifest, ShardEntry, join, write_atomically, write_manifest
-from pipelines.formats import (EXTENSIONS, Block, Schema, concat_blocks, dali_index, dali_index_path, rebatch,
-                               write_shard)
+from codistill.dataset import DatasetManifest, ShardEntry, join, write_manifest
+from codistill.shards import Block, Schema
+from codistill.storage import write_atomically
+from pipelines.formats import EXTENSIONS, concat_blocks, dali_index, dali_index_path, rebatch, write_shard
 from pipelines.worker import WorkerDoFn
 from pipelines.sharding import ShardLayout
 

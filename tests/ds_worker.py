@@ -33,9 +33,9 @@ import torch.distributed as dist  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from codistill.config import load_experiment  # noqa: E402
+from codistill.config import CodistillConfig, load_experiment  # noqa: E402
 from codistill.datasets.criteo import CriteoDNNConfig  # noqa: E402
-from training.loss import DistillConfig, codistillation_loss  # noqa: E402
+from training.loss import codistillation_loss  # noqa: E402
 from training.train import (GroupTrainer, build_engine, exit_finished_rank, forward_backward,  # noqa: E402
                             init_distributed)
 from training.workloads.criteo import WORKLOAD, CriteoDNN  # noqa: E402
@@ -52,7 +52,7 @@ def make_model() -> torch.nn.Module:
 
 def loss_of(model, dense, cat, label) -> torch.Tensor:
     logits = model(dense, cat).float()
-    return codistillation_loss(logits, label, [], 0, DistillConfig(), binary=True).total
+    return codistillation_loss(logits, label, [], 0, CodistillConfig(), binary=True).total
 
 
 def main() -> None:
@@ -78,7 +78,7 @@ def main() -> None:
         for i in range(accum):  # GroupTrainer.train_step: one forward_backward (backward + step) per micro-batch
             part = slice(i * micro, (i + 1) * micro)
             batch = {"dense": dense[part], "cat": cat[part], "label": label[part]}
-            parts = forward_backward(engine, WORKLOAD, {}, batch, 0, DistillConfig())
+            parts = forward_backward(engine, WORKLOAD, {}, batch, 0, CodistillConfig())
             losses.append(float(parts.total.item()))
         assert engine.global_steps == 1, f"{name}: {engine.global_steps} optimizer steps, expected 1"
         partitioned = [n for n, p in engine.module.named_parameters() if p.data.numel() < p.ds_numel] \

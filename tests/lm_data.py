@@ -15,7 +15,8 @@ import fsspec
 import numpy as np
 
 from codistill.dataset import DatasetManifest, ShardEntry, write_manifest
-from pipelines.formats import Feature, write_shard
+from codistill.shards import Feature
+from pipelines.formats import write_shard
 
 PAD, EOD, VOCAB = 0, 1, 48
 BYTES_PER_TOKEN = 3

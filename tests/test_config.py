@@ -12,8 +12,8 @@ from codistill.config import (REPO_MANIFESTS, ConfigError, DataConfig, Experimen
                               load_experiment, parse_experiment, to_dict)
 from codistill.datasets.criteo import CriteoConfig, CriteoSynthConfig
 from codistill.dataset import (MANIFEST_NAME, DatasetError, DatasetManifest, ShardEntry, check_shards_present,
-                               load_manifest, write_atomically, write_manifest)
-from pipelines.formats import Feature
+                               load_manifest, write_manifest)
+from codistill.shards import Feature
 
 from conftest import list_files, write_bytes
 
@@ -382,14 +382,6 @@ def test_manifest_is_written_atomically_without_leftovers(root_kind, tmp_path, m
     write_manifest(root, small_manifest(rows_read=11, rejected={"field_count": 2}))  # replaces, no leftovers
     assert list_files(root) == [MANIFEST_NAME]
     assert load_manifest(root).input_rows == 11
-
-
-def test_write_atomically_replaces_whole_file(tmp_path):
-    target = str(tmp_path / "sub" / "x.json")
-    write_atomically(target, "first version, long\n")
-    write_atomically(target, "second\n")
-    assert (tmp_path / "sub" / "x.json").read_text() == "second\n"
-    assert sorted(p.name for p in (tmp_path / "sub").iterdir()) == ["x.json"]
 
 
 def test_manifest_that_loses_rows_is_refused(tmp_path):

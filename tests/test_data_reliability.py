@@ -32,10 +32,12 @@ from fsspec.implementations.memory import MemoryFile, MemoryFileSystem
 
 from codistill.config import ConfigError, load_experiment, parse_experiment, set_field
 from codistill.cli import main as cli_main
-from codistill.dataset import MANIFEST_NAME, DatasetError, DatasetManifest, load_manifest, write_atomically
+from codistill.dataset import MANIFEST_NAME, DatasetError, DatasetManifest, load_manifest
+from codistill.shards import Feature, ShardFormatError
+from codistill.storage import write_atomically
 from codistill.verify import verify_dataset
 from conftest import make_criteo_file, read_rows, run_criteo
-from pipelines.formats import Feature, ShardFormatError, read_shard, write_shard
+from pipelines.formats import read_shard, write_shard
 from pipelines.run import OutputExistsError
 from pipelines import textfiles
 from pipelines.textfiles import (InputReadError, OverlongLine, count_lines, first_lines, plan_ranges, read_head,
@@ -205,30 +207,31 @@ def run_config(run_dir: Path, store: str | None = None):
 
 
 def test_train_overwrite_deletes_only_a_run_directory(tmp_path):
-    from codistill.cli import _start_afresh
+    from codistill.run import RunError, start_afresh
 
     work = tmp_path / "work"
     (work / "group-0").mkdir(parents=True)
     (work / "src").mkdir()
     (work / "src" / "main.py").write_text("mine")
-    with pytest.raises(click.ClickException, match=r"not a codistill run directory \(it holds src\)"):
-        _start_afresh(run_config(work), overwrite=True)
+    with pytest.raises(RunError, match=r"not a codistill run directory \(it holds src\)"):
+        start_afresh(run_config(work), overwrite=True)
     assert (work / "src" / "main.py").read_text() == "mine"
 
     run = tmp_path / "runs" / "old"
     (run / "group-1" / "checkpoints").mkdir(parents=True)
     (run / "store" / "old" / "group-1").mkdir(parents=True)
-    _start_afresh(run_config(run), overwrite=True)
+    (run / ".tmp-0123abcd-run.json").write_text("")  # a write cut short
+    start_afresh(run_config(run), overwrite=True)
     assert list(run.iterdir()) == []  # emptied; the directory stays (it holds the run lock while a run lives)
 
 
 def test_train_overwrite_leaves_a_foreign_store_folder_alone(tmp_path):
-    from codistill.cli import _start_afresh
+    from codistill.run import RunError, start_afresh
 
     store = tmp_path / "bucket"
     (store / "x" / "important").mkdir(parents=True)
-    with pytest.raises(click.ClickException, match=r"is not this run's snapshots \(it holds important\)"):
-        _start_afresh(run_config(tmp_path / "runs" / "x", str(store)), overwrite=True)
+    with pytest.raises(RunError, match=r"is not this run's snapshots \(it holds important\)"):
+        start_afresh(run_config(tmp_path / "runs" / "x", str(store)), overwrite=True)
     assert (store / "x" / "important").is_dir()
 
 
@@ -722,8 +725,11 @@ class FullDiskFileSystem(MemoryFileSystem):
 
     def _open(self, path, mode="rb", **kwargs):
         if "w" in mode:
-            path = self._strip_protocol(path)
-            return _QuotaFile(self, path)
+            f = _QuotaFile(self, self._strip_protocol(path))
+            if kwargs.get("data") is not None:  # pipe_file: the whole file at once
+                f.write(kwargs["data"])
+                f.close()
+            return f
         return super()._open(path, mode, **kwargs)
 
 

@@ -182,10 +182,11 @@ def test_latest_is_written_last(store):
     assert publisher.publish(3, make_state(3))
     assert recorder.writes[:2] == ["step-00000003.safetensors", "step-00000003.json"]
     assert recorder.writes[-1] == LATEST
-    if store.startswith("s3://"):  # no rename on S3: LATEST is one PUT, visible all at once, after the rest
+    if store.startswith(("s3://", "memory://")):  # no rename: LATEST is one PUT, visible all at once, after the rest
         assert recorder.writes == ["step-00000003.safetensors", "step-00000003.json", LATEST]
-    else:
-        assert all(name.startswith(".LATEST.") for name in recorder.writes[2:-1])  # local: temp file, then rename
+    else:  # local: a temp file, then a rename
+        temp, = recorder.writes[2:-1]
+        assert storage.is_temp(temp) and temp.endswith(f"-{LATEST}")
 
 
 def test_reader_following_latest_always_finds_complete_files(store):

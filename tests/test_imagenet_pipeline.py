@@ -23,8 +23,8 @@ from codistill.cli import main
 from codistill.config import ConfigError, parse_experiment
 from codistill.dataset import join, load_manifest
 from codistill.verify import verify_dataset
-from pipelines.formats import (Feature, ShardFormatError, dali_index_path, frame_record, iter_tfrecord, read_shard,
-                               write_shard)
+from codistill.shards import Feature, ShardFormatError
+from pipelines.formats import dali_index_path, frame_record, iter_tfrecord, read_shard, write_shard
 from pipelines.imagenet import SCHEMA
 from pipelines.run import preprocess
 from pipelines.synth_imagenet import generate_imagenet

@@ -14,6 +14,7 @@ from PIL import Image
 from codistill.config import ConfigError, load_experiment
 from codistill.datasets.imagenet import ResNetConfig
 from codistill.dataset import DatasetManifest, ShardEntry, write_manifest
+from codistill.rundir import RunDir
 from pipelines.formats import write_shard
 from pipelines.imagenet import SCHEMA
 from training import image_transforms as T
@@ -283,7 +284,7 @@ def test_two_groups_train_with_codistillation_and_report_top1_top5(imagenet_run)
                 if t["step"] > 2:
                     used += 1
                     assert t["distill_loss"] > 0, t
-        with np.load(run_dir / f"group-{group}" / "eval_predictions.npz") as saved:
+        with np.load(RunDir(run_dir).group(group).predictions) as saved:
             # 4 outputs: the 3 classes and the generator's empty class folder
             assert str(saved["workload"]) == "imagenet" and saved["top5"].shape == (12, 4)
     assert used > 0, "no group ever distilled from an adopted peer snapshot"

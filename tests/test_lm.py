@@ -307,7 +307,7 @@ def test_bytes_per_token_of_the_test_data(dataset):
 def test_a_dataset_without_token_features_is_refused(dataset):
     import dataclasses
 
-    from pipelines.formats import Feature
+    from codistill.shards import Feature
 
     _, manifest = dataset
     criteo_like = dataclasses.replace(manifest, features={"key": Feature("bytes"), "label": Feature("float32")})
@@ -347,7 +347,8 @@ def test_training_batches_refuse_a_dataset_of_another_tokenizer(dataset, tmp_pat
 @pytest.mark.parametrize("layout", ["packed", "stateful"])
 def test_one_training_step_through_the_workload(dataset, layout):
     """batches -> forward -> targets -> the loss with a lazy peer -> backward, as the trainer chains them."""
-    from training.loss import DistillConfig, codistillation_loss
+    from codistill.config import CodistillConfig
+    from training.loss import codistillation_loss
     from training.data import to_torch
 
     root, manifest = dataset
@@ -364,6 +365,6 @@ def test_one_training_step_through_the_workload(dataset, layout):
             yield lm.WORKLOAD.forward(peer, batch, None)[0]
 
     targets, mask = lm.WORKLOAD.targets(batch)
-    parts = codistillation_loss(logits, targets, peers(), 0, DistillConfig(), binary=lm.WORKLOAD.binary, mask=mask)
+    parts = codistillation_loss(logits, targets, peers(), 0, CodistillConfig(), binary=lm.WORKLOAD.binary, mask=mask)
     parts.total.backward()
     assert parts.distill_loss > 0 and student.embedding.weight.grad is not None

@@ -20,6 +20,7 @@ import yaml
 
 from codistill.config import parse_experiment
 from codistill.dataset import load_manifest
+from codistill.rundir import RunDir
 from training.report import predictions
 from training.workloads import lm
 
@@ -57,7 +58,7 @@ def run(argv: list[str]) -> subprocess.CompletedProcess:
 
 
 def records(run_dir: Path, group: int, kind: str) -> list[dict]:
-    lines = (run_dir / f"group-{group}" / "metrics.jsonl").read_text().splitlines()
+    lines = RunDir(run_dir).group(group).metrics.read_text().splitlines()
     return [r for r in map(json.loads, lines) if r["kind"] == kind]
 
 

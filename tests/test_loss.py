@@ -8,7 +8,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from training import loss as loss_module
-from training.loss import DistillConfig, average_peer_probs, codistillation_loss, distill_weight
+from codistill.config import CodistillConfig, ConfigError
+from codistill.fields import build
+from training.loss import average_peer_probs, codistillation_loss, distill_weight
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -28,7 +30,7 @@ def test_no_gradient_reaches_peers_even_without_no_grad():
     student, peers = nn.Linear(4, V), [nn.Linear(4, V), nn.Linear(4, V)]
     x, y = torch.randn(B, 4), torch.randint(0, V, (B,))
     # The caller "forgot" no_grad: the peer logits carry a graph into peer parameters.
-    parts = codistillation_loss(student(x), y, [p(x) for p in peers], step=0, cfg=DistillConfig(), binary=False)
+    parts = codistillation_loss(student(x), y, [p(x) for p in peers], step=0, cfg=CodistillConfig(), binary=False)
     parts.total.backward()
     assert parts.distill_loss.item() > 0
     assert all(p.grad is not None for p in student.parameters())
@@ -37,7 +39,7 @@ def test_no_gradient_reaches_peers_even_without_no_grad():
 
 def test_burn_in_zeroes_the_term_and_total_is_pure_cross_entropy():
     student, targets, peers = make_lm_batch()
-    cfg = DistillConfig(weight=2.0, burn_in_steps=10)
+    cfg = CodistillConfig(weight=2.0, burn_in_steps=10)
     parts = codistillation_loss(student, targets, peers, step=9, cfg=cfg, binary=False)
     expected = F.cross_entropy(student.reshape(-1, V), targets.reshape(-1))
     assert parts.total is parts.label_loss
@@ -50,15 +52,15 @@ def test_burn_in_zeroes_the_term_and_total_is_pure_cross_entropy():
 
 def test_no_peers_total_is_label_loss_exactly():
     student, targets, _ = make_lm_batch()
-    parts = codistillation_loss(student, targets, [], step=100, cfg=DistillConfig(), binary=False)
+    parts = codistillation_loss(student, targets, [], step=100, cfg=CodistillConfig(), binary=False)
     assert parts.total is parts.label_loss
     assert parts.distill_loss.item() == 0.0
 
 
 def test_distill_weight_schedule():
-    cfg = DistillConfig(weight=0.5, burn_in_steps=10, ramp_steps=4)
+    cfg = CodistillConfig(weight=0.5, burn_in_steps=10, ramp_steps=4)
     assert [distill_weight(s, cfg) for s in (0, 9, 10, 11, 13, 100)] == [0.0, 0.0, 0.125, 0.25, 0.5, 0.5]
-    assert distill_weight(10, DistillConfig(weight=0.5, burn_in_steps=10)) == 0.5
+    assert distill_weight(10, CodistillConfig(weight=0.5, burn_in_steps=10)) == 0.5
 
 
 def test_target_is_mean_of_peer_probabilities_not_of_logits():
@@ -68,14 +70,14 @@ def test_target_is_mean_of_peer_probabilities_not_of_logits():
     torch.testing.assert_close(target, torch.tensor([[5 / 8, 3 / 8]]))
     # Averaging logits instead would give softmax([log(3)/2, 0]) = (0.634, 0.366).
     student = torch.tensor([[0.3, -0.2]])
-    parts = codistillation_loss(student, torch.tensor([0]), peers, step=0, cfg=DistillConfig(), binary=False)
+    parts = codistillation_loss(student, torch.tensor([0]), peers, step=0, cfg=CodistillConfig(), binary=False)
     log_p = F.log_softmax(student, dim=-1)[0]
     torch.testing.assert_close(parts.distill_loss, -(5 / 8 * log_p[0] + 3 / 8 * log_p[1]))
 
 
 def test_three_groups_two_peers_and_order_does_not_matter():
     student, targets, peers = make_lm_batch()
-    cfg = DistillConfig()
+    cfg = CodistillConfig()
     a = codistillation_loss(student, targets, peers, step=0, cfg=cfg, binary=False)
     b = codistillation_loss(student, targets, peers[::-1], step=0, cfg=cfg, binary=False)
     torch.testing.assert_close(a.total, b.total)
@@ -89,7 +91,7 @@ def test_mask_excludes_padded_positions(distance):
     student, targets, peers = make_lm_batch()
     mask = torch.ones(B, T, dtype=torch.bool)
     mask[:, -2:] = False
-    cfg = DistillConfig(distance=distance)
+    cfg = CodistillConfig(distance=distance)
     base = codistillation_loss(student, targets, peers, step=0, cfg=cfg, binary=False, mask=mask)
 
     changed_student = student.detach().clone()
@@ -114,7 +116,7 @@ def test_kl_and_ce_differ_by_target_entropy_and_share_gradients():
     results = {}
     for distance in ("ce", "kl"):
         logits = student.detach().clone().requires_grad_()
-        parts = codistillation_loss(logits, targets, peers, 0, DistillConfig(distance=distance), binary=False)
+        parts = codistillation_loss(logits, targets, peers, 0, CodistillConfig(distance=distance), binary=False)
         parts.total.backward()
         results[distance] = (parts.distill_loss, logits.grad)
     target = average_peer_probs(peers, 1.0, binary=False)
@@ -122,13 +124,13 @@ def test_kl_and_ce_differ_by_target_entropy_and_share_gradients():
     torch.testing.assert_close(results["ce"][0] - results["kl"][0], entropy)
     torch.testing.assert_close(results["ce"][1], results["kl"][1])
     # KL of a distribution to itself is zero.
-    same = codistillation_loss(peers[0], targets, [peers[0]], 0, DistillConfig(distance="kl"), binary=False)
+    same = codistillation_loss(peers[0], targets, [peers[0]], 0, CodistillConfig(distance="kl"), binary=False)
     assert abs(same.distill_loss.item()) < 1e-6
 
 
 def test_mse_logits_is_squared_error_to_mean_peer_logits():
     student, targets, peers = make_lm_batch()
-    cfg = DistillConfig(distance="mse_logits", temperature=4.0)  # temperature does not apply
+    cfg = CodistillConfig(distance="mse_logits", temperature=4.0)  # temperature does not apply
     parts = codistillation_loss(student, targets, peers, 0, cfg, binary=False)
     expected = ((student - (peers[0] + peers[1]) / 2) ** 2).mean()
     torch.testing.assert_close(parts.distill_loss, expected)
@@ -137,7 +139,7 @@ def test_mse_logits_is_squared_error_to_mean_peer_logits():
 def test_temperature_softens_both_sides_and_scales_by_t_squared():
     student, targets, peers = make_lm_batch()
     t = 3.0
-    parts = codistillation_loss(student, targets, peers, 0, DistillConfig(temperature=t), binary=False)
+    parts = codistillation_loss(student, targets, peers, 0, CodistillConfig(temperature=t), binary=False)
     target = (F.softmax(peers[0] / t, -1) + F.softmax(peers[1] / t, -1)) / 2
     expected = t**2 * -(target * F.log_softmax(student / t, -1)).sum(-1).mean()
     torch.testing.assert_close(parts.distill_loss, expected)
@@ -152,7 +154,7 @@ def test_binary_task_is_a_two_class_distribution(distance):
     y = torch.randint(0, 2, (8,), generator=g).float()
     peers = [torch.randn(8, generator=g) for _ in range(2)]
     t = 2.0
-    cfg = DistillConfig(temperature=t, distance=distance)
+    cfg = CodistillConfig(temperature=t, distance=distance)
     parts = codistillation_loss(z, y, peers, 0, cfg, binary=True)
     torch.testing.assert_close(parts.label_loss, F.binary_cross_entropy_with_logits(z, y))
 
@@ -167,7 +169,7 @@ def test_binary_mse_logits_and_mask():
     z = torch.tensor([0.5, -1.0, 2.0])
     peers = [torch.tensor([1.5, 0.0, 9.0])]
     mask = torch.tensor([True, True, False])
-    parts = codistillation_loss(z, torch.tensor([1.0, 0.0, 1.0]), peers, 0, DistillConfig(distance="mse_logits"),
+    parts = codistillation_loss(z, torch.tensor([1.0, 0.0, 1.0]), peers, 0, CodistillConfig(distance="mse_logits"),
                                 binary=True, mask=mask)
     torch.testing.assert_close(parts.distill_loss, torch.tensor((1.0 + 1.0) / 2))
 
@@ -175,13 +177,13 @@ def test_binary_mse_logits_and_mask():
 def test_shape_errors_are_clear():
     student, targets, peers = make_lm_batch()
     with pytest.raises(ValueError, match="multiclass"):
-        codistillation_loss(student, targets.float().unsqueeze(-1), peers, 0, DistillConfig(), binary=False)
+        codistillation_loss(student, targets.float().unsqueeze(-1), peers, 0, CodistillConfig(), binary=False)
     with pytest.raises(ValueError, match="binary"):
-        codistillation_loss(student, targets, peers, 0, DistillConfig(), binary=True)
+        codistillation_loss(student, targets, peers, 0, CodistillConfig(), binary=True)
     with pytest.raises(ValueError, match="peer 1"):
-        codistillation_loss(student, targets, [peers[0], peers[1][:, :1]], 0, DistillConfig(), binary=False)
-    with pytest.raises(ValueError, match="distance"):
-        DistillConfig(distance="l1")  # type: ignore[arg-type]
+        codistillation_loss(student, targets, [peers[0], peers[1][:, :1]], 0, CodistillConfig(), binary=False)
+    with pytest.raises(ConfigError, match="^codistill.distance: "):
+        build(CodistillConfig, {"distance": "l1"}, "codistill")
 
 
 # --- the fused soft-target cross-entropy, lazy peers, memory -------------------------------------------
@@ -208,7 +210,7 @@ def test_fused_loss_equals_the_two_pass_formula(monkeypatch, distance, t, masked
     peers.append(torch.randn(B, T, V, generator=torch.Generator().manual_seed(9)))
     mask = (torch.arange(T)[None, :] < torch.tensor([5, 3, 1])[:, None]) if masked else None
     w = 0.7
-    cfg = DistillConfig(weight=w, temperature=t, distance=distance)
+    cfg = CodistillConfig(weight=w, temperature=t, distance=distance)
     parts = codistillation_loss(student, targets, iter(peers), 0, cfg, binary=False, mask=mask)
     parts.total.backward()
     fused_grad, student.grad = student.grad, None
@@ -226,7 +228,7 @@ def test_at_temperature_one_it_is_one_cross_entropy_to_the_mixed_target():
     """CE(y) + w CE(p) = (1 + w) CE((onehot(y) + w p) / (1 + w))."""
     student, targets, peers = make_lm_batch(seed=4)
     w = 1.5
-    parts = codistillation_loss(student, targets, peers, 0, DistillConfig(weight=w), binary=False)
+    parts = codistillation_loss(student, targets, peers, 0, CodistillConfig(weight=w), binary=False)
     mixed = (F.one_hot(targets, V).float() + w * average_peer_probs(peers, 1.0, binary=False)) / (1 + w)
     torch.testing.assert_close(parts.total, (1 + w) * F.cross_entropy(student.reshape(-1, V), mixed.reshape(-1, V)))
 
@@ -240,7 +242,7 @@ def test_burn_in_never_computes_the_peers():
             asked.append(1)
             yield p
 
-    cfg = DistillConfig(burn_in_steps=5)
+    cfg = CodistillConfig(burn_in_steps=5)
     codistillation_loss(student, targets, lazy(), step=4, cfg=cfg, binary=False)
     assert asked == []
     codistillation_loss(student, targets, lazy(), step=5, cfg=cfg, binary=False)
@@ -284,7 +286,7 @@ def test_peers_are_never_alive_together(distance):
             return t
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            parts = codistillation_loss(student, targets, lazy(), 0, DistillConfig(distance=distance), binary=False)
+            parts = codistillation_loss(student, targets, lazy(), 0, CodistillConfig(distance=distance), binary=False)
         parts.total.backward()
         return alive, sum(saved)
 
@@ -308,7 +310,7 @@ def peak_loss_bytes(peer_count: int, n: int = 128, v: int = 2048) -> int:
     tracker.track_external(student)
     with tracker:
         peers = (torch.randn(n, v, generator=g) for _ in range(peer_count))
-        codistillation_loss(student, targets, peers, 0, DistillConfig(), binary=False).total.backward()
+        codistillation_loss(student, targets, peers, 0, CodistillConfig(), binary=False).total.backward()
     return tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"]
 
 
@@ -328,7 +330,7 @@ def test_label_smoothing_of_the_fused_multiclass_loss_matches_torch(temperature)
     logits = torch.randn(7, 11, requires_grad=True)
     targets = torch.randint(0, 11, (7,))
     peer = torch.randn(7, 11)
-    cfg = DistillConfig(weight=0.5, temperature=temperature)
+    cfg = CodistillConfig(weight=0.5, temperature=temperature)
     parts = codistillation_loss(logits, targets, [peer], step=3, cfg=cfg, binary=False, label_smoothing=0.1)
     label = F.cross_entropy(logits, targets, label_smoothing=0.1)
     target = torch.softmax(peer / temperature, -1)
@@ -342,7 +344,7 @@ def test_label_smoothing_of_the_fused_multiclass_loss_matches_torch(temperature)
 def test_binary_label_smoothing_moves_targets_toward_the_base_rate():
     logits = torch.tensor([0.3, -1.0, 2.0])
     labels = torch.tensor([1.0, 0.0, 1.0])
-    parts = codistillation_loss(logits, labels, [], step=0, cfg=DistillConfig(), binary=True, label_smoothing=0.2,
+    parts = codistillation_loss(logits, labels, [], step=0, cfg=CodistillConfig(), binary=True, label_smoothing=0.2,
                                 label_prior=0.25)
     expected = F.binary_cross_entropy_with_logits(logits, 0.8 * labels + 0.2 * 0.25)
     assert parts.total.item() == pytest.approx(expected.item())

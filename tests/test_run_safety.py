@@ -25,6 +25,7 @@ from click.testing import CliRunner
 
 from codistill.cli import main as cli
 from codistill.dataset import join, load_manifest, write_manifest
+from codistill.rundir import RunDir
 from pipelines.formats import read_shard, write_shard
 from training.launch import GroupCommand, group_commands, locked_run_dir, run_groups
 from training.report import eval_records
@@ -89,7 +90,7 @@ def test_nan_loss_stops_the_group_and_never_reaches_the_peer(data_dir, tmp_path)
     assert "non-finite loss" in proc.stdout, tail(proc.stdout + proc.stderr)
     assert "Error: group 0 exited with code" in proc.stderr, tail(proc.stderr)
     for g in (0, 1):
-        logged = run_dir / f"group-{g}" / "metrics.jsonl"
+        logged = RunDir(run_dir).group(g).metrics
         assert not logged.exists() or all(math.isfinite(r["loss"]) for r in records(run_dir, g, "train")), \
             f"group {g} logged a non-finite loss: it trained on"
     # Whatever group 0 published before the NaN step is finite: the peer could only ever adopt finite weights.
@@ -191,7 +192,7 @@ def live_run(data_dir, tmp_path):  # noqa: F811
 
     def training() -> bool:
         assert proc.poll() is None, tail((tmp_path / "live.log").read_text())
-        return all((run_dir / f"group-{g}" / "metrics.jsonl").exists() for g in (0, 1))
+        return all(RunDir(run_dir).group(g).metrics.exists() for g in (0, 1))
 
     try:
         wait_until(training, 300, "both groups to log a step")
@@ -212,7 +213,7 @@ def test_a_second_launch_on_a_live_run_is_refused_and_sigkilling_the_launcher_en
         result = CliRunner().invoke(cli, base + extra)
         assert result.exit_code != 0 and "is in use by another `codistill train`" in result.output, \
             (extra, result.output)
-    assert (run_dir / "group-0" / "metrics.jsonl").exists(), "--overwrite deleted a live run"
+    assert RunDir(run_dir).group(0).metrics.exists(), "--overwrite deleted a live run"
     ranks = processes_mentioning("training.train")
     ranks = [p for p in ranks if str(run_dir) in Path(f"/proc/{p}/cmdline").read_text()]
     assert ranks, "no group process found"
@@ -233,7 +234,7 @@ def test_sigkilling_a_groups_deepspeed_launcher_ends_its_ranks(data_dir, tmp_pat
     launcher = subprocess.Popen(group_commands("criteo-tiny", [0], 2, sets, resume=False)[0].argv, cwd=REPO, env=env(),
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # as a shell would
     try:
-        wait_until(lambda: (run_dir / "group-0" / "metrics.jsonl").exists() or launcher.poll() is not None, 300,
+        wait_until(lambda: RunDir(run_dir).group(0).metrics.exists() or launcher.poll() is not None, 300,
                    "the group to log a step")
         assert launcher.poll() is None, tail((tmp_path / "hand.log").read_text())
         launcher.kill()  # the launcher process alone, not its process group
@@ -262,7 +263,7 @@ def test_resume_refuses_a_planted_pickle_and_an_empty_latest_and_falls_back(data
                    "codistill.enabled=false", f"train.run_dir={run_dir}"]
     proc = run(group_commands("criteo-tiny", [0], 1, sets, resume=False)[0].argv)
     assert proc.returncode == 0, tail(proc.stdout + proc.stderr)
-    checkpoints = run_dir / "group-0" / "checkpoints"
+    checkpoints = RunDir(run_dir).group(0).checkpoints
     assert sorted(p.name for p in checkpoints.glob("step-*")) == ["step-00000002", "step-00000004"]
     marker = tmp_path / "code-ran"
     # Someone with write access to the (shared) run directory plants code in the newest checkpoint...
@@ -298,7 +299,7 @@ def test_checkpoint_problem_reads_no_tensor_data_and_names_the_problem(tmp_path)
 
 
 def test_a_torn_metrics_line_is_skipped_with_a_warning(tmp_path, caplog):
-    path = tmp_path / "group-0" / "metrics.jsonl"
+    path = RunDir(tmp_path).group(0).metrics
     path.parent.mkdir()
     good = [{"kind": "eval", "step": s, "log_loss": 0.5} for s in (10, 20)]
     path.write_text(json.dumps(good[0]) + "\n" + '{"kind": "train", "st' + json.dumps(good[1]) + "\n"

@@ -8,7 +8,6 @@ import os
 import re
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 import yaml
@@ -17,6 +16,7 @@ from conftest import REPO, RUNNER, S3_ENV, dask_args, shard_bytes
 from codistill import storage
 from codistill.config import ConfigError, StorageConfig, load_experiment
 from codistill.dataset import load_manifest
+from codistill.rundir import RunDir
 from codistill.verify import verify_dataset
 from pipelines.run import preprocess
 from training.exchange import LATEST, PeerWatcher, model_signature, snapshot_bytes
@@ -121,7 +121,7 @@ def s3_training_run(s3, s3_dataset, tmp_path_factory):
 def test_training_reads_its_shards_from_s3_and_publishes_snapshots_there(s3_training_run):
     config, proc = s3_training_run
     assert "eval step 6:" in proc.stdout
-    assert (Path(config.run_dir) / "group-0" / "eval_predictions.npz").exists()
+    assert RunDir(config.run_dir).group(0).predictions.exists()
     storage.configure(config.storage)
     try:
         fs, root = storage.url_to_fs(config.store)
@@ -143,11 +143,11 @@ def test_training_writes_tensorboard_events_and_shows_time_left(s3_training_run)
 
     config, proc = s3_training_run
     assert re.search(r"^step 2/6 loss .* ms/step, \d+s left$", proc.stdout, re.M), proc.stdout[-2000:]
-    events = EventAccumulator(str(Path(config.run_dir) / "group-0" / "tensorboard"))
+    events = EventAccumulator(str(RunDir(config.run_dir).group(0).tensorboard))
     events.Reload()
     scalars = events.Tags()["scalars"]
     assert {"Train/loss", "Train/label_loss", "Train/lr", "Eval/log_loss", "Eval/auc"} <= set(scalars), scalars
-    logged = [json.loads(line) for line in (Path(config.run_dir) / "group-0" / "metrics.jsonl").open()]
+    logged = [json.loads(line) for line in RunDir(config.run_dir).group(0).metrics.open()]
     train = {r["step"]: r["loss"] for r in logged if r["kind"] == "train"}
     evals = {r["step"]: r["log_loss"] for r in logged if r["kind"] == "eval"}
     assert [(e.step, pytest.approx(e.value, rel=1e-6)) for e in events.Scalars("Train/loss")] == list(train.items())

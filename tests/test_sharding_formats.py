@@ -13,8 +13,8 @@ import webdataset as wds
 from tfrecord import example_pb2
 from tfrecord.writer import TFRecordWriter
 
-from pipelines.formats import (Feature, ShardFormatError, decode_example, encode_example, frame_record, read_shard,
-                               write_shard)
+from codistill.shards import Feature, ShardFormatError
+from pipelines.formats import decode_example, encode_example, frame_record, read_shard, write_shard
 from pipelines.sharding import ShardLayout, line_key_hashes, partition, string_hash
 from pipelines.sinks import WriteManifestFn
 

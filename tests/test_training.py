@@ -30,6 +30,7 @@ from click.testing import CliRunner
 from codistill.cli import main as cli
 from codistill.config import load_experiment
 from codistill.dataset import join, load_manifest
+from codistill.rundir import RunDir
 from pipelines.formats import read_shard
 from training import metrics
 from training.launch import GroupCommand, GroupFailed, free_port, group_commands, run_groups
@@ -65,7 +66,7 @@ def tail(text: str, lines: int = 40) -> str:
 
 
 def records(run_dir: Path, group: int, kind: str) -> list[dict]:
-    path = run_dir / f"group-{group}" / "metrics.jsonl"
+    path = RunDir(run_dir).group(group).metrics
     return [r for r in (json.loads(line) for line in path.read_text().splitlines() if line.strip())
             if r["kind"] == kind]
 
@@ -235,14 +236,14 @@ def test_cli_train_finishes_both_groups_with_eval_metrics(codistill_run, data_di
         train = records(run_dir, g, "train")
         assert train and train[-1]["step"] == STEPS
         assert all(math.isfinite(r["loss"]) for r in train)
-        assert (run_dir / f"group-{g}" / "checkpoints" / "latest").read_text().strip() == f"step-{STEPS:08d}"
+        assert (RunDir(run_dir).group(g).checkpoints / "latest").read_text().strip() == f"step-{STEPS:08d}"
 
 
 def test_cli_train_eval_predictions_cover_the_eval_split(codistill_run, data_dir):
     run_dir, _, _ = codistill_run
     labels = eval_split(data_dir)
     for g in (0, 1):
-        with np.load(run_dir / f"group-{g}" / "eval_predictions.npz", allow_pickle=False) as p:
+        with np.load(RunDir(run_dir).group(g).predictions, allow_pickle=False) as p:
             keys, probs, got_labels = p["key"], p["prob"], p["label"]
         assert keys.tolist() == sorted(labels), "predictions must cover every eval row once, sorted by key"
         assert got_labels.tolist() == [labels[k] for k in keys.tolist()]
@@ -271,7 +272,7 @@ def test_cli_train_publishes_pruned_verifiable_snapshots(codistill_run, data_dir
         # The final snapshot is the final model: it reproduces the saved eval predictions.
         model.load_state_dict(safetensors.torch.load_file(str(store / f"step-{STEPS:08d}.safetensors")))
         model.eval()
-        with np.load(run_dir / f"group-{g}" / "eval_predictions.npz", allow_pickle=False) as p:
+        with np.load(RunDir(run_dir).group(g).predictions, allow_pickle=False) as p:
             keys, probs = p["key"].tolist(), p["prob"]
         manifest = load_manifest(data_dir)
         mine = {}
@@ -336,7 +337,7 @@ def test_cli_train_without_codistillation_neither_distills_nor_publishes(baselin
         train = records(run_dir, g, "train")
         assert train and all(r["distill_loss"] == 0 and r["weight"] == 0 and not r["peers"] for r in train)
         assert records(run_dir, g, "eval")[-1]["step"] == 20
-        assert (run_dir / f"group-{g}" / "eval_predictions.npz").exists()
+        assert RunDir(run_dir).group(g).predictions.exists()
     store = run_dir / "store"
     assert not store.exists() or not any(store.rglob("*.safetensors")), "published snapshots with codistill off"
 
@@ -368,8 +369,8 @@ def kill_and_resume(data_dir, tmp_path_factory):
     log = open(base / "killed.log", "w")
     victim = subprocess.Popen(group_argv(data_dir, killed), cwd=REPO, env=env(), stdout=log, stderr=subprocess.STDOUT,
                               start_new_session=True)
-    latest = killed / "group-0" / "checkpoints" / "latest"
-    metrics_file = killed / "group-0" / "metrics.jsonl"
+    latest = RunDir(killed).group(0).checkpoints / "latest"
+    metrics_file = RunDir(killed).group(0).metrics
 
     def progress() -> int:  # the last step with a train record (after an eval, between two checkpoints)
         steps = [json.loads(line)["step"] for line in metrics_file.read_text().splitlines()[-3:]
@@ -393,7 +394,7 @@ def kill_and_resume(data_dir, tmp_path_factory):
     while processes_mentioning(str(killed)) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert processes_mentioning(str(killed)) == [], "a rank survived the kill"
-    before = (killed / "group-0" / "metrics.jsonl").read_text()
+    before = RunDir(killed).group(0).metrics.read_text()
     killed_at = latest.read_text().strip()
 
     proc = run(group_argv(data_dir, killed, resume=True))
@@ -416,13 +417,13 @@ def test_resumed_run_ends_like_an_uninterrupted_one(kill_and_resume):
     a, b = eval_records(straight, 0), eval_records(killed, 0)
     assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(KILL_EVAL, KILL_STEPS + 1, KILL_EVAL))
     for run_dir in (straight, killed):
-        assert (run_dir / "group-0" / "checkpoints" / "latest").read_text().strip() == f"step-{KILL_STEPS:08d}"
+        assert (RunDir(run_dir).group(0).checkpoints / "latest").read_text().strip() == f"step-{KILL_STEPS:08d}"
     diff = abs(a[-1]["log_loss"] - b[-1]["log_loss"])
     print(f"final eval log loss: uninterrupted {a[-1]['log_loss']:.6f}, killed+resumed {b[-1]['log_loss']:.6f}, "
           f"|diff| {diff:.2e}")
     assert diff < 0.01
-    with np.load(straight / "group-0" / "eval_predictions.npz") as p, \
-            np.load(killed / "group-0" / "eval_predictions.npz") as q:
+    with np.load(RunDir(straight).group(0).predictions) as p, \
+            np.load(RunDir(killed).group(0).predictions) as q:
         assert p["key"].tolist() == q["key"].tolist()
         print(f"max |p - p'| over eval predictions: {np.abs(p['prob'] - q['prob']).max():.2e}")
         np.testing.assert_allclose(p["prob"], q["prob"], atol=0.05)
@@ -430,7 +431,7 @@ def test_resumed_run_ends_like_an_uninterrupted_one(kill_and_resume):
 
 def test_resume_keeps_the_earlier_metrics(kill_and_resume):
     _, killed, before, _, _ = kill_and_resume
-    after = (killed / "group-0" / "metrics.jsonl").read_text()
+    after = RunDir(killed).group(0).metrics.read_text()
     assert after.startswith(before), "the resumed run rewrote or lost the records written before the kill"
     steps = {json.loads(line)["step"] for line in after.splitlines() if json.loads(line)["kind"] == "train"}
     assert steps == set(range(1, KILL_STEPS + 1)), "train records missing for some steps"
@@ -499,7 +500,7 @@ def test_cli_train_reports_a_failing_group_and_stops_the_others(data_dir, tmp_pa
     assert took < 120
     time.sleep(0.5)
     assert processes_mentioning(str(run_dir)) == [], "group processes were left running"
-    logged = (run_dir / "group-0" / "metrics.jsonl").exists()
+    logged = RunDir(run_dir).group(0).metrics.exists()
     steps = [r["step"] for r in records(run_dir, 0, "train")] if logged else []
     assert not steps or max(steps) < 100000
 
@@ -567,9 +568,9 @@ def test_cli_train_will_not_mix_a_new_run_with_an_earlier_one(data_dir, tmp_path
 
 
 def write_predictions(run_dir: Path, keys, probs, group: int = 0) -> None:
-    path = run_dir / f"group-{group}"
-    path.mkdir(parents=True, exist_ok=True)
-    np.savez(path / "eval_predictions.npz", workload=np.array("criteo"), key=np.array(keys, dtype="S"),
+    path = RunDir(run_dir).group(group).predictions
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, workload=np.array("criteo"), key=np.array(keys, dtype="S"),
              prob=np.array(probs, np.float32), label=np.zeros(len(keys), np.float32))
 
 
@@ -613,7 +614,7 @@ def test_churn_refuses_different_eval_splits(tmp_path, other_keys):
 
 def test_churn_of_predictions_that_name_no_workload_is_a_clear_error(tmp_path):
     write_predictions(tmp_path / "a", [b"f:1"], [0.1])
-    path = tmp_path / "a" / "group-0" / "eval_predictions.npz"
+    path = RunDir(tmp_path / "a").group(0).predictions
     with np.load(path) as data:
         np.savez(path, **{k: data[k] for k in data.files if k != "workload"})
     result = CliRunner().invoke(cli, ["churn", str(tmp_path / "a"), str(tmp_path / "a")])
@@ -636,7 +637,7 @@ def test_churn_missing_run_is_a_clear_error(tmp_path):
 @pytest.mark.parametrize("damage", ["truncated", "empty", "not_npz", "wrong_type", "missing_array"])
 def test_churn_bad_prediction_files_are_a_clear_error(tmp_path, damage):
     write_predictions(tmp_path / "a", [b"f:1", b"f:2"], [0.1, 0.2])
-    path = tmp_path / "b" / "group-0" / "eval_predictions.npz"
+    path = RunDir(tmp_path / "b").group(0).predictions
     write_predictions(tmp_path / "b", [b"f:1", b"f:2"], [0.1, 0.2])
     data = path.read_bytes()
     if damage == "truncated":

@@ -16,7 +16,8 @@ import pytest
 
 from codistill.config import load_experiment
 from codistill.dataset import DatasetManifest, join, load_manifest
-from pipelines.formats import ShardFormatError, decode_example, encode_example, frame_record, iter_tfrecord, read_shard
+from codistill.shards import ShardFormatError
+from pipelines.formats import decode_example, encode_example, frame_record, iter_tfrecord, read_shard
 from training.data import ShardStream, StreamSpec, loader, to_torch
 
 from conftest import RUNNER

@@ -15,7 +15,8 @@ import pytest
 from click.testing import CliRunner
 
 from codistill.cli import main
-from codistill.dataset import MANIFEST_NAME, join, load_manifest, write_atomically
+from codistill.dataset import MANIFEST_NAME, join, load_manifest
+from codistill.storage import write_atomically
 from codistill.verify import verify_dataset
 from pipelines.formats import read_shard, write_shard
 
@@ -152,6 +153,12 @@ def test_verify_finds_an_unindexed_shard_file(dataset):
     shutil.copy(dataset / "train" / "0" / "criteo-00000-of-00002.tfrecord", extra)
     output = assert_user_error(invoke("verify", dataset))
     assert "FAIL train/0/criteo-00002-of-00002.tfrecord: shard file not in the manifest" in fail_lines(output)
+
+
+def test_verify_passes_over_the_temp_file_of_an_interrupted_write(dataset):
+    (dataset / "train" / "0" / ".tmp-0123abcd-criteo-00000-of-00002.tfrecord").write_bytes(b"half a shard")
+    (dataset / "rejected" / ".tmp-0123abcd-a.tsv.jsonl").write_bytes(b"{")
+    assert_ok(invoke("verify", dataset))
 
 
 def test_verify_finds_a_wrong_record_count(dataset):

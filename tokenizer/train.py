@@ -28,7 +28,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from codistill import storage
 from codistill.datasets.commoncrawl import CleaningConfig
-from codistill.dataset import write_atomically
+from codistill.storage import write_atomically
 from pipelines.worker import WorkerDoFn
 from tokenizer.encode import load_tokenizer, sidecar_url
 

@@ -16,7 +16,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from codistill.dataset import DatasetManifest, ShardEntry, join
-from pipelines.formats import Block, concat_blocks, read_shard, rebatch
+from codistill.shards import Block
+from pipelines.formats import concat_blocks, read_shard, rebatch
 
 
 @dataclass(frozen=True)

@@ -17,8 +17,9 @@ import torch
 from codistill import storage
 from codistill.config import ExperimentConfig
 from codistill.dataset import load_manifest
-from pipelines.formats import concat_blocks
-from training.data import StreamSpec, to_torch
+from codistill.rundir import GroupDir, RunDir
+from training.data import StreamSpec
+from training.evaluation import evaluate
 from training.loss import average_peer_probs
 from training.report import save_predictions
 from training.workloads import workload_for
@@ -34,28 +35,27 @@ def evaluate_ensemble(config: ExperimentConfig, members: list[Path], out: Path, 
     models = []
     for member in members:
         model = workload.build_model(config.model, dataset)
-        model.load_state_dict(safetensors.torch.load_file(str(member / "model.safetensors")))
+        model.load_state_dict(safetensors.torch.load_file(str(GroupDir(member).weights)))
         models.append(model.eval())
+
+    def forward(batch, states):
+        states = list(states or [None] * len(models))
+
+        def member_logits():
+            for i, model in enumerate(models):
+                logits, states[i] = workload.forward(model, batch, states[i])
+                yield logits.float()
+
+        mean = average_peer_probs(member_logits(), temperature=1.0, binary=workload.binary)
+        # Back to logits of the averaged distribution, so the workload's own eval code applies unchanged.
+        logits = torch.logit(mean.double(), eps=1e-12).float() if workload.binary else mean.clamp_min(1e-30).log()
+        return logits, states
+
     spec = StreamSpec(config.data.output, dataset, tuple(dataset.shards_of("eval")), config.eval.batch_size)
-    states = [None] * len(models)
-
-    def member_logits(batch):
-        for i, model in enumerate(models):
-            logits, states[i] = workload.forward(model, batch, states[i])
-            yield logits.float()
-
-    parts = []
-    with torch.no_grad():
-        for block in workload.batches(spec, config, False):
-            mean = average_peer_probs(member_logits(to_torch(block)), temperature=1.0, binary=workload.binary)
-            # Back to logits of the averaged distribution, so the workload's own eval code applies unchanged.
-            logits = torch.logit(mean.double(), eps=1e-12).float() if workload.binary else mean.clamp_min(1e-30).log()
-            parts.append({"key": block["key"], **workload.eval_rows(logits, block)})
-    rows = concat_blocks(parts)
-    metrics = {"step": step, "group": 0, "members": [str(m) for m in members],
-               **workload.eval_metrics(rows, dataset)}
-    group_dir = out / "group-0"
-    group_dir.mkdir(parents=True, exist_ok=True)
-    (group_dir / "metrics.jsonl").write_text(json.dumps({"kind": "eval", **metrics}) + "\n")
-    save_predictions(group_dir, workload, rows)
+    rows, metrics = evaluate(workload, forward, workload.batches(spec, config, False), dataset)
+    metrics = {"step": step, "group": 0, "members": [str(m) for m in members], **metrics}
+    group = RunDir(out).group(0)
+    group.path.mkdir(parents=True, exist_ok=True)
+    group.metrics.write_text(json.dumps({"kind": "eval", **metrics}) + "\n")
+    save_predictions(group, workload, rows)
     return metrics

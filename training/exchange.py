@@ -32,12 +32,9 @@ the verified state dicts that `PeerWatcher.take_updates` hands it.
 import hashlib
 import json
 import logging
-import os
 import re
-import stat
 import threading
 import time
-import uuid
 from collections.abc import Iterable, Mapping
 from datetime import datetime, timezone
 from typing import Any
@@ -49,6 +46,7 @@ import torch
 from torch import Tensor
 
 from codistill import storage
+from codistill.shards import read_regular_file
 
 logger = logging.getLogger(__name__)
 
@@ -148,9 +146,6 @@ class SnapshotPublisher:
         self.run_nonce = run_nonce
         self.attempt = attempt
         self._failing: str | None = None  # the kind of error the last publish failed with
-        # A rename within one local directory is atomic; writing in place is not.
-        # Object stores make a single put visible all at once.
-        self._latest_via_rename = isinstance(self.fs, LocalFileSystem)
         self.last_published_step: int | None = None
         self._upload: threading.Thread | None = None
 
@@ -212,7 +207,7 @@ class SnapshotPublisher:
             data = payload if isinstance(self.fs, LocalFileSystem) else bytes(payload)
             self.fs.pipe_file(f"{self.dir}/{snapshot_name(step, 'safetensors')}", data)
             self.fs.pipe_file(f"{self.dir}/{json_name}", json.dumps(meta, indent=1).encode())
-            self._write_latest(json_name)
+            storage.write_atomically(f"{self.dir}/{LATEST}", json_name, fs=self.fs)
         except Exception as err:
             kind, self._failing = self._failing, type(err).__name__
             if kind == self._failing:  # the same outage again: warned already
@@ -232,15 +227,6 @@ class SnapshotPublisher:
         except Exception:
             logger.warning("group %d: pruning old snapshots in %s failed", self.group, self.dir, exc_info=True)
         return True
-
-    def _write_latest(self, json_name: str) -> None:
-        latest = f"{self.dir}/{LATEST}"
-        if self._latest_via_rename:
-            tmp = f"{self.dir}/.{LATEST}.{uuid.uuid4().hex}.tmp"
-            self.fs.pipe_file(tmp, json_name.encode())
-            self.fs.mv(tmp, latest)
-        else:
-            self.fs.pipe_file(latest, json_name.encode())
 
     def _prune(self, latest_step: int) -> None:
         """Keep `keep` steps: the one LATEST names and the newest others.
@@ -268,42 +254,10 @@ class LockstepTimeout(TimeoutError):
 
 
 def read_bounded(fs: AbstractFileSystem, path: str, limit: int) -> bytes:
-    """The bytes of a regular file of at most `limit` bytes; SnapshotError for anything else.
-
-    A symlink to /dev/zero, a FIFO or a huge file in the store must neither grow
-    this process without bound nor hang it. Locally the file is opened without
-    following symlinks and without blocking, then checked with fstat (no race
-    between the check and the read); other stores are checked with `fs.info`
-    and read with a bounded range. FileNotFoundError passes through.
-    """
-    if isinstance(fs, LocalFileSystem):
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-        except FileNotFoundError:
-            raise
-        except OSError as err:
-            raise SnapshotError(f"{path}: cannot be opened as a plain file ({err.strerror})") from None
-        try:
-            info = os.fstat(fd)
-            if not stat.S_ISREG(info.st_mode):
-                raise SnapshotError(f"{path}: not a regular file")
-            if info.st_size > limit:
-                raise SnapshotError(f"{path}: {info.st_size} bytes, more than the {limit} expected")
-            with os.fdopen(os.dup(fd), "rb") as f:
-                data = f.read(limit + 1)
-        finally:
-            os.close(fd)
-    else:
-        info = fs.info(path)
-        if info.get("type") != "file":
-            raise SnapshotError(f"{path}: not a regular file (type {info.get('type')!r})")
-        size = info.get("size")
-        if not isinstance(size, int) or size > limit:
-            raise SnapshotError(f"{path}: size {size!r}, more than the {limit} bytes expected")
-        data = fs.cat_file(path, start=0, end=limit + 1)
-    if len(data) > limit:  # it grew after the check
-        raise SnapshotError(f"{path}: more than the {limit} bytes expected")
-    return data
+    """The bytes of a regular file of at most `limit` bytes; SnapshotError for anything else (a symlink to
+    /dev/zero, a FIFO or a huge file in the store must neither grow this process without bound nor hang it:
+    `codistill.shards.read_regular_file`). FileNotFoundError passes through."""
+    return read_regular_file(path, limit, fs=fs, error=SnapshotError)
 
 
 class PeerWatcher:

@@ -31,12 +31,12 @@ from typing import Iterator
 
 import torch
 
-LOCK_FILE = ".codistill.lock"
+from codistill.rundir import RunDir
+from codistill.storage import write_atomically
+
 # DeepSpeed's JIT-built op, cached per environment: torch's shared default (~/.cache/torch_extensions) is rebuilt
 # for every venv path, and a build killed half-way leaves a lock that makes every later start wait for ever.
 JIT_CACHE = os.path.join(sys.prefix, "torch_extensions")
-RUN_FILE = "run.json"
-ATTEMPT_FILE = "attempt"
 # Set for every group by run_groups: ranks end when this process (or any process between it and them) dies.
 LAUNCHER_PID_ENV = "CODISTILL_LAUNCHER_PID"
 
@@ -237,7 +237,7 @@ def locked_run_dir(run_dir: str | Path) -> Iterator[None]:
     `flock` on `<run_dir>/.codistill.lock`: released by the kernel when this
     process ends however it ends, so a crashed run never leaves a stale lock.
     """
-    path = Path(run_dir) / LOCK_FILE
+    path = RunDir(run_dir).lock
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as f:
         try:
@@ -260,17 +260,9 @@ def read_run_nonce(run_dir: str | Path) -> str:
     wiped directory gets a new one. Groups of one run on different machines with
     different run directories must be given one nonce (`training.train --run-nonce`).
     """
-    path = Path(run_dir) / RUN_FILE
-    if not path.exists():  # link(2) publishes a complete file, and only if none is there yet: race-free
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{RUN_FILE}.{uuid.uuid4().hex}.tmp")
-        tmp.write_text(json.dumps({"run_nonce": uuid.uuid4().hex}) + "\n")
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            pass
-        finally:
-            tmp.unlink()
+    path = RunDir(run_dir).run_file
+    if not path.exists():  # written complete, and only if none is there yet: race-free
+        write_atomically(str(path), json.dumps({"run_nonce": uuid.uuid4().hex}) + "\n", replace=False)
     text = path.read_text()[:4096]
     try:
         nonce = json.loads(text)["run_nonce"]
@@ -281,16 +273,14 @@ def read_run_nonce(run_dir: str | Path) -> str:
     return nonce
 
 
-def next_attempt(group_dir: str | Path) -> int:
-    """0 for a group's first start in this run directory, one more on every restart (`--resume`)."""
-    path = Path(group_dir) / ATTEMPT_FILE
+def next_attempt(path: Path) -> int:
+    """0 for a group's first start in this run directory, one more on every restart (`--resume`); `path` is the
+    group's attempt file (`GroupDir.attempt`)."""
     try:
         attempt = int(path.read_text().strip()) + 1
     except FileNotFoundError:
         attempt = 0
     except ValueError as err:
         raise ValueError(f"{path}: not an attempt number ({err})") from None
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(f"{attempt}\n")
-    tmp.replace(path)
+    write_atomically(str(path), f"{attempt}\n")
     return attempt

@@ -16,56 +16,19 @@ Two kinds of task:
 
 An optional boolean mask of the targets' shape marks the real positions;
 padding is excluded from both terms and both are averaged over real positions.
+
+How strongly and in what way a group is pulled toward its peers is the manifest's `codistill` section
+(`codistill.config.CodistillConfig`): weight, burn-in, ramp, temperature, distance.
 """
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-Distance = Literal["ce", "kl", "mse_logits"]
-DISTANCES: tuple[Distance, ...] = ("ce", "kl", "mse_logits")
-
-
-@dataclass(frozen=True)
-class DistillConfig:
-    """How strongly and in what way a group is pulled toward its peers.
-
-    distance:
-      "ce"          cross-entropy from the averaged peer distribution to the student's.
-      "kl"          KL(target || student): the same gradient as "ce"; the value is
-                    lower by the target's entropy, so it reads 0 when a group agrees
-                    with its peers.
-      "mse_logits"  mean squared error between the student's logits and the mean of
-                    the peers' logits, averaged over every logit entry of the real
-                    positions (temperature does not apply).
-    temperature: for "ce"/"kl", both student and peer distributions are computed from
-      logits / T, and the term is multiplied by T^2 (Hinton et al. 2015) so that its
-      gradient keeps roughly the same size whatever T is.
-    weight, burn_in_steps, ramp_steps: see `distill_weight`.
-    """
-
-    weight: float = 1.0
-    burn_in_steps: int = 0
-    ramp_steps: int = 0
-    temperature: float = 1.0
-    distance: Distance = "ce"
-
-    def __post_init__(self) -> None:
-        if self.weight < 0:
-            raise ValueError(f"distillation weight must be >= 0, got {self.weight}")
-        if self.burn_in_steps < 0:
-            raise ValueError(f"burn_in_steps must be >= 0, got {self.burn_in_steps}")
-        if self.ramp_steps < 0:
-            raise ValueError(f"ramp_steps must be >= 0, got {self.ramp_steps}")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        if self.distance not in DISTANCES:
-            raise ValueError(f"distance must be one of {DISTANCES}, got {self.distance!r}")
-
+from codistill.config import CodistillConfig
 
 @dataclass(frozen=True)
 class LossParts:
@@ -80,7 +43,7 @@ class LossParts:
     distill_loss: Tensor
 
 
-def distill_weight(step: int, cfg: DistillConfig) -> float:
+def distill_weight(step: int, cfg: CodistillConfig) -> float:
     """w(step): 0 during burn-in, then `weight`, reached linearly over `ramp_steps`.
 
     Burn-in matters because early peers predict noise; the paper starts
@@ -98,7 +61,7 @@ def codistillation_loss(
     targets: Tensor,
     peer_logits: Iterable[Tensor],
     step: int,
-    cfg: DistillConfig,
+    cfg: CodistillConfig,
     *,
     binary: bool,
     mask: Tensor | None = None,
@@ -180,7 +143,7 @@ CHUNK_ELEMENTS = 1 << 20
 
 
 def _multiclass_soft_target_loss(student_logits: Tensor, targets: Tensor, peers: Iterator[Tensor], w: float,
-                                 cfg: DistillConfig, mask: Tensor | None, smoothing: float) -> LossParts:
+                                 cfg: CodistillConfig, mask: Tensor | None, smoothing: float) -> LossParts:
     """"ce"/"kl" over a softmax: label and distillation terms as ONE soft-target cross-entropy.
 
     At temperature 1, CE(y) + w CE(p) = (1 + w) CE((onehot(y) + w p) / (1 + w)): one

@@ -10,13 +10,14 @@ from pathlib import Path
 
 import numpy as np
 
+from codistill.rundir import GroupDir, RunDir
 from training.workloads import Rows, Workload, workload_for
 
 logger = logging.getLogger(__name__)
 
 
 def eval_records(run_dir: str | Path, group: int) -> list[dict]:
-    path = Path(run_dir) / f"group-{group}" / "metrics.jsonl"
+    path = RunDir(run_dir).group(group).metrics
     if not path.exists():
         raise FileNotFoundError(f"{path}: no metrics; did group {group} of this run train?")
     records = metric_records(path)
@@ -51,30 +52,28 @@ def final_eval(run_dir: str | Path, group: int) -> dict:
     return records[-1]
 
 
-def save_predictions(group_dir: Path, workload: Workload, rows: Rows) -> None:
+def save_predictions(group: GroupDir, workload: Workload, rows: Rows) -> None:
     """A group's eval rows, sorted by key, and the workload's name: what `predictions` reads."""
     order = np.argsort(rows["key"])
-    np.savez(group_dir / "eval_predictions.npz", workload=np.array(workload.name),
+    np.savez(group.predictions, workload=np.array(workload.name),
              **{k: v[order] for k, v in rows.items()})
 
 
-EVAL_DIR = "eval"  # a group's eval predictions at every eval step: keys.npy, step-<step:08d>.npz
 _EVAL_STEP = re.compile(r"^step-(\d{8,})\.npz$")
 
 
-def save_eval_rows(group_dir: Path, workload: Workload, step: int, rows: Rows) -> None:
+def save_eval_rows(group: GroupDir, workload: Workload, step: int, rows: Rows) -> None:
     """One eval step's rows, sorted by key; the keys once per group (every step has the same eval split)."""
-    directory = group_dir / EVAL_DIR
-    directory.mkdir(exist_ok=True)
+    group.evals.mkdir(exist_ok=True)
     order = np.argsort(rows["key"])
-    if not (directory / "keys.npy").exists():
-        np.save(directory / "keys.npy", rows["key"][order])
-    np.savez(directory / f"step-{step:08d}.npz", workload=np.array(workload.name),
+    if not (group.evals / "keys.npy").exists():
+        np.save(group.evals / "keys.npy", rows["key"][order])
+    np.savez(group.evals / f"step-{step:08d}.npz", workload=np.array(workload.name),
              **{k: v[order] for k, v in rows.items() if k != "key"})
 
 
 def read_eval_steps(run_dir: str | Path, group: int) -> np.ndarray:
-    directory = Path(run_dir) / f"group-{group}" / EVAL_DIR
+    directory = RunDir(run_dir).group(group).evals
     steps = sorted(int(m.group(1)) for p in directory.glob("step-*.npz") if (m := _EVAL_STEP.match(p.name)))
     if not steps:
         raise FileNotFoundError(f"{directory}: no eval predictions; did group {group} of this run evaluate?")
@@ -82,19 +81,18 @@ def read_eval_steps(run_dir: str | Path, group: int) -> np.ndarray:
 
 
 def read_eval_keys(run_dir: str | Path, group: int) -> np.ndarray:
-    return np.load(Path(run_dir) / f"group-{group}" / EVAL_DIR / "keys.npy", allow_pickle=False)
+    return np.load(RunDir(run_dir).group(group).evals / "keys.npy", allow_pickle=False)
 
 
 def read_eval_rows(run_dir: str | Path, group: int, step: int) -> Rows:
     """A group's eval rows at one step (sorted by key; the keys themselves: `read_eval_keys`)."""
-    path = Path(run_dir) / f"group-{group}" / EVAL_DIR / f"step-{step:08d}.npz"
-    with np.load(path, allow_pickle=False) as data:
+    with np.load(RunDir(run_dir).group(group).evals / f"step-{step:08d}.npz", allow_pickle=False) as data:
         return {name: data[name] for name in data.files if name != "workload"}
 
 
 def predictions(run_dir: str | Path, group: int) -> tuple[Workload, Rows]:
     """A finished group's eval rows (sorted by key) and the workload that wrote them."""
-    path = Path(run_dir) / f"group-{group}" / "eval_predictions.npz"
+    path = RunDir(run_dir).group(group).predictions
     if not path.exists():
         raise FileNotFoundError(f"{path}: no eval predictions; did group {group} of this run finish?")
     try:
@@ -129,5 +127,5 @@ def run_churn(run_a: str | Path, run_b: str | Path, group: int = 0, threshold: f
     try:
         return workload, workload.churn(rows_a, rows_b, threshold)
     except KeyError as e:
-        files = " or ".join(str(Path(r) / f"group-{group}" / "eval_predictions.npz") for r in (run_a, run_b))
+        files = " or ".join(str(RunDir(r).group(group).predictions) for r in (run_a, run_b))
         raise ValueError(f"{files}: no {e} array, which {workload.name} churn needs") from None

@@ -35,17 +35,17 @@ import torch
 import torch.distributed as dist
 
 from codistill import storage
-from codistill.config import ExperimentConfig, OptimizerConfig, ScheduleConfig, load_experiment
+from codistill.config import CodistillConfig, ExperimentConfig, OptimizerConfig, ScheduleConfig, load_experiment
 from codistill.dataset import check_shards_present, load_manifest
+from codistill.rundir import RunDir
 from codistill.units import duration
-from pipelines.formats import concat_blocks
+from training import evaluation
 from training.data import StreamSpec, loader, to_torch
 from training.exchange import PeerWatcher, SnapshotPublisher, check_store_run, model_signature, snapshot_bytes
 from training.launch import exit_when_launcher_dies, next_attempt, read_run_nonce
-from training.loss import DistillConfig, LossParts, codistillation_loss, distill_weight
-from training.metrics import validation_half
+from training.loss import LossParts, codistillation_loss, distill_weight
 from training.report import save_eval_rows, save_predictions
-from training.workloads import Workload, subset, workload_for
+from training.workloads import Workload, workload_for
 
 logger = logging.getLogger("codistill.train")
 
@@ -117,7 +117,7 @@ def build_engine(model: torch.nn.Module, config: ExperimentConfig, world: int, t
 
 
 def forward_backward(engine, workload: Workload, peers: dict[int, torch.nn.Module], batch: dict[str, torch.Tensor],
-                     step: int, distill: DistillConfig, states: dict | None = None, label_smoothing: float = 0.0,
+                     step: int, distill: CodistillConfig, states: dict | None = None, label_smoothing: float = 0.0,
                      label_prior: float = 0.5) -> LossParts:
     """One micro-step: the student on its batch, the frozen peers on the same batch, the loss, backward, step.
 
@@ -231,8 +231,8 @@ class GroupTrainer:
         self.rank, self.world = init_distributed()
         cuda = torch.cuda.is_available()
         self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
-        self.out = Path(config.run_dir) / f"group-{group}"
-        self.out.mkdir(parents=True, exist_ok=True)
+        self.out = RunDir(config.run_dir).group(group)
+        self.out.path.mkdir(parents=True, exist_ok=True)
 
         self.dataset = load_manifest(config.data.output)
         check_shards_present(config.data.output, self.dataset)
@@ -246,13 +246,11 @@ class GroupTrainer:
         model = self.workload.build_model(config.model, self.dataset)
         self.signature = model_signature(model.state_dict())
         self.engine = build_engine(model, config, self.world,
-                                   self.out / "tensorboard" if config.train.tensorboard else None)
+                                   self.out.tensorboard if config.train.tensorboard else None)
         self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[
             config.deepspeed.precision]
 
         cod = config.codistill
-        self.distill = DistillConfig(weight=cod.weight, burn_in_steps=cod.burn_in_steps, ramp_steps=cod.ramp_steps,
-                                     temperature=cod.temperature, distance=cod.distance)
         self.peer_groups = [g for g in config.trained_groups if g != group] if cod.enabled else []
         self.peers = {g: self._frozen_copy() for g in self.peer_groups}
         self.peer_steps: dict[int, int | None] = {g: None for g in self.peer_groups}
@@ -265,14 +263,13 @@ class GroupTrainer:
             nonce = run_nonce or read_run_nonce(config.run_dir)
             check_store_run(config.store, config.run_id, range(self.dataset.groups), nonce)
             self.publisher = SnapshotPublisher(config.store, config.run_id, group, keep=cod.keep_snapshots,
-                                               run_nonce=nonce, attempt=next_attempt(self.out))
+                                               run_nonce=nonce, attempt=next_attempt(self.out.attempt))
             if self.peer_groups:
                 # The tokenizer's sha256 (None without one): a peer trained on other tokens is never adopted.
                 self.watcher = PeerWatcher(config.store, config.run_id, group, self.peer_groups, self.signature,
                                            snapshot_bytes(self.peers[self.peer_groups[0]].module.state_dict()),
                                            poll_interval=cod.poll_seconds, vocab_hash=self.dataset.tokenizer_sha256,
                                            run_nonce=nonce, max_step=config.schedule.steps, poll=not cod.lockstep)
-        self.halves = None  # the eval split's validation rows (the rest: test), once its keys are known
         self.best_validation = math.inf
         self.label_prior = 0.5  # the binary label smoothing's target: the training base rate (fit measures it)
         self.step = 0
@@ -347,16 +344,16 @@ class GroupTrainer:
             if self.publisher is not None:  # serialises a copy before returning, inside the gather
                 self.publisher.publish_async(self.step, state, vocab_hash=self.dataset.tokenizer_sha256)
 
-    def save_weights(self, name: str) -> None:
-        """The full weights as `<group dir>/<name>` (every rank takes part: ZeRO-3 gathers them)."""
+    def save_weights(self, path: Path) -> None:
+        """The full weights as a safetensors file (every rank takes part: ZeRO-3 gathers them)."""
         with self.gathered_state() as state:
             if state is not None:
-                safetensors.torch.save_file({k: v.contiguous() for k, v in state.items()}, str(self.out / name))
+                safetensors.torch.save_file({k: v.contiguous() for k, v in state.items()}, str(path))
 
     def save_final(self) -> None:
-        """The final weights: `model.safetensors` in the group's directory (what ensembles of finished runs
-        load) and, synchronously, the last snapshot for the peers."""
-        self.save_weights("model.safetensors")
+        """The final weights (`model.safetensors`, what ensembles of finished runs load) and, synchronously,
+        the last snapshot for the peers."""
+        self.save_weights(self.out.weights)
         with self.gathered_state() as state:
             if self.publisher is not None:
                 self.publisher.publish(self.step, state, vocab_hash=self.dataset.tokenizer_sha256)
@@ -375,7 +372,7 @@ class GroupTrainer:
         for _ in range(self.config.deepspeed.grad_accum):
             batch = self.batch_to_device(to_torch(next(batches)))
             parts = forward_backward(self.engine, self.workload, {g: self.peers[g].module for g in usable}, batch,
-                                     self.step, self.distill, self.states, self.config.train.label_smoothing,
+                                     self.step, self.config.codistill, self.states, self.config.train.label_smoothing,
                                      self.label_prior)
             # One device-to-host copy per micro-step.
             loss, label_loss, distill_loss = torch.stack([parts.total, parts.label_loss, parts.distill_loss]).tolist()
@@ -464,7 +461,7 @@ class GroupTrainer:
 
     def distill_weight(self) -> float:
         # The step just logged computed its loss before the counter moved on: w(step - 1).
-        return distill_weight(self.step - 1, self.distill) if self.peer_groups else 0.0
+        return distill_weight(self.step - 1, self.config.codistill) if self.peer_groups else 0.0
 
     def write_tensorboard(self, section: str, scalars: dict[str, float]) -> None:
         if self.engine.monitor.enabled:  # train.tensorboard
@@ -472,7 +469,7 @@ class GroupTrainer:
 
     def write_metrics(self, kind: str, record: dict) -> None:
         if self.metrics_file is None:
-            self.metrics_file = open(self.out / "metrics.jsonl", "a", buffering=1)  # line-buffered: readable live
+            self.metrics_file = open(self.out.metrics, "a", buffering=1)  # line-buffered: readable live
         self.metrics_file.write(json.dumps({"kind": kind, **record}) + "\n")
 
     # --- evaluation --------------------------------------------------------------------------------
@@ -493,31 +490,15 @@ class GroupTrainer:
             padding = int(count) - len(batches)
             if padding and self.placeholder is None:
                 self.placeholder = eval_placeholder(self.workload, spec, config)
-        parts: list[dict[str, np.ndarray]] = []
-        state = None
         self.engine.eval()
-        with torch.no_grad():
-            for batch in itertools.chain(batches, [self.placeholder] * padding):
-                logits, state = self.workload.forward(self.engine, self.batch_to_device(to_torch(batch)), state)
-                if batch is not self.placeholder:  # a placeholder's forward is discarded
-                    parts.append({"key": batch["key"], **self.workload.eval_rows(logits.float(), batch)})
+        result = evaluation.evaluate(self.workload, self.eval_forward,
+                                     itertools.chain(batches, [self.placeholder] * padding), self.dataset,
+                                     placeholder=self.placeholder, gather=self.gather_rows)
         self.engine.train()
-        gathered = [None] * self.world
-        if self.world > 1:
-            dist.all_gather_object(gathered, parts)  # our own ranks' arrays, inside one job
-        else:
-            gathered = [parts]
-        if self.rank != 0:
+        if result is None:
             return None
-        parts = [p for rank_parts in gathered for p in rank_parts]
-        if not parts:
-            raise ValueError(f"{config.data.output}: the eval split holds no rows")
-        rows = concat_blocks(parts)
-        if self.halves is None:
-            self.halves = validation_half(self.workload.eval_unit(rows["key"]))
-        metrics = {"step": self.step, "group": self.group, **self.workload.eval_metrics(rows, self.dataset),
-                   **{half: self.workload.eval_metrics(subset(rows, mask), self.dataset)
-                      for half, mask in (("validation", self.halves), ("test", ~self.halves))}}
+        rows, metrics = result
+        metrics = {"step": self.step, "group": self.group, **metrics}
         self.write_metrics("eval", metrics)
         self.write_tensorboard("Eval", {k: v for k, v in metrics.items()
                                         if k not in ("step", "group") and isinstance(v, (int, float))}
@@ -538,12 +519,23 @@ class GroupTrainer:
         if better:
             if metrics is not None:
                 self.best_validation = metrics["validation"]["loss"]
-            self.save_weights("best.safetensors")
+            self.save_weights(self.out.best_weights)
+
+    def eval_forward(self, batch: dict[str, torch.Tensor], state):
+        return self.workload.forward(self.engine, self.batch_to_device(batch), state)
+
+    def gather_rows(self, parts: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]] | None:
+        """Every rank's eval rows on rank 0 (None on the others)."""
+        gathered = [parts]
+        if self.world > 1:
+            gathered = [None] * self.world
+            dist.all_gather_object(gathered, parts)  # our own ranks' arrays, inside one job
+        return [p for rank_parts in gathered for p in rank_parts] if self.rank == 0 else None
 
     # --- checkpoints -------------------------------------------------------------------------------
 
     def save_checkpoint(self) -> None:
-        directory = self.out / "checkpoints"
+        directory = self.out.checkpoints
         tag = f"step-{self.step:08d}"
         peers = {str(g): s for g, s in self.peer_steps.items()}
         self.engine.save_checkpoint(str(directory), tag=tag, client_state={"step": self.step, "peer_steps": peers})
@@ -559,7 +551,7 @@ class GroupTrainer:
         empty, missing or unloadable (every rank sees the same files, so every rank
         makes the same choice). Never unpickles code: see `load_weights_only`.
         """
-        directory = self.out / "checkpoints"
+        directory = self.out.checkpoints
         tags = checkpoint_tags(directory)
         if not tags:
             if self.rank == 0:

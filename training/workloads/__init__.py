@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from codistill.config import ExperimentConfig
 from codistill.dataset import DatasetManifest
 from codistill.datasets import DATASETS
-from pipelines.formats import Block
+from codistill.shards import Block
 from training.data import StreamSpec
 
 Rows = dict[str, np.ndarray]  # per-row arrays with one leading length (eval outputs, predictions)

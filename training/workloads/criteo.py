@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from codistill.config import ExperimentConfig
 from codistill.datasets.criteo import CriteoDNNConfig
 from codistill.dataset import DatasetManifest
-from pipelines.formats import Block
+from codistill.shards import Block
 from training import metrics
 from training.data import ShardStream, StreamSpec
 from training.workloads import Rows, Workload, stateless

@@ -27,7 +27,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from codistill.config import ExperimentConfig
 from codistill.datasets.imagenet import ResNetConfig
 from codistill.dataset import DatasetManifest
-from pipelines.formats import Block
+from codistill.shards import Block
 from training import image_transforms
 from training.data import ShardStream, StreamSpec
 from training.resnet import ResNet

@@ -46,7 +46,8 @@ from codistill import storage
 from codistill.config import ExperimentConfig
 from codistill.datasets.commoncrawl import LSTMConfig
 from codistill.dataset import DatasetError, DatasetManifest, join
-from pipelines.formats import Block, read_shard
+from codistill.shards import Block
+from pipelines.formats import read_shard
 from training.data import ShardStream, StreamSpec
 from training.lstm import LSTMLanguageModel, reset_streams
 from training.workloads import Rows, Workload

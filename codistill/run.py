@@ -1,0 +1,105 @@
+"""Starting a training run: its dataset (built first if missing), its run directory (a new run starts afresh,
+and `--overwrite` deletes only what a run directory holds), the lock, the run's nonce, then every group.
+
+Every refusal is a `RunError` whose message says what to do; the CLI prints it as one line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from collections.abc import Callable
+
+from codistill import storage
+from codistill.config import ExperimentConfig, load_experiment, resolve_manifest
+from codistill.dataset import DatasetError, DatasetManifest, load_manifest
+from codistill.rundir import RunDir
+
+
+class RunError(Exception):
+    """A run cannot start (or did not end well): the message says why and what to do."""
+
+
+def train(manifest: str, sets: list[str], resume: bool, overwrite: bool = False, echo: Callable[[str], None] = print,
+          progress: Callable[[str], None] | None = None) -> tuple[ExperimentConfig, DatasetManifest]:
+    """Start every group of a run (one deepspeed launch each) and wait for them; returns the config and dataset.
+    `echo` takes what is said on the way (building the dataset first); `progress` the pipeline's progress lines."""
+    from training.launch import GroupFailed, RunLocked, group_commands, locked_run_dir, read_run_nonce, run_groups
+
+    config = load_experiment(manifest, sets)
+    storage.configure(config.storage)
+    dataset = dataset_for(config, echo, progress)
+    try:
+        with locked_run_dir(config.run_dir):  # held until every group has ended
+            if not resume:
+                start_afresh(config, overwrite)
+            read_run_nonce(config.run_dir)  # drawn here for a new run, kept on --resume; each group reads it
+            commands = group_commands(resolve_manifest(manifest), list(config.trained_groups),
+                                      config.deepspeed.ranks_per_group, sets, resume)
+            run_groups(commands, config.deepspeed.ranks_per_group)
+    except (GroupFailed, RunLocked) as e:
+        raise RunError(str(e)) from None
+    return config, dataset
+
+
+def dataset_for(config: ExperimentConfig, echo: Callable[[str], None] = print,
+                progress: Callable[[str], None] | None = None) -> DatasetManifest:
+    """The run's dataset, built first (in-process Beam) if it is not there yet."""
+    from pipelines.run import preprocess, summarize_dataset
+
+    try:
+        dataset = load_manifest(config.data.output)
+    except DatasetError:
+        echo(f"no dataset at {config.data.output}: preprocessing it first")
+        dataset = preprocess(config, show_progress=progress)
+        echo(summarize_dataset(dataset, config.data.output))
+        return dataset
+    # (`output` may differ: a dataset can be copied or moved.)
+    built, wanted = dataset.settings, config.data
+    changed = [f.name for f in dataclasses.fields(wanted) if f.name not in ("input", "output")
+               and getattr(built, f.name) != getattr(wanted, f.name)]
+    if changed:
+        raise RunError(
+            f"the dataset at {config.data.output} was built with other data settings ({', '.join(changed)}); "
+            f"rebuild it with `codistill preprocess {config.data.dataset} -m <manifest> --overwrite` or point "
+            "data.output elsewhere")
+    return dataset
+
+
+def _foreign_entries(names: list[str], allowed: Callable[[str], bool]) -> str:
+    foreign = sorted(n for n in names if not allowed(n))
+    return ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+
+
+def start_afresh(config: ExperimentConfig, overwrite: bool) -> None:
+    """A new run must not inherit an earlier one's checkpoints, metrics or snapshots: its groups
+    would adopt the old peers' weights as if they were fresh. Called with the run directory locked
+    (the lock file stays: it is what keeps another `codistill train` out while we delete)."""
+    run = RunDir(config.run_dir)
+    if run.path.exists() and not run.path.is_dir():
+        raise RunError(f"run directory {run.path} exists and is not a directory")
+    store_fs, store_root = storage.url_to_fs(config.store)
+    old_snapshots = f"{store_root.rstrip('/')}/{config.run_id}"
+    earlier = [p for p in run.path.iterdir() if p.name != RunDir.LOCK] if run.path.exists() else []
+    if earlier or store_fs.exists(old_snapshots):
+        if not overwrite:
+            raise RunError(f"{run.path} (or {config.store}/{config.run_id}) holds an earlier run: "
+                           "continue it with --resume, or start over with --overwrite")
+        foreign = _foreign_entries([p.name for p in earlier], RunDir.is_entry)
+        if foreign:
+            raise RunError(f"{run.path} is not a codistill run directory (it holds {foreign}): "
+                           "--overwrite deletes only a run directory; remove it yourself or choose "
+                           "another train.run_dir")
+        if store_fs.exists(old_snapshots):
+            names = [p.rstrip("/").rsplit("/", 1)[-1] for p in store_fs.ls(old_snapshots, detail=False)]
+            foreign = _foreign_entries(names, RunDir.GROUP.fullmatch)
+            if foreign:
+                raise RunError(f"{config.store}/{config.run_id} is not this run's snapshots (it holds "
+                               f"{foreign}); remove it yourself or choose another train.store")
+        for path in earlier:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        if store_fs.exists(old_snapshots):
+            store_fs.rm(old_snapshots, recursive=True)
