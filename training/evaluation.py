@@ -1,6 +1,6 @@
-"""The eval loop, one for the trainer's groups and for ensembles of finished models:
-batches -> forward -> the workload's eval rows -> all rows -> the workload's metrics, on the whole eval
-split and on each of its halves (validation selects a model's reported step, test measures it)."""
+"""The trainer's eval loop: batches -> forward -> the workload's eval rows -> all rows -> the workload's
+metrics, on the whole eval split and on each of its halves (validation selects a model's reported step, test
+measures it). Reports build ensembles and every other figure from the rows saved here (`codistill.analysis`)."""
 
 from __future__ import annotations
 
