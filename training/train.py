@@ -304,7 +304,7 @@ class GroupTrainer:
         sends it; every rank knows the step, so no decision needs sending. A snapshot from before the burn-in
         ended is never distilled from (until the first exchange after it, the group trains on its labels)."""
         needed = self.step - self.step % self.config.codistill.exchange_every
-        if needed < self.distill.burn_in_steps:
+        if needed < self.config.codistill.burn_in_steps:
             return
         for g in self.peer_groups:
             if self.peer_steps[g] != needed:
