@@ -43,10 +43,15 @@ INT_MISSING = -(2**63)
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    """`../shared/data` (relative to the repo root). Missing data is a failure, never a skip."""
-    assert SHARED_DATA.is_dir(), (
-        f"shared sample data not found at {SHARED_DATA}: the conformance tests read the real Criteo samples "
-        "from ../shared/data relative to the repository root")
+    """`../shared/data` (relative to the repo root): the real samples the conformance tests read. Required
+    under CI=true (.ci/run), where missing data fails every test that reads it; on a user's clone without it
+    those tests are skipped, with one line in the summary saying why."""
+    if not SHARED_DATA.is_dir():
+        message = (f"shared sample data not found at {SHARED_DATA}: the conformance tests read the real "
+                   "Criteo, Common Crawl and ImageNet samples from ../shared/data beside the repository")
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(message)
+        pytest.skip(message)
     return SHARED_DATA
 
 
