@@ -69,7 +69,8 @@ def schema(keep_raw: bool) -> Schema:
 
 
 class HeaderError(ValueError):
-    """A file's first line does not match the dialect (e.g. a header CSV read as TSV)."""
+    """A file's first line does not match the dialect (a header CSV read as TSV), or is no training data (the
+    Kaggle test.txt, which has no label column)."""
 
 
 def strip_header(block: LineBlock, dialect: str) -> LineBlock:
@@ -84,6 +85,11 @@ def strip_header(block: LineBlock, dialect: str) -> LineBlock:
         raise HeaderError(f"{block.source}: the first line is a header ({_text(first[:40])}...): this looks like the "
                           "header CSV export, not Kaggle train.txt; read it with dialect csv "
                           "(--dialect csv or data.criteo.dialect: csv)")
+    if first.count(b"\t") == len(COLUMNS) - 2:
+        # Refused here, from the first line, rather than after a pass that rejects every row for its field count.
+        raise HeaderError(f"{block.source}: the first line has {len(COLUMNS) - 1} fields, not {len(COLUMNS)}: this "
+                          "looks like the Kaggle test.txt, which has no label column and cannot be trained on; "
+                          "give train.txt (its eval split comes from data.eval_fraction)")
     return block
 
 

@@ -543,6 +543,22 @@ def test_header_csv_read_as_tsv_tells_the_user_to_use_dialect_csv(criteo_samples
     assert not (out / MANIFEST_NAME).exists()
 
 
+@pytest.mark.parametrize("name", ["test.txt", "test.txt.gz"])
+def test_kaggle_test_txt_is_refused_from_its_first_line(tmp_path, name):
+    """test.txt is train.txt without the label column (39 fields): refused on the driver with a hint, before any
+    row is read into rejected/."""
+    generate_criteo(str(tmp_path / "gen"), 2000, files=1, seed=6)
+    lines = (tmp_path / "gen" / "train-00000-of-00001.txt").read_bytes().splitlines()
+    unlabelled = b"".join(line.split(b"\t", 1)[1] + b"\n" for line in lines)
+    path = tmp_path / "in" / name
+    path.parent.mkdir()
+    path.write_bytes(gzip.compress(unlabelled, mtime=0) if name.endswith(".gz") else unlabelled)
+    out = tmp_path / "ds"
+    with pytest.raises(HeaderError, match=r"39 fields, not 40: this looks like the Kaggle test\.txt.*give train\.txt"):
+        run_criteo(str(path), str(out))
+    assert not (out / "rejected").exists() and not (out / MANIFEST_NAME).exists()
+
+
 def test_tsv_read_with_the_csv_dialect_is_a_clear_error(criteo_samples, tmp_path):
     with pytest.raises(HeaderError, match="dialect csv expects the header line"):
         run_criteo(str(criteo_samples["tsv"]), str(tmp_path / "ds"), criteo={"dialect": "csv"})
