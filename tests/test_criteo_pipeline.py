@@ -393,6 +393,67 @@ def test_binary_file_as_input_is_quarantined_line_by_line(tmp_path, criteo_file)
     assert set(manifest.rejected) <= {"undecodable", "field_count"}
 
 
+# --- whole files as the eval split ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def days(tmp_path_factory):
+    """Three day files in the 1TB logs' naming (day_23 gzip), each with a bad row."""
+    raw = tmp_path_factory.mktemp("days")
+    return raw, [make_criteo_file(str(raw / "day_0"), 120, {7: "bad_label"}, seed=1),
+                 make_criteo_file(str(raw / "day_1"), 90, {8: "bad_hex"}, seed=2),
+                 make_criteo_file(str(raw / "day_23.gz"), 60, {9: "empty_line"}, seed=3, compress=True)]
+
+
+def test_eval_files_are_the_whole_eval_split(days, tmp_path):
+    """Every row of day_23* is in the eval split and no other row is; the rest split over both groups; verify
+    recomputes that placement."""
+    raw, files = days
+    out = str(tmp_path / "ds")
+    manifest = run_criteo(f"{raw}/day_*", out, criteo={"eval_files": ["day_23*"]})
+    assert_accounted(manifest, *files)
+    rows = read_rows(out)
+    assert {k for k, r in rows.items() if r["split"] == "eval"} == files[2].good_keys
+    train = [r for k, r in rows.items() if not k.startswith("day_23")]
+    assert all(r["split"] == "train" for r in train) and {r["group"] for r in train} == {0, 1}
+    assert manifest.settings.criteo.eval_files == ("day_23*",)
+    assert verify_dataset(out).ok
+
+
+def test_without_eval_files_the_same_inputs_split_by_hash(days, tmp_path):
+    raw, files = days
+    out = str(tmp_path / "ds")
+    run_criteo(f"{raw}/day_*", out)
+    split_of = {k: r["split"] for k, r in read_rows(out).items()}
+    assert {split_of[k] for k in files[2].good_keys} == {"eval", "train"}
+    assert "eval" in {split_of[k] for k in files[0].good_keys}
+
+
+def test_eval_files_flag_on_the_command_line(days, tmp_path):
+    from click.testing import CliRunner
+
+    from codistill.cli import main
+
+    raw, files = days
+    out = tmp_path / "ds"
+    result = CliRunner().invoke(main, ["preprocess", "criteo", "--input", f"{raw}/day_*", "--output", str(out),
+                                       "--cat-buckets", "1000", "--eval-files", "day_23*"])
+    assert result.exit_code == 0, result.output
+    assert "every row of the input files matching day_23*" in result.output
+    manifest = load_manifest(str(out))
+    assert sum(s.records for s in manifest.shards if s.split == "eval") == len(files[2].good_lines)
+
+
+@pytest.mark.parametrize(("patterns", "error"), [
+    (["day_99*"], "matches none of the 3 input file"), (["day_*"], "matches every input file"),
+    (["raw/day_23"], "no folder")])
+def test_eval_files_that_leave_a_split_empty_are_refused(days, tmp_path, patterns, error):
+    raw, _ = days
+    with pytest.raises(ValueError, match=error):
+        run_criteo(f"{raw}/day_*", str(tmp_path / "ds"), criteo={"eval_files": patterns})
+    assert not (tmp_path / "ds" / MANIFEST_NAME).exists()
+
+
 # --- user errors before any work -------------------------------------------------------------------------------
 
 
