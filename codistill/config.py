@@ -139,7 +139,9 @@ class ScheduleConfig:
 class DeepSpeedConfig:
     ranks_per_group: int = 1
     zero_stage: int = 0
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # fp32 on CPU: bf16 is ~40x slower there
+    # auto: bf16 where the hardware runs it natively (a CUDA GPU with bf16, a CPU with AVX512-BF16 or AMX), else
+    # fp32 (emulated bf16 is ~12x slower); the choice is printed and recorded (training/precision.py).
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     micro_batch_size: int = 256  # per rank
     grad_accum: int = 1
     gradient_clipping: float = 0.0  # 0 = off
