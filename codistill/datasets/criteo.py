@@ -63,6 +63,14 @@ class CriteoDNNConfig:
     hidden: tuple[int, ...] = (256, 128)
     dropout: float = 0.0
 
+    def parameter_count(self, data) -> int:
+        """Parameters of `training.workloads.criteo.CriteoDNN` on `data` (sizes snapshots before any model exists)."""
+        buckets = data.options.buckets_per_column()
+        count, width = sum(buckets) * self.embedding_dim, 13 + len(buckets) * self.embedding_dim
+        for hidden in (*self.hidden, 1):  # each Linear: weights and bias; the last gives the one logit
+            count, width = count + width * hidden + hidden, hidden
+        return count
+
     def validate(self, name: str) -> None:
         require(self.embedding_dim >= 1, f"{name}.embedding_dim", f"must be >= 1, got {self.embedding_dim}")
         require(all(h >= 1 for h in self.hidden), f"{name}.hidden", f"sizes must be >= 1, got {self.hidden}")
