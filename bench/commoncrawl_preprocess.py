@@ -117,7 +117,7 @@ def main() -> None:
     megabytes = sum(len(d.text.encode()) for d in wet) / 1e6
     config = dict(dataset="commoncrawl", groups=2, eval_fraction=0.1, shards_per_group=2, eval_shards=1, seed=17,
                   block_rows=256, input=paths[0],
-                  commoncrawl=CommonCrawlConfig(tokenizer=tokenizer_url, dedup=DedupConfig(near_threshold=0.7)))
+                  options=CommonCrawlConfig(tokenizer=tokenizer_url, dedup=DedupConfig(near_threshold=0.7)))
 
     with Clock() as plain:
         plain_hashes = plain_loop(paths, DataConfig(output=f"{workdir}/plain", **config), tokenizer_url)

@@ -152,6 +152,7 @@ def main() -> None:
     parser.add_argument("--workdir")
     args = parser.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="cc-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
     wet, warc = work / "bench.warc.wet.gz", work / "bench.warc.gz"
     text_bytes = write_wet(wet, args.docs)
     write_warc(warc, 25)

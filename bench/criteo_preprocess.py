@@ -100,7 +100,7 @@ def main() -> None:
     generate_criteo(f"{workdir}/raw", args.rows, files=1, seed=7)
     path, source = f"{workdir}/raw/train-00000-of-00001.txt", "train-00000-of-00001.txt"
     config = dict(groups=2, eval_fraction=0.1, shards_per_group=4, eval_shards=1, format="tfrecord", seed=17,
-                  block_rows=1024, input=path, criteo=CriteoConfig(cat_buckets=(100_000,)))
+                  block_rows=1024, input=path, options=CriteoConfig(cat_buckets=(100_000,)))
 
     start = time.perf_counter()
     plain = plain_loop(path, source, DataConfig(output=f"{workdir}/plain", **config))

@@ -108,9 +108,9 @@ class TrainerVariant:
                                                    f"deepspeed.micro_batch_size={batch}", *sets])
         torch.manual_seed(0)
         self.engine = build_engine(WORKLOAD.build_model(config.model, manifest), config, 1)
-        self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[config.deepspeed.precision]
-        self.peers = {g: FlatPeer(WORKLOAD.build_model(config.model, manifest).eval().requires_grad_(False)).module
-                      for g in range(1, 1 + peers)}
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[config.deepspeed.precision]
+        self.peers = {g: FlatPeer(WORKLOAD.build_model(config.model, manifest).eval().requires_grad_(False),
+                                  dtype).module for g in range(1, 1 + peers)}  # in the training precision
         self.distill = CodistillConfig(weight=1.0)
         self.times: list[tuple[float, float]] = []  # (wall, cpu) seconds per step
 
@@ -145,8 +145,10 @@ def main() -> None:
         jpegs = [data for block in ImageBatches(spec, 64, False, 0).stream for data in block["image"]]
         batches = [to_torch(b) for b in itertools.islice(ImageBatches(spec, 64, True, 0), 4)]
 
-        variants = [TrainerVariant("fp32", manifest, ["model.channels_last=false"], 0, args.batch),
-                    TrainerVariant("fp32+cl", manifest, ["model.channels_last=true"], 0, args.batch),
+        variants = [TrainerVariant("fp32", manifest, ["model.channels_last=false", "deepspeed.precision=fp32"], 0,
+                                   args.batch),
+                    TrainerVariant("fp32+cl", manifest, ["model.channels_last=true", "deepspeed.precision=fp32"], 0,
+                                   args.batch),
                     TrainerVariant("bf16", manifest, ["model.channels_last=false", "deepspeed.precision=bf16"], 0,
                                    args.batch),
                     TrainerVariant("bf16+cl", manifest, ["model.channels_last=true", "deepspeed.precision=bf16"], 0,

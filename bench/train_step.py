@@ -66,6 +66,11 @@ does (an adopted peer restarts its state, warm-up included), then the peak memor
 the loss and its backward with 1 and 3 peers at the batch's shape, against the
 textbook two-pass formula with all peers' logits alive.
 
+Precision: `deepspeed.precision` as the trainer resolves it (`auto`: bf16 only on hardware that runs it
+natively, training/precision.py), printed with the reason; the batches are cast to it inside each timed step
+and the peers run in it, as in `GroupTrainer`. `--compare-precision P` adds `deepspeed-P` and `codist-1-P`,
+the same variants in precision P, interleaved with the others, and prints their ratios to the chosen one.
+
 Diagnosis: `--profile N` cProfiles N plain and N DeepSpeed steps afterwards;
 the DeepSpeed engines come from `training.train.build_engine`, exactly as the
 trainer builds them (a one-rank ZeRO-0 group skips the gradient all-reduce).
@@ -75,6 +80,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import dataclasses
 import io
 import itertools
 import json
@@ -98,6 +104,7 @@ from codistill.dataset import check_shards_present, load_manifest
 from training.data import StreamSpec, to_torch
 from training.exchange import PeerWatcher, SnapshotPublisher, model_signature, snapshot_bytes
 from training.loss import codistillation_loss
+from training.precision import local_precision
 from training.train import FlatPeer, build_engine, deepspeed_config, forward_backward, lr_factor, make_optimizer
 from training.workloads import Workload, workload_for
 
@@ -105,6 +112,7 @@ from harness import init_single_process
 
 GOALS = {"ds_plain": 1.15, "cod1_ds": 1.35, "p99_exchange": 1.10}
 RUN = "bench"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 # --- setup -------------------------------------------------------------------------------------------
@@ -186,25 +194,36 @@ class Plain(Variant):
         self.optimizer.zero_grad(set_to_none=True)
 
 
+def to_dtype(batch: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """GroupTrainer.batch_to_device on a CPU: float features in the training precision."""
+    if dtype == torch.float32:
+        return batch
+    return {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in batch.items()}
+
+
 class DeepSpeedBaseline(Variant):
     name = "deepspeed"
 
-    def __init__(self, config, engine, workload):
+    def __init__(self, config, engine, workload, suffix: str = ""):
         super().__init__()
         self.engine, self.workload = engine, workload
+        self.dtype = DTYPES[config.deepspeed.precision]
+        self.name += suffix
         self.states: dict = {}
 
     def step(self, batch):  # no peers: the label loss alone
-        forward_backward(self.engine, self.workload, {}, batch, 0, CodistillConfig(), self.states)
+        forward_backward(self.engine, self.workload, {}, to_dtype(batch, self.dtype), 0, CodistillConfig(),
+                         self.states)
 
 
 class Codistill(Variant):
     """GroupTrainer.train_step with grad_accum 1 and every peer usable."""
 
-    def __init__(self, config, engine, workload, peers: dict[int, FlatPeer]):
+    def __init__(self, config, engine, workload, peers: dict[int, FlatPeer], suffix: str = ""):
         super().__init__()
         self.engine, self.workload, self.peers = engine, workload, peers
-        self.name = f"codist-{len(peers)}"
+        self.dtype = DTYPES[config.deepspeed.precision]
+        self.name = f"codist-{len(peers)}{suffix}"
         cod = config.codistill
         self.distill = cod
         self.past_burn_in = cod.burn_in_steps + cod.ramp_steps  # w(step) = weight: the distillation term is live
@@ -215,8 +234,9 @@ class Codistill(Variant):
 
     def train_step(self, batch):
         # GroupTrainer.train_step's micro-step, every peer fresh (usable)
-        parts = forward_backward(self.engine, self.workload, {g: peer.module for g, peer in self.peers.items()}, batch,
-                                 self.past_burn_in + self.steps, self.distill, self.states)
+        parts = forward_backward(self.engine, self.workload, {g: peer.module for g, peer in self.peers.items()},
+                                 to_dtype(batch, self.dtype), self.past_burn_in + self.steps, self.distill,
+                                 self.states)
         return {"loss": parts.total.item(), "label_loss": parts.label_loss.item(),  # as train_step's record
                 "distill_loss": parts.distill_loss.item()}
 
@@ -231,8 +251,9 @@ class CodistillExchange(Codistill):
         cod = config.codistill
         (self.peer_group,) = peers
         self.publisher = SnapshotPublisher(store, RUN, 0, keep=cod.keep_snapshots)
-        self.watcher = PeerWatcher(store, RUN, 0, [self.peer_group], model_signature(engine.module.state_dict()),
-                                   snapshot_bytes(engine.module.state_dict()), poll_interval=cod.poll_seconds)
+        # The fp32 model's signature and size, as GroupTrainer takes them before DeepSpeed casts the student.
+        self.watcher = PeerWatcher(store, RUN, 0, [self.peer_group], model_signature(peer_model.state_dict()),
+                                   snapshot_bytes(peer_model.state_dict()), poll_interval=cod.poll_seconds)
         # The stand-in peer group: publishes its (different) weights like its own trainer would.
         self.peer_model = peer_model
         self.peer_publisher = SnapshotPublisher(store, RUN, self.peer_group, keep=cod.keep_snapshots)
@@ -382,6 +403,8 @@ def main() -> None:
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="afterwards, cProfile N steps of plain and deepspeed and print the top functions")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--compare-precision", choices=sorted(DTYPES),
+                        help="also time deepspeed and codist-1 in this precision")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     wall = time.perf_counter()
@@ -394,6 +417,8 @@ def main() -> None:
     sets = [f"data.output={args.data or workdir + '/data'}"] + args.sets + (
         [f"deepspeed.micro_batch_size={args.batch}"] if args.batch else [])
     config = load_experiment(args.manifest, sets)
+    precision, why = local_precision(config.deepspeed.precision)  # as GroupTrainer resolves it (one rank)
+    config = dataclasses.replace(config, deepspeed=dataclasses.replace(config.deepspeed, precision=precision))
     root, dataset = prepare_data(config, args.data, workdir)
     # training/launch.py sets OMP_NUM_THREADS so that all ranks of all groups share the cores.
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // (dataset.groups *
@@ -417,20 +442,30 @@ def main() -> None:
         m = workload.build_model(config.model, dataset)
         return m.eval().requires_grad_(False)
 
-    def engine():
-        return build_engine(student(), config, world=1)
+    def engine(c: ExperimentConfig = config):
+        return build_engine(student(), c, world=1)
+
+    def peer(seed: int, c: ExperimentConfig = config) -> FlatPeer:
+        return FlatPeer(frozen(seed), DTYPES[c.deepspeed.precision])
 
     variants: list[Variant] = [
         Plain(config, student(), workload),
         DeepSpeedBaseline(config, engine(), workload),
-        Codistill(config, engine(), workload, {1: FlatPeer(frozen(101))}),
-        Codistill(config, engine(), workload, {1: FlatPeer(frozen(101)), 2: FlatPeer(frozen(102))}),
-        CodistillExchange(config, engine(), workload, {1: FlatPeer(frozen(101))}, f"{workdir}/store", frozen(201),
+        Codistill(config, engine(), workload, {1: peer(101)}),
+        Codistill(config, engine(), workload, {1: peer(101), 2: peer(102)}),
+        CodistillExchange(config, engine(), workload, {1: peer(101)}, f"{workdir}/store", frozen(201),
                           args.exchange_every),
     ]
     plain, ds, cod1, cod2, codx = variants
+    if args.compare_precision:
+        other = dataclasses.replace(config, deepspeed=dataclasses.replace(config.deepspeed,
+                                                                          precision=args.compare_precision))
+        suffix = f"-{args.compare_precision}"
+        variants += [DeepSpeedBaseline(other, engine(other), workload, suffix),
+                     Codistill(other, engine(other), workload, {1: peer(101, other)}, suffix)]
 
     print(f"manifest {args.manifest} {' '.join(args.sets)}".rstrip())
+    print(f"precision {precision} ({why})")
     print(f"model: {type(model).__name__} {config.model} -> {params:,} parameters ({params * 4 / 2**20:.1f} MiB fp32)")
     print(f"batch {config.deepspeed.micro_batch_size}, optimizer {config.optimizer.name}, "
           f"DeepSpeed {deepspeed.__version__} config {json.dumps(deepspeed_config(config))}")
@@ -494,6 +529,11 @@ def main() -> None:
         if len(sel):
             parts.append(f"{kind or 'other'} {np.median(sel):.3f} ms (median of {len(sel)})")
     print(f"codist-1+x steps by kind: {', '.join(parts)}")
+    if args.compare_precision:
+        ds_other, cod_other = variants[-2:]
+        print(f"{args.compare_precision} / {precision}: deepspeed {med[ds_other.name] / med[ds.name]:.3f} "
+              f"(per-round {per_round(ds_other, ds):.3f}), codist-1 {med[cod_other.name] / med[cod1.name]:.3f} "
+              f"(per-round {per_round(cod_other, cod1):.3f})")
     other = np.median(t[kinds == ""])
     costs = {k: np.median(t[kinds == k]) / other for k in ("publish", "adopt") if (kinds == k).any()}
     if costs:

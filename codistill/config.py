@@ -10,6 +10,7 @@ experiment has live here; a dataset's own sections (`data.<dataset>`,
 from __future__ import annotations
 
 import copy
+import logging
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ from codistill.rundir import RunDir
 __all__ = ["ConfigError", "DataConfig", "ExperimentConfig", "load_experiment", "parse_experiment", "to_dict"]
 
 REPO_MANIFESTS = Path(__file__).resolve().parent.parent / "manifests"
+logger = logging.getLogger(__name__)
 
 
 # Bounds that keep a typo from sizing the pipeline beyond reason: shard names have five digits.
@@ -140,7 +142,9 @@ class ScheduleConfig:
 class DeepSpeedConfig:
     ranks_per_group: int = 1
     zero_stage: int = 0
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # fp32 on CPU: bf16 is ~40x slower there
+    # auto: bf16 where the hardware runs it natively (a CUDA GPU with bf16, a CPU with AVX512-BF16 or AMX), else
+    # fp32 (emulated bf16 is ~12x slower); the choice is printed and recorded (training/precision.py).
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     micro_batch_size: int = 256  # per rank
     grad_accum: int = 1
     gradient_clipping: float = 0.0  # 0 = off
@@ -346,6 +350,52 @@ class ExperimentConfig:
         return Path(self.run_dir).name
 
 
+# --- what a manifest asks of the snapshot store ---------------------------------------------------------------
+
+# Every group publishes its full fp32 weights every `codistill.exchange_every` steps and reads each peer's. Above
+# this many bytes a step (250 MB/s per group at 10 steps/s) the store, or a group's link to it, likely falls
+# behind: peers go stale, and lockstep groups wait.
+SNAPSHOT_WARN_BYTES_PER_STEP = 25_000_000
+
+
+@dataclass(frozen=True)
+class SnapshotTraffic:
+    parameters: int
+    snapshot_bytes: int  # fp32, as published
+    exchange_every: int  # steps
+    peers: int  # snapshots each group reads per exchange
+
+    @property
+    def bytes_per_step(self) -> float:
+        """What one group writes to the store per training step (it reads `peers` times as much)."""
+        return self.snapshot_bytes / self.exchange_every
+
+    def describe(self) -> str:
+        return (f"each snapshot is {self.snapshot_bytes / 1e9:.2f} GB ({self.parameters / 1e6:.1f}M parameters x 4 "
+                f"bytes, fp32), one every {self.exchange_every} steps: {self.bytes_per_step / 1e6:.1f} MB written "
+                f"per step by each group and {self.peers * self.bytes_per_step / 1e6:.1f} MB read "
+                f"({10 * self.bytes_per_step / 1e6:.0f} MB/s written at 10 steps/s)")
+
+
+def snapshot_traffic(config: "ExperimentConfig") -> SnapshotTraffic | None:
+    """The snapshot size and store traffic a manifest implies; None when codistillation is off or the model
+    section cannot count its parameters (a model config says so with `parameter_count(data) -> int`)."""
+    count = getattr(config.model, "parameter_count", None)
+    if not config.codistill.enabled or count is None:
+        return None
+    parameters = count(config.data)
+    return SnapshotTraffic(parameters, 4 * parameters, config.codistill.exchange_every,
+                           len(config.trained_groups) - 1)
+
+
+def warn_about_snapshot_traffic(config: "ExperimentConfig") -> None:
+    traffic = snapshot_traffic(config)
+    if traffic is not None and traffic.bytes_per_step > SNAPSHOT_WARN_BYTES_PER_STEP:
+        logger.warning("%s: %s, above the %.0f MB a step the store is likely to keep up with; raise "
+                       "codistill.exchange_every or make the model smaller", config.name, traffic.describe(),
+                       SNAPSHOT_WARN_BYTES_PER_STEP / 1e6)
+
+
 # --- parsing ---------------------------------------------------------------------------------
 
 
@@ -425,6 +475,7 @@ def parse_experiment(raw: Any, overrides: typing.Iterable[str] = ()) -> Experime
         apply_override(raw, assignment)
     config = build(ExperimentConfig, raw, "")
     config.validate()
+    warn_about_snapshot_traffic(config)
     return config
 
 

@@ -69,7 +69,8 @@ def schema(keep_raw: bool) -> Schema:
 
 
 class HeaderError(ValueError):
-    """A file's first line does not match the dialect (e.g. a header CSV read as TSV)."""
+    """A file's first line does not match the dialect (a header CSV read as TSV), or is no training data (the
+    Kaggle test.txt, which has no label column)."""
 
 
 def strip_header(block: LineBlock, dialect: str) -> LineBlock:
@@ -84,6 +85,11 @@ def strip_header(block: LineBlock, dialect: str) -> LineBlock:
         raise HeaderError(f"{block.source}: the first line is a header ({_text(first[:40])}...): this looks like the "
                           "header CSV export, not Kaggle train.txt; read it with dialect csv "
                           "(--dialect csv or data.criteo.dialect: csv)")
+    if first.count(b"\t") == len(COLUMNS) - 2:
+        # Refused here, from the first line, rather than after a pass that rejects every row for its field count.
+        raise HeaderError(f"{block.source}: the first line has {len(COLUMNS) - 1} fields, not {len(COLUMNS)}: this "
+                          "looks like the Kaggle test.txt, which has no label column and cannot be trained on; "
+                          "give train.txt (for an eval split of whole files, data.criteo.eval_files)")
     return block
 
 
@@ -268,6 +274,29 @@ def keyed_block(parsed: ParsedBlock, rows: np.ndarray) -> Block:
     return {"key": keys, **{name: column[rows] for name, column in parsed.block.items()}}
 
 
+def destinations(layout: ShardLayout, options: CriteoConfig, source: str, hashes: np.ndarray) -> np.ndarray:
+    """Where the rows of one file go: with `eval_files`, a matching file's rows all to eval shards and the other
+    files' rows all to train groups; otherwise the keyed hash picks eval or train too."""
+    if not options.eval_files:
+        return layout.assign(hashes)
+    return layout.eval_destination(hashes) if options.is_eval_file(source) else layout.train_destination(hashes)
+
+
+def check_eval_files(paths: list[str], options: CriteoConfig) -> None:
+    """Fail on the driver if `eval_files` would leave the eval split or the train groups empty."""
+    if not options.eval_files:
+        return
+    names = [posixpath.basename(p) for p in paths]
+    chosen = [n for n in names if options.is_eval_file(n)]
+    if not chosen:
+        raise ValueError(f"data.criteo.eval_files {list(options.eval_files)} matches none of the {len(names)} input "
+                         f"file(s) ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}): the eval split "
+                         "would be empty")
+    if len(chosen) == len(names):
+        raise ValueError(f"data.criteo.eval_files {list(options.eval_files)} matches every input file: no rows "
+                         "would be left to train on")
+
+
 # --- Beam ----------------------------------------------------------------------------------------
 
 
@@ -305,7 +334,8 @@ class ParseRange(WorkerDoFn):
             parsed = parse_block(block, options, self.data.seed)
             if parsed.rejected:
                 yield beam.pvalue.TaggedOutput("rejected", parsed.rejected)
-            dest = self.layout.assign(line_key_hashes(parsed.source, parsed.lines, self.data.seed))
+            dest = destinations(self.layout, options, parsed.source,
+                                line_key_hashes(parsed.source, parsed.lines, self.data.seed))
             for d, rows in partition(dest):
                 parts[d].append(keyed_block(parsed, rows))
         yield beam.pvalue.TaggedOutput("inputs", (rng.source, rows_read))
@@ -323,6 +353,7 @@ class CriteoToShards(beam.PTransform):
         data = self.data
         layout, features = layout_for(data), schema(data.criteo.keep_raw)
         check_headers(self.paths, data.criteo.dialect)
+        check_eval_files(self.paths, data.criteo)
         ranges = [r for path in self.paths for r in plan_ranges(path, data.split_bytes)]
         progress.expect(parts=len(ranges), bytes=sum(r.length for r in ranges))
         ranges = (pbegin
@@ -368,11 +399,19 @@ def dataset_checks(manifest: DatasetManifest) -> DatasetChecks:
             hashes[rows] = line_key_hashes(name, lines[rows], seed)
         return hashes, valid
 
+    def key_destinations(keys: np.ndarray, hashes: np.ndarray, layout: ShardLayout) -> np.ndarray:
+        sources = np.strings.rpartition(keys, b":")[0]
+        wanted = np.empty(len(keys), np.int64)
+        for source in np.unique(sources).tolist():
+            rows = sources == source
+            wanted[rows] = destinations(layout, options, source.decode("utf-8", "replace"), hashes[rows])
+        return wanted
+
     return DatasetChecks(values=(
         ValueCheck("label", lambda v: (v == 0) | (v == 1), "labels in {0, 1}"),
         ValueCheck("dense", lambda v: np.isfinite(v).all(axis=1), "finite dense features"),
         ValueCheck("cat", lambda v: ((v >= 0) & (v < buckets)).all(axis=1), "categorical ids in [0, cat_buckets)"),
-    ), key_hashes=key_hashes)
+    ), key_hashes=key_hashes, destinations=key_destinations if options.eval_files else None)
 
 
 def describe_synth(sidecar: dict, out: str) -> str:
@@ -382,11 +421,15 @@ def describe_synth(sidecar: dict, out: str) -> str:
 
 
 def describe(manifest: DatasetManifest) -> list[str]:
+    lines = []
+    eval_files = manifest.settings.criteo.eval_files
+    if eval_files:
+        lines.append(f"eval split: every row of the input files matching {', '.join(eval_files)}")
     synth = manifest.extra.get("synth")
-    if not synth:
-        return []
-    return [f"generated data: Bayes-optimal log loss {synth['bayes_log_loss']:.4f}, "
-            f"base-rate log loss {synth['base_rate_log_loss']:.4f}"]
+    if synth:
+        lines.append(f"generated data: Bayes-optimal log loss {synth['bayes_log_loss']:.4f}, "
+                     f"base-rate log loss {synth['base_rate_log_loss']:.4f}")
+    return lines
 
 
 PIPELINE = DatasetPipeline(

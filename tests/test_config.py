@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 import math
 
 import pytest
 
-from codistill.config import (REPO_MANIFESTS, ConfigError, DataConfig, ExperimentConfig, apply_override,
-                              load_experiment, parse_experiment, to_dict)
+from codistill.config import (REPO_MANIFESTS, SNAPSHOT_WARN_BYTES_PER_STEP, ConfigError, DataConfig, ExperimentConfig,
+                              apply_override, load_experiment, parse_experiment, snapshot_traffic, to_dict)
 from codistill.datasets.criteo import CriteoConfig, CriteoSynthConfig
 from codistill.dataset import (MANIFEST_NAME, DatasetError, DatasetManifest, ShardEntry, check_shards_present,
                                load_manifest, write_manifest)
@@ -280,11 +281,53 @@ def test_tiny_manifest_loads_by_path_and_by_name():
     assert data.groups == 2 and data.dataset == "criteo"
 
 
-def test_full_criteo_manifest_loads():
-    config = load_experiment("criteo")
-    assert config.name == "criteo"
+KAGGLE_TRAIN_ROWS = 45_840_617
+
+
+def test_full_criteo_manifest_is_a_one_pass_recipe_for_the_kaggle_data(caplog):
+    with caplog.at_level(logging.WARNING, logger="codistill.config"):
+        config = load_experiment("criteo")
+    assert config.name == "criteo" and not caplog.records  # its store traffic is within the warning's bound
     assert config.data.input and config.data.synth is None  # the real Kaggle train.txt
     assert config.data.groups >= 2 and config.data.shards_per_group > 1
+    assert config.model.kind == "criteo_dnn" and config.codistill.enabled and config.eval.every < config.schedule.steps
+    group_rows = KAGGLE_TRAIN_ROWS * (1 - config.data.eval_fraction) / config.data.groups
+    ds = config.deepspeed
+    passes = config.schedule.steps * ds.micro_batch_size * ds.ranks_per_group * ds.grad_accum / group_rows
+    assert 0.95 <= passes <= 1.05
+
+
+@pytest.mark.parametrize("model", [{}, {"embedding_dim": 3, "hidden": [7]}, {"hidden": []}])
+@pytest.mark.parametrize("buckets", [[50], list(range(2, 28))])
+def test_criteo_parameter_count_is_the_models(model, buckets):
+    from training.workloads.criteo import CriteoDNN
+
+    raw = with_field("data.criteo.cat_buckets", buckets) | {"model": {"kind": "criteo_dnn", **model}}
+    config = parse_experiment(raw)
+    built = CriteoDNN(config.model, list(config.data.criteo.buckets_per_column()))
+    assert config.model.parameter_count(config.data) == sum(p.numel() for p in built.parameters())
+
+
+def test_snapshot_traffic_of_the_full_criteo_manifest(caplog):
+    """1M buckets x 26 columns x 16 dimensions: ~1.7 GB a snapshot; every 50 steps is over the warning's bound."""
+    traffic = snapshot_traffic(load_experiment("criteo"))
+    assert 416e6 < traffic.parameters < 417e6 and traffic.snapshot_bytes == 4 * traffic.parameters
+    assert traffic.bytes_per_step == traffic.snapshot_bytes / 100 < SNAPSHOT_WARN_BYTES_PER_STEP
+    with caplog.at_level(logging.WARNING, logger="codistill.config"):
+        config = load_experiment("criteo", ["codistill.exchange_every=50"])
+    assert snapshot_traffic(config).bytes_per_step > SNAPSHOT_WARN_BYTES_PER_STEP
+    (record,) = caplog.records
+    assert record.getMessage().startswith("criteo: each snapshot is 1.67 GB (416.4M parameters x 4 bytes, fp32), one "
+                                          "every 50 steps: 33.3 MB written per step by each group and 33.3 MB read")
+    assert "raise codistill.exchange_every" in record.getMessage()
+
+
+def test_no_snapshot_traffic_without_codistillation(caplog):
+    with caplog.at_level(logging.WARNING, logger="codistill.config"):
+        assert snapshot_traffic(load_experiment("criteo", ["codistill.enabled=false",
+                                                           "codistill.exchange_every=1"])) is None
+        small = snapshot_traffic(load_experiment("criteo-tiny", ["codistill.exchange_every=1"]))
+    assert not caplog.records and small.bytes_per_step < SNAPSHOT_WARN_BYTES_PER_STEP
 
 
 @pytest.mark.parametrize("path", sorted(REPO_MANIFESTS.glob("*.yaml")), ids=lambda p: p.name)

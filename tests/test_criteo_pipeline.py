@@ -393,6 +393,67 @@ def test_binary_file_as_input_is_quarantined_line_by_line(tmp_path, criteo_file)
     assert set(manifest.rejected) <= {"undecodable", "field_count"}
 
 
+# --- whole files as the eval split ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def days(tmp_path_factory):
+    """Three day files in the 1TB logs' naming (day_23 gzip), each with a bad row."""
+    raw = tmp_path_factory.mktemp("days")
+    return raw, [make_criteo_file(str(raw / "day_0"), 120, {7: "bad_label"}, seed=1),
+                 make_criteo_file(str(raw / "day_1"), 90, {8: "bad_hex"}, seed=2),
+                 make_criteo_file(str(raw / "day_23.gz"), 60, {9: "empty_line"}, seed=3, compress=True)]
+
+
+def test_eval_files_are_the_whole_eval_split(days, tmp_path):
+    """Every row of day_23* is in the eval split and no other row is; the rest split over both groups; verify
+    recomputes that placement."""
+    raw, files = days
+    out = str(tmp_path / "ds")
+    manifest = run_criteo(f"{raw}/day_*", out, criteo={"eval_files": ["day_23*"]})
+    assert_accounted(manifest, *files)
+    rows = read_rows(out)
+    assert {k for k, r in rows.items() if r["split"] == "eval"} == files[2].good_keys
+    train = [r for k, r in rows.items() if not k.startswith("day_23")]
+    assert all(r["split"] == "train" for r in train) and {r["group"] for r in train} == {0, 1}
+    assert manifest.settings.criteo.eval_files == ("day_23*",)
+    assert verify_dataset(out).ok
+
+
+def test_without_eval_files_the_same_inputs_split_by_hash(days, tmp_path):
+    raw, files = days
+    out = str(tmp_path / "ds")
+    run_criteo(f"{raw}/day_*", out)
+    split_of = {k: r["split"] for k, r in read_rows(out).items()}
+    assert {split_of[k] for k in files[2].good_keys} == {"eval", "train"}
+    assert "eval" in {split_of[k] for k in files[0].good_keys}
+
+
+def test_eval_files_flag_on_the_command_line(days, tmp_path):
+    from click.testing import CliRunner
+
+    from codistill.cli import main
+
+    raw, files = days
+    out = tmp_path / "ds"
+    result = CliRunner().invoke(main, ["preprocess", "criteo", "--input", f"{raw}/day_*", "--output", str(out),
+                                       "--cat-buckets", "1000", "--eval-files", "day_23*"])
+    assert result.exit_code == 0, result.output
+    assert "every row of the input files matching day_23*" in result.output
+    manifest = load_manifest(str(out))
+    assert sum(s.records for s in manifest.shards if s.split == "eval") == len(files[2].good_lines)
+
+
+@pytest.mark.parametrize(("patterns", "error"), [
+    (["day_99*"], "matches none of the 3 input file"), (["day_*"], "matches every input file"),
+    (["raw/day_23"], "no folder")])
+def test_eval_files_that_leave_a_split_empty_are_refused(days, tmp_path, patterns, error):
+    raw, _ = days
+    with pytest.raises(ValueError, match=error):
+        run_criteo(f"{raw}/day_*", str(tmp_path / "ds"), criteo={"eval_files": patterns})
+    assert not (tmp_path / "ds" / MANIFEST_NAME).exists()
+
+
 # --- user errors before any work -------------------------------------------------------------------------------
 
 
@@ -541,6 +602,22 @@ def test_header_csv_read_as_tsv_tells_the_user_to_use_dialect_csv(criteo_samples
     with pytest.raises(HeaderError, match="dialect csv"):
         run_criteo(str(criteo_samples["csv"]), str(out))
     assert not (out / MANIFEST_NAME).exists()
+
+
+@pytest.mark.parametrize("name", ["test.txt", "test.txt.gz"])
+def test_kaggle_test_txt_is_refused_from_its_first_line(tmp_path, name):
+    """test.txt is train.txt without the label column (39 fields): refused on the driver with a hint, before any
+    row is read into rejected/."""
+    generate_criteo(str(tmp_path / "gen"), 2000, files=1, seed=6)
+    lines = (tmp_path / "gen" / "train-00000-of-00001.txt").read_bytes().splitlines()
+    unlabelled = b"".join(line.split(b"\t", 1)[1] + b"\n" for line in lines)
+    path = tmp_path / "in" / name
+    path.parent.mkdir()
+    path.write_bytes(gzip.compress(unlabelled, mtime=0) if name.endswith(".gz") else unlabelled)
+    out = tmp_path / "ds"
+    with pytest.raises(HeaderError, match=r"39 fields, not 40: this looks like the Kaggle test\.txt.*give train\.txt"):
+        run_criteo(str(path), str(out))
+    assert not (out / "rejected").exists() and not (out / MANIFEST_NAME).exists()
 
 
 def test_tsv_read_with_the_csv_dialect_is_a_clear_error(criteo_samples, tmp_path):

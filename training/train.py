@@ -41,6 +41,7 @@ from codistill.rundir import RunDir
 from codistill.units import duration
 from training import evaluation
 from training.data import StreamSpec, loader, to_torch
+from training.precision import group_precision, local_precision
 from training.exchange import PeerWatcher, SnapshotPublisher, check_store_run, model_signature, snapshot_bytes
 from training.launch import exit_when_launcher_dies, next_attempt, read_run_nonce
 from training.loss import LossParts, codistillation_loss, distill_weight
@@ -83,8 +84,9 @@ def deepspeed_config(config: ExperimentConfig, tensorboard_dir: Path | None = No
     }
     # Always written: left out, DeepSpeed would clip at its default norm of 1.0.
     out["gradient_clipping"] = float(ds.gradient_clipping)
-    if ds.precision != "fp32":
-        out[ds.precision] = {"enabled": True}
+    precision = local_precision(ds.precision)[0]  # GroupTrainer has resolved `auto` for its group already
+    if precision != "fp32":
+        out[precision] = {"enabled": True}
     if tensorboard_dir is not None:  # DeepSpeed's monitor (rank 0) writes to output_path/job_name
         out["tensorboard"] = {"enabled": True, "output_path": str(tensorboard_dir.parent),
                               "job_name": tensorboard_dir.name}
@@ -126,14 +128,13 @@ def forward_backward(engine, workload: Workload, peers: dict[int, torch.nn.Modul
     """
     states = {} if states is None else states
     logits, student_state = workload.forward(engine, batch, states.get("student"))
-    fp32 = {k: (v.float() if v.is_floating_point() else v) for k, v in batch.items()}
 
     def peer_logits():
         # One peer at a time, as the loss asks for it (not at all while w(step) is 0), each released
         # before the next runs: peak memory does not grow with the number of peers.
         for group, peer in peers.items():
             with torch.no_grad():
-                out, states[group] = workload.forward(peer, fp32, states.get(group))
+                out, states[group] = workload.forward(peer, batch, states.get(group))  # in the training dtype
             yield out.float()
             del out
 
@@ -196,31 +197,38 @@ class Schedule(torch.optim.lr_scheduler.LambdaLR):
 
 
 class FlatPeer:
-    """A frozen peer model whose float tensors are views into one flat fp32 buffer.
+    """A frozen peer model in the training precision, its float tensors views into one flat buffer per dtype.
 
-    Adopting a snapshot is then one copy into that buffer (or one broadcast
-    into it on every rank), not a `load_state_dict` walking every tensor
-    inside the training step. The few non-float buffers (BatchNorm's
-    `num_batches_tracked`, unused by a peer in eval mode) are copied apart.
+    Parameters are cast to `dtype` and float buffers stay fp32, as DeepSpeed casts the student, so a peer runs
+    the student's batch at the student's speed. Adopting a snapshot (fp32) is then one copy into each buffer
+    (or one broadcast into it on every rank), not a `load_state_dict` walking every tensor inside the training
+    step. The few non-float buffers (BatchNorm's `num_batches_tracked`, unused by a peer in eval mode) are
+    copied apart.
     """
 
-    def __init__(self, module: torch.nn.Module):
+    def __init__(self, module: torch.nn.Module, dtype: torch.dtype = torch.float32):
         self.module = module
-        tensors = dict(module.named_parameters()) | dict(module.named_buffers())
+        parameters = dict(module.named_parameters())
+        tensors = parameters | dict(module.named_buffers())
         names = list(module.state_dict())
         if any(tensors[n].is_floating_point() and tensors[n].dtype != torch.float32 for n in names):
             raise ValueError("FlatPeer needs an fp32 model")
-        self.names = [n for n in names if tensors[n].is_floating_point()]
+        floats = {n: dtype if n in parameters else torch.float32 for n in names if tensors[n].is_floating_point()}
+        self.names = {d: [n for n, nd in floats.items() if nd == d] for d in dict.fromkeys(floats.values())}
         self.others = {n: tensors[n] for n in names if not tensors[n].is_floating_point()}
-        self.flat = torch.cat([tensors[n].detach().reshape(-1) for n in self.names])
-        offset = 0
-        for name in self.names:
-            tensor = tensors[name]
-            tensor.data = self.flat[offset:offset + tensor.numel()].view_as(tensor)
-            offset += tensor.numel()
+        self.flats = {}
+        for d, group in self.names.items():
+            flat = torch.cat([tensors[n].detach().reshape(-1).to(d) for n in group])
+            offset = 0
+            for name in group:
+                tensor = tensors[name]
+                tensor.data = flat[offset:offset + tensor.numel()].view_as(tensor)
+                offset += tensor.numel()
+            self.flats[d] = flat
 
     def load(self, state: dict[str, torch.Tensor]) -> None:
-        torch.cat([state[n].reshape(-1).to(self.flat.device) for n in self.names], out=self.flat)
+        for d, flat in self.flats.items():
+            torch.cat([state[n].reshape(-1).to(flat.device, d) for n in self.names[d]], out=flat)
         for name, tensor in self.others.items():
             tensor.copy_(state[name])
 
@@ -241,14 +249,21 @@ class GroupTrainer:
         if group not in config.trained_groups:
             raise ValueError(f"--group {group}: train.groups is {list(config.trained_groups)}")
 
+        # `auto` resolved once for the group; peers, batches and the DeepSpeed config all follow it.
+        precision, self.precision_reason = group_precision(config.deepspeed.precision, self.device, self.world)
+        self.config = config = dataclasses.replace(
+            config, deepspeed=dataclasses.replace(config.deepspeed, precision=precision))
+        self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+        if self.rank == 0:
+            print(f"group {group}: training in {precision} ({self.precision_reason})", flush=True)
+
         self.workload = workload_for(self.dataset.dataset)
         torch.manual_seed(config.train.seed * 1000 + group)  # every rank the same: one model per group
         model = self.workload.build_model(config.model, self.dataset)
         self.signature = model_signature(model.state_dict())
+        self.snapshot_size = snapshot_bytes(model.state_dict())  # published fp32, whatever the training precision
         self.engine = build_engine(model, config, self.world,
                                    self.out.tensorboard if config.train.tensorboard else None)
-        self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[
-            config.deepspeed.precision]
 
         cod = config.codistill
         self.peer_groups = [g for g in config.trained_groups if g != group] if cod.enabled else []
@@ -267,7 +282,7 @@ class GroupTrainer:
             if self.peer_groups:
                 # The tokenizer's sha256 (None without one): a peer trained on other tokens is never adopted.
                 self.watcher = PeerWatcher(config.store, config.run_id, group, self.peer_groups, self.signature,
-                                           snapshot_bytes(self.peers[self.peer_groups[0]].module.state_dict()),
+                                           self.snapshot_size,
                                            poll_interval=cod.poll_seconds, vocab_hash=self.dataset.tokenizer_sha256,
                                            run_nonce=nonce, max_step=config.schedule.steps, poll=not cod.lockstep)
         self.best_validation = math.inf
@@ -278,7 +293,7 @@ class GroupTrainer:
 
     def _frozen_copy(self) -> FlatPeer:
         peer = self.workload.build_model(self.config.model, self.dataset)
-        return FlatPeer(peer.to(self.device).eval().requires_grad_(False))
+        return FlatPeer(peer.to(self.device).eval().requires_grad_(False), self.dtype)
 
     # --- peers -------------------------------------------------------------------------------------
 
@@ -317,7 +332,8 @@ class GroupTrainer:
         if self.rank == 0:
             peer.load(state)
         if self.world > 1:  # one flat broadcast from rank 0, straight into every rank's peer weights
-            dist.broadcast(peer.flat, src=0)
+            for flat in peer.flats.values():
+                dist.broadcast(flat, src=0)
             for tensor in peer.others.values():
                 dist.broadcast(tensor, src=0)
         self.peer_steps[group] = step
@@ -388,6 +404,9 @@ class GroupTrainer:
     def fit(self, resume: bool) -> None:
         config = self.config
         skip = self.load_checkpoint() if resume else 0
+        if self.rank == 0:  # what this attempt trains in, beside its metrics
+            self.write_metrics("setup", {"step": self.step, "group": self.group,
+                                         "precision": config.deepspeed.precision, "why": self.precision_reason})
         # The data position on resume (the stream is deterministic): whole rounds of the loader workers are
         # passed over inside the stream (read, never decoded), the rest of a round is taken from the loader.
         rounds = skip - skip % max(1, config.loader.workers)
