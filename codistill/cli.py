@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import logging
 import sys
 import types
@@ -115,11 +116,35 @@ def _synth_command(spec: DatasetSpec) -> click.Command:
 main.add_command(DatasetCommands(_synth_command, name="synth", help="Generate raw data sets in the real formats."))
 
 
+class InputOption(click.Option):
+    """`--input`: one glob, URL or folder (several comma-separated). The words after its value up to the next
+    option are its values too (these commands take no arguments): more than one is a glob the shell expanded,
+    refused with the fix, where click would pass the rest on as stray arguments (to Beam)."""
+
+    def add_to_parser(self, parser, ctx: click.Context) -> None:
+        super().add_to_parser(parser, ctx)
+        parsed = parser._long_opt[self.opts[0]]  # click's parser has no public hook for an option's values
+        store = parsed.process
+
+        def process(value: str, state) -> None:
+            more = []
+            while state.rargs and not state.rargs[0].startswith("-"):
+                more.append(state.rargs.pop(0))
+            if more:
+                raise click.BadParameter(
+                    f"got {1 + len(more)} paths ({value!r}, {more[0]!r}, ...): the shell expanded a glob; quote it "
+                    "(--input 'dir/*.gz'), or join several inputs with commas", ctx=ctx, param=self)
+            store(value, state)
+
+        for name in self.opts:
+            parser._long_opt[name].process = process
+
+
 def _common_preprocess_options() -> list[click.Option]:
     """The options every `preprocess <dataset>` command has (each dataset adds its spec's flags)."""
     return [
         click.Option(["-m", "--manifest"], help="Experiment manifest (path or name in manifests/); flags override it."),
-        click.Option(["--input", "input_glob"], help="Raw input: glob, URL or folder (comma-separated for several)."),
+        InputOption(["--input", "input_glob"], help="Raw input: glob, URL or folder (comma-separated for several)."),
         click.Option(["--output"], help="Dataset directory (local path or fsspec URL)."),
         click.Option(["--groups"], type=int),
         click.Option(["--eval-fraction"], type=float),
@@ -128,16 +153,18 @@ def _common_preprocess_options() -> list[click.Option]:
                      "--dask_client_address HOST:PORT), DataflowRunner, FlinkRunner."),
         click.Option(["--set", "sets"], multiple=True, metavar="KEY=VALUE", help="Override a manifest field."),
         click.Option(["--overwrite"], is_flag=True, help="Replace an existing output directory."),
+        click.Option(["--dry-run"], is_flag=True, help="Print the dataset's input and output and the Beam pipeline "
+                     "options as JSON, and stop (nothing is read, written or checked to be installed)."),
     ]
 
 
 def _preprocess_command(spec: DatasetSpec) -> click.Command:
     @click.pass_context
     @_fail_cleanly
-    def run(ctx, manifest, input_glob, output, groups, eval_fraction, fmt, runner, sets, overwrite, resume=False,
-            **values) -> None:
+    def run(ctx, manifest, input_glob, output, groups, eval_fraction, fmt, runner, sets, overwrite, dry_run,
+            resume=False, **values) -> None:
+        from pipelines.run import pipeline_options, summarize_dataset
         from pipelines.run import preprocess as run_preprocess
-        from pipelines.run import summarize_dataset
 
         flags = {"data.output": output, "data.groups": groups, "data.eval_fraction": eval_fraction,
                  "data.format": fmt, **{f"data.{spec.name}.{k}": v for k, v in values.items()}}
@@ -145,6 +172,13 @@ def _preprocess_command(spec: DatasetSpec) -> click.Command:
             config = parse_experiment(_raw_manifest(spec.name, manifest, input_glob, flags), sets)
         except ConfigError as e:
             raise _flag_error(e, f"data.{spec.name}", spec.flags, values) from None
+        if dry_run:
+            options = pipeline_options(_beam_args(ctx, runner), check_installed=False)
+            click.echo(json.dumps({"dataset": spec.name, "input": config.data.input, "output": config.data.output,
+                                   "pipeline_options": options.get_all_options(drop_default=True,
+                                                                               retain_unknown_options=True)},
+                                  indent=1))
+            return
         result = run_preprocess(config, _beam_args(ctx, runner), overwrite=overwrite, resume=resume,
                                 show_progress=_echo_progress)
         click.echo(summarize_dataset(result, config.data.output))
@@ -183,10 +217,7 @@ def _raw_manifest(dataset: str, manifest: str | None, input_glob: str | None, fl
 
 
 def _beam_args(ctx, runner: str | None) -> list[str]:
-    stray = [a for a in ctx.args if not a.startswith("-")]
-    if stray:
-        raise click.UsageError(f"unexpected argument {stray[0]!r}: quote a glob given to --input "
-                               "(--input 'dir/*.txt') so the shell does not expand it")
+    """The options this command does not know, for Beam to parse (`pipelines.run.pipeline_options`)."""
     return (["--runner", runner] if runner else []) + list(ctx.args)
 
 
@@ -200,7 +231,8 @@ def tokenizer() -> None:
 
 
 @tokenizer.command("train", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-@click.option("--input", "input_glob", required=True, help="WET/WARC files: glob or URL, comma-separated.")
+@click.option("--input", "input_glob", cls=InputOption, required=True,
+              help="WET/WARC files: glob or URL, comma-separated.")
 @click.option("--out", required=True, help="Model URL (any fsspec URL); the sidecar goes to <out>.json.")
 @click.option("--vocab-size", type=click.IntRange(min=300), required=True)
 @click.option("--type", "model_type", type=click.Choice(["unigram", "bpe"]), default="unigram", show_default=True)
