@@ -16,6 +16,7 @@ from codistill.config import (REPO_MANIFESTS, ConfigError, parse_experiment, rea
                               set_field)
 from codistill.datasets import DATASETS, DatasetSpec, Flag
 from codistill.dataset import DatasetError
+from codistill.extras import missing_extra
 from codistill.rundir import RunDir
 from codistill.run import RunError
 from pipelines.textfiles import InputReadError
@@ -34,6 +35,11 @@ def _fail_cleanly(func):
             return func(*args, **kwargs)
         except USER_ERRORS as e:
             raise click.ClickException(str(e)) from None
+        except ImportError as e:  # an optional dependency (gs:// without gcsfs...): the extra that installs it
+            message = missing_extra(e)
+            if message is None:
+                raise
+            raise click.ClickException(message) from None
 
     return wrapper
 
@@ -219,6 +225,19 @@ def _raw_manifest(dataset: str, manifest: str | None, input_glob: str | None, fl
 def _beam_args(ctx, runner: str | None) -> list[str]:
     """The options this command does not know, for Beam to parse (`pipelines.run.pipeline_options`)."""
     return (["--runner", runner] if runner else []) + list(ctx.args)
+
+
+@main.command("worker-requirements")
+@click.argument("dataset", type=click.Choice(sorted(DATASETS)))
+@click.option("--extra", "extras", multiple=True, help="Add an extra's requirements, e.g. gcs for gs:// URLs.")
+@click.option("--out", type=click.File("w"), default="-", help="Write here instead of stdout.")
+@_fail_cleanly
+def worker_requirements(dataset: str, extras: tuple[str, ...], out) -> None:
+    """Pinned pip requirements of DATASET's pipeline on remote Beam workers (a Dataflow --requirements_file),
+    read from what its code imports; Beam itself comes with the workers' SDK container."""
+    from pipelines.requirements import worker_requirements as requirements
+
+    out.write("".join(f"{line}\n" for line in requirements(dataset, extras)))
 
 
 def _echo_progress(line: str) -> None:
