@@ -41,7 +41,7 @@ from pipelines.synth_commoncrawl import generate_commoncrawl
 from pipelines.textfiles import expand_inputs
 from pipelines.warc import WebDocument, read_web_documents
 from tokenizer.encode import load_tokenizer
-from tokenizer.train import train_tokenizer
+from pipelines.commoncrawl_tokenizer import train_tokenizer
 
 from harness import Clock
 

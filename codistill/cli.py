@@ -266,7 +266,7 @@ def tokenizer_train(ctx, input_glob, out, vocab_size, model_type, sample_docs, m
     """Train sentencepiece on a deterministic sample of the cleaned text (read and cleaned with Beam)."""
     from codistill import storage
     from pipelines.textfiles import expand_inputs
-    from tokenizer.train import train_tokenizer
+    from pipelines.commoncrawl_tokenizer import train_tokenizer
 
     raw = _raw_manifest("commoncrawl", manifest, input_glob, {})
     config = parse_experiment(raw, sets)

@@ -19,7 +19,8 @@ import fsspec
 import yaml
 
 from codistill.datasets import DATASETS, DatasetSpec, spec_for
-from codistill.fields import ConfigError, bounded, build, key_text, plain_name, require, section, tagged, to_dict
+from codistill.fields import (ConfigError, bounded, build, key_text, plain_name, require, section, tagged, to_dict,
+                              validate)
 from codistill.rundir import RunDir
 
 __all__ = ["ConfigError", "DataConfig", "ExperimentConfig", "load_experiment", "parse_experiment", "to_dict"]
@@ -81,8 +82,8 @@ class DataConfig:
         require(self.block_rows >= 1, f"{name}.block_rows", f"must be >= 1, got {self.block_rows}")
         require(self.split_bytes >= 1 << 16, f"{name}.split_bytes", f"must be >= 65536, got {self.split_bytes}")
         if self.synth is not None:
-            self.synth.validate(f"{name}.synth")
-        self.options.validate(f"{name}.{self.dataset}")
+            validate(self.synth, f"{name}.synth")
+        validate(self.options, f"{name}.{self.dataset}")
 
     def recorded(self) -> dict:
         """The settings a dataset is built with, as its manifest records them (`parameters`, less the input)."""
@@ -316,7 +317,7 @@ class ExperimentConfig:
                 f"the {self.data.dataset} workload trains {list(self.data.spec.model_choices())}, "
                 f"got {self.model.kind!r}")
         for name in ("data", "model", "optimizer", "schedule", "deepspeed", "loader", "codistill", "eval", "train"):
-            getattr(self, name).validate(name)
+            validate(getattr(self, name), name)
         prefixes = [rule.prefix.rstrip("/") for rule in self.storage]
         for i, rule in enumerate(self.storage):
             rule.validate(f"storage[{i}]")

@@ -33,6 +33,13 @@ _SHORT_REPR = reprlib.Repr()
 _SHORT_REPR.maxlevel, _SHORT_REPR.maxstring, _SHORT_REPR.maxother, _SHORT_REPR.maxlong = 2, 60, 60, 40
 
 
+def validate(section: Any, name: str) -> None:
+    """A section's own rules across its fields, if it has any (a `validate(name)` method raising ConfigError):
+    types, literals and required fields are already checked by `build`."""
+    if hasattr(section, "validate"):
+        section.validate(name)
+
+
 def bounded(value: Any) -> str:
     """A short repr for error messages: it looks at a bounded part of the value, however big it is."""
     return _SHORT_REPR.repr(value)

@@ -56,37 +56,27 @@ from codistill.shards import Block, Feature, Schema
 from codistill.storage import write_atomically
 from pipelines import dedup, progress
 from pipelines.cleaning import Cleaner
+from pipelines.commoncrawl_records import SAMPLE_CHARS, clean_file, dedup_prio, document_hash
+from pipelines.commoncrawl_tokenizer import train_tokenizer
 from pipelines.run import DatasetChecks, DatasetPipeline, ValueCheck
-from pipelines.sharding import ShardLayout, mix64, partition, string_hash
+from pipelines.sharding import ShardLayout, partition
 from pipelines.sinks import PIECES, Rejected, WriteDataset, layout_for, write_pieces
 from pipelines.textfiles import expand_inputs
-from pipelines.warc import Quarantined, Skipped, WebDocument, read_web_documents
+from pipelines.warc import WebDocument
 from pipelines.worker import WorkerDoFn
 from tokenizer.encode import Tokenizer, load_tokenizer
 
 STAGED, DONE = ".staged", ".done"
 METRICS = "commoncrawl"
-SAMPLE_CHARS = 2000
 
 # Dedup reason codes (Fingerprints.dropped); 0 = kept.
 DEDUP_REASONS = ("", "duplicate_url", "duplicate_document", "near_duplicate", "short_after_line_dedup")
 KEPT, DUPLICATE_URL, DUPLICATE_DOCUMENT, NEAR_DUPLICATE, SHORT_AFTER_LINE_DEDUP = range(len(DEDUP_REASONS))
-_SALT_PRIO = np.uint64(0xD6E8FEB86659FD93)
 
 
 def schema(sequence_length: int) -> Schema:
     return {"key": Feature("bytes"), "tokens": Feature("int32", (sequence_length,)), "length": Feature("int32"),
             "text_bytes": Feature("int64")}
-
-
-def document_hash(key: str, seed: int) -> int:
-    """The keyed hash of a WARC-Record-ID that assigns the document to eval / group / shard."""
-    return string_hash(key, seed)
-
-
-def dedup_prio(key_hashes: np.ndarray) -> np.ndarray:
-    """Which copy of a duplicate is kept (lowest wins): independent bits of the same keyed hash."""
-    return mix64(np.asarray(key_hashes, np.uint64) ^ _SALT_PRIO)
 
 
 UNDATED = -(2**62)  # older than any real capture, and still negatable in int64
@@ -100,60 +90,7 @@ def capture_seconds(date: str) -> int:
         return UNDATED
 
 
-def _sample(doc: WebDocument, reason: str, text: str, prio: int) -> tuple[int, dict]:
-    return prio, {"reason": reason, "key": doc.key, "url": doc.url, "source": posixpath.basename(doc.source),
-                  "offset": doc.offset, "text": text[:SAMPLE_CHARS]}
-
-
-def _keep_smallest(samples: dict[str, list], k: int) -> dict[str, list]:
-    return {reason: sorted(found, key=lambda s: s[0])[:k] for reason, found in samples.items()}
-
-
 # --- 1. read, clean, fingerprint, stage ------------------------------------------------------------
-
-
-@dataclass
-class CleanedFile:
-    """What reading and cleaning one input file left, and everything it dropped, counted."""
-
-    source: str  # file name
-    documents: list[WebDocument]  # kept, with their cleaned text
-    records: int  # documents read + quarantined records
-    dropped: dict[str, int]  # documents, by reason
-    lines_dropped: dict[str, int]
-    skipped: dict[str, int]  # records that are not documents (warcinfo, request, ...), by reason
-    quarantined: list[Rejected]
-    samples: dict[str, list]  # reason -> [(prio, sample)], the k lowest prio
-
-
-def clean_file(path: str, cleaner: Cleaner, seed: int, samples_per_reason: int) -> CleanedFile:
-    source = posixpath.basename(path)
-    kept, records, position = [], 0, 0
-    dropped, lines_dropped, skipped = collections.Counter(), collections.Counter(), collections.Counter()
-    quarantined, samples = [], collections.defaultdict(list)
-    for item in read_web_documents(path):
-        position += 1
-        if isinstance(item, Skipped):
-            skipped[item.reason] += 1
-            continue
-        records += 1
-        if isinstance(item, Quarantined):
-            quarantined.append(Rejected(source, position, item.reason, item.detail, "", offset=item.offset))
-            continue
-        result = cleaner.clean(item)
-        lines_dropped.update(result.lines_dropped)
-        if result.text is None:
-            dropped[result.drop_reason] += 1
-            if samples_per_reason:
-                prio = int(dedup_prio(np.uint64(document_hash(item.key, seed))))
-                samples[result.drop_reason].append(_sample(item, result.drop_reason, item.text, prio))
-                if len(samples[result.drop_reason]) > 4 * samples_per_reason:
-                    samples.update(_keep_smallest({result.drop_reason: samples[result.drop_reason]},
-                                                  samples_per_reason))
-            continue
-        kept.append(WebDocument(item.key, item.url, item.date, item.language, result.text, item.source, item.offset))
-    return CleanedFile(source, kept, records, dict(dropped), dict(lines_dropped), dict(skipped), quarantined,
-                       _keep_smallest(samples, samples_per_reason))
 
 
 def fingerprint_documents(index: int, documents: list[WebDocument], options: CommonCrawlConfig,
@@ -719,8 +656,6 @@ class CommonCrawlToShards(beam.PTransform):
             parameters=parameters, extra=extra, tokenizer_sha256=tokenizer.sha256)
 
     def _trained_tokenizer(self, beam_options) -> str:
-        from tokenizer.train import train_tokenizer
-
         url, options = join(self.data.output, "tokenizer/spm.model"), self.data.commoncrawl
         # An output holding a model is a resumed one (`preprocess` starts only in an empty or new output).
         train_tokenizer(self.paths, url, options.vocab_size, options.tokenizer_type, options.tokenizer_sample_docs,

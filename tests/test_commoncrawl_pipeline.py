@@ -35,7 +35,7 @@ from pipelines.synth_commoncrawl_words import BOILERPLATE
 from pipelines.textfiles import expand_inputs
 from pipelines.warc import WebDocument, read_web_documents
 from tokenizer.encode import load_tokenizer
-from tokenizer.train import train_tokenizer
+from pipelines.commoncrawl_tokenizer import train_tokenizer
 
 DOCS = 600
 LENGTH = 17

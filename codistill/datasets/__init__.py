@@ -7,12 +7,15 @@ pipeline (`PIPELINE`, a `pipelines.run.DatasetPipeline`) and of its training
 workload (`WORKLOAD`, a `training.workloads.Workload`), named as strings so
 this ground layer imports neither, its command-line flags and the entries its
 dataset directory may hold. Adding a dataset is three new files (spec,
-pipeline, workload) and one line in `DATASETS` (docs/extending.md).
+pipeline, workload) and one registry line: in `BUILT_IN` here, or, for a
+dataset in a package of its own, an entry point of the group
+`codistill.datasets` naming its spec module (docs/extending.md).
 """
 
 from __future__ import annotations
 
 import importlib
+from importlib.metadata import entry_points
 
 from codistill.datasets.spec import DatasetSpec, Flag
 from codistill.fields import ConfigError, bounded
@@ -20,12 +23,22 @@ from codistill.fields import ConfigError, bounded
 __all__ = ["DATASETS", "DatasetSpec", "Flag", "spec_for"]
 
 
-def _specs(*modules: str) -> dict[str, DatasetSpec]:
-    specs = [importlib.import_module(f"codistill.datasets.{m}").SPEC for m in modules]
-    return {spec.name: spec for spec in specs}
+BUILT_IN = ("codistill.datasets.criteo", "codistill.datasets.commoncrawl", "codistill.datasets.imagenet")
+PLUGIN_GROUP = "codistill.datasets"  # entry points naming the spec modules of installed dataset packages
 
 
-DATASETS: dict[str, DatasetSpec] = _specs("criteo", "commoncrawl", "imagenet")
+def _specs() -> dict[str, DatasetSpec]:
+    modules = [*BUILT_IN, *(point.value for point in entry_points(group=PLUGIN_GROUP))]
+    specs: dict[str, DatasetSpec] = {}
+    for module in modules:
+        spec = importlib.import_module(module).SPEC
+        if spec.name in specs:  # a plugin must not silently replace a dataset (or another plugin)
+            raise ImportError(f"dataset {spec.name!r} of {module} is already registered")
+        specs[spec.name] = spec
+    return specs
+
+
+DATASETS: dict[str, DatasetSpec] = _specs()
 
 
 def spec_for(name: str, where: str = "data.dataset") -> DatasetSpec:
