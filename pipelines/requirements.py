@@ -43,19 +43,21 @@ def _imports(source: Path) -> set[str]:
     return names
 
 
-def _loaded_modules(module: str) -> list[str]:
+def _loaded_modules(module: str, packages: tuple[str, ...]) -> list[str]:
     """This package's modules that importing `module` loads, in a fresh interpreter (this one has loaded others):
     with those imported by name at run time (`codistill.datasets` loads every dataset spec so)."""
     listing = (f"import importlib, sys; importlib.import_module({module!r}); "
-               f"print(*(m for m in sys.modules if m.split('.')[0] in {PACKAGES!r}))")
+               f"print(*(m for m in sys.modules if m.split('.')[0] in {packages!r}))")
     found = subprocess.run([sys.executable, "-c", listing], capture_output=True, text=True, check=True)
     return found.stdout.split()
 
 
 def imported_distributions(module: str) -> set[str]:
-    """The distributions (other than this one) imported by `module` and the modules of this package it reaches."""
+    """The distributions (other than this one) imported by `module` and the modules of this package it reaches
+    (and of `module`'s own package: a dataset plugin's, shipped to the workers as this one is)."""
+    packages = (*PACKAGES, module.split(".")[0])
     owners = importlib.metadata.packages_distributions()
-    seen, todo, distributions = set(), _loaded_modules(module), set()
+    seen, todo, distributions = set(), _loaded_modules(module, packages), set()
     while todo:
         source = _source(todo.pop())
         if source is None or source in seen:
@@ -63,7 +65,7 @@ def imported_distributions(module: str) -> set[str]:
         seen.add(source)
         for imported in _imports(source):
             top = imported.split(".")[0]
-            if top in PACKAGES:
+            if top in packages:
                 todo.append(imported)
             elif top not in sys.stdlib_module_names and top != "__future__":
                 distributions.update(owners.get(top, ()))
