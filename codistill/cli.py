@@ -6,6 +6,8 @@ import dataclasses
 import functools
 import json
 import logging
+import os
+import shlex
 import sys
 import types
 import typing
@@ -319,13 +321,27 @@ def _dataset_for(config):
 @click.option("--run-dir", help="Where checkpoints, metrics and predictions go (default runs/<name>).")
 @click.option("--resume", is_flag=True, help="Continue every group from its latest checkpoint.")
 @click.option("--overwrite", is_flag=True, help="Delete an earlier run in the run directory and its snapshots first.")
+@click.option("--dry-run", is_flag=True, help="Say where the groups go and print every group's launch command; "
+              "start nothing.")
 @_fail_cleanly
-def train(manifest: str, sets: tuple[str, ...], run_dir: str | None, resume: bool, overwrite: bool) -> None:
-    """Train all groups of MANIFEST locally, one DeepSpeed job per group (ranks from the manifest)."""
+def train(manifest: str, sets: tuple[str, ...], run_dir: str | None, resume: bool, overwrite: bool,
+          dry_run: bool) -> None:
+    """Train all groups of MANIFEST locally, one DeepSpeed job per group (ranks from the manifest), each on its own
+    GPUs (or share of the cores)."""
     from training.report import final_eval
     from training.workloads import workload_for
 
     sets = list(sets) + ([f"train.run_dir={run_dir}"] if run_dir else [])
+    if dry_run:
+        from codistill.config import load_experiment
+        from codistill.run import launch_plan
+
+        placement, commands = launch_plan(load_experiment(manifest, sets), manifest, sets, resume)
+        click.echo(placement.summary)
+        env = [f"{name}={os.environ.get(name, value)}" for name, value in placement.env.items()]
+        for command in commands:
+            click.echo(f"group {command.group}: {shlex.join(env + command.argv)}")
+        return
     config, dataset = _train(manifest, sets, resume, overwrite)
     workload = workload_for(dataset.dataset)
     for group in config.trained_groups:

@@ -7,6 +7,7 @@ Every refusal is a `RunError` whose message says what to do; the CLI prints it a
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
 from collections.abc import Callable
 
@@ -23,23 +24,43 @@ class RunError(Exception):
 def train(manifest: str, sets: list[str], resume: bool, overwrite: bool = False, echo: Callable[[str], None] = print,
           progress: Callable[[str], None] | None = None) -> tuple[ExperimentConfig, DatasetManifest]:
     """Start every group of a run (one deepspeed launch each) and wait for them; returns the config and dataset.
-    `echo` takes what is said on the way (building the dataset first); `progress` the pipeline's progress lines."""
-    from training.launch import GroupFailed, RunLocked, group_commands, locked_run_dir, read_run_nonce, run_groups
+    `echo` takes what is said on the way (building the dataset first, where the groups go); `progress` the
+    pipeline's progress lines."""
+    from training.launch import GroupFailed, RunLocked, locked_run_dir, read_run_nonce, run_groups
+    from training.workloads import workload_for
 
     config = load_experiment(manifest, sets)
     storage.configure(config.storage)
     dataset = dataset_for(config, echo, progress)
     try:
+        workload_for(dataset.dataset).check_dataset(config, dataset)  # refused here, not in every rank after launch
+    except DatasetError as e:
+        raise RunError(str(e)) from None
+    placement, commands = launch_plan(config, manifest, sets, resume)
+    echo(placement.summary)
+    try:
         with locked_run_dir(config.run_dir):  # held until every group has ended
             if not resume:
                 start_afresh(config, overwrite)
             read_run_nonce(config.run_dir)  # drawn here for a new run, kept on --resume; each group reads it
-            commands = group_commands(resolve_manifest(manifest), list(config.trained_groups),
-                                      config.deepspeed.ranks_per_group, sets, resume)
-            run_groups(commands, config.deepspeed.ranks_per_group)
+            run_groups(commands, placement.env)
     except (GroupFailed, RunLocked) as e:
         raise RunError(str(e)) from None
     return config, dataset
+
+
+def launch_plan(config: ExperimentConfig, manifest: str, sets: list[str], resume: bool, accelerators=None):
+    """(where the groups go on this host, every group's deepspeed command); `accelerators`: the GPU ids to place
+    them on (default: those visible here)."""
+    from training.launch import PlacementError, group_commands, place_groups, visible_accelerators
+
+    try:
+        placement = place_groups(list(config.trained_groups), config.deepspeed.ranks_per_group,
+                                 visible_accelerators() if accelerators is None else accelerators,
+                                 os.cpu_count() or 1)
+    except PlacementError as e:
+        raise RunError(str(e)) from None
+    return placement, group_commands(resolve_manifest(manifest), placement, sets, resume)
 
 
 def dataset_for(config: ExperimentConfig, echo: Callable[[str], None] = print,

@@ -49,10 +49,25 @@ class RunLocked(RuntimeError):
     pass
 
 
+class PlacementError(ValueError):
+    pass
+
+
 @dataclass(frozen=True)
 class GroupCommand:
     group: int
     argv: list[str]
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where each group of a run goes on this host: a disjoint slice of the accelerators, or on CPU a share of
+    the cores."""
+
+    devices: dict[int, tuple[int, ...]]  # group -> accelerator ids (DeepSpeed's `--include localhost:<ids>`)
+    ranks_per_group: int
+    env: dict[str, str]  # what every group's process starts with beyond this process's environment
+    summary: str  # what was chosen, in one line
 
 
 def free_port() -> int:
@@ -61,12 +76,52 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def group_commands(manifest: str, groups: list[int], ranks: int, sets: list[str], resume: bool) -> list[GroupCommand]:
+def visible_accelerators() -> list[int]:
+    """The ids of the GPUs this process may use, as DeepSpeed's `--include` names them: CUDA_VISIBLE_DEVICES's
+    list when set (DeepSpeed drops the variable once `--include` is given), else 0..count-1."""
+    if not torch.cuda.is_available():
+        return []
+    count = torch.cuda.device_count()
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if not listed:
+        return list(range(count))
+    try:
+        return [int(i) for i in listed.split(",")][:count]
+    except ValueError:
+        raise PlacementError(f"CUDA_VISIBLE_DEVICES={listed}: give GPU indices (DeepSpeed's --include takes "
+                             "indices, not UUIDs)") from None
+
+
+def place_groups(groups: list[int], ranks: int, accelerators: list[int], cores: int) -> Placement:
+    """Each group on its own `ranks` of `accelerators` (in order); with none, on CPU, every rank of every group
+    with an equal share of the `cores` (oversubscribed OpenMP threads spin-wait on each other and make every
+    step ~30x slower)."""
+    if not accelerators:
+        threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, cores // (len(groups) * ranks)))
+        return Placement({g: () for g in groups}, ranks, {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": threads},
+                         f"placement: {len(groups)} groups x {ranks} ranks on CPU ({cores} cores): "
+                         f"{threads} thread{'' if threads == '1' else 's'} per rank")
+    need = len(groups) * ranks
+    if need > len(accelerators):
+        raise PlacementError(f"{len(groups)} groups x {ranks} ranks_per_group need {need} GPUs, this host has "
+                             f"{len(accelerators)} visible ({','.join(map(str, accelerators))}): lower "
+                             "deepspeed.ranks_per_group, or train fewer groups here (train.groups)")
+    devices = {g: tuple(accelerators[i * ranks:(i + 1) * ranks]) for i, g in enumerate(groups)}
+    idle = len(accelerators) - need
+    return Placement(devices, ranks, {}, f"placement: {len(groups)} groups x {ranks} ranks on {need} of "
+                     f"{len(accelerators)} GPUs" + (f" ({idle} idle)" if idle else "") + ": " + "; ".join(
+                         f"group {g} on GPU{'s' if ranks > 1 else ''} {','.join(map(str, d))}"
+                         for g, d in devices.items()))
+
+
+def group_commands(manifest: str, placement: Placement, sets: list[str], resume: bool) -> list[GroupCommand]:
     commands = []
-    for group in groups:
-        argv = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_nodes", "1", "--num_gpus", str(ranks),
-                "--master_port", str(free_port()), "--module", "training.train",
-                "--manifest", manifest, "--group", str(group)]
+    for group, devices in placement.devices.items():
+        # `--include` and `--num_gpus` exclude each other; without `--include` every group gets GPUs 0..R-1.
+        where = (["--include", f"localhost:{','.join(map(str, devices))}"] if devices else
+                 ["--num_nodes", "1", "--num_gpus", str(placement.ranks_per_group)])
+        argv = [sys.executable, "-m", "deepspeed.launcher.runner", *where, "--master_port", str(free_port()),
+                "--module", "training.train", "--manifest", manifest, "--group", str(group)]
         for assignment in sets:
             argv += ["--set", assignment]
         if resume:
@@ -99,12 +154,13 @@ def _raise_stopped(signum, frame) -> None:
 _HANDLED = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
 
 
-def run_groups(commands: list[GroupCommand], ranks_per_group: int, out=sys.stdout, poll_seconds: float = 0.2) -> None:
-    """Run the groups to the end; GroupFailed (every group stopped) if one fails or we are told to stop."""
+def run_groups(commands: list[GroupCommand], env: dict[str, str], out=sys.stdout, poll_seconds: float = 0.2) -> None:
+    """Run the groups to the end, each started with `env` (`Placement.env`) over this process's environment
+    (a variable set here wins); GroupFailed (every group stopped) if one fails or we are told to stop."""
     in_main_thread = threading.current_thread() is threading.main_thread()  # signals go to the main thread only
     previous = {sig: signal.signal(sig, _raise_stopped) for sig in _HANDLED} if in_main_thread else {}
     try:
-        _run_groups(commands, ranks_per_group, out, poll_seconds)
+        _run_groups(commands, env, out, poll_seconds)
     except _Stopped as stop:
         raise GroupFailed(f"stopped by {signal.Signals(stop.signum).name}; stopped every group") from None
     finally:
@@ -112,14 +168,9 @@ def run_groups(commands: list[GroupCommand], ranks_per_group: int, out=sys.stdou
             signal.signal(sig, handler)
 
 
-def _run_groups(commands: list[GroupCommand], ranks_per_group: int, out, poll_seconds: float) -> None:
-    env = dict(os.environ)
+def _run_groups(commands: list[GroupCommand], env: dict[str, str], out, poll_seconds: float) -> None:
+    env = {**env, **os.environ}
     env[LAUNCHER_PID_ENV] = str(os.getpid())
-    if not torch.cuda.is_available():
-        env.setdefault("DS_ACCELERATOR", "cpu")
-        # Share the cores among all ranks of all groups: oversubscribed OpenMP threads
-        # spin-wait on each other and make every step ~30x slower.
-        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // (len(commands) * ranks_per_group))))
     env.setdefault("PYTHONUNBUFFERED", "1")
     env.setdefault("TORCH_EXTENSIONS_DIR", JIT_CACHE)
     procs: dict[int, subprocess.Popen] = {}
