@@ -60,7 +60,8 @@ def launch_plan(config: ExperimentConfig, manifest: str, sets: list[str], resume
                                  os.cpu_count() or 1)
     except PlacementError as e:
         raise RunError(str(e)) from None
-    return placement, group_commands(resolve_manifest(manifest), placement, sets, resume)
+    return placement, group_commands(resolve_manifest(manifest), list(placement.devices), placement.ranks_per_group,
+                                     sets, resume, placement.devices)
 
 
 def dataset_for(config: ExperimentConfig, echo: Callable[[str], None] = print,

@@ -114,12 +114,16 @@ def place_groups(groups: list[int], ranks: int, accelerators: list[int], cores: 
                          for g, d in devices.items()))
 
 
-def group_commands(manifest: str, placement: Placement, sets: list[str], resume: bool) -> list[GroupCommand]:
+def group_commands(manifest: str, groups: list[int], ranks: int, sets: list[str], resume: bool,
+                   devices: dict[int, tuple[int, ...]] | None = None) -> list[GroupCommand]:
+    """Each group's deepspeed launch on this host: on its `devices` (`Placement.devices`), or (none given, or
+    on CPU) `ranks` processes."""
     commands = []
-    for group, devices in placement.devices.items():
+    for group in groups:
         # `--include` and `--num_gpus` exclude each other; without `--include` every group gets GPUs 0..R-1.
-        where = (["--include", f"localhost:{','.join(map(str, devices))}"] if devices else
-                 ["--num_nodes", "1", "--num_gpus", str(placement.ranks_per_group)])
+        slots = (devices or {}).get(group)
+        where = (["--include", f"localhost:{','.join(map(str, slots))}"] if slots else
+                 ["--num_nodes", "1", "--num_gpus", str(ranks)])
         argv = [sys.executable, "-m", "deepspeed.launcher.runner", *where, "--master_port", str(free_port()),
                 "--module", "training.train", "--manifest", manifest, "--group", str(group)]
         for assignment in sets:
