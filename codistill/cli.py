@@ -301,11 +301,11 @@ def verify(directory: str, manifest: str | None) -> None:
                f"no key in two places")
 
 
-def _train(manifest: str, sets: list[str], resume: bool, overwrite: bool = False):
+def _train(manifest: str, sets: list[str], resume: bool, overwrite: bool = False, groups: list[int] | None = None):
     """`codistill.run.train`, saying what it does on the console."""
     from codistill.run import train
 
-    return train(manifest, sets, resume, overwrite, echo=click.echo, progress=_echo_progress)
+    return train(manifest, sets, resume, overwrite, echo=click.echo, progress=_echo_progress, groups=groups)
 
 
 def _dataset_for(config):
@@ -321,11 +321,14 @@ def _dataset_for(config):
 @click.option("--run-dir", help="Where checkpoints, metrics and predictions go (default runs/<name>).")
 @click.option("--resume", is_flag=True, help="Continue every group from its latest checkpoint.")
 @click.option("--overwrite", is_flag=True, help="Delete an earlier run in the run directory and its snapshots first.")
+@click.option("--group", "groups", type=int, multiple=True, help="Train only this group (repeatable); the others "
+              "are started apart (other machines, a SLURM array, Kubernetes Jobs) with the same manifest and "
+              "train.store, and join this run through the store.")
 @click.option("--dry-run", is_flag=True, help="Say where the groups go and print every group's launch command; "
               "start nothing.")
 @_fail_cleanly
 def train(manifest: str, sets: tuple[str, ...], run_dir: str | None, resume: bool, overwrite: bool,
-          dry_run: bool) -> None:
+          groups: tuple[int, ...], dry_run: bool) -> None:
     """Train all groups of MANIFEST locally, one DeepSpeed job per group (ranks from the manifest), each on its own
     GPUs (or share of the cores)."""
     from training.report import final_eval
@@ -336,15 +339,16 @@ def train(manifest: str, sets: tuple[str, ...], run_dir: str | None, resume: boo
         from codistill.config import load_experiment
         from codistill.run import launch_plan
 
-        placement, commands = launch_plan(load_experiment(manifest, sets), manifest, sets, resume)
+        placement, commands = launch_plan(load_experiment(manifest, sets), manifest, sets, resume,
+                                          groups=list(groups) or None)
         click.echo(placement.summary)
         env = [f"{name}={os.environ.get(name, value)}" for name, value in placement.env.items()]
         for command in commands:
             click.echo(f"group {command.group}: {shlex.join(env + command.argv)}")
         return
-    config, dataset = _train(manifest, sets, resume, overwrite)
+    config, dataset = _train(manifest, sets, resume, overwrite, list(groups) or None)
     workload = workload_for(dataset.dataset)
-    for group in config.trained_groups:
+    for group in groups or config.trained_groups:
         m = final_eval(config.run_dir, group)
         click.echo(f"group {group}: step {m['step']} eval {workload.describe(m)}")
 

@@ -38,7 +38,8 @@ def test_groups_get_disjoint_gpu_slices(groups, ranks):
     assert all(len(s) == ranks for s in slots.values())
     used = [gpu for s in slots.values() for gpu in s]
     assert len(set(used)) == len(used) == groups * ranks  # no GPU shared by two groups
-    assert placement.summary.startswith(f"placement: {groups} groups x {ranks} ranks on {groups * ranks} of 8 GPUs")
+    assert placement.summary.startswith(f"placement: {groups} group{'s' if groups > 1 else ''} x {ranks} ranks on "
+                                        f"{groups * ranks} of 8 GPUs")
     assert all(f"group {g} on GPU{'s' if ranks > 1 else ''} {','.join(map(str, s))}" in placement.summary
                for g, s in slots.items())
     assert ("idle" in placement.summary) == (groups * ranks < 8)

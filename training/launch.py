@@ -31,6 +31,7 @@ from typing import Iterator
 
 import torch
 
+from codistill import storage
 from codistill.rundir import RunDir
 from codistill.storage import write_atomically
 
@@ -92,6 +93,10 @@ def visible_accelerators() -> list[int]:
                              "indices, not UUIDs)") from None
 
 
+def _groups(groups: list[int]) -> str:
+    return f"{len(groups)} group{'' if len(groups) == 1 else 's'}"
+
+
 def place_groups(groups: list[int], ranks: int, accelerators: list[int], cores: int) -> Placement:
     """Each group on its own `ranks` of `accelerators` (in order); with none, on CPU, every rank of every group
     with an equal share of the `cores` (oversubscribed OpenMP threads spin-wait on each other and make every
@@ -99,7 +104,7 @@ def place_groups(groups: list[int], ranks: int, accelerators: list[int], cores: 
     if not accelerators:
         threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, cores // (len(groups) * ranks)))
         return Placement({g: () for g in groups}, ranks, {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": threads},
-                         f"placement: {len(groups)} groups x {ranks} ranks on CPU ({cores} cores): "
+                         f"placement: {_groups(groups)} x {ranks} ranks on CPU ({cores} cores): "
                          f"{threads} thread{'' if threads == '1' else 's'} per rank")
     need = len(groups) * ranks
     if need > len(accelerators):
@@ -108,7 +113,7 @@ def place_groups(groups: list[int], ranks: int, accelerators: list[int], cores: 
                              "deepspeed.ranks_per_group, or train fewer groups here (train.groups)")
     devices = {g: tuple(accelerators[i * ranks:(i + 1) * ranks]) for i, g in enumerate(groups)}
     idle = len(accelerators) - need
-    return Placement(devices, ranks, {}, f"placement: {len(groups)} groups x {ranks} ranks on {need} of "
+    return Placement(devices, ranks, {}, f"placement: {_groups(groups)} x {ranks} ranks on {need} of "
                      f"{len(accelerators)} GPUs" + (f" ({idle} idle)" if idle else "") + ": " + "; ".join(
                          f"group {g} on GPU{'s' if ranks > 1 else ''} {','.join(map(str, d))}"
                          for g, d in devices.items()))
@@ -325,6 +330,29 @@ def read_run_nonce(run_dir: str | Path) -> str:
         nonce = None
     if not isinstance(nonce, str) or not nonce:
         raise ValueError(f"{path}: not a run file (expected {{\"run_nonce\": \"...\"}}), got {text[:80]!r}")
+    return nonce
+
+
+def join_store_run(store: str, run_id: str, config_sha256: str) -> str:
+    """The nonce of the run `<store>/<run_id>/run.json` records, written by whichever group of the run starts
+    first (an exclusive create): groups started apart (`codistill train --group G` on several machines) agree
+    on their run through the store they share, no nonce kept by hand. A record of another configuration there
+    is another run's, refused."""
+    url = f"{store.rstrip('/')}/{run_id}/{RunDir.RUN_FILE}"
+    write_atomically(url, json.dumps({"run_nonce": uuid.uuid4().hex, "config_sha256": config_sha256}) + "\n",
+                     replace=False)
+    with storage.open(url, "rb") as f:
+        text = f.read(4096)
+    try:
+        record = json.loads(text)
+        nonce, theirs = record["run_nonce"], record["config_sha256"]
+    except (ValueError, KeyError, TypeError):
+        raise ValueError(f"{url}: not a run record (expected {{\"run_nonce\": ..., \"config_sha256\": ...}}), "
+                         f"got {text[:80]!r}") from None
+    if theirs != config_sha256:
+        raise ValueError(f"{url}: the store holds run {run_id!r} of another configuration (config sha256 "
+                         f"{str(theirs)[:12]}..., this one's {config_sha256[:12]}...): give this run another name "
+                         "(the last part of train.run_dir) or another train.store")
     return nonce
 
 
