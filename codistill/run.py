@@ -27,11 +27,11 @@ class RunError(Exception):
 
 def train(manifest: str, sets: list[str], resume: bool, overwrite: bool = False, echo: Callable[[str], None] = print,
           progress: Callable[[str], None] | None = None,
-          groups: list[int] | None = None) -> tuple[ExperimentConfig, DatasetManifest]:
-    """Start every group of a run (one deepspeed launch each), or only `groups` (the others started apart, e.g.
-    on other machines, sharing the store), and wait for them; returns the config and dataset. `echo` takes what
-    is said on the way (building the dataset first, where the groups go); `progress` the pipeline's progress
-    lines."""
+          groups: list[int] | None = None, hostfile: str | None = None) -> tuple[ExperimentConfig, DatasetManifest]:
+    """Start every group of a run (one deepspeed launch each, here or on the slots of `hostfile`), or only
+    `groups` (the others started apart, e.g. on other machines, sharing the store), and wait for them; returns
+    the config and dataset. `echo` takes what is said on the way (building the dataset first, where the groups
+    go); `progress` the pipeline's progress lines."""
     from training.launch import GroupCommand, GroupFailed, RunLocked, join_store_run, locked_run_dir
     from training.launch import read_run_nonce, run_groups
     from training.workloads import workload_for
@@ -48,7 +48,7 @@ def train(manifest: str, sets: list[str], resume: bool, overwrite: bool = False,
         workload_for(dataset.dataset).check_dataset(config, dataset)  # refused here, not in every rank after launch
     except DatasetError as e:
         raise RunError(str(e)) from None
-    placement, commands = launch_plan(config, manifest, sets, resume, groups=groups)
+    placement, commands = launch_plan(config, manifest, sets, resume, groups=groups, hostfile=hostfile)
     echo(placement.summary)
     try:
         with contextlib.ExitStack() as held:  # held until every group has ended
@@ -91,19 +91,21 @@ def _refuse_started_groups(config: ExperimentConfig, groups: list[int]) -> None:
 
 
 def launch_plan(config: ExperimentConfig, manifest: str, sets: list[str], resume: bool, accelerators=None,
-                groups: list[int] | None = None):
-    """(where the groups go on this host, every group's deepspeed command); `accelerators`: the GPU ids to place
-    them on (default: those visible here); `groups`: these only (default: every group the run trains)."""
-    from training.launch import PlacementError, group_commands, place_groups, visible_accelerators
+                groups: list[int] | None = None, hostfile: str | None = None):
+    """(where the groups go, every group's deepspeed command): on the slots of `hostfile`, or on this host's
+    `accelerators` (default: the GPUs visible here) or its cores; `groups`: these only (default: every group
+    the run trains)."""
+    from training.launch import PlacementError, group_commands, place_groups, place_on_hosts, visible_accelerators
 
+    chosen = list(groups or config.trained_groups)
+    ranks = config.deepspeed.ranks_per_group
     try:
-        placement = place_groups(list(groups or config.trained_groups), config.deepspeed.ranks_per_group,
-                                 visible_accelerators() if accelerators is None else accelerators,
-                                 os.cpu_count() or 1)
+        placement = (place_on_hosts(chosen, ranks, hostfile) if hostfile else
+                     place_groups(chosen, ranks, visible_accelerators() if accelerators is None else accelerators,
+                                  os.cpu_count() or 1))
     except PlacementError as e:
         raise RunError(str(e)) from None
-    return placement, group_commands(resolve_manifest(manifest), list(placement.devices), placement.ranks_per_group,
-                                     sets, resume, placement.devices)
+    return placement, group_commands(resolve_manifest(manifest), chosen, ranks, sets, resume, placement)
 
 
 def dataset_for(config: ExperimentConfig, echo: Callable[[str], None] = print,

@@ -54,8 +54,8 @@ def test_the_slices_are_of_the_gpus_this_process_may_use():
 
 def test_more_ranks_than_gpus_is_refused_with_what_to_change():
     config = load_experiment("criteo-tiny", ["data.groups=4", "deepspeed.ranks_per_group=4"])
-    with pytest.raises(RunError, match=r"4 groups x 4 ranks_per_group need 16 GPUs, this host has 8 visible "
-                                       r"\(0,1,2,3,4,5,6,7\): lower deepspeed.ranks_per_group"):
+    with pytest.raises(RunError, match=r"4 groups x 4 ranks_per_group need 16 GPUs, this host \(8 visible: "
+                                       r"0,1,2,3,4,5,6,7\) has 8: lower deepspeed.ranks_per_group"):
         launch_plan(config, "criteo-tiny", [], False, accelerators=EIGHT_GPUS)
 
 
@@ -94,3 +94,39 @@ def test_a_tokenizer_changed_since_preprocessing_is_refused_before_any_rank_star
     assert result.exit_code == 1
     assert "the dataset was tokenized with sentencepiece model sha256" in result.output
     assert "placement:" not in result.output and not (tmp_path / "run").exists()
+
+
+HOSTFILE = "node1 slots=4\nnode2 slots=4\n"
+
+
+@pytest.mark.parametrize("groups, ranks", [(2, 4), (4, 2), (1, 8), (2, 3)])
+def test_one_hostfile_is_split_into_one_deepspeed_job_per_group(tmp_path, groups, ranks):
+    """`codistill train M --hostfile H`: each group's job gets its own slots of H's hosts, read back by
+    DeepSpeed's own hostfile and --include parsing (a group may span hosts)."""
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text(HOSTFILE)
+    config = load_experiment("criteo-tiny", [f"data.groups={groups}", f"deepspeed.ranks_per_group={ranks}"])
+    placement, commands = launch_plan(config, "criteo-tiny", [], False, hostfile=str(hostfile))
+    used = []
+    for command in commands:
+        args = ds_runner.parse_args(command.argv[command.argv.index("deepspeed.launcher.runner") + 1:])
+        assert args.hostfile == str(hostfile) and args.num_nodes < 0 and args.num_gpus < 0
+        active = ds_runner.parse_inclusion_exclusion(ds_runner.fetch_hostfile(args.hostfile), args.include,
+                                                     args.exclude)
+        slots = [(host, slot) for host, ids in active.items() for slot in ids]
+        assert len(slots) == ranks
+        used += slots
+    assert len(set(used)) == len(used) == groups * ranks
+    assert f"on the hosts of {hostfile}" in placement.summary
+
+
+def test_a_hostfile_too_small_for_the_run_is_refused(tmp_path):
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text(HOSTFILE)
+    config = load_experiment("criteo-tiny", ["data.groups=2", "deepspeed.ranks_per_group=8"])
+    with pytest.raises(RunError, match=r"2 groups x 8 ranks_per_group need 16 GPUs, .*hostfile \(8 slots on 2 "
+                                       r"hosts\) has 8"):
+        launch_plan(config, "criteo-tiny", [], False, hostfile=str(hostfile))
+    (tmp_path / "empty").write_text("# nothing\n")
+    with pytest.raises(RunError, match="Hostfile is empty or not formatted correctly"):
+        launch_plan(config, "criteo-tiny", [], False, hostfile=str(tmp_path / "empty"))

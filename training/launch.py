@@ -62,13 +62,14 @@ class GroupCommand:
 
 @dataclass(frozen=True)
 class Placement:
-    """Where each group of a run goes on this host: a disjoint slice of the accelerators, or on CPU a share of
-    the cores."""
+    """Where each group of a run goes: a disjoint slice of this host's accelerators, or of a hostfile's slots,
+    or on CPU a share of this host's cores."""
 
-    devices: dict[int, tuple[int, ...]]  # group -> accelerator ids (DeepSpeed's `--include localhost:<ids>`)
+    slots: dict[int, dict[str, list[int]]]  # group -> {host: slot (GPU) ids}, DeepSpeed's --include; {} on CPU
     ranks_per_group: int
     env: dict[str, str]  # what every group's process starts with beyond this process's environment
     summary: str  # what was chosen, in one line
+    hostfile: str | None = None  # DeepSpeed's --hostfile the slots are of (None: this host)
 
 
 def free_port() -> int:
@@ -97,38 +98,71 @@ def _groups(groups: list[int]) -> str:
     return f"{len(groups)} group{'' if len(groups) == 1 else 's'}"
 
 
+def _include(slots: dict[str, list[int]]) -> str:
+    return "@".join(f"{host}:{','.join(map(str, ids))}" for host, ids in slots.items())
+
+
+def _split(groups: list[int], ranks: int, slots: list[tuple[str, int]], what: str) -> dict[int, dict[str, list[int]]]:
+    """Consecutive `ranks` of `slots` ((host, id) in order) for each group; more than there are is refused."""
+    need = len(groups) * ranks
+    if need > len(slots):
+        raise PlacementError(f"{len(groups)} groups x {ranks} ranks_per_group need {need} GPUs, {what} has "
+                             f"{len(slots)}: lower deepspeed.ranks_per_group, or train fewer groups here "
+                             "(train.groups, or --group on each machine)")
+    placed = {}
+    for i, group in enumerate(groups):
+        placed[group] = {}
+        for host, slot in slots[i * ranks:(i + 1) * ranks]:
+            placed[group].setdefault(host, []).append(slot)
+    return placed
+
+
 def place_groups(groups: list[int], ranks: int, accelerators: list[int], cores: int) -> Placement:
     """Each group on its own `ranks` of `accelerators` (in order); with none, on CPU, every rank of every group
     with an equal share of the `cores` (oversubscribed OpenMP threads spin-wait on each other and make every
     step ~30x slower)."""
     if not accelerators:
         threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, cores // (len(groups) * ranks)))
-        return Placement({g: () for g in groups}, ranks, {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": threads},
+        return Placement({}, ranks, {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": threads},
                          f"placement: {_groups(groups)} x {ranks} ranks on CPU ({cores} cores): "
                          f"{threads} thread{'' if threads == '1' else 's'} per rank")
-    need = len(groups) * ranks
-    if need > len(accelerators):
-        raise PlacementError(f"{len(groups)} groups x {ranks} ranks_per_group need {need} GPUs, this host has "
-                             f"{len(accelerators)} visible ({','.join(map(str, accelerators))}): lower "
-                             "deepspeed.ranks_per_group, or train fewer groups here (train.groups)")
-    devices = {g: tuple(accelerators[i * ranks:(i + 1) * ranks]) for i, g in enumerate(groups)}
-    idle = len(accelerators) - need
-    return Placement(devices, ranks, {}, f"placement: {_groups(groups)} x {ranks} ranks on {need} of "
+    visible = f"this host ({len(accelerators)} visible: {','.join(map(str, accelerators))})"
+    slots = _split(groups, ranks, [("localhost", a) for a in accelerators], visible)
+    idle = len(accelerators) - len(groups) * ranks
+    return Placement(slots, ranks, {}, f"placement: {_groups(groups)} x {ranks} ranks on {len(groups) * ranks} of "
                      f"{len(accelerators)} GPUs" + (f" ({idle} idle)" if idle else "") + ": " + "; ".join(
-                         f"group {g} on GPU{'s' if ranks > 1 else ''} {','.join(map(str, d))}"
-                         for g, d in devices.items()))
+                         f"group {g} on GPU{'s' if ranks > 1 else ''} {','.join(map(str, s['localhost']))}"
+                         for g, s in slots.items()))
+
+
+def place_on_hosts(groups: list[int], ranks: int, hostfile: str) -> Placement:
+    """Each group on its own `ranks` of a DeepSpeed hostfile's slots (`host slots=N` lines), in order: one
+    hostfile for the whole run, one DeepSpeed job per group."""
+    from deepspeed.launcher.runner import fetch_hostfile
+
+    if not os.path.isfile(hostfile):
+        raise PlacementError(f"--hostfile {hostfile}: no such file")
+    try:
+        hosts = fetch_hostfile(hostfile)
+    except ValueError as e:
+        raise PlacementError(f"--hostfile {hostfile}: {e}") from None
+    if not hosts:
+        raise PlacementError(f"--hostfile {hostfile}: no hosts (lines `host slots=N`)")
+    slots = _split(groups, ranks, [(h, i) for h, n in hosts.items() for i in range(n)],
+                   f"{hostfile} ({sum(hosts.values())} slots on {len(hosts)} hosts)")
+    return Placement(slots, ranks, {}, f"placement: {_groups(groups)} x {ranks} ranks on the hosts of {hostfile}: "
+                     + "; ".join(f"group {g} on {_include(s)}" for g, s in slots.items()), hostfile)
 
 
 def group_commands(manifest: str, groups: list[int], ranks: int, sets: list[str], resume: bool,
-                   devices: dict[int, tuple[int, ...]] | None = None) -> list[GroupCommand]:
-    """Each group's deepspeed launch on this host: on its `devices` (`Placement.devices`), or (none given, or
-    on CPU) `ranks` processes."""
+                   placement: Placement | None = None) -> list[GroupCommand]:
+    """Each group's deepspeed launch: on its slots of `placement`, or (none, or on CPU) `ranks` processes here."""
     commands = []
     for group in groups:
+        slots = placement.slots.get(group) if placement else None
         # `--include` and `--num_gpus` exclude each other; without `--include` every group gets GPUs 0..R-1.
-        slots = (devices or {}).get(group)
-        where = (["--include", f"localhost:{','.join(map(str, slots))}"] if slots else
-                 ["--num_nodes", "1", "--num_gpus", str(ranks)])
+        where = ((["--hostfile", placement.hostfile] if placement.hostfile else []) + ["--include", _include(slots)]
+                 if slots else ["--num_nodes", "1", "--num_gpus", str(ranks)])
         argv = [sys.executable, "-m", "deepspeed.launcher.runner", *where, "--master_port", str(free_port()),
                 "--module", "training.train", "--manifest", manifest, "--group", str(group)]
         for assignment in sets:
