@@ -130,3 +130,14 @@ def test_a_hostfile_too_small_for_the_run_is_refused(tmp_path):
     (tmp_path / "empty").write_text("# nothing\n")
     with pytest.raises(RunError, match="Hostfile is empty or not formatted correctly"):
         launch_plan(config, "criteo-tiny", [], False, hostfile=str(tmp_path / "empty"))
+
+
+def test_train_hostfile_dry_run_prints_a_job_per_group(tmp_path, monkeypatch):
+    (tmp_path / "hostfile").write_text(HOSTFILE)
+    monkeypatch.chdir(tmp_path)  # the README's command, with its relative hostfile
+    result = CliRunner().invoke(main, ["train", str(REPO / "manifests/criteo.yaml"), "--hostfile", "hostfile",
+                                       "--dry-run"])
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0] == "placement: 2 groups x 1 ranks on the hosts of hostfile: group 0 on node1:0; group 1 on node1:1"
+    assert ["--hostfile hostfile --include node1:0" in lines[1], "--include node1:1" in lines[2]] == [True, True]
