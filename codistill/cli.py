@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import logging
+import os
+import shlex
 import sys
 import types
 import typing
@@ -15,6 +18,7 @@ from codistill.config import (REPO_MANIFESTS, ConfigError, parse_experiment, rea
                               set_field)
 from codistill.datasets import DATASETS, DatasetSpec, Flag
 from codistill.dataset import DatasetError
+from codistill.extras import missing_extra
 from codistill.rundir import RunDir
 from codistill.run import RunError
 from pipelines.textfiles import InputReadError
@@ -33,6 +37,11 @@ def _fail_cleanly(func):
             return func(*args, **kwargs)
         except USER_ERRORS as e:
             raise click.ClickException(str(e)) from None
+        except ImportError as e:  # an optional dependency (gs:// without gcsfs...): the extra that installs it
+            message = missing_extra(e)
+            if message is None:
+                raise
+            raise click.ClickException(message) from None
 
     return wrapper
 
@@ -115,11 +124,35 @@ def _synth_command(spec: DatasetSpec) -> click.Command:
 main.add_command(DatasetCommands(_synth_command, name="synth", help="Generate raw data sets in the real formats."))
 
 
+class InputOption(click.Option):
+    """`--input`: one glob, URL or folder (several comma-separated). The words after its value up to the next
+    option are its values too (these commands take no arguments): more than one is a glob the shell expanded,
+    refused with the fix, where click would pass the rest on as stray arguments (to Beam)."""
+
+    def add_to_parser(self, parser, ctx: click.Context) -> None:
+        super().add_to_parser(parser, ctx)
+        parsed = parser._long_opt[self.opts[0]]  # click's parser has no public hook for an option's values
+        store = parsed.process
+
+        def process(value: str, state) -> None:
+            more = []
+            while state.rargs and not state.rargs[0].startswith("-"):
+                more.append(state.rargs.pop(0))
+            if more:
+                raise click.BadParameter(
+                    f"got {1 + len(more)} paths ({value!r}, {more[0]!r}, ...): the shell expanded a glob; quote it "
+                    "(--input 'dir/*.gz'), or join several inputs with commas", ctx=ctx, param=self)
+            store(value, state)
+
+        for name in self.opts:
+            parser._long_opt[name].process = process
+
+
 def _common_preprocess_options() -> list[click.Option]:
     """The options every `preprocess <dataset>` command has (each dataset adds its spec's flags)."""
     return [
         click.Option(["-m", "--manifest"], help="Experiment manifest (path or name in manifests/); flags override it."),
-        click.Option(["--input", "input_glob"], help="Raw input: glob, URL or folder (comma-separated for several)."),
+        InputOption(["--input", "input_glob"], help="Raw input: glob, URL or folder (comma-separated for several)."),
         click.Option(["--output"], help="Dataset directory (local path or fsspec URL)."),
         click.Option(["--groups"], type=int),
         click.Option(["--eval-fraction"], type=float),
@@ -128,16 +161,18 @@ def _common_preprocess_options() -> list[click.Option]:
                      "--dask_client_address HOST:PORT), DataflowRunner, FlinkRunner."),
         click.Option(["--set", "sets"], multiple=True, metavar="KEY=VALUE", help="Override a manifest field."),
         click.Option(["--overwrite"], is_flag=True, help="Replace an existing output directory."),
+        click.Option(["--dry-run"], is_flag=True, help="Print the dataset's input and output and the Beam pipeline "
+                     "options as JSON, and stop (nothing is read, written or checked to be installed)."),
     ]
 
 
 def _preprocess_command(spec: DatasetSpec) -> click.Command:
     @click.pass_context
     @_fail_cleanly
-    def run(ctx, manifest, input_glob, output, groups, eval_fraction, fmt, runner, sets, overwrite, resume=False,
-            **values) -> None:
+    def run(ctx, manifest, input_glob, output, groups, eval_fraction, fmt, runner, sets, overwrite, dry_run,
+            resume=False, **values) -> None:
+        from pipelines.run import pipeline_options, summarize_dataset
         from pipelines.run import preprocess as run_preprocess
-        from pipelines.run import summarize_dataset
 
         flags = {"data.output": output, "data.groups": groups, "data.eval_fraction": eval_fraction,
                  "data.format": fmt, **{f"data.{spec.name}.{k}": v for k, v in values.items()}}
@@ -145,6 +180,13 @@ def _preprocess_command(spec: DatasetSpec) -> click.Command:
             config = parse_experiment(_raw_manifest(spec.name, manifest, input_glob, flags), sets)
         except ConfigError as e:
             raise _flag_error(e, f"data.{spec.name}", spec.flags, values) from None
+        if dry_run:
+            options = pipeline_options(_beam_args(ctx, runner), check_installed=False)
+            click.echo(json.dumps({"dataset": spec.name, "input": config.data.input, "output": config.data.output,
+                                   "pipeline_options": options.get_all_options(drop_default=True,
+                                                                               retain_unknown_options=True)},
+                                  indent=1))
+            return
         result = run_preprocess(config, _beam_args(ctx, runner), overwrite=overwrite, resume=resume,
                                 show_progress=_echo_progress)
         click.echo(summarize_dataset(result, config.data.output))
@@ -183,11 +225,21 @@ def _raw_manifest(dataset: str, manifest: str | None, input_glob: str | None, fl
 
 
 def _beam_args(ctx, runner: str | None) -> list[str]:
-    stray = [a for a in ctx.args if not a.startswith("-")]
-    if stray:
-        raise click.UsageError(f"unexpected argument {stray[0]!r}: quote a glob given to --input "
-                               "(--input 'dir/*.txt') so the shell does not expand it")
+    """The options this command does not know, for Beam to parse (`pipelines.run.pipeline_options`)."""
     return (["--runner", runner] if runner else []) + list(ctx.args)
+
+
+@main.command("worker-requirements")
+@click.argument("dataset", type=click.Choice(sorted(DATASETS)))
+@click.option("--extra", "extras", multiple=True, help="Add an extra's requirements, e.g. gcs for gs:// URLs.")
+@click.option("--out", type=click.File("w"), default="-", help="Write here instead of stdout.")
+@_fail_cleanly
+def worker_requirements(dataset: str, extras: tuple[str, ...], out) -> None:
+    """Pinned pip requirements of DATASET's pipeline on remote Beam workers (a Dataflow --requirements_file),
+    read from what its code imports; Beam itself comes with the workers' SDK container."""
+    from pipelines.requirements import worker_requirements as requirements
+
+    out.write("".join(f"{line}\n" for line in requirements(dataset, extras)))
 
 
 def _echo_progress(line: str) -> None:
@@ -200,7 +252,8 @@ def tokenizer() -> None:
 
 
 @tokenizer.command("train", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-@click.option("--input", "input_glob", required=True, help="WET/WARC files: glob or URL, comma-separated.")
+@click.option("--input", "input_glob", cls=InputOption, required=True,
+              help="WET/WARC files: glob or URL, comma-separated.")
 @click.option("--out", required=True, help="Model URL (any fsspec URL); the sidecar goes to <out>.json.")
 @click.option("--vocab-size", type=click.IntRange(min=300), required=True)
 @click.option("--type", "model_type", type=click.Choice(["unigram", "bpe"]), default="unigram", show_default=True)
@@ -248,11 +301,13 @@ def verify(directory: str, manifest: str | None) -> None:
                f"no key in two places")
 
 
-def _train(manifest: str, sets: list[str], resume: bool, overwrite: bool = False):
+def _train(manifest: str, sets: list[str], resume: bool, overwrite: bool = False, groups: list[int] | None = None,
+           hostfile: str | None = None):
     """`codistill.run.train`, saying what it does on the console."""
     from codistill.run import train
 
-    return train(manifest, sets, resume, overwrite, echo=click.echo, progress=_echo_progress)
+    return train(manifest, sets, resume, overwrite, echo=click.echo, progress=_echo_progress, groups=groups,
+                 hostfile=hostfile)
 
 
 def _dataset_for(config):
@@ -268,16 +323,36 @@ def _dataset_for(config):
 @click.option("--run-dir", help="Where checkpoints, metrics and predictions go (default runs/<name>).")
 @click.option("--resume", is_flag=True, help="Continue every group from its latest checkpoint.")
 @click.option("--overwrite", is_flag=True, help="Delete an earlier run in the run directory and its snapshots first.")
+@click.option("--group", "groups", type=int, multiple=True, help="Train only this group (repeatable); the others "
+              "are started apart (other machines, a SLURM array, Kubernetes Jobs) with the same manifest and "
+              "train.store, and join this run through the store.")
+@click.option("--hostfile", help="DeepSpeed hostfile (`host slots=N` lines) for the whole run: each group gets its "
+              "own slots, one DeepSpeed job per group (run_dir on a file system every host reaches).")
+@click.option("--dry-run", is_flag=True, help="Say where the groups go and print every group's launch command; "
+              "start nothing.")
 @_fail_cleanly
-def train(manifest: str, sets: tuple[str, ...], run_dir: str | None, resume: bool, overwrite: bool) -> None:
-    """Train all groups of MANIFEST locally, one DeepSpeed job per group (ranks from the manifest)."""
+def train(manifest: str, sets: tuple[str, ...], run_dir: str | None, resume: bool, overwrite: bool,
+          groups: tuple[int, ...], hostfile: str | None, dry_run: bool) -> None:
+    """Train all groups of MANIFEST locally, one DeepSpeed job per group (ranks from the manifest), each on its own
+    GPUs (or share of the cores)."""
     from training.report import final_eval
     from training.workloads import workload_for
 
     sets = list(sets) + ([f"train.run_dir={run_dir}"] if run_dir else [])
-    config, dataset = _train(manifest, sets, resume, overwrite)
+    if dry_run:
+        from codistill.config import load_experiment
+        from codistill.run import launch_plan
+
+        placement, commands = launch_plan(load_experiment(manifest, sets), manifest, sets, resume,
+                                          groups=list(groups) or None, hostfile=hostfile)
+        click.echo(placement.summary)
+        env = [f"{name}={os.environ.get(name, value)}" for name, value in placement.env.items()]
+        for command in commands:
+            click.echo(f"group {command.group}: {shlex.join(env + command.argv)}")
+        return
+    config, dataset = _train(manifest, sets, resume, overwrite, list(groups) or None, hostfile)
     workload = workload_for(dataset.dataset)
-    for group in config.trained_groups:
+    for group in groups or config.trained_groups:
         m = final_eval(config.run_dir, group)
         click.echo(f"group {group}: step {m['step']} eval {workload.describe(m)}")
 

@@ -6,13 +6,18 @@ Every refusal is a `RunError` whose message says what to do; the CLI prints it a
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
+import json
+import os
 import shutil
 from collections.abc import Callable
 
 from codistill import storage
 from codistill.config import ExperimentConfig, load_experiment, resolve_manifest
 from codistill.dataset import DatasetError, DatasetManifest, load_manifest
+from codistill.fields import to_dict
 from codistill.rundir import RunDir
 
 
@@ -21,25 +26,86 @@ class RunError(Exception):
 
 
 def train(manifest: str, sets: list[str], resume: bool, overwrite: bool = False, echo: Callable[[str], None] = print,
-          progress: Callable[[str], None] | None = None) -> tuple[ExperimentConfig, DatasetManifest]:
-    """Start every group of a run (one deepspeed launch each) and wait for them; returns the config and dataset.
-    `echo` takes what is said on the way (building the dataset first); `progress` the pipeline's progress lines."""
-    from training.launch import GroupFailed, RunLocked, group_commands, locked_run_dir, read_run_nonce, run_groups
+          progress: Callable[[str], None] | None = None,
+          groups: list[int] | None = None, hostfile: str | None = None) -> tuple[ExperimentConfig, DatasetManifest]:
+    """Start every group of a run (one deepspeed launch each, here or on the slots of `hostfile`), or only
+    `groups` (the others started apart, e.g. on other machines, sharing the store), and wait for them; returns
+    the config and dataset. `echo` takes what is said on the way (building the dataset first, where the groups
+    go); `progress` the pipeline's progress lines."""
+    from training.launch import GroupCommand, GroupFailed, RunLocked, join_store_run, locked_run_dir
+    from training.launch import read_run_nonce, run_groups
+    from training.workloads import workload_for
 
     config = load_experiment(manifest, sets)
+    if groups and not set(groups) <= set(config.trained_groups):
+        raise RunError(f"--group {','.join(map(str, groups))}: this run trains groups {list(config.trained_groups)}")
+    if groups and overwrite:
+        raise RunError(f"--overwrite with --group: the other groups share the run; to start it over, delete "
+                       f"{config.store}/{config.run_id} and each group's {config.run_dir}/group-<g>")
     storage.configure(config.storage)
     dataset = dataset_for(config, echo, progress)
     try:
-        with locked_run_dir(config.run_dir):  # held until every group has ended
-            if not resume:
-                start_afresh(config, overwrite)
-            read_run_nonce(config.run_dir)  # drawn here for a new run, kept on --resume; each group reads it
-            commands = group_commands(resolve_manifest(manifest), list(config.trained_groups),
-                                      config.deepspeed.ranks_per_group, sets, resume)
-            run_groups(commands, config.deepspeed.ranks_per_group)
+        workload_for(dataset.dataset).check_dataset(config, dataset)  # refused here, not in every rank after launch
+    except DatasetError as e:
+        raise RunError(str(e)) from None
+    placement, commands = launch_plan(config, manifest, sets, resume, groups=groups, hostfile=hostfile)
+    echo(placement.summary)
+    try:
+        with contextlib.ExitStack() as held:  # held until every group has ended
+            if groups:  # one lock per group: groups of one run may share the run directory
+                for group in groups:
+                    held.enter_context(locked_run_dir(RunDir(config.run_dir).group(group).path))
+                nonce = join_store_run(config.store, config.run_id, run_fingerprint(config))
+                if not resume:
+                    _refuse_started_groups(config, groups)
+                commands = [GroupCommand(c.group, [*c.argv, "--run-nonce", nonce]) for c in commands]
+            else:
+                held.enter_context(locked_run_dir(config.run_dir))
+                if not resume:
+                    start_afresh(config, overwrite)
+                read_run_nonce(config.run_dir)  # drawn here for a new run, kept on --resume; each group reads it
+            run_groups(commands, placement.env)
     except (GroupFailed, RunLocked) as e:
         raise RunError(str(e)) from None
     return config, dataset
+
+
+def run_fingerprint(config: ExperimentConfig) -> str:
+    """What makes two group commands one run: the whole configuration less where this machine keeps things
+    (run directory, store, storage rules, data locations)."""
+    raw = to_dict(config)
+    raw.pop("storage", None)
+    raw["train"] = {k: v for k, v in raw["train"].items() if k not in ("run_dir", "store")}
+    raw["data"] = {k: v for k, v in raw["data"].items() if k not in ("input", "output")}
+    return hashlib.sha256(json.dumps(raw, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _refuse_started_groups(config: ExperimentConfig, groups: list[int]) -> None:
+    store_fs, store_root = storage.url_to_fs(config.store)
+    for group in groups:
+        here = RunDir(config.run_dir).group(group)
+        snapshots = f"{store_root.rstrip('/')}/{config.run_id}/group-{group}"
+        if here.metrics.exists() or store_fs.exists(snapshots):
+            raise RunError(f"group {group} of this run has started before ({here.path} or {config.store}/"
+                           f"{config.run_id}/group-{group}): continue it with --resume")
+
+
+def launch_plan(config: ExperimentConfig, manifest: str, sets: list[str], resume: bool, accelerators=None,
+                groups: list[int] | None = None, hostfile: str | None = None):
+    """(where the groups go, every group's deepspeed command): on the slots of `hostfile`, or on this host's
+    `accelerators` (default: the GPUs visible here) or its cores; `groups`: these only (default: every group
+    the run trains)."""
+    from training.launch import PlacementError, group_commands, place_groups, place_on_hosts, visible_accelerators
+
+    chosen = list(groups or config.trained_groups)
+    ranks = config.deepspeed.ranks_per_group
+    try:
+        placement = (place_on_hosts(chosen, ranks, hostfile) if hostfile else
+                     place_groups(chosen, ranks, visible_accelerators() if accelerators is None else accelerators,
+                                  os.cpu_count() or 1))
+    except PlacementError as e:
+        raise RunError(str(e)) from None
+    return placement, group_commands(resolve_manifest(manifest), chosen, ranks, sets, resume, placement)
 
 
 def dataset_for(config: ExperimentConfig, echo: Callable[[str], None] = print,
@@ -92,7 +158,7 @@ def start_afresh(config: ExperimentConfig, overwrite: bool) -> None:
                            "another train.run_dir")
         if store_fs.exists(old_snapshots):
             names = [p.rstrip("/").rsplit("/", 1)[-1] for p in store_fs.ls(old_snapshots, detail=False)]
-            foreign = _foreign_entries(names, RunDir.GROUP.fullmatch)
+            foreign = _foreign_entries(names, lambda n: RunDir.GROUP.fullmatch(n) or n == RunDir.RUN_FILE)
             if foreign:
                 raise RunError(f"{config.store}/{config.run_id} is not this run's snapshots (it holds "
                                f"{foreign}); remove it yourself or choose another train.store")

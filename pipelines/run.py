@@ -109,19 +109,43 @@ class OutputExistsError(FileExistsError):
     pass
 
 
-def pipeline_options(beam_args: list[str]) -> PipelineOptions:
+def pipeline_options(beam_args: list[str], check_installed: bool = True) -> PipelineOptions:
+    """Beam's options from `beam_args` as Beam parses them (`--name value` or `--name=value`), with the
+    runner resolved (`RUNNER_NAMES`, default `DEFAULT_RUNNER`) and, with `check_installed`, the Python
+    libraries it needs checked before anything runs (not for a dry run: the options are the same). An
+    argument that no option takes (a word after a boolean flag, a single-dash flag) is an error here, where
+    Beam would drop it with a warning."""
     runner = PipelineOptions(beam_args).view_as(StandardOptions).runner
     runner = RUNNER_NAMES.get(runner, runner or DEFAULT_RUNNER)
     if runner == DASK_RUNNER:
-        from apache_beam.runners.dask.dask_runner import DaskOptions  # noqa: F401  (registers the --dask_* flags)
-
+        try:
+            from apache_beam.runners.dask.dask_runner import DaskOptions  # noqa: F401  (registers the --dask_* flags)
+        except ImportError as e:
+            raise ImportError(f"{runner} needs dask.distributed") from e
         if not any(a.startswith(("--dask_npartitions", "--dask_partition_size")) for a in beam_args):
             # Each work item (an input range, a shard) is heavy: one per dask partition, so they spread
             # over the workers (Beam's default packs up to 128 into one partition).
             beam_args = [*beam_args, "--dask_partition_size=1"]
+    elif check_installed and runner.rsplit(".", 1)[-1].lower() in ("dataflowrunner", "testdataflowrunner"):
+        try:  # what Beam imports only once the job is submitted, after the pipeline was built
+            from apache_beam.runners.dataflow.internal import apiclient  # noqa: F401
+        except ImportError as e:
+            raise ImportError(f"{runner} needs Google Cloud's client libraries (apache-beam[gcp])") from e
     options = PipelineOptions(beam_args)
     options.view_as(StandardOptions).runner = runner
+    unused = _unused_args(options, beam_args)
+    if unused:
+        raise ValueError(f"unexpected argument {unused[0]!r}: no pipeline option takes it (Beam options are "
+                         "--name value or --name=value)")
     return options
+
+
+def _unused_args(options: PipelineOptions, beam_args: list[str]) -> list[str]:
+    """The arguments Beam's own parser leaves over (it keeps unknown `--name value` options for the runner)."""
+    parsers = []
+    options.get_all_options(retain_unknown_options=True, add_extra_args_fn=parsers.append)
+    _, unused = parsers[0].parse_known_args(beam_args)
+    return [a for a in unused if a != "--"]
 
 
 # What every dataset directory may hold (an interrupted run leaves some of it, without the manifest): with
@@ -185,6 +209,7 @@ def preprocess(config: ExperimentConfig, beam_args: list[str] = (), overwrite: b
     data = config.data
     storage.configure(config.storage)
     pipeline = dataset_pipeline(data.dataset)
+    options = pipeline_options(list(beam_args))  # a bad option or a missing library: before the output is touched
     prepare_output(data.output, overwrite, match_inputs(data.input) if data.input is not None else [], resume,
                    data.spec.entries)
     extra = {}
@@ -194,7 +219,7 @@ def preprocess(config: ExperimentConfig, beam_args: list[str] = (), overwrite: b
     logger.info("preprocessing %s into %s", source, data.output)
     try:
         with progress.ProgressMonitor(write=show_progress) if show_progress else contextlib.nullcontext():
-            with beam.Pipeline(options=pipeline_options(list(beam_args))) as p:
+            with beam.Pipeline(options=options) as p:
                 _ = p | data.dataset.capitalize() >> pipeline.transform(source, data, extra)
     except BaseException as e:
         _remove_pieces(data.output)  # a failed run (a full disk, say) must not leave a copy of the data behind

@@ -2,16 +2,27 @@
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import apache_beam as beam
+import dask.distributed as ddist
 import pytest
 from apache_beam.options.pipeline_options import StandardOptions
 from apache_beam.runners.dask.dask_runner import DaskOptions
 from apache_beam.testing.util import assert_that, equal_to
+from click.testing import CliRunner
 from conftest import RUNNER, dask_args, make_criteo_file, read_rejected, run_criteo, shard_bytes
 
+from codistill.cli import main
 from codistill.config import parse_experiment
+from codistill.dataset import load_manifest
 from codistill.verify import verify_dataset
 from pipelines.run import DASK_RUNNER, pipeline_options, preprocess
 from pipelines.synth_criteo import generate_criteo
@@ -93,3 +104,50 @@ def test_imagenet_on_dask_is_byte_identical_and_reports_every_file(cluster, tmp_
     assert files == sum(1 for p in (tmp_path / "raw").rglob("*") if p.is_file() and p.parent.name != "raw")
     assert lines[-1].startswith(f"progress: {files}/{files} input parts, "), lines
     assert " read (100%), " in lines[-1] and f", {files} rows, " in lines[-1], lines
+
+
+@pytest.fixture
+def scheduler_address(tmp_path) -> Iterator[str]:
+    """A cluster as the README starts one: `dask scheduler` and `dask worker` processes of their own, found
+    by address (127.0.0.1, a free port the scheduler picks and writes to its scheduler file)."""
+    dask_cli = str(Path(sys.executable).with_name("dask"))
+    file = tmp_path / "scheduler.json"
+    # Each in a process group of its own: `dask worker` runs its workers in child processes (nannies).
+    processes = [subprocess.Popen([dask_cli, "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
+                                   "--scheduler-file", str(file)], start_new_session=True,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    try:
+        deadline = time.monotonic() + 120
+        address = None
+        while address is None:  # the scheduler writes the file once it listens
+            assert processes[0].poll() is None and time.monotonic() < deadline, "dask scheduler did not start"
+            try:
+                address = json.loads(file.read_text())["address"]
+            except (FileNotFoundError, json.JSONDecodeError):
+                time.sleep(0.1)
+        processes.append(subprocess.Popen([dask_cli, "worker", address, "--nworkers", "2", "--nthreads", "1",
+                                           "--host", "127.0.0.1", "--no-dashboard"], start_new_session=True,
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        with ddist.Client(address) as client:
+            client.wait_for_workers(2, timeout=120)
+        yield address
+    finally:
+        for process in processes:
+            os.killpg(process.pid, signal.SIGTERM)
+        for process in processes:
+            process.wait(60)
+
+
+def test_readme_cluster_form_runs_on_a_scheduler_started_apart(scheduler_address, criteo_input, tmp_path):
+    """`--runner DaskRunner --dask_client_address tcp://HOST:PORT` (space-separated, as Beam's docs write it)
+    runs on the workers of a separately started scheduler (byte-identity to the in-process runner: above)."""
+    args = ["preprocess", "criteo", "--input", criteo_input, "--output", str(tmp_path / "dask"), "--groups", "2",
+            "--runner", "DaskRunner", "--dask_client_address", scheduler_address]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    with ddist.Client(scheduler_address) as client:
+        executed = client.run(lambda dask_worker: dask_worker.state.executed_count)
+    assert len(executed) == 2 and all(executed.values()), executed  # both workers did part of the work
+    built = load_manifest(str(tmp_path / "dask"))
+    assert (built.input_rows, sum(built.rejected.values())) == (3200, 2)
+    assert verify_dataset(str(tmp_path / "dask")).ok

@@ -122,7 +122,7 @@ def test_a_signal_to_the_launcher_stops_every_group(tmp_path, sig):
         from training.launch import GroupCommand, GroupFailed, run_groups
         commands = [GroupCommand(g, [sys.executable, '-c', {SLEEPER!r}, {str(pids)!r}]) for g in range(2)]
         try:
-            run_groups(commands, 1, poll_seconds=0.05)
+            run_groups(commands, {{}}, poll_seconds=0.05)
         except GroupFailed as e:
             print('GroupFailed:', e, flush=True)
             sys.exit(3)
@@ -152,7 +152,7 @@ def test_a_second_signal_while_stopping_does_not_cut_the_stop_short(tmp_path):
         import sys
         from training.launch import GroupCommand, GroupFailed, run_groups
         try:
-            run_groups([GroupCommand(0, [sys.executable, '-c', {stubborn!r}])], 1, poll_seconds=0.05)
+            run_groups([GroupCommand(0, [sys.executable, '-c', {stubborn!r}])], {{}}, poll_seconds=0.05)
         except GroupFailed as e:
             print('GroupFailed:', e, flush=True)
             sys.exit(3)
@@ -175,7 +175,7 @@ def test_a_second_signal_while_stopping_does_not_cut_the_stop_short(tmp_path):
 
 def test_run_groups_without_signals_still_returns_normally():
     out = io.StringIO()
-    run_groups([GroupCommand(0, [PY, "-c", "print('done')"])], 1, out=out, poll_seconds=0.05)
+    run_groups([GroupCommand(0, [PY, "-c", "print('done')"])], {}, out=out, poll_seconds=0.05)
     assert out.getvalue() == "[group 0] done\n"
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL, "run_groups must restore the signal handlers"
 

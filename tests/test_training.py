@@ -454,7 +454,7 @@ def test_run_groups_stops_everything_when_one_group_fails(tmp_path):
     out = io.StringIO()
     start = time.monotonic()
     with pytest.raises(GroupFailed, match=r"group 1 exited with code 3"):
-        run_groups([GroupCommand(0, [PY, "-c", sleeper]), GroupCommand(1, [PY, "-c", failing])], 1, out=out,
+        run_groups([GroupCommand(0, [PY, "-c", sleeper]), GroupCommand(1, [PY, "-c", failing])], {}, out=out,
                    poll_seconds=0.05)
     assert time.monotonic() - start < 10
     parent, child = (int(p) for p in pids.read_text().split())
@@ -472,7 +472,7 @@ def test_run_groups_stops_everything_when_one_group_fails(tmp_path):
 def test_run_groups_returns_when_all_groups_succeed():
     out = io.StringIO()
     commands = [GroupCommand(g, [PY, "-c", f"print('line one of {g}'); print('line two of {g}')"]) for g in range(3)]
-    run_groups(commands, 1, out=out, poll_seconds=0.05)
+    run_groups(commands, {}, out=out, poll_seconds=0.05)
     lines = sorted(out.getvalue().splitlines())
     assert lines == sorted(f"[group {g}] line {n} of {g}" for g in range(3) for n in ("one", "two"))
 

@@ -31,6 +31,7 @@ from typing import Iterator
 
 import torch
 
+from codistill import storage
 from codistill.rundir import RunDir
 from codistill.storage import write_atomically
 
@@ -49,10 +50,26 @@ class RunLocked(RuntimeError):
     pass
 
 
+class PlacementError(ValueError):
+    pass
+
+
 @dataclass(frozen=True)
 class GroupCommand:
     group: int
     argv: list[str]
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where each group of a run goes: a disjoint slice of this host's accelerators, or of a hostfile's slots,
+    or on CPU a share of this host's cores."""
+
+    slots: dict[int, dict[str, list[int]]]  # group -> {host: slot (GPU) ids}, DeepSpeed's --include; {} on CPU
+    ranks_per_group: int
+    env: dict[str, str]  # what every group's process starts with beyond this process's environment
+    summary: str  # what was chosen, in one line
+    hostfile: str | None = None  # DeepSpeed's --hostfile the slots are of (None: this host)
 
 
 def free_port() -> int:
@@ -61,12 +78,93 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def group_commands(manifest: str, groups: list[int], ranks: int, sets: list[str], resume: bool) -> list[GroupCommand]:
+def visible_accelerators() -> list[int]:
+    """The ids of the GPUs this process may use, as DeepSpeed's `--include` names them: CUDA_VISIBLE_DEVICES's
+    list when set (DeepSpeed drops the variable once `--include` is given), else 0..count-1."""
+    if not torch.cuda.is_available():
+        return []
+    count = torch.cuda.device_count()
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if not listed:
+        return list(range(count))
+    try:
+        return [int(i) for i in listed.split(",")][:count]
+    except ValueError:
+        raise PlacementError(f"CUDA_VISIBLE_DEVICES={listed}: give GPU indices (DeepSpeed's --include takes "
+                             "indices, not UUIDs)") from None
+
+
+def _groups(groups: list[int]) -> str:
+    return f"{len(groups)} group{'' if len(groups) == 1 else 's'}"
+
+
+def _include(slots: dict[str, list[int]]) -> str:
+    return "@".join(f"{host}:{','.join(map(str, ids))}" for host, ids in slots.items())
+
+
+def _split(groups: list[int], ranks: int, slots: list[tuple[str, int]], what: str) -> dict[int, dict[str, list[int]]]:
+    """Consecutive `ranks` of `slots` ((host, id) in order) for each group; more than there are is refused."""
+    need = len(groups) * ranks
+    if need > len(slots):
+        raise PlacementError(f"{len(groups)} groups x {ranks} ranks_per_group need {need} GPUs, {what} has "
+                             f"{len(slots)}: lower deepspeed.ranks_per_group, or train fewer groups here "
+                             "(train.groups, or --group on each machine)")
+    placed = {}
+    for i, group in enumerate(groups):
+        placed[group] = {}
+        for host, slot in slots[i * ranks:(i + 1) * ranks]:
+            placed[group].setdefault(host, []).append(slot)
+    return placed
+
+
+def place_groups(groups: list[int], ranks: int, accelerators: list[int], cores: int) -> Placement:
+    """Each group on its own `ranks` of `accelerators` (in order); with none, on CPU, every rank of every group
+    with an equal share of the `cores` (oversubscribed OpenMP threads spin-wait on each other and make every
+    step ~30x slower)."""
+    if not accelerators:
+        threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, cores // (len(groups) * ranks)))
+        return Placement({}, ranks, {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": threads},
+                         f"placement: {_groups(groups)} x {ranks} ranks on CPU ({cores} cores): "
+                         f"{threads} thread{'' if threads == '1' else 's'} per rank")
+    visible = f"this host ({len(accelerators)} visible: {','.join(map(str, accelerators))})"
+    slots = _split(groups, ranks, [("localhost", a) for a in accelerators], visible)
+    idle = len(accelerators) - len(groups) * ranks
+    return Placement(slots, ranks, {}, f"placement: {_groups(groups)} x {ranks} ranks on {len(groups) * ranks} of "
+                     f"{len(accelerators)} GPUs" + (f" ({idle} idle)" if idle else "") + ": " + "; ".join(
+                         f"group {g} on GPU{'s' if ranks > 1 else ''} {','.join(map(str, s['localhost']))}"
+                         for g, s in slots.items()))
+
+
+def place_on_hosts(groups: list[int], ranks: int, hostfile: str) -> Placement:
+    """Each group on its own `ranks` of a DeepSpeed hostfile's slots (`host slots=N` lines), in order: one
+    hostfile for the whole run, one DeepSpeed job per group."""
+    from deepspeed.launcher.runner import fetch_hostfile
+
+    if not os.path.isfile(hostfile):
+        raise PlacementError(f"--hostfile {hostfile}: no such file")
+    try:
+        hosts = fetch_hostfile(hostfile)
+    except ValueError as e:
+        raise PlacementError(f"--hostfile {hostfile}: {e}") from None
+    if not hosts:
+        raise PlacementError(f"--hostfile {hostfile}: no hosts (lines `host slots=N`)")
+    slots = _split(groups, ranks, [(h, i) for h, n in hosts.items() for i in range(n)],
+                   f"{hostfile} ({sum(hosts.values())} slots on {len(hosts)} hosts)")
+    return Placement(slots, ranks, {}, f"placement: {_groups(groups)} x {ranks} ranks on the hosts of {hostfile}: "
+                     + "; ".join(f"group {g} on {_include(s)}" for g, s in slots.items()), hostfile)
+
+
+def group_commands(manifest: str, groups: list[int], ranks: int, sets: list[str], resume: bool,
+                   placement: Placement | None = None) -> list[GroupCommand]:
+    """Each group's deepspeed launch: on its slots of `placement`, or (none, or on CPU) `ranks` processes here."""
     commands = []
     for group in groups:
-        argv = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_nodes", "1", "--num_gpus", str(ranks),
-                "--master_port", str(free_port()), "--module", "training.train",
-                "--manifest", manifest, "--group", str(group)]
+        slots = placement.slots.get(group) if placement else None
+        # `--include` and `--num_gpus` exclude each other; without `--include` every group gets GPUs 0..R-1.
+        where = ((["--hostfile", placement.hostfile] if placement.hostfile else []) + ["--include", _include(slots)]
+                 if slots else ["--num_nodes", "1", "--num_gpus", str(ranks)])
+        argv = [sys.executable, "-m", "deepspeed.launcher.runner", *where, "--master_port", str(free_port()),
+                "--module", "training.train", "--manifest", manifest, "--group", str(group)]
         for assignment in sets:
             argv += ["--set", assignment]
         if resume:
@@ -99,12 +197,13 @@ def _raise_stopped(signum, frame) -> None:
 _HANDLED = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
 
 
-def run_groups(commands: list[GroupCommand], ranks_per_group: int, out=sys.stdout, poll_seconds: float = 0.2) -> None:
-    """Run the groups to the end; GroupFailed (every group stopped) if one fails or we are told to stop."""
+def run_groups(commands: list[GroupCommand], env: dict[str, str], out=sys.stdout, poll_seconds: float = 0.2) -> None:
+    """Run the groups to the end, each started with `env` (`Placement.env`) over this process's environment
+    (a variable set here wins); GroupFailed (every group stopped) if one fails or we are told to stop."""
     in_main_thread = threading.current_thread() is threading.main_thread()  # signals go to the main thread only
     previous = {sig: signal.signal(sig, _raise_stopped) for sig in _HANDLED} if in_main_thread else {}
     try:
-        _run_groups(commands, ranks_per_group, out, poll_seconds)
+        _run_groups(commands, env, out, poll_seconds)
     except _Stopped as stop:
         raise GroupFailed(f"stopped by {signal.Signals(stop.signum).name}; stopped every group") from None
     finally:
@@ -112,14 +211,9 @@ def run_groups(commands: list[GroupCommand], ranks_per_group: int, out=sys.stdou
             signal.signal(sig, handler)
 
 
-def _run_groups(commands: list[GroupCommand], ranks_per_group: int, out, poll_seconds: float) -> None:
-    env = dict(os.environ)
+def _run_groups(commands: list[GroupCommand], env: dict[str, str], out, poll_seconds: float) -> None:
+    env = {**env, **os.environ}
     env[LAUNCHER_PID_ENV] = str(os.getpid())
-    if not torch.cuda.is_available():
-        env.setdefault("DS_ACCELERATOR", "cpu")
-        # Share the cores among all ranks of all groups: oversubscribed OpenMP threads
-        # spin-wait on each other and make every step ~30x slower.
-        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // (len(commands) * ranks_per_group))))
     env.setdefault("PYTHONUNBUFFERED", "1")
     env.setdefault("TORCH_EXTENSIONS_DIR", JIT_CACHE)
     procs: dict[int, subprocess.Popen] = {}
@@ -270,6 +364,29 @@ def read_run_nonce(run_dir: str | Path) -> str:
         nonce = None
     if not isinstance(nonce, str) or not nonce:
         raise ValueError(f"{path}: not a run file (expected {{\"run_nonce\": \"...\"}}), got {text[:80]!r}")
+    return nonce
+
+
+def join_store_run(store: str, run_id: str, config_sha256: str) -> str:
+    """The nonce of the run `<store>/<run_id>/run.json` records, written by whichever group of the run starts
+    first (an exclusive create): groups started apart (`codistill train --group G` on several machines) agree
+    on their run through the store they share, no nonce kept by hand. A record of another configuration there
+    is another run's, refused."""
+    url = f"{store.rstrip('/')}/{run_id}/{RunDir.RUN_FILE}"
+    write_atomically(url, json.dumps({"run_nonce": uuid.uuid4().hex, "config_sha256": config_sha256}) + "\n",
+                     replace=False)
+    with storage.open(url, "rb") as f:
+        text = f.read(4096)
+    try:
+        record = json.loads(text)
+        nonce, theirs = record["run_nonce"], record["config_sha256"]
+    except (ValueError, KeyError, TypeError):
+        raise ValueError(f"{url}: not a run record (expected {{\"run_nonce\": ..., \"config_sha256\": ...}}), "
+                         f"got {text[:80]!r}") from None
+    if theirs != config_sha256:
+        raise ValueError(f"{url}: the store holds run {run_id!r} of another configuration (config sha256 "
+                         f"{str(theirs)[:12]}..., this one's {config_sha256[:12]}...): give this run another name "
+                         "(the last part of train.run_dir) or another train.store")
     return nonce
 
 

@@ -71,6 +71,9 @@ class Workload:
     records_per_example: Callable[[ExperimentConfig, DatasetManifest], float] = lambda config, dataset: 1.0
     # Keys -> the unit the eval split is halved by (validation / test): rows of one unit stay together.
     eval_unit: Callable[[np.ndarray], np.ndarray] = lambda keys: keys
+    # (config, dataset) -> raises DatasetError when this run must not train on the dataset (the LM: a tokenizer
+    # changed since preprocessing). `codistill train` calls it before it starts any rank.
+    check_dataset: Callable[[ExperimentConfig, DatasetManifest], None] = lambda config, dataset: None
 
 
 def workload_for(dataset: str) -> Workload:

@@ -360,6 +360,7 @@ WORKLOAD = Workload(
     name="commoncrawl", binary=False, build_model=build_model, batches=batches, forward=forward, targets=targets,
     row_terms=row_terms, churn_terms=churn_terms, ensemble=ensemble,
     eval_unit=lambda keys: np.strings.rpartition(keys, b"#")[0],  # a document's rows stay in one half
+    check_dataset=lambda config, dataset: check_tokenizer(dataset, configured_tokenizer(config)),
     records_per_example=lambda config, dataset: (
         config.model.window / dataset.features["tokens"].shape[0] if config.model.layout == "stateful" else 1.0),
     eval_rows=eval_rows, eval_metrics=eval_metrics, describe=describe, churn=churn, describe_churn=describe_churn)

@@ -1,0 +1,83 @@
+"""The pip requirements a remote Beam worker needs for one dataset's pipeline (Dataflow `--requirements_file`,
+a Flink/Spark SDK container's `pip install -r`).
+
+Read from the code, not kept by hand: every module of this package that the dataset's pipeline module loads or
+reaches through its imports (module-level and inside functions, as a worker may run either), and every other
+distribution those modules import, pinned at the version installed here (this package's own pins). Beam
+itself is left out: the worker's SDK container brings it, at the version its `--sdk_container_image` has.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.metadata
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+from codistill.datasets import DATASETS
+from codistill.extras import THIS, extra_requirements
+
+PACKAGES = ("codistill", "pipelines", "tokenizer", "training")  # this distribution's top-level packages
+WORKER_PROVIDED = {"apache-beam"}
+
+
+def _source(module: str) -> Path | None:
+    """The source file of one of this package's modules, found without importing it (or its parents); None
+    when `module` is a name inside a module (`from a import b`, `b` a function)."""
+    top, *rest = module.split(".")
+    base = Path(importlib.util.find_spec(top).origin).parent.joinpath(*rest)
+    return next((p for p in (base.with_suffix(".py"), base / "__init__.py") if p.is_file()), None)
+
+
+def _imports(source: Path) -> set[str]:
+    """The absolute module names a source file imports (for `from a import b`, both `a` and `a.b`)."""
+    names = set()
+    for node in ast.walk(ast.parse(source.read_text(encoding="utf-8"), str(source))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return names
+
+
+def _loaded_modules(module: str, packages: tuple[str, ...]) -> list[str]:
+    """This package's modules that importing `module` loads, in a fresh interpreter (this one has loaded others):
+    with those imported by name at run time (`codistill.datasets` loads every dataset spec so)."""
+    listing = (f"import importlib, sys; importlib.import_module({module!r}); "
+               f"print(*(m for m in sys.modules if m.split('.')[0] in {packages!r}))")
+    found = subprocess.run([sys.executable, "-c", listing], capture_output=True, text=True, check=True)
+    return found.stdout.split()
+
+
+def imported_distributions(module: str) -> set[str]:
+    """The distributions (other than this one) imported by `module` and the modules of this package it reaches
+    (and of `module`'s own package: a dataset plugin's, shipped to the workers as this one is)."""
+    packages = (*PACKAGES, module.split(".")[0])
+    owners = importlib.metadata.packages_distributions()
+    seen, todo, distributions = set(), _loaded_modules(module, packages), set()
+    while todo:
+        source = _source(todo.pop())
+        if source is None or source in seen:
+            continue
+        seen.add(source)
+        for imported in _imports(source):
+            top = imported.split(".")[0]
+            if top in packages:
+                todo.append(imported)
+            elif top not in sys.stdlib_module_names and top != "__future__":
+                distributions.update(owners.get(top, ()))
+    return distributions - {THIS}
+
+
+def worker_requirements(dataset: str, extras: tuple[str, ...] = ()) -> list[str]:
+    """Sorted requirement lines for the workers of `dataset`'s pipeline, plus those of `extras` (e.g. `gcs` for
+    gs:// inputs)."""
+    if dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {dataset!r}; known: {', '.join(sorted(DATASETS))}")
+    wanted = [r for extra in extras for r in extra_requirements(extra)]
+    pinned = [f"{d}=={importlib.metadata.version(d)}"
+              for d in imported_distributions(DATASETS[dataset].pipeline) - WORKER_PROVIDED]
+    return sorted({*pinned, *wanted}, key=str.lower)

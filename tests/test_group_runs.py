@@ -1,0 +1,78 @@
+"""Groups of one run started apart (`codistill train MANIFEST --group G`, as a SLURM array task or a Kubernetes
+Job per group would start them) agree on the run through the snapshot store they share: no nonce by hand."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+import yaml
+
+from codistill.config import load_experiment
+from codistill.rundir import RunDir
+from conftest import REPO
+from test_training import BIN, TINY, data_dir, env, records, run, sets_args, tail  # noqa: F401
+
+pytestmark = pytest.mark.timeout(600)
+
+
+def _train_group(group: int, run_dir, sets: list[str]) -> subprocess.Popen:
+    return subprocess.Popen([str(BIN / "codistill"), "train", "criteo-tiny", "--group", str(group), "--run-dir",
+                             str(run_dir), *sets_args(sets)], cwd=REPO, env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def test_groups_started_apart_complete_one_codistilled_run_and_another_run_is_refused(data_dir, tmp_path):  # noqa: F811
+    store = tmp_path / "bucket"
+    sets = TINY + [f"data.output={data_dir}", "schedule.steps=20", "eval.every=20", "train.checkpoint_every=20",
+                   "deepspeed.ranks_per_group=1", "codistill.burn_in_steps=5", "codistill.exchange_every=5",
+                   "codistill.poll_seconds=0.05", "codistill.lockstep=true", f"train.store={store}"]
+    # Two "machines": each its own run directory (the same run name: `run`), one store.
+    run_dirs = {0: tmp_path / "host-a" / "run", 1: tmp_path / "host-b" / "run"}
+    procs = {g: _train_group(g, run_dirs[g], sets) for g in (0, 1)}
+    outputs = {g: p.communicate(timeout=540)[0] for g, p in procs.items()}
+    for g, p in procs.items():
+        assert p.returncode == 0, tail(outputs[g])
+        assert "placement: 1 group x 1 ranks on CPU" in outputs[g], outputs[g][:300]
+    record = json.loads((store / "run" / RunDir.RUN_FILE).read_text())
+    for g in (0, 1):
+        peer = str(1 - g)
+        # Each distilled from the other's snapshots, which it accepts only under the same run nonce.
+        assert any(peer in r.get("peers", {}) for r in records(run_dirs[g], g, "train")), outputs[g][-2000:]
+        metas = [json.loads(p.read_text()) for p in (store / "run" / f"group-{g}").glob("*.json")]
+        assert metas and {m["run_nonce"] for m in metas} == {record["run_nonce"]}
+
+    other = run([str(BIN / "codistill"), "train", "criteo-tiny", "--group", "0", "--run-dir",
+                 str(tmp_path / "host-c" / "run"), *sets_args(sets + ["train.seed=8"])], timeout=120)
+    assert other.returncode == 1
+    assert "the store holds run 'run' of another configuration" in other.stdout + other.stderr, \
+        tail(other.stdout + other.stderr)
+    assert not (tmp_path / "host-c" / "run" / "group-0" / "metrics.jsonl").exists()
+
+
+def _dry_run_output(argv: list[str], extra_env: dict[str, str]) -> str:
+    environment = dict(env(), PATH=f"{BIN}:{env()['PATH']}", **extra_env)
+    proc = subprocess.run(argv, cwd=REPO, env=environment, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
+
+
+def test_the_slurm_array_script_runs_its_task_s_group(tmp_path):
+    """deploy/slurm-groups.sbatch as array task 1 would run it (bash, SLURM_ARRAY_TASK_ID set), up to the
+    launch (--dry-run passed through)."""
+    out = _dry_run_output(["bash", "deploy/slurm-groups.sbatch", "manifests/criteo.yaml", str(tmp_path / "store"),
+                           "--dry-run"], {"SLURM_ARRAY_TASK_ID": "1"})
+    lines = out.splitlines()
+    assert lines[0].startswith("placement: 1 group x ") and lines[1].startswith("group 1: ")
+    assert f"train.store={tmp_path / 'store'}" in lines[1] and "--group 1" in lines[1]
+
+
+def test_the_kubernetes_indexed_job_runs_one_pod_per_group():
+    job = yaml.safe_load((REPO / "deploy" / "k8s-groups.yaml").read_text())
+    command = job["spec"]["template"]["spec"]["containers"][0]
+    manifest = command["args"][0].split()[3]
+    assert job["spec"]["completionMode"] == "Indexed"
+    assert job["spec"]["completions"] == load_experiment(manifest).data.groups  # one pod per group
+    out = _dry_run_output([*command["command"], command["args"][0] + " --dry-run"], {"JOB_COMPLETION_INDEX": "1"})
+    assert "group 1: " in out and "train.store=gs://bkt/codistill/store" in out

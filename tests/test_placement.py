@@ -1,0 +1,143 @@
+"""Where `codistill train` puts each group: a disjoint slice of the host's GPUs (read back by DeepSpeed's own
+launcher parsing), or on CPU a share of the cores; and what it refuses before starting any rank."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+
+import pytest
+import yaml
+from click.testing import CliRunner
+from conftest import REPO
+from deepspeed.launcher import runner as ds_runner
+from lm_data import TOKENIZER, write_lm_dataset
+
+from codistill.cli import main
+from codistill.config import load_experiment, parse_experiment
+from codistill.run import RunError, launch_plan
+
+EIGHT_GPUS = list(range(8))  # a pretend 8-GPU host: the ids `visible_accelerators` would give
+
+
+def _deepspeed_slots(argv: list[str], host_gpus: int = 8) -> list[int]:
+    """The GPUs DeepSpeed's launcher gives a group for this command on a host with `host_gpus`."""
+    args = ds_runner.parse_args(argv[argv.index("deepspeed.launcher.runner") + 1:])
+    # DeepSpeed refuses --include together with --num_nodes/--num_gpus (and then takes GPUs 0..R-1).
+    assert args.num_nodes < 0 and args.num_gpus < 0, argv
+    return ds_runner.parse_inclusion_exclusion({"localhost": host_gpus}, args.include, args.exclude)["localhost"]
+
+
+@pytest.mark.parametrize("groups, ranks", [(1, 8), (2, 4), (4, 2), (4, 1)])
+def test_groups_get_disjoint_gpu_slices(groups, ranks):
+    config = load_experiment("criteo-tiny", [f"data.groups={groups}", f"deepspeed.ranks_per_group={ranks}"])
+    placement, commands = launch_plan(config, "criteo-tiny", [], False, accelerators=EIGHT_GPUS)
+    slots = {c.group: _deepspeed_slots(c.argv) for c in commands}
+    assert sorted(slots) == list(range(groups))
+    assert all(len(s) == ranks for s in slots.values())
+    used = [gpu for s in slots.values() for gpu in s]
+    assert len(set(used)) == len(used) == groups * ranks  # no GPU shared by two groups
+    assert placement.summary.startswith(f"placement: {groups} group{'s' if groups > 1 else ''} x {ranks} ranks on "
+                                        f"{groups * ranks} of 8 GPUs")
+    assert all(f"group {g} on GPU{'s' if ranks > 1 else ''} {','.join(map(str, s))}" in placement.summary
+               for g, s in slots.items())
+    assert ("idle" in placement.summary) == (groups * ranks < 8)
+
+
+def test_the_slices_are_of_the_gpus_this_process_may_use():
+    """CUDA_VISIBLE_DEVICES=4,5,6,7: the groups go to those, by the ids DeepSpeed's --include takes."""
+    config = load_experiment("criteo-tiny", ["data.groups=2", "deepspeed.ranks_per_group=2"])
+    _, commands = launch_plan(config, "criteo-tiny", [], False, accelerators=[4, 5, 6, 7])
+    assert [_deepspeed_slots(c.argv) for c in commands] == [[4, 5], [6, 7]]
+
+
+def test_more_ranks_than_gpus_is_refused_with_what_to_change():
+    config = load_experiment("criteo-tiny", ["data.groups=4", "deepspeed.ranks_per_group=4"])
+    with pytest.raises(RunError, match=r"4 groups x 4 ranks_per_group need 16 GPUs, this host \(8 visible: "
+                                       r"0,1,2,3,4,5,6,7\) has 8: lower deepspeed.ranks_per_group"):
+        launch_plan(config, "criteo-tiny", [], False, accelerators=EIGHT_GPUS)
+
+
+def test_cpu_keeps_its_core_split(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    config = load_experiment("criteo-tiny", ["data.groups=2", "deepspeed.ranks_per_group=2"])
+    placement, commands = launch_plan(config, "criteo-tiny", [], False, accelerators=[])
+    assert placement.env == {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // 4))}
+    assert all(c.argv[c.argv.index("--num_gpus") + 1] == "2" and "--include" not in c.argv for c in commands)
+
+
+def test_train_dry_run_prints_every_group_and_starts_nothing(tmp_path):
+    run_dir = tmp_path / "run"
+    result = CliRunner().invoke(main, ["train", str(REPO / "manifests/criteo-tiny.yaml"), "--run-dir", str(run_dir),
+                                       "--set", f"data.output={tmp_path / 'data'}", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("placement: 2 groups x 2 ranks on CPU (")
+    assert [line.split(":")[0] for line in lines[1:]] == ["group 0", "group 1"]
+    assert all("DS_ACCELERATOR=cpu" in line and "-m deepspeed.launcher.runner" in line for line in lines[1:])
+    argv = shlex.split(lines[1].split(": ", 1)[1])
+    assert argv[argv.index("--set") + 1] == f"data.output={tmp_path / 'data'}"
+    assert not run_dir.exists() and not (tmp_path / "data").exists()
+
+
+def test_a_tokenizer_changed_since_preprocessing_is_refused_before_any_rank_starts(tmp_path):
+    raw = {"name": "lm-tok", "data": {"dataset": "commoncrawl", "input": "tests/lm_data.py",
+                                      "output": str(tmp_path / "data"), "groups": 2},
+           "model": {"kind": "lstm", "embedding_dim": 16, "hidden": 32},
+           "train": {"run_dir": str(tmp_path / "run")}}
+    config = parse_experiment(raw)
+    write_lm_dataset(str(tmp_path / "data"), parameters=json.loads(json.dumps(config.data.recorded())))
+    (tmp_path / "data" / "tokenizer" / "spm.model").write_bytes(TOKENIZER + b" retrained")
+    (tmp_path / "lm.yaml").write_text(yaml.safe_dump(raw))
+    result = CliRunner().invoke(main, ["train", str(tmp_path / "lm.yaml")])
+    assert result.exit_code == 1
+    assert "the dataset was tokenized with sentencepiece model sha256" in result.output
+    assert "placement:" not in result.output and not (tmp_path / "run").exists()
+
+
+HOSTFILE = "node1 slots=4\nnode2 slots=4\n"
+
+
+@pytest.mark.parametrize("groups, ranks", [(2, 4), (4, 2), (1, 8), (2, 3)])
+def test_one_hostfile_is_split_into_one_deepspeed_job_per_group(tmp_path, groups, ranks):
+    """`codistill train M --hostfile H`: each group's job gets its own slots of H's hosts, read back by
+    DeepSpeed's own hostfile and --include parsing (a group may span hosts)."""
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text(HOSTFILE)
+    config = load_experiment("criteo-tiny", [f"data.groups={groups}", f"deepspeed.ranks_per_group={ranks}"])
+    placement, commands = launch_plan(config, "criteo-tiny", [], False, hostfile=str(hostfile))
+    used = []
+    for command in commands:
+        args = ds_runner.parse_args(command.argv[command.argv.index("deepspeed.launcher.runner") + 1:])
+        assert args.hostfile == str(hostfile) and args.num_nodes < 0 and args.num_gpus < 0
+        active = ds_runner.parse_inclusion_exclusion(ds_runner.fetch_hostfile(args.hostfile), args.include,
+                                                     args.exclude)
+        slots = [(host, slot) for host, ids in active.items() for slot in ids]
+        assert len(slots) == ranks
+        used += slots
+    assert len(set(used)) == len(used) == groups * ranks
+    assert f"on the hosts of {hostfile}" in placement.summary
+
+
+def test_a_hostfile_too_small_for_the_run_is_refused(tmp_path):
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text(HOSTFILE)
+    config = load_experiment("criteo-tiny", ["data.groups=2", "deepspeed.ranks_per_group=8"])
+    with pytest.raises(RunError, match=r"2 groups x 8 ranks_per_group need 16 GPUs, .*hostfile \(8 slots on 2 "
+                                       r"hosts\) has 8"):
+        launch_plan(config, "criteo-tiny", [], False, hostfile=str(hostfile))
+    (tmp_path / "empty").write_text("# nothing\n")
+    with pytest.raises(RunError, match="Hostfile is empty or not formatted correctly"):
+        launch_plan(config, "criteo-tiny", [], False, hostfile=str(tmp_path / "empty"))
+
+
+def test_train_hostfile_dry_run_prints_a_job_per_group(tmp_path, monkeypatch):
+    (tmp_path / "hostfile").write_text(HOSTFILE)
+    monkeypatch.chdir(tmp_path)  # the README's command, with its relative hostfile
+    result = CliRunner().invoke(main, ["train", str(REPO / "manifests/criteo.yaml"), "--hostfile", "hostfile",
+                                       "--dry-run"])
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0] == "placement: 2 groups x 1 ranks on the hosts of hostfile: group 0 on node1:0; group 1 on node1:1"
+    assert ["--hostfile hostfile --include node1:0" in lines[1], "--include node1:1" in lines[2]] == [True, True]
