@@ -11,15 +11,13 @@ import typing
 
 import click
 
-from codistill.config import (REPO_MANIFESTS, ConfigError, parse_experiment, read_manifest_yaml, resolve_manifest,
-                              set_field)
+from codistill.config import ConfigError, parse_experiment, read_manifest_yaml, resolve_manifest, set_field
 from codistill.datasets import DATASETS, DatasetSpec, Flag
 from codistill.dataset import DatasetError
 from codistill.rundir import RunDir
 from codistill.run import RunError
 from pipelines.textfiles import InputReadError
 
-REPO_EXPERIMENTS = REPO_MANIFESTS / "experiments"
 # OSError: a missing, unreadable or special input, a full disk: the message says what and where.
 USER_ERRORS = (ConfigError, DatasetError, OSError, ValueError, InputReadError, RunError)
 
@@ -282,10 +280,6 @@ def train(manifest: str, sets: tuple[str, ...], run_dir: str | None, resume: boo
         click.echo(f"group {group}: step {m['step']} eval {workload.describe(m)}")
 
 
-def _plan_path(plan: str) -> str:
-    return plan if "/" in plan or plan.endswith((".yaml", ".yml")) else f"{REPO_EXPERIMENTS}/{plan}.yaml"
-
-
 @main.command()
 @click.argument("plan")
 @click.option("--report-only", is_flag=True, help="Rebuild the report from finished runs; train nothing.")
@@ -296,7 +290,7 @@ def experiment(plan: str, report_only: bool) -> None:
     from codistill.experiment import run_plan
     from codistill.plans import load_plan
 
-    parsed = load_plan(_plan_path(plan))
+    parsed = load_plan(resolve_manifest(plan, "experiments"))
     if not report_only:
         run_plan(parsed, _train, _dataset_for, echo=click.echo)
     report = write_report(parsed)
@@ -329,7 +323,7 @@ def demo(plan: str, sets: tuple[str, ...]) -> None:
     from codistill.plans import load_plan
     from codistill.verify import verify_dataset
 
-    parsed = load_plan(_plan_path(plan))
+    parsed = load_plan(resolve_manifest(plan, "experiments"))
     parsed = dataclasses.replace(parsed, sets=parsed.sets + tuple(sets))
     config = parsed.config(parsed.conditions[0], parsed.seeds[0])
     click.echo(f"== 1. generate {config.data.dataset} data and shard it into groups with Beam")

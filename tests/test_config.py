@@ -8,14 +8,16 @@ import math
 
 import pytest
 
-from codistill.config import (REPO_MANIFESTS, ConfigError, DataConfig, ExperimentConfig, apply_override,
+from codistill.config import (ConfigError, DataConfig, ExperimentConfig, apply_override,
                               load_experiment, parse_experiment, to_dict)
 from codistill.datasets.criteo import CriteoConfig, CriteoSynthConfig
 from codistill.dataset import (MANIFEST_NAME, DatasetError, DatasetManifest, ShardEntry, check_shards_present,
                                load_manifest, write_manifest)
 from codistill.shards import Feature
 
-from conftest import list_files, write_bytes
+from conftest import REPO, list_files, write_bytes
+
+REPO_MANIFESTS = REPO / "manifests"
 
 BASE = {"name": "exp", "data": {"input": "raw/*.txt", "output": "out"}}
 
