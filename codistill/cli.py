@@ -13,13 +13,19 @@ import click
 
 from codistill.config import ConfigError, parse_experiment, read_manifest_yaml, resolve_manifest, set_field
 from codistill.datasets import DATASETS, DatasetSpec, Flag
-from codistill.dataset import DatasetError
 from codistill.rundir import RunDir
-from codistill.run import RunError
-from pipelines.textfiles import InputReadError
 
-# OSError: a missing, unreadable or special input, a full disk: the message says what and where.
-USER_ERRORS = (ConfigError, DatasetError, OSError, ValueError, InputReadError, RunError)
+# Only this module's imports load for `codistill --help`: no torch, Beam or numpy (tests/test_packaging.py).
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    """The errors a user can fix. Imported once something failed (the command that raised has loaded them)."""
+    from codistill.dataset import DatasetError
+    from codistill.run import RunError
+    from pipelines.errors import InputReadError
+
+    # OSError: a missing, unreadable or special input, a full disk: the message says what and where.
+    return ConfigError, DatasetError, OSError, ValueError, InputReadError, RunError
 
 
 def _fail_cleanly(func):
@@ -29,7 +35,9 @@ def _fail_cleanly(func):
     def wrapper(*args, **kwargs):
         try:
             return func(*args, **kwargs)
-        except USER_ERRORS as e:
+        except Exception as e:
+            if not isinstance(e, _user_errors()):
+                raise
             raise click.ClickException(str(e)) from None
 
     return wrapper
@@ -41,14 +49,6 @@ def main(verbose: int) -> None:
     """Codistillation: Beam preprocessing, DeepSpeed training, fsspec snapshot exchange."""
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)]
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(_without_gcp_client_warning)
-
-
-def _without_gcp_client_warning(record: logging.LogRecord) -> bool:
-    """Beam warns on every start that Google Cloud client libraries are missing: optional here (Dataflow users
-    install them), so the line is only noise."""
-    return "apitools not found" not in record.getMessage()
 
 
 class DatasetCommands(click.Group):

@@ -15,6 +15,7 @@ import pytest
 from conftest import REPO
 
 PACKAGES = ("codistill", "pipelines", "training", "tokenizer")
+CODISTILL = Path(sys.executable).parent / "codistill"
 
 
 @pytest.fixture(scope="module")
@@ -61,3 +62,32 @@ def test_bare_manifest_and_plan_names_resolve_from_the_installed_wheel(wheel, tm
     assert Path(seen["package"]).is_relative_to(site)
     assert Path(seen["manifest"]) == site / "codistill" / "manifests" / "criteo-tiny.yaml"
     assert seen["name"] == "criteo-tiny" and seen["plan"] == "demo" and seen["base"]
+
+
+@pytest.mark.parametrize("args", [["--help"], ["preprocess", "--help"], ["preprocess", "criteo", "--help"],
+                                  ["synth", "imagenet", "--help"], ["train", "--help"], ["demo", "--help"]],
+                         ids=" ".join)
+def test_help_loads_no_torch_beam_or_numpy(args):
+    """Help is click's alone: the heavy libraries (seconds to import) load when a command runs."""
+    script = """if True:
+        import sys
+        from codistill.cli import main
+        try:
+            main(sys.argv[1:])
+        except SystemExit as e:
+            assert e.code == 0, e.code
+        heavy = sorted({m.split(".")[0] for m in sys.modules} & {"torch", "apache_beam", "numpy", "deepspeed"})
+        print("loaded:", heavy, file=sys.stderr)
+    """
+    result = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "Usage: " in result.stdout and result.stderr.strip() == "loaded: []"
+
+
+def test_beams_missing_gcp_client_warning_never_reaches_the_user(tmp_path):
+    """`preprocess` imports Beam, whose BigQuery module warns on the root logger without google-apitools."""
+    missing = tmp_path / "missing.yaml"
+    result = subprocess.run([str(CODISTILL), "preprocess", "criteo", "-m", str(missing)], capture_output=True,
+                            text=True, cwd=tmp_path)
+    assert result.returncode == 1 and f"{missing}: manifest not found" in result.stderr
+    assert "apitools" not in result.stderr, result.stderr
