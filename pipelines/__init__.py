@@ -7,7 +7,7 @@ import logging
 
 def _without_gcp_client_warning(record: logging.LogRecord) -> bool:
     """Beam's BigQuery client module logs this on the root logger when it is imported without google-apitools,
-    which is optional here (the [gcp] extra installs it for Dataflow): without it the line is only noise."""
+    which is optional here (Dataflow users install it): without it the line is only noise."""
     return "apitools not found" not in record.getMessage()
 
 

@@ -88,7 +88,7 @@ def dataset_pipeline(dataset: str) -> DatasetPipeline:
     try:
         return importlib.import_module(DATASETS[dataset].pipeline).PIPELINE
     except ModuleNotFoundError as e:
-        if e.name.partition(".")[0] in {"codistill", "pipelines", "training", "tokenizer"}:
+        if (e.name or "").partition(".")[0] in {"codistill", "pipelines", "training", "tokenizer"}:
             raise
         # A built-in dataset's libraries come with its extra (pyproject.toml), not with the package itself.
         raise ConfigError(f"the {dataset} pipeline needs the module {e.name!r}, which is not installed: "
