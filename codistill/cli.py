@@ -14,18 +14,21 @@ import typing
 
 import click
 
-from codistill.config import (REPO_MANIFESTS, ConfigError, parse_experiment, read_manifest_yaml, resolve_manifest,
-                              set_field)
+from codistill.config import ConfigError, parse_experiment, read_manifest_yaml, resolve_manifest, set_field
 from codistill.datasets import DATASETS, DatasetSpec, Flag
-from codistill.dataset import DatasetError
-from codistill.extras import missing_extra
 from codistill.rundir import RunDir
-from codistill.run import RunError
-from pipelines.textfiles import InputReadError
 
-REPO_EXPERIMENTS = REPO_MANIFESTS / "experiments"
-# OSError: a missing, unreadable or special input, a full disk: the message says what and where.
-USER_ERRORS = (ConfigError, DatasetError, OSError, ValueError, InputReadError, RunError)
+# Only this module's imports load for `codistill --help`: no torch, Beam or numpy (tests/test_packaging.py).
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    """The errors a user can fix. Imported once something failed (the command that raised has loaded them)."""
+    from codistill.dataset import DatasetError
+    from codistill.run import RunError
+    from pipelines.errors import InputReadError
+
+    # OSError: a missing, unreadable or special input, a full disk: the message says what and where.
+    return ConfigError, DatasetError, OSError, ValueError, InputReadError, RunError
 
 
 def _fail_cleanly(func):
@@ -35,13 +38,16 @@ def _fail_cleanly(func):
     def wrapper(*args, **kwargs):
         try:
             return func(*args, **kwargs)
-        except USER_ERRORS as e:
-            raise click.ClickException(str(e)) from None
-        except ImportError as e:  # an optional dependency (gs:// without gcsfs...): the extra that installs it
-            message = missing_extra(e)
-            if message is None:
+        except Exception as e:
+            if isinstance(e, ImportError):  # an optional dependency (gs:// without gcsfs...): the extra to install
+                from codistill.extras import missing_extra
+
+                message = missing_extra(e)
+                if message is not None:
+                    raise click.ClickException(message) from None
+            if not isinstance(e, _user_errors()):
                 raise
-            raise click.ClickException(message) from None
+            raise click.ClickException(str(e)) from None
 
     return wrapper
 
@@ -52,14 +58,6 @@ def main(verbose: int) -> None:
     """Codistillation: Beam preprocessing, DeepSpeed training, fsspec snapshot exchange."""
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)]
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(_without_gcp_client_warning)
-
-
-def _without_gcp_client_warning(record: logging.LogRecord) -> bool:
-    """Beam warns on every start that Google Cloud client libraries are missing: optional here (Dataflow users
-    install them), so the line is only noise."""
-    return "apitools not found" not in record.getMessage()
 
 
 class DatasetCommands(click.Group):
@@ -357,10 +355,6 @@ def train(manifest: str, sets: tuple[str, ...], run_dir: str | None, resume: boo
         click.echo(f"group {group}: step {m['step']} eval {workload.describe(m)}")
 
 
-def _plan_path(plan: str) -> str:
-    return plan if "/" in plan or plan.endswith((".yaml", ".yml")) else f"{REPO_EXPERIMENTS}/{plan}.yaml"
-
-
 @main.command()
 @click.argument("plan")
 @click.option("--report-only", is_flag=True, help="Rebuild the report from finished runs; train nothing.")
@@ -371,7 +365,7 @@ def experiment(plan: str, report_only: bool) -> None:
     from codistill.experiment import run_plan
     from codistill.plans import load_plan
 
-    parsed = load_plan(_plan_path(plan))
+    parsed = load_plan(resolve_manifest(plan, "experiments"))
     if not report_only:
         run_plan(parsed, _train, _dataset_for, echo=click.echo)
     report = write_report(parsed)
@@ -404,7 +398,7 @@ def demo(plan: str, sets: tuple[str, ...]) -> None:
     from codistill.plans import load_plan
     from codistill.verify import verify_dataset
 
-    parsed = load_plan(_plan_path(plan))
+    parsed = load_plan(resolve_manifest(plan, "experiments"))
     parsed = dataclasses.replace(parsed, sets=parsed.sets + tuple(sets))
     config = parsed.config(parsed.conditions[0], parsed.seeds[0])
     click.echo(f"== 1. generate {config.data.dataset} data and shard it into groups with Beam")

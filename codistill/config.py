@@ -13,6 +13,7 @@ import copy
 import logging
 import typing
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,7 +27,8 @@ from codistill.rundir import RunDir
 
 __all__ = ["ConfigError", "DataConfig", "ExperimentConfig", "load_experiment", "parse_experiment", "to_dict"]
 
-REPO_MANIFESTS = Path(__file__).resolve().parent.parent / "manifests"
+# The repository's manifests/, which pyproject.toml maps into the package (so a wheel carries it).
+SHIPPED_MANIFESTS = "codistill.manifests"
 logger = logging.getLogger(__name__)
 
 
@@ -479,11 +481,12 @@ def parse_experiment(raw: Any, overrides: typing.Iterable[str] = ()) -> Experime
     return config
 
 
-def resolve_manifest(name_or_path: str) -> str:
-    """A path or URL as given, or a bare name like `criteo-tiny` from the repo's manifests/."""
+def resolve_manifest(name_or_path: str, folder: str = ".") -> str:
+    """A path or URL as given, or a bare name like `criteo-tiny` of a manifest shipped in the package
+    (`folder="experiments"` for a plan such as `demo`)."""
     if "/" in name_or_path or name_or_path.endswith((".yaml", ".yml")):
         return name_or_path
-    return str(REPO_MANIFESTS / f"{name_or_path}.yaml")
+    return str(resources.files(SHIPPED_MANIFESTS).joinpath(folder, f"{name_or_path}.yaml"))
 
 
 def read_manifest_yaml(name_or_path: str) -> dict:

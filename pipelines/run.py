@@ -28,7 +28,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 from fsspec.implementations.local import LocalFileSystem
 
 from codistill import storage
-from codistill.config import DataConfig, ExperimentConfig
+from codistill.config import ConfigError, DataConfig, ExperimentConfig
 from codistill.datasets import DATASETS
 from codistill.dataset import MANIFEST_NAME, DatasetManifest, join, load_manifest
 from pipelines import progress
@@ -85,7 +85,14 @@ class DatasetPipeline:
 
 
 def dataset_pipeline(dataset: str) -> DatasetPipeline:
-    return importlib.import_module(DATASETS[dataset].pipeline).PIPELINE
+    try:
+        return importlib.import_module(DATASETS[dataset].pipeline).PIPELINE
+    except ModuleNotFoundError as e:
+        if (e.name or "").partition(".")[0] in {"codistill", "pipelines", "training", "tokenizer"}:
+            raise
+        # A built-in dataset's libraries come with its extra (pyproject.toml), not with the package itself.
+        raise ConfigError(f"the {dataset} pipeline needs the module {e.name!r}, which is not installed: "
+                          f"pip install 'codistill[{dataset}]' (or the package that provides {dataset})") from None
 
 
 def summarize_dataset(dataset: DatasetManifest, where: str) -> str:

@@ -27,6 +27,7 @@ from fsspec.utils import infer_compression
 
 from codistill import storage
 from pipelines import progress
+from pipelines.errors import InputReadError
 from pipelines.worker import WorkerDoFn
 
 READ_CHUNK_BYTES = 4 << 20
@@ -151,11 +152,6 @@ class CountLines(WorkerDoFn):
 # What a damaged compressed stream raises (BadGzipFile is an OSError; bz2 raises OSError too). An OSError
 # of the file underneath (EIO, a reset connection, a permission) is not damage: see `InputReadError`.
 DECOMPRESSION_ERRORS = (EOFError, OSError, zlib.error, lzma.LZMAError)
-
-
-class InputReadError(RuntimeError):
-    """Reading an input failed (an I/O error, not damaged data): the work item fails, so the runner can
-    retry it, instead of the rest of the file being booked as one corrupt record."""
 
 
 class _RawInput:

@@ -9,14 +9,16 @@ import math
 
 import pytest
 
-from codistill.config import (REPO_MANIFESTS, SNAPSHOT_WARN_BYTES_PER_STEP, ConfigError, DataConfig, ExperimentConfig,
+from codistill.config import (SNAPSHOT_WARN_BYTES_PER_STEP, ConfigError, DataConfig, ExperimentConfig,
                               apply_override, load_experiment, parse_experiment, snapshot_traffic, to_dict)
 from codistill.datasets.criteo import CriteoConfig, CriteoSynthConfig
 from codistill.dataset import (MANIFEST_NAME, DatasetError, DatasetManifest, ShardEntry, check_shards_present,
                                load_manifest, write_manifest)
 from codistill.shards import Feature
 
-from conftest import list_files, write_bytes
+from conftest import REPO, list_files, write_bytes
+
+REPO_MANIFESTS = REPO / "manifests"
 
 BASE = {"name": "exp", "data": {"input": "raw/*.txt", "output": "out"}}
 
