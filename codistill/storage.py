@@ -21,6 +21,7 @@ deletes).
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import uuid
 from collections.abc import Iterable, Iterator
@@ -72,6 +73,32 @@ def open(url: str, mode: str = "rb", **kwargs) -> fsspec.core.OpenFile:  # noqa:
     return fsspec.open(url, mode, **options_for(url), **kwargs)
 
 
+class StoreError(OSError):
+    """A store that cannot be used, in one line naming its URL and the likely cause (`explain`)."""
+
+
+def explain(url: str, err: BaseException) -> str:
+    """One line for a failed store access: the URL, the likely cause, then the error itself (its first line)."""
+    detail = (str(err).strip().splitlines() or [""])[0][:200]
+    text = f"{type(err).__name__}: {detail}" if detail else type(err).__name__
+    return f"{url}: {_likely_cause(err)} ({text})"
+
+
+def _likely_cause(err: BaseException) -> str:
+    code = getattr(err, "errno", None)
+    if isinstance(err, PermissionError) or code in (errno.EACCES, errno.EPERM):
+        return "access denied: wrong credentials, or no permission to write there"
+    if code == errno.EROFS:
+        return "read-only file system"
+    if code == errno.ENOSPC:
+        return "no space left on the device"
+    if isinstance(err, (NotADirectoryError, FileExistsError)):
+        return "a file stands where a directory must be"
+    if isinstance(err, FileNotFoundError):
+        return "not found"
+    return "cannot be written"
+
+
 TEMP_PREFIX = ".tmp-"  # the names files are written under before their rename
 
 
@@ -113,6 +140,18 @@ def atomic_writer(url: str, fs: fsspec.AbstractFileSystem | None = None) -> Iter
     except BaseException:
         _remove(fs, written)  # a temp file, or an upload cut short
         raise
+
+
+def check_writable(url: str) -> None:
+    """Write and delete a small file under the directory `url`, so a store that cannot take files fails now,
+    in one line (StoreError), not on every later write."""
+    probe = f"{url.rstrip('/')}/{TEMP_PREFIX}{uuid.uuid4().hex}-probe"
+    try:
+        fs, path, _ = _target(probe, None)
+        fs.pipe_file(path, b"")
+        fs.rm_file(path)
+    except Exception as err:  # any backend's error: what matters is that it names the store
+        raise StoreError(explain(url, err)) from err
 
 
 def write_atomically(url: str, data: bytes | str, fs: fsspec.AbstractFileSystem | None = None,

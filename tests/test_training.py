@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -34,7 +35,7 @@ from codistill.rundir import RunDir
 from pipelines.formats import read_shard
 from training import metrics
 from training.launch import GroupCommand, GroupFailed, free_port, group_commands, run_groups
-from training.report import eval_records
+from training.report import eval_records, peer_coverage
 from training.train import usable_peers
 
 from conftest import REPO, RUNNER
@@ -194,7 +195,8 @@ def codistill_run(data_dir, tmp_path_factory):
     sets = TINY + [f"data.output={data_dir}", f"schedule.steps={STEPS}", f"eval.every={EVAL_EVERY}",
                    "train.checkpoint_every=20", "train.log_every=5", "deepspeed.ranks_per_group=2",
                    f"codistill.burn_in_steps={BURN_IN}", f"codistill.exchange_every={EXCHANGE}",
-                   f"codistill.keep_snapshots={KEEP}", "codistill.poll_seconds=0.05", "codistill.max_staleness=1000"]
+                   f"codistill.keep_snapshots={KEEP}", "codistill.poll_seconds=0.05", "codistill.max_staleness=1000",
+                   "codistill.min_peer_coverage=0"]  # 30 steps after burn-in: a start-up skew may be most of them
     proc = run([str(BIN / "codistill"), "train", "criteo-tiny", "--run-dir", str(run_dir), *sets_args(sets)])
     assert proc.returncode == 0, tail(proc.stdout + proc.stderr, 60)
     return run_dir, proc, load_experiment("criteo-tiny", sets + [f"train.run_dir={run_dir}"])
@@ -310,6 +312,67 @@ def test_cli_train_distills_from_stale_peers_only_after_burn_in(codistill_run):
             elif r["step"] > BURN_IN:
                 assert r["distill_loss"] == 0, r
     assert used > 0, "no group ever distilled from a peer after burn-in"
+
+
+def test_cli_train_records_each_groups_peer_coverage(codistill_run):
+    run_dir, proc, _ = codistill_run
+    for g in (0, 1):
+        summary = records(run_dir, g, "summary")
+        assert len(summary) == 1 and summary[0]["step"] == STEPS and summary[0]["min_peer_coverage"] == 0
+        after = [r for r in records(run_dir, g, "train") if r["step"] > BURN_IN]
+        assert summary[0]["peer_coverage"] == pytest.approx(sum(bool(r["peers"]) for r in after) / len(after))
+        assert f"group {g}: distilled from its peers on {100 * summary[0]['peer_coverage']:.0f}% of the steps" \
+            in proc.stdout
+
+
+def train_record(step: int, weight: float, peers: dict) -> dict:
+    return {"kind": "train", "step": step, "weight": weight, "peers": peers}
+
+
+def test_peer_coverage_counts_steps_after_burn_in_with_every_peer():
+    records = [train_record(1, 0.0, {}), train_record(2, 0.0, {"1": 0}),  # burn-in: not counted
+               train_record(3, 1.0, {"1": 2, "2": 1}), train_record(4, 1.0, {"1": 3}), train_record(5, 0.5, {}),
+               {"kind": "eval", "step": 5, "loss": 1.0}]
+    assert peer_coverage(records, 2) == pytest.approx(1 / 3)
+    assert peer_coverage(records + [train_record(5, 1.0, {"1": 0, "2": 0})], 2) == pytest.approx(2 / 3), \
+        "a step written twice (a resume) counts once, the later record"
+    assert peer_coverage(records[:2], 2) is None and peer_coverage(records, 0) is None
+
+
+def test_codistillation_that_never_had_a_usable_peer_fails(data_dir, tmp_path):
+    """max_staleness 0 leaves every peer snapshot out once the peer has moved on a step: the group ahead (or both)
+    trains on its labels alone. Exit 0 would report it as codistilled."""
+    run_dir = tmp_path / "run"
+    sets = TINY + [f"data.output={data_dir}", "schedule.steps=30", "eval.every=30", "train.checkpoint_every=30",
+                   "deepspeed.ranks_per_group=1", "codistill.burn_in_steps=5", "codistill.exchange_every=5",
+                   "codistill.poll_seconds=0.05", "codistill.max_staleness=0"]
+    proc = run([str(BIN / "codistill"), "train", "criteo-tiny", "--run-dir", str(run_dir), *sets_args(sets)])
+    assert proc.returncode != 0, "a run without peers ended as a success"
+    output = proc.stdout + proc.stderr
+    failing = [line for line in output.splitlines() if "this run did not codistill" in line]
+    assert failing, tail(output)
+    assert re.search(r"\] error: group \d: distilled from its peers on only \d+% of the steps after burn-in "
+                     r"\(codistill.min_peer_coverage 0.5\)", failing[0]), failing[0]
+    assert "Traceback" not in output
+    coverages = [records(run_dir, g, "summary")[0]["peer_coverage"] for g in (0, 1)]
+    assert min(coverages) < 0.5, coverages
+
+
+def test_a_store_that_cannot_be_written_fails_at_start(data_dir, tmp_path):
+    """A file where the store's directory must be: every write fails (as for a read-only or full store)."""
+    (tmp_path / "blocked").write_text("not a directory")
+    store = tmp_path / "blocked" / "store"
+    sets = TINY + [f"data.output={data_dir}", "schedule.steps=30", "deepspeed.ranks_per_group=1",
+                   f"train.store={store}"]
+    proc = run([str(BIN / "codistill"), "train", "criteo-tiny", "--run-dir", str(tmp_path / "run"), *sets_args(sets)])
+    assert proc.returncode != 0
+    output = proc.stdout + proc.stderr
+    assert re.search(rf"error: group (\d): {re.escape(str(store))}/run/group-\1: a file stands where a directory "
+                     "must be", output), tail(output)
+    assert "Traceback" not in output
+    for g in (0, 1):
+        path = RunDir(tmp_path / "run").group(g).metrics
+        assert not path.exists() or not records(tmp_path / "run", g, "train"), "it trained without a store"
 
 
 def test_stale_peers_are_left_out_with_one_warning_per_transition(caplog):

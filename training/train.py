@@ -41,13 +41,18 @@ from codistill.rundir import RunDir
 from codistill.units import duration
 from training import evaluation
 from training.data import StreamSpec, loader, to_torch
-from training.exchange import PeerWatcher, SnapshotPublisher, check_store_run, model_signature, snapshot_bytes
+from training.exchange import (PeerWatcher, SnapshotPublisher, check_store_run, group_dir, model_signature,
+                               snapshot_bytes)
 from training.launch import exit_when_launcher_dies, next_attempt, read_run_nonce
 from training.loss import LossParts, codistillation_loss, distill_weight
-from training.report import save_eval_rows, save_predictions
+from training.report import metric_records, peer_coverage, save_eval_rows, save_predictions
 from training.workloads import Workload, workload_for
 
 logger = logging.getLogger("codistill.train")
+
+
+class RunFailed(RuntimeError):
+    """A group that must not end as a success (it did not codistill); `main` prints it as one line."""
 
 
 def init_distributed() -> tuple[int, int]:
@@ -262,6 +267,8 @@ class GroupTrainer:
         if cod.enabled and self.rank == 0:
             nonce = run_nonce or read_run_nonce(config.run_dir)
             check_store_run(config.store, config.run_id, range(self.dataset.groups), nonce)
+            # A store that cannot take this group's snapshots fails now, not as a warning on every publish.
+            storage.check_writable(group_dir(config.store, config.run_id, group))
             self.publisher = SnapshotPublisher(config.store, config.run_id, group, keep=cod.keep_snapshots,
                                                run_nonce=nonce, attempt=next_attempt(self.out.attempt))
             if self.peer_groups:
@@ -417,7 +424,33 @@ class GroupTrainer:
             if self.step % config.train.checkpoint_every == 0 or self.step == total:
                 self.save_checkpoint()
         self.save_final()
+        failure = self.summarize()
         self.close()
+        if failure:
+            raise RunFailed(failure)
+
+    def summarize(self) -> str | None:
+        """Rank 0 writes the group's summary record (its peer coverage, from every train record of the run,
+        resumes included) and returns why the run failed: codistillation that reached its peers on less than
+        `codistill.min_peer_coverage` of the steps after burn-in did not codistill, whatever the loss says."""
+        if self.rank != 0:
+            return None
+        if self.metrics_file is not None:
+            self.metrics_file.flush()
+        records = metric_records(self.out.metrics) if self.out.metrics.exists() else []
+        coverage = peer_coverage(records, len(self.peer_groups))
+        least = self.config.codistill.min_peer_coverage
+        self.write_metrics("summary", {"step": self.step, "group": self.group, "peer_coverage": coverage,
+                                       "min_peer_coverage": least})
+        if coverage is None:
+            return None
+        print(f"group {self.group}: distilled from its peers on {100 * coverage:.0f}% of the steps after burn-in",
+              flush=True)
+        if coverage < least:
+            return (f"distilled from its peers on only {100 * coverage:.0f}% of the steps after "
+                    f"burn-in (codistill.min_peer_coverage {least:g}): this run did not codistill. See the warnings "
+                    f"about the snapshot store ({self.config.store}) and peer staleness above.")
+        return None
 
     def base_rate(self, spec: StreamSpec, batches: int = 64) -> float:
         """The mean binary target of the first `batches` training batches of every rank (label smoothing's prior)."""
@@ -698,7 +731,11 @@ def main(argv: list[str] | None = None) -> None:
     sets = args.sets + ([f"train.run_dir={args.run_dir}"] if args.run_dir else [])
     config = load_experiment(args.manifest, sets)
     storage.configure(config.storage)
-    GroupTrainer(config, args.group, run_nonce=args.run_nonce).fit(resume=args.resume)
+    try:
+        GroupTrainer(config, args.group, run_nonce=args.run_nonce).fit(resume=args.resume)
+    except (RunFailed, storage.StoreError) as err:  # the user's to fix: one line, not a traceback per rank
+        print(f"error: group {args.group}: {err}", file=sys.stderr, flush=True)
+        sys.exit(1)
     exit_finished_rank()  # only after a complete run: an exception exits through the interpreter as usual
 
 
