@@ -36,7 +36,7 @@ from pipelines.formats import read_shard
 from training import metrics
 from training.launch import GroupCommand, GroupFailed, free_port, group_commands, run_groups
 from training.report import eval_records, peer_coverage
-from training.train import usable_peers
+from training.train import stale_checkpoints, usable_peers
 
 from conftest import REPO, RUNNER
 
@@ -498,6 +498,47 @@ def test_resume_keeps_the_earlier_metrics(kill_and_resume):
     assert after.startswith(before), "the resumed run rewrote or lost the records written before the kill"
     steps = {json.loads(line)["step"] for line in after.splitlines() if json.loads(line)["kind"] == "train"}
     assert steps == set(range(1, KILL_STEPS + 1)), "train records missing for some steps"
+
+
+@pytest.fixture(scope="module")
+def lagging_resume(data_dir, tmp_path_factory):
+    """A finished 2-group codistillation run made into a crashed one whose group 1 lags a checkpoint interval
+    behind (its newest checkpoint, step 40, gone: it died between its checkpoints of steps 30 and 40), then
+    group 0 resumed (alone: group 1 resumed too could reach step 40 again before group 0 looks)."""
+    run_dir = tmp_path_factory.mktemp("lagging") / "run"
+    sets = TINY + [f"data.output={data_dir}", "schedule.steps=40", "eval.every=20", "train.checkpoint_every=10",
+                   "deepspeed.ranks_per_group=1", "codistill.burn_in_steps=5", "codistill.exchange_every=5",
+                   "codistill.poll_seconds=0.05", "codistill.max_staleness=5", "codistill.min_peer_coverage=0"]
+    proc = run([str(BIN / "codistill"), "train", "criteo-tiny", "--run-dir", str(run_dir), *sets_args(sets)])
+    assert proc.returncode == 0, tail(proc.stdout + proc.stderr, 60)
+    behind = RunDir(run_dir).group(1).checkpoints
+    shutil.rmtree(behind / "step-00000040")
+    (behind / "latest").write_text("step-00000030")
+    before = RunDir(run_dir).group(0).metrics.read_text()
+    proc = run(group_commands("criteo-tiny", [0], 1, sets + [f"train.run_dir={run_dir}"], True)[0].argv)
+    assert proc.returncode == 0, tail(proc.stdout + proc.stderr, 60)
+    return run_dir, before, proc
+
+
+def test_resume_restarts_every_group_from_the_newest_checkpoint_they_all_have(lagging_resume):
+    """Group 0 resuming from its own newest (step 40, the end) would leave group 1 to train steps 31-40 against
+    a peer 10 steps old, over max_staleness: without a peer."""
+    run_dir, _, proc = lagging_resume
+    assert "--resume: from step 30, the newest checkpoint every group has (step-00000040 is this group's newest)" \
+        in proc.stdout, tail(proc.stdout)
+    assert "resumed at step 30" in proc.stdout, tail(proc.stdout)
+    assert (RunDir(run_dir).group(0).checkpoints / "latest").read_text().strip() == "step-00000040"
+    assert [r["step"] for r in records(run_dir, 0, "eval")][-1] == 40
+
+
+def test_a_group_keeps_the_newest_checkpoint_every_group_has(tmp_path):
+    for step in (10, 20, 30, 40):
+        (tmp_path / f"step-{step:08d}").mkdir()
+    (tmp_path / "latest").write_text("step-00000040")
+    assert [p.name for p in stale_checkpoints(tmp_path, None)] == ["step-00000010", "step-00000020"]
+    assert [p.name for p in stale_checkpoints(tmp_path, 10)] == ["step-00000020"], \
+        "the peers' newest checkpoint (10) is where a resume starts: it must stay"
+    assert [p.name for p in stale_checkpoints(tmp_path, 30)] == ["step-00000010", "step-00000020"]
 
 
 # --- 4. the launcher -----------------------------------------------------------------------------------

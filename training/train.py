@@ -573,9 +573,25 @@ class GroupTrainer:
         peers = {str(g): s for g, s in self.peer_steps.items()}
         self.engine.save_checkpoint(str(directory), tag=tag, client_state={"step": self.step, "peer_steps": peers})
         dist.barrier()
-        if self.rank == 0:  # keep the newest two
-            for old in sorted(p for p in directory.glob("step-*") if p.is_dir())[:-2]:
+        if self.rank == 0:  # keep the newest two, and the newest one every group has: where a resume starts
+            shared = self.shared_checkpoint_steps()
+            for old in stale_checkpoints(directory, max(shared) if shared else None):
                 shutil.rmtree(old, ignore_errors=True)
+
+    def shared_checkpoint_steps(self) -> set[int] | None:
+        """The checkpoint steps every codistilling group of this run directory has (a group's directory without
+        checkpoints has step 0: it would start afresh); None when the groups do not codistill or a group's
+        directory is not here (run directories on different machines)."""
+        if not self.peer_groups:
+            return None
+        run_dir = RunDir(self.config.run_dir)
+        shared = None
+        for g in self.config.trained_groups:
+            if not run_dir.group(g).path.is_dir():
+                return None
+            steps = {0} | {int(p.name.split("-")[1]) for p in checkpoint_dirs(run_dir.group(g).checkpoints)}
+            shared = steps if shared is None else shared & steps
+        return shared
 
     def load_checkpoint(self) -> int:
         """Restore model, optimizer, scheduler, step and peers; returns how many batches to skip.
@@ -585,7 +601,7 @@ class GroupTrainer:
         makes the same choice). Never unpickles code: see `load_weights_only`.
         """
         directory = self.out.checkpoints
-        tags = checkpoint_tags(directory)
+        tags = self.resumable_tags(checkpoint_tags(directory))
         if not tags:
             if self.rank == 0:
                 print(f"--resume: no checkpoint in {directory}, starting from step 0", flush=True)
@@ -619,6 +635,25 @@ class GroupTrainer:
             print(f"resumed at step {self.step} (peers {self.peer_steps})", flush=True)
         return self.step * self.config.deepspeed.grad_accum
 
+    def resumable_tags(self, tags: list[str]) -> list[str]:
+        """The checkpoints to resume from: with peers, none past the newest step every group has, so the groups
+        restart together. Each resuming from its own newest would leave them up to a checkpoint interval apart
+        for the rest of the run, and a group ahead by more than max_staleness would never distill again."""
+        shared = self.shared_checkpoint_steps()
+        if shared is None:
+            if self.peer_groups and self.rank == 0:
+                logger.warning("--resume: the other groups' checkpoints are not in %s, so this group resumes from "
+                               "its own newest; groups that resume up to train.checkpoint_every (%d) steps apart "
+                               "may leave each other out (codistill.max_staleness %s)", self.config.run_dir,
+                               self.config.train.checkpoint_every, self.config.codistill.max_staleness)
+            return tags
+        newest = max(shared)
+        kept = [tag for tag in tags if int(tag.split("-")[1]) <= newest]
+        if tags and kept[:1] != tags[:1] and self.rank == 0:
+            print(f"--resume: from step {newest}, the newest checkpoint every group has ({tags[0]} is this group's "
+                  "newest)", flush=True)
+        return kept
+
     def close(self) -> None:
         """Close files and threads and leave the process group; `exit_finished_rank` then ends the process."""
         if self.metrics_file is not None:
@@ -644,8 +679,7 @@ def eval_placeholder(workload: Workload, spec: StreamSpec, config: ExperimentCon
 
 def checkpoint_tags(directory: Path) -> list[str]:
     """Checkpoint tags to try, best first: the one `latest` names (if it names one), then the others, newest first."""
-    found = sorted((p.name for p in directory.glob("step-*") if p.is_dir() and _CHECKPOINT_TAG.match(p.name)),
-                   reverse=True)
+    found = [p.name for p in reversed(checkpoint_dirs(directory))]
     try:
         named = (directory / "latest").read_text()[:64].strip()
     except OSError:
@@ -655,6 +689,17 @@ def checkpoint_tags(directory: Path) -> list[str]:
             logger.warning("%s names no checkpoint (%r): using the newest one there", directory / "latest", named)
         return found
     return [named] + [tag for tag in found if tag != named]
+
+
+def stale_checkpoints(directory: Path, shared_step: int | None) -> list[Path]:
+    """The checkpoint directories a group may delete: all but its newest two and the one of `shared_step`."""
+    keep = f"step-{shared_step:08d}" if shared_step is not None else None
+    return [p for p in checkpoint_dirs(directory)[:-2] if p.name != keep]
+
+
+def checkpoint_dirs(directory: Path) -> list[Path]:
+    """The checkpoint directories in `directory`, oldest first."""
+    return sorted(p for p in directory.glob("step-*") if p.is_dir() and _CHECKPOINT_TAG.match(p.name))
 
 
 def checkpoint_safe_globals() -> list[type]:
