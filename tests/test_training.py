@@ -492,12 +492,26 @@ def test_resumed_run_ends_like_an_uninterrupted_one(kill_and_resume):
         np.testing.assert_allclose(p["prob"], q["prob"], atol=0.05)
 
 
-def test_resume_keeps_the_earlier_metrics(kill_and_resume):
-    _, killed, before, _, _ = kill_and_resume
+def test_resume_keeps_the_earlier_metrics_up_to_its_checkpoint(kill_and_resume):
+    _, killed, before, killed_at, _ = kill_and_resume
+    resumed_from = int(killed_at.split("-")[1])
     after = RunDir(killed).group(0).metrics.read_text()
-    assert after.startswith(before), "the resumed run rewrote or lost the records written before the kill"
-    steps = {json.loads(line)["step"] for line in after.splitlines() if json.loads(line)["kind"] == "train"}
-    assert steps == set(range(1, KILL_STEPS + 1)), "train records missing for some steps"
+    kept = "".join(line + "\n" for line in before.splitlines() if line.endswith("}")
+                   and json.loads(line)["step"] <= resumed_from)
+    assert kept and after.startswith(kept), "the resumed run rewrote or lost the records up to its checkpoint"
+    train = [json.loads(line)["step"] for line in after.splitlines() if json.loads(line)["kind"] == "train"]
+    assert sorted(train) == list(range(1, KILL_STEPS + 1)), "each step's train record once, none missing"
+
+
+def test_resume_logs_the_steps_it_trains_again_once(lagging_resume):
+    """Steps 31-40 ran before the resume and again after it: curves and reports must not count them twice."""
+    run_dir, before, _ = lagging_resume
+    assert [r["step"] for r in records(run_dir, 0, "train") if r["step"] > 30] == list(range(31, 41))
+    assert [r["step"] for r in records(run_dir, 0, "eval")] == [20, 40]
+    assert len(records(run_dir, 0, "summary")) == 1
+    assert RunDir(run_dir).group(0).metrics.read_text().startswith(
+        "".join(line + "\n" for line in before.splitlines() if json.loads(line)["step"] <= 30
+                and json.loads(line)["kind"] != "summary"))
 
 
 @pytest.fixture(scope="module")

@@ -605,6 +605,7 @@ class GroupTrainer:
         if not tags:
             if self.rank == 0:
                 print(f"--resume: no checkpoint in {directory}, starting from step 0", flush=True)
+                truncate_metrics(self.out.metrics, 0)
             return 0
         for tag in tags:
             problem = checkpoint_problem(directory / tag)
@@ -632,6 +633,7 @@ class GroupTrainer:
                     continue
                 self._adopt(int(g), step, state)
         if self.rank == 0:
+            truncate_metrics(self.out.metrics, self.step)
             print(f"resumed at step {self.step} (peers {self.peer_steps})", flush=True)
         return self.step * self.config.deepspeed.grad_accum
 
@@ -689,6 +691,29 @@ def checkpoint_tags(directory: Path) -> list[str]:
             logger.warning("%s names no checkpoint (%r): using the newest one there", directory / "latest", named)
         return found
     return [named] + [tag for tag in found if tag != named]
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Cut a metrics.jsonl back to the records of steps up to `step`, the checkpoint a resume starts from: the
+    steps after it are trained (and logged) again, and a step logged twice would count twice in every curve and
+    report. Summaries (written again at the end) and lines torn by a kill go too; the rest stays as written."""
+    if not path.exists():
+        return
+    kept, dropped = [], 0
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if isinstance(record, dict) and record.get("kind") not in (None, "summary") \
+                and isinstance(record.get("step"), int) and record["step"] <= step:
+            kept.append(line + "\n")
+        else:
+            dropped += line.strip() != ""
+    if dropped:
+        storage.write_atomically(str(path), "".join(kept))
+        print(f"--resume: {path}: {dropped} record(s) after step {step} dropped (they are trained again)",
+              flush=True)
 
 
 def stale_checkpoints(directory: Path, shared_step: int | None) -> list[Path]:
