@@ -112,11 +112,35 @@ def _renames_atomically(fs: fsspec.AbstractFileSystem) -> bool:
     return "file" in protocols
 
 
+# Object stores: buckets hold keys, not directories. fs.makedirs would create a missing bucket (s3fs does), so
+# a misspelt bucket name would put the data into a new bucket in the caller's account.
+_BUCKETED = frozenset({"s3", "s3a", "gs", "gcs", "abfs", "abfss", "az", "adl"})
+_buckets_found: set[tuple[fsspec.AbstractFileSystem, str]] = set()
+
+
+def make_dirs(fs: fsspec.AbstractFileSystem, path: str) -> None:
+    """Make the directory `path` for files to go into. On an object store only check that its bucket exists
+    (StoreError naming it otherwise): a bucket is never created here."""
+    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol
+    if not _BUCKETED.intersection(protocols):
+        fs.makedirs(path, exist_ok=True)
+        return
+    bucket = fs._strip_protocol(path).split("/", 1)[0]
+    if (fs, bucket) in _buckets_found:
+        return
+    try:
+        fs.info(bucket)
+    except FileNotFoundError as err:
+        raise StoreError(f"{fs.unstrip_protocol(bucket)}: no such bucket; buckets are never created here: "
+                         f"create it, or correct the name (writing {fs.unstrip_protocol(path)})") from err
+    _buckets_found.add((fs, bucket))
+
+
 def _target(url: str, fs: fsspec.AbstractFileSystem | None) -> tuple[fsspec.AbstractFileSystem, str, str]:
     """(file system, path, temp path beside it), with the parent directory made."""
     fs, path = (fs, url) if fs is not None else url_to_fs(url)
     parent, name = path.rsplit("/", 1)
-    fs.makedirs(parent, exist_ok=True)
+    make_dirs(fs, parent)
     return fs, path, f"{parent}/{TEMP_PREFIX}{uuid.uuid4().hex}-{name}"
 
 
@@ -150,6 +174,8 @@ def check_writable(url: str) -> None:
         fs, path, _ = _target(probe, None)
         fs.pipe_file(path, b"")
         fs.rm_file(path)
+    except StoreError:
+        raise
     except Exception as err:  # any backend's error: what matters is that it names the store
         raise StoreError(explain(url, err)) from err
 

@@ -190,3 +190,33 @@ def test_snapshot_cut_off_mid_publish_on_s3_is_never_seen(s3_storage):
         while not (updates := w.take_updates()) and time.monotonic() < deadline:
             time.sleep(0.02)
     assert updates[1][0] == 1 and torch.equal(updates[1][1]["w"], state["w"])
+
+
+# --- a missing bucket is never created ------------------------------------------------------------------------
+
+
+MISSPELT = "codistill-tset"  # not the fixture's bucket: a typo of it
+
+
+def test_writing_to_a_missing_bucket_names_it_and_never_creates_it(s3_storage):
+    """s3fs's makedirs creates a missing bucket: a typo would send the data to a new bucket in the caller's
+    account. Every way in which we write files checks the bucket instead."""
+    import torch
+
+    from training.exchange import SnapshotPublisher
+
+    rule = s3_storage.rule  # the same endpoint and credentials for the misspelt name
+    storage.configure([rule, StorageConfig(f"s3://{MISSPELT}", rule.options, rule.env)])
+    fs, _ = storage.url_to_fs(f"s3://{MISSPELT}")
+    expected = f"s3://{MISSPELT}: no such bucket; buckets are never created here"
+    with pytest.raises(storage.StoreError, match=re.escape(expected)):
+        storage.write_atomically(f"s3://{MISSPELT}/data/manifest.json", b"{}")
+    with pytest.raises(storage.StoreError, match=re.escape(expected)):
+        with storage.atomic_writer(f"s3://{MISSPELT}/data/shard-00000.tfrecord") as f:
+            f.write(b"rows")
+    with pytest.raises(storage.StoreError, match=re.escape(expected)):
+        storage.check_writable(f"s3://{MISSPELT}/store/run/group-0")
+    assert not SnapshotPublisher(f"s3://{MISSPELT}/store", "run", group=0).publish(1, {"w": torch.zeros(2)})
+    fs.invalidate_cache()
+    assert MISSPELT not in {b.rstrip("/") for b in fs.ls("")}, "a bucket was created"
+    storage.write_atomically(s3_storage.url("exists/manifest.json"), b"{}")  # the real bucket still takes files
