@@ -84,10 +84,38 @@ def explain(url: str, err: BaseException) -> str:
     return f"{url}: {_likely_cause(err)} ({text})"
 
 
+def _store_errors() -> tuple[type[BaseException], ...]:
+    """What a store access raises: OSError, and the client libraries' own errors where they are installed
+    (an unreachable S3 endpoint raises botocore's EndpointConnectionError, not an OSError)."""
+    errors: list[type[BaseException]] = [OSError]
+    with contextlib.suppress(ImportError):
+        from botocore.exceptions import BotoCoreError
+        errors.append(BotoCoreError)
+    with contextlib.suppress(ImportError):
+        from aiohttp import ClientError
+        errors.append(ClientError)
+    return tuple(errors)
+
+
+@contextlib.contextmanager
+def explained(url: str) -> Iterator[None]:
+    """Store errors inside the block become one StoreError line naming `url` and the likely cause (`explain`):
+    not a bare `Forbidden`, nor a client library's traceback. FileNotFoundError passes through (callers say
+    what is missing) and so does a StoreError."""
+    try:
+        yield
+    except (StoreError, FileNotFoundError):
+        raise
+    except _store_errors() as err:
+        raise StoreError(explain(url, err)) from err
+
+
 def _likely_cause(err: BaseException) -> str:
     code = getattr(err, "errno", None)
+    if isinstance(err, ConnectionError) or any("Connect" in cls.__name__ for cls in type(err).__mro__):
+        return "cannot reach the store's endpoint: is it running, and is the endpoint_url (storage rule) right?"
     if isinstance(err, PermissionError) or code in (errno.EACCES, errno.EPERM):
-        return "access denied: wrong credentials, or no permission to write there"
+        return "access denied: wrong or missing credentials, or no permission there"
     if code == errno.EROFS:
         return "read-only file system"
     if code == errno.ENOSPC:

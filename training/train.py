@@ -264,11 +264,10 @@ class GroupTrainer:
         self.states: dict = {}  # what each model carries between batches: "student", and each peer's group
         self.placeholder = None  # one eval row, for the forwards of a rank out of eval rows (ZeRO-3)
         self.publisher = self.watcher = None
+        if cod.enabled:
+            self.check_store(run_nonce)
         if cod.enabled and self.rank == 0:
             nonce = run_nonce or read_run_nonce(config.run_dir)
-            check_store_run(config.store, config.run_id, range(self.dataset.groups), nonce)
-            # A store that cannot take this group's snapshots fails now, not as a warning on every publish.
-            storage.check_writable(group_dir(config.store, config.run_id, group))
             self.publisher = SnapshotPublisher(config.store, config.run_id, group, keep=cod.keep_snapshots,
                                                run_nonce=nonce, attempt=next_attempt(self.out.attempt))
             if self.peer_groups:
@@ -282,6 +281,25 @@ class GroupTrainer:
         self.step = 0
         self.step_seconds: list[float] = []
         self.metrics_file = None
+
+    def check_store(self, run_nonce: str | None) -> None:
+        """Rank 0 checks the snapshot store: no other run's snapshots, and writable (a store that cannot take
+        this group's snapshots fails now, not as a warning on every publish). Every rank then raises the same
+        StoreError, so none is left waiting in a collective for a rank 0 that is gone."""
+        config = self.config
+        problem = [None]
+        if self.rank == 0:
+            try:
+                with storage.explained(config.store):
+                    check_store_run(config.store, config.run_id, range(self.dataset.groups),
+                                    run_nonce or read_run_nonce(config.run_dir))
+                storage.check_writable(group_dir(config.store, config.run_id, self.group))
+            except (storage.StoreError, ValueError) as err:
+                problem = [str(err)]
+        if self.world > 1:
+            dist.broadcast_object_list(problem, src=0)
+        if problem[0] is not None:
+            raise storage.StoreError(problem[0])
 
     def _frozen_copy(self) -> FlatPeer:
         peer = self.workload.build_model(self.config.model, self.dataset)
@@ -804,7 +822,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         GroupTrainer(config, args.group, run_nonce=args.run_nonce).fit(resume=args.resume)
     except (RunFailed, storage.StoreError) as err:  # the user's to fix: one line, not a traceback per rank
-        print(f"error: group {args.group}: {err}", file=sys.stderr, flush=True)
+        if int(os.environ.get("RANK", "0")) == 0:  # every rank meets a store error: rank 0 says it
+            print(f"error: group {args.group}: {err}", file=sys.stderr, flush=True)
         sys.exit(1)
     exit_finished_rank()  # only after a complete run: an exception exits through the interpreter as usual
 
