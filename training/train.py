@@ -622,7 +622,7 @@ class GroupTrainer:
         tags = self.resumable_tags(checkpoint_tags(directory))
         if not tags:
             if self.rank == 0:
-                print(f"--resume: no checkpoint in {directory}, starting from step 0", flush=True)
+                print(f"--resume: no checkpoint to resume from in {directory}, starting from step 0", flush=True)
                 truncate_metrics(self.out.metrics, 0)
             return 0
         for tag in tags:
