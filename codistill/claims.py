@@ -24,7 +24,7 @@ from codistill.rundir import RunDir
 from codistill.plans import (TARGETS, Claim, Plan, examples_per_step, passes, read_targets,
                              write_targets)
 from codistill.stats import Estimate, Goal
-from training.report import metric_records, read_eval_keys
+from training.report import metric_records, peer_coverage, read_eval_keys
 from training.workloads import workload_for
 
 
@@ -100,23 +100,26 @@ def _derived(derived, conditions: dict[str, Condition], context: EvalSplit) -> C
 
 def run_facts(config, run_dir: RunDir, dataset) -> dict:
     """Measured, not configured: peer staleness after burn-in (mean, max), the share of those steps with every
-    peer (coverage), passes over the split read, step time, examples."""
+    peer (coverage: the lowest of the groups', `training.report.peer_coverage`, what each group's summary
+    records and its run is refused by), passes over the split read, step time, examples."""
     groups = config.trained_groups
-    ages, covered, steps, ms = [], 0, 0, []
+    ages, ms, coverages = [], [], []
     peers = len(groups) - 1 if config.codistill.enabled else 0
     for group in groups:
-        for record in metric_records(run_dir.group(group).metrics):
+        records = metric_records(run_dir.group(group).metrics)
+        for record in records:
             if record["kind"] != "train":
                 continue
             ms.append(record["ms"])
             if peers and record["weight"] > 0:
-                steps += 1
-                covered += len(record["peers"]) == peers
                 ages += list(record["peers"].values())
+        coverage = peer_coverage(records, peers)
+        if coverage is not None:
+            coverages.append(coverage)
     examples = config.schedule.steps * examples_per_step(config)
     return {"staleness_mean": float(np.mean(ages)) if ages else math.nan,
             "staleness_max": int(max(ages)) if ages else None,
-            "coverage": covered / steps if steps else None,
+            "coverage": min(coverages) if coverages else None,
             "passes": passes(config, dataset),
             "examples": examples * len(groups), "ms_per_step": float(np.median(ms)) if ms else math.nan,
             "ranks": config.deepspeed.ranks_per_group}
@@ -167,11 +170,12 @@ def describe_setup(results: Results, name: str) -> str:
     condition = results.conditions[name]
     facts = [u.facts for u in condition.units if u.facts]
     text = name + (f" (= {condition.chosen})" if condition.chosen else "")
-    if facts and facts[0].get("staleness_max") is not None:
-        mean = np.mean([f["staleness_mean"] for f in facts])
-        worst = max(f["staleness_max"] for f in facts)
-        coverage = min(f["coverage"] for f in facts)
-        text += f" [staleness {mean:.1f} mean, {worst} max; peers on {100 * coverage:.0f}% of steps]"
+    stale = [f for f in facts if f.get("staleness_max") is not None]
+    covered = [f["coverage"] for f in facts if f.get("coverage") is not None]
+    if covered:  # shown even when no step had a peer (then there is no staleness to show)
+        staleness = (f"staleness {np.mean([f['staleness_mean'] for f in stale]):.1f} mean, "
+                     f"{max(f['staleness_max'] for f in stale)} max; " if stale else "")
+        text += f" [{staleness}peers on {100 * min(covered):.0f}% of steps]"
     return text
 
 
@@ -380,7 +384,8 @@ def results_table(results: Results) -> tuple[list[str], list[list[str]]]:
         stale = [f for f in facts if f.get("staleness_max") is not None]
         cells.append(f"{np.mean([f['staleness_mean'] for f in stale]):.1f} / "
                      f"{max(f['staleness_max'] for f in stale)}" if stale else "")
-        cells.append(f"{100 * min(f['coverage'] for f in stale):.0f}%" if stale else "")
+        covered = [f["coverage"] for f in facts if f.get("coverage") is not None]
+        cells.append(f"{100 * min(covered):.0f}%" if covered else "")
         cells.append(f"{np.mean([f['passes'] for f in facts]):.2f}" if facts else "")
         rows.append(cells)
     return header, rows

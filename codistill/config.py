@@ -207,6 +207,9 @@ class CodistillConfig:
     # arrives and training never waits.
     lockstep: bool = False
     lockstep_timeout: float = 600.0
+    # A group that distilled from its peers on less than this share of its steps after burn-in (a store it
+    # could not write or read, peers too stale) ends its run with an error: it did not codistill.
+    min_peer_coverage: float = 0.5
 
     def validate(self, name: str) -> None:
         require(self.weight >= 0, f"{name}.weight", f"must be >= 0, got {self.weight}")
@@ -218,6 +221,8 @@ class CodistillConfig:
                 f"must be >= 0 or null, got {self.max_staleness}")
         require(self.keep_snapshots >= 1, f"{name}.keep_snapshots", f"must be >= 1, got {self.keep_snapshots}")
         require(self.poll_seconds > 0, f"{name}.poll_seconds", f"must be > 0, got {self.poll_seconds}")
+        require(0 <= self.min_peer_coverage <= 1, f"{name}.min_peer_coverage",
+                f"must be in [0, 1], got {self.min_peer_coverage}")
         require(self.lockstep_timeout > 0, f"{name}.lockstep_timeout", f"must be > 0, got {self.lockstep_timeout}")
         require(not (self.lockstep and self.max_staleness is not None and self.max_staleness < self.exchange_every - 1),
                 f"{name}.max_staleness", f"lockstep peers are up to exchange_every - 1 = {self.exchange_every - 1} "

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from codistill.config import DataConfig
 from codistill.fields import ConfigError
 from codistill.shards import Feature, Schema, ShardFormatError, open_regular_file
+from codistill import storage
 from codistill.storage import write_atomically
 
 SCHEMA_VERSION = 1
@@ -151,7 +152,7 @@ def write_manifest(root: str, manifest: DatasetManifest) -> None:
 def load_manifest(root: str) -> DatasetManifest:
     url = join(root, MANIFEST_NAME)
     try:
-        with open_regular_file(url) as f:
+        with storage.explained(url), open_regular_file(url) as f:
             data = f.read(MAX_MANIFEST_BYTES + 1)
     except FileNotFoundError:
         raise DatasetError(f"{root}: no {MANIFEST_NAME}; the dataset is missing or incomplete") from None

@@ -21,6 +21,7 @@ deletes).
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import uuid
 from collections.abc import Iterable, Iterator
@@ -72,6 +73,60 @@ def open(url: str, mode: str = "rb", **kwargs) -> fsspec.core.OpenFile:  # noqa:
     return fsspec.open(url, mode, **options_for(url), **kwargs)
 
 
+class StoreError(OSError):
+    """A store that cannot be used, in one line naming its URL and the likely cause (`explain`)."""
+
+
+def explain(url: str, err: BaseException) -> str:
+    """One line for a failed store access: the URL, the likely cause, then the error itself (its first line)."""
+    detail = (str(err).strip().splitlines() or [""])[0][:200]
+    text = f"{type(err).__name__}: {detail}" if detail else type(err).__name__
+    return f"{url}: {_likely_cause(err)} ({text})"
+
+
+def _store_errors() -> tuple[type[BaseException], ...]:
+    """What a store access raises: OSError, and the client libraries' own errors where they are installed
+    (an unreachable S3 endpoint raises botocore's EndpointConnectionError, not an OSError)."""
+    errors: list[type[BaseException]] = [OSError]
+    with contextlib.suppress(ImportError):
+        from botocore.exceptions import BotoCoreError
+        errors.append(BotoCoreError)
+    with contextlib.suppress(ImportError):
+        from aiohttp import ClientError
+        errors.append(ClientError)
+    return tuple(errors)
+
+
+@contextlib.contextmanager
+def explained(url: str) -> Iterator[None]:
+    """Store errors inside the block become one StoreError line naming `url` and the likely cause (`explain`):
+    not a bare `Forbidden`, nor a client library's traceback. FileNotFoundError passes through (callers say
+    what is missing) and so does a StoreError."""
+    try:
+        yield
+    except (StoreError, FileNotFoundError):
+        raise
+    except _store_errors() as err:
+        raise StoreError(explain(url, err)) from err
+
+
+def _likely_cause(err: BaseException) -> str:
+    code = getattr(err, "errno", None)
+    if isinstance(err, ConnectionError) or any("Connect" in cls.__name__ for cls in type(err).__mro__):
+        return "cannot reach the store's endpoint: is it running, and is the endpoint_url (storage rule) right?"
+    if isinstance(err, PermissionError) or code in (errno.EACCES, errno.EPERM):
+        return "access denied: wrong or missing credentials, or no permission there"
+    if code == errno.EROFS:
+        return "read-only file system"
+    if code == errno.ENOSPC:
+        return "no space left on the device"
+    if isinstance(err, (NotADirectoryError, FileExistsError)):
+        return "a file stands where a directory must be"
+    if isinstance(err, FileNotFoundError):
+        return "not found"
+    return "cannot be written"
+
+
 TEMP_PREFIX = ".tmp-"  # the names files are written under before their rename
 
 
@@ -85,11 +140,35 @@ def _renames_atomically(fs: fsspec.AbstractFileSystem) -> bool:
     return "file" in protocols
 
 
+# Object stores: buckets hold keys, not directories. fs.makedirs would create a missing bucket (s3fs does), so
+# a misspelt bucket name would put the data into a new bucket in the caller's account.
+_BUCKETED = frozenset({"s3", "s3a", "gs", "gcs", "abfs", "abfss", "az", "adl"})
+_buckets_found: set[tuple[fsspec.AbstractFileSystem, str]] = set()
+
+
+def make_dirs(fs: fsspec.AbstractFileSystem, path: str) -> None:
+    """Make the directory `path` for files to go into. On an object store only check that its bucket exists
+    (StoreError naming it otherwise): a bucket is never created here."""
+    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol
+    if not _BUCKETED.intersection(protocols):
+        fs.makedirs(path, exist_ok=True)
+        return
+    bucket = fs._strip_protocol(path).split("/", 1)[0]
+    if (fs, bucket) in _buckets_found:
+        return
+    try:
+        fs.info(bucket)
+    except FileNotFoundError as err:
+        raise StoreError(f"{fs.unstrip_protocol(bucket)}: no such bucket; buckets are never created here: "
+                         f"create it, or correct the name (writing {fs.unstrip_protocol(path)})") from err
+    _buckets_found.add((fs, bucket))
+
+
 def _target(url: str, fs: fsspec.AbstractFileSystem | None) -> tuple[fsspec.AbstractFileSystem, str, str]:
     """(file system, path, temp path beside it), with the parent directory made."""
     fs, path = (fs, url) if fs is not None else url_to_fs(url)
     parent, name = path.rsplit("/", 1)
-    fs.makedirs(parent, exist_ok=True)
+    make_dirs(fs, parent)
     return fs, path, f"{parent}/{TEMP_PREFIX}{uuid.uuid4().hex}-{name}"
 
 
@@ -113,6 +192,20 @@ def atomic_writer(url: str, fs: fsspec.AbstractFileSystem | None = None) -> Iter
     except BaseException:
         _remove(fs, written)  # a temp file, or an upload cut short
         raise
+
+
+def check_writable(url: str) -> None:
+    """Write and delete a small file under the directory `url`, so a store that cannot take files fails now,
+    in one line (StoreError), not on every later write."""
+    probe = f"{url.rstrip('/')}/{TEMP_PREFIX}{uuid.uuid4().hex}-probe"
+    try:
+        fs, path, _ = _target(probe, None)
+        fs.pipe_file(path, b"")
+        fs.rm_file(path)
+    except StoreError:
+        raise
+    except Exception as err:  # any backend's error: what matters is that it names the store
+        raise StoreError(explain(url, err)) from err
 
 
 def write_atomically(url: str, data: bytes | str, fs: fsspec.AbstractFileSystem | None = None,

@@ -209,3 +209,16 @@ def test_claim1_is_untestable_when_even_the_ensemble_cannot_reach_t_star_early(t
     t_star = float(results.conditions["sync-128"].units[0].models[0].curve(results.context, "validation")[-1])
     row = _claim1_row(results, {"b_star_index": 1, "t_star": t_star, "b_star": 128})
     assert row.verdict == "untestable at this scale" and row.estimate is None
+
+
+def test_a_codistillation_condition_without_peers_shows_its_coverage():
+    """No step had a peer, so there is no staleness: the coverage (0%) must still show, or the condition reads as
+    codistilled."""
+    from codistill.claims import Results, describe_setup
+
+    facts = {"staleness_mean": math.nan, "staleness_max": None, "coverage": 0.0, "passes": 1.0}
+    results = Results(plan=None, context=None, bootstrap=None,
+                      conditions={"codistill": Condition("codistill", [Unit(0, [], dict(facts))]),
+                                  "baseline": Condition("baseline", [Unit(0, [], facts | {"coverage": None})])})
+    assert describe_setup(results, "codistill") == "codistill [peers on 0% of steps]"
+    assert describe_setup(results, "baseline") == "baseline"

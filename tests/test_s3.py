@@ -11,7 +11,7 @@ import time
 
 import pytest
 import yaml
-from conftest import REPO, RUNNER, S3_ENV, dask_args, shard_bytes
+from conftest import REPO, RUNNER, S3_ENV, _wait_for_port, dask_args, shard_bytes
 
 from codistill import storage
 from codistill.config import ConfigError, StorageConfig, load_experiment
@@ -20,7 +20,7 @@ from codistill.rundir import RunDir
 from codistill.verify import verify_dataset
 from pipelines.run import preprocess
 from training.exchange import LATEST, PeerWatcher, model_signature, snapshot_bytes
-from training.launch import group_commands, read_run_nonce
+from training.launch import free_port, group_commands, read_run_nonce
 from training.workloads import workload_for
 
 pytestmark = pytest.mark.timeout(300)
@@ -190,3 +190,101 @@ def test_snapshot_cut_off_mid_publish_on_s3_is_never_seen(s3_storage):
         while not (updates := w.take_updates()) and time.monotonic() < deadline:
             time.sleep(0.02)
     assert updates[1][0] == 1 and torch.equal(updates[1][1]["w"], state["w"])
+
+
+# --- a missing bucket is never created ------------------------------------------------------------------------
+
+
+MISSPELT = "codistill-tset"  # not the fixture's bucket: a typo of it
+
+
+def test_writing_to_a_missing_bucket_names_it_and_never_creates_it(s3_storage):
+    """s3fs's makedirs creates a missing bucket: a typo would send the data to a new bucket in the caller's
+    account. Every way in which we write files checks the bucket instead."""
+    import torch
+
+    from training.exchange import SnapshotPublisher
+
+    rule = s3_storage.rule  # the same endpoint and credentials for the misspelt name
+    storage.configure([rule, StorageConfig(f"s3://{MISSPELT}", rule.options, rule.env)])
+    fs, _ = storage.url_to_fs(f"s3://{MISSPELT}")
+    expected = f"s3://{MISSPELT}: no such bucket; buckets are never created here"
+    with pytest.raises(storage.StoreError, match=re.escape(expected)):
+        storage.write_atomically(f"s3://{MISSPELT}/data/manifest.json", b"{}")
+    with pytest.raises(storage.StoreError, match=re.escape(expected)):
+        with storage.atomic_writer(f"s3://{MISSPELT}/data/shard-00000.tfrecord") as f:
+            f.write(b"rows")
+    with pytest.raises(storage.StoreError, match=re.escape(expected)):
+        storage.check_writable(f"s3://{MISSPELT}/store/run/group-0")
+    assert not SnapshotPublisher(f"s3://{MISSPELT}/store", "run", group=0).publish(1, {"w": torch.zeros(2)})
+    fs.invalidate_cache()
+    assert MISSPELT not in {b.rstrip("/") for b in fs.ls("")}, "a bucket was created"
+    storage.write_atomically(s3_storage.url("exists/manifest.json"), b"{}")  # the real bucket still takes files
+
+
+# --- wrong credentials, an unreachable endpoint: one line naming the URL and the likely cause ---------------
+
+
+@pytest.fixture(scope="module")
+def s3_checking_credentials(tmp_path_factory):
+    """A second moto server, this one checking credentials (INITIAL_NO_AUTH_ACTION_COUNT=0): ours are unknown."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("moto-auth") / "server.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], stdout=out,
+                                stderr=subprocess.STDOUT, env=dict(os.environ, INITIAL_NO_AUTH_ACTION_COUNT="0"))
+    try:
+        _wait_for_port(proc, port, log)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def rule_for(endpoint: str) -> dict:
+    # One attempt per botocore call: an unreachable endpoint fails sooner (s3fs still retries for a few seconds).
+    return {"prefix": "s3://codistill-test", "env": {"key": "CODISTILL_TEST_S3_KEY",
+                                                     "secret": "CODISTILL_TEST_S3_SECRET"},
+            "options": {"endpoint_url": endpoint, "config_kwargs": {"retries": {"max_attempts": 1}}}}
+
+
+def closed_endpoint() -> str:
+    return f"http://127.0.0.1:{free_port()}"  # nothing listens there
+
+
+@pytest.mark.parametrize("case", ["wrong credentials", "unreachable endpoint"])
+def test_cli_names_the_url_and_the_likely_cause_of_a_store_failure(s3_checking_credentials, tmp_path, case):
+    endpoint = s3_checking_credentials if case == "wrong credentials" else closed_endpoint()
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(yaml.safe_dump({"name": "m", "data": {"input": "unused"}, "storage": [rule_for(endpoint)]}))
+    url = "s3://codistill-test/data"
+    proc = subprocess.run([str(BIN / "codistill"), "verify", "-m", str(manifest), url], cwd=REPO,
+                          env=cli_env(**S3_ENV), capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    cause = {"wrong credentials": "access denied: wrong or missing credentials, or no permission there "
+                                  "(PermissionError: Forbidden)",
+             "unreachable endpoint": "cannot reach the store's endpoint: is it running, and is the endpoint_url "
+                                     "(storage rule) right? (EndpointConnectionError: Could not connect to the "
+                                     f"endpoint URL: \"{endpoint}/"}[case]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("Error: ")]
+    assert errors == [errors[0]] and errors[0].startswith(f"Error: {url}/manifest.json: {cause}"), proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+
+
+def test_training_with_an_unreachable_store_ends_in_one_line(s3_dataset, tmp_path):
+    """Group 0 on 2 ranks, its dataset local, its snapshot store on an endpoint nothing listens on."""
+    endpoint = closed_endpoint()
+    sets = TINY + [f"data.output={s3_dataset[1]}", f"storage={json.dumps([rule_for(endpoint)])}",
+                   "train.store=s3://codistill-test/store", "schedule.steps=6", f"train.run_dir={tmp_path / 'run'}"]
+    env = cli_env(**S3_ENV, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.run(group_commands("criteo-tiny", [0], 2, sets, resume=False)[0].argv, cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=280)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    errors = [line for line in output.splitlines() if "error: group 0: " in line]
+    assert len(errors) == 1, output[-4000:]
+    assert errors[0].endswith("error: group 0: s3://codistill-test/store: cannot reach the store's endpoint: is it "
+                              "running, and is the endpoint_url (storage rule) right? (EndpointConnectionError: Could "
+                              f"not connect to the endpoint URL: \"{endpoint}/codistill-test/store/run/group-0/"
+                              "LATEST\")"), errors
+    assert "Traceback" not in output, output[-4000:]

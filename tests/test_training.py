@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -34,8 +35,8 @@ from codistill.rundir import RunDir
 from pipelines.formats import read_shard
 from training import metrics
 from training.launch import GroupCommand, GroupFailed, free_port, group_commands, run_groups
-from training.report import eval_records
-from training.train import usable_peers
+from training.report import eval_records, peer_coverage
+from training.train import stale_checkpoints, usable_peers
 
 from conftest import REPO, RUNNER
 
@@ -194,7 +195,8 @@ def codistill_run(data_dir, tmp_path_factory):
     sets = TINY + [f"data.output={data_dir}", f"schedule.steps={STEPS}", f"eval.every={EVAL_EVERY}",
                    "train.checkpoint_every=20", "train.log_every=5", "deepspeed.ranks_per_group=2",
                    f"codistill.burn_in_steps={BURN_IN}", f"codistill.exchange_every={EXCHANGE}",
-                   f"codistill.keep_snapshots={KEEP}", "codistill.poll_seconds=0.05", "codistill.max_staleness=1000"]
+                   f"codistill.keep_snapshots={KEEP}", "codistill.poll_seconds=0.05", "codistill.max_staleness=1000",
+                   "codistill.min_peer_coverage=0"]  # 30 steps after burn-in: a start-up skew may be most of them
     proc = run([str(BIN / "codistill"), "train", "criteo-tiny", "--run-dir", str(run_dir), *sets_args(sets)])
     assert proc.returncode == 0, tail(proc.stdout + proc.stderr, 60)
     return run_dir, proc, load_experiment("criteo-tiny", sets + [f"train.run_dir={run_dir}"])
@@ -310,6 +312,67 @@ def test_cli_train_distills_from_stale_peers_only_after_burn_in(codistill_run):
             elif r["step"] > BURN_IN:
                 assert r["distill_loss"] == 0, r
     assert used > 0, "no group ever distilled from a peer after burn-in"
+
+
+def test_cli_train_records_each_groups_peer_coverage(codistill_run):
+    run_dir, proc, _ = codistill_run
+    for g in (0, 1):
+        summary = records(run_dir, g, "summary")
+        assert len(summary) == 1 and summary[0]["step"] == STEPS and summary[0]["min_peer_coverage"] == 0
+        after = [r for r in records(run_dir, g, "train") if r["step"] > BURN_IN]
+        assert summary[0]["peer_coverage"] == pytest.approx(sum(bool(r["peers"]) for r in after) / len(after))
+        assert f"group {g}: distilled from its peers on {100 * summary[0]['peer_coverage']:.0f}% of the steps" \
+            in proc.stdout
+
+
+def train_record(step: int, weight: float, peers: dict) -> dict:
+    return {"kind": "train", "step": step, "weight": weight, "peers": peers}
+
+
+def test_peer_coverage_counts_steps_after_burn_in_with_every_peer():
+    records = [train_record(1, 0.0, {}), train_record(2, 0.0, {"1": 0}),  # burn-in: not counted
+               train_record(3, 1.0, {"1": 2, "2": 1}), train_record(4, 1.0, {"1": 3}), train_record(5, 0.5, {}),
+               {"kind": "eval", "step": 5, "loss": 1.0}]
+    assert peer_coverage(records, 2) == pytest.approx(1 / 3)
+    assert peer_coverage(records + [train_record(5, 1.0, {"1": 0, "2": 0})], 2) == pytest.approx(2 / 3), \
+        "a step written twice (a resume) counts once, the later record"
+    assert peer_coverage(records[:2], 2) is None and peer_coverage(records, 0) is None
+
+
+def test_codistillation_that_never_had_a_usable_peer_fails(data_dir, tmp_path):
+    """max_staleness 0 leaves every peer snapshot out once the peer has moved on a step: the group ahead (or both)
+    trains on its labels alone. Exit 0 would report it as codistilled."""
+    run_dir = tmp_path / "run"
+    sets = TINY + [f"data.output={data_dir}", "schedule.steps=30", "eval.every=30", "train.checkpoint_every=30",
+                   "deepspeed.ranks_per_group=1", "codistill.burn_in_steps=5", "codistill.exchange_every=5",
+                   "codistill.poll_seconds=0.05", "codistill.max_staleness=0"]
+    proc = run([str(BIN / "codistill"), "train", "criteo-tiny", "--run-dir", str(run_dir), *sets_args(sets)])
+    assert proc.returncode != 0, "a run without peers ended as a success"
+    output = proc.stdout + proc.stderr
+    failing = [line for line in output.splitlines() if "this run did not codistill" in line]
+    assert failing, tail(output)
+    assert re.search(r"\] error: group \d: distilled from its peers on only \d+% of the steps after burn-in "
+                     r"\(codistill.min_peer_coverage 0.5\)", failing[0]), failing[0]
+    assert "Traceback" not in output
+    coverages = [records(run_dir, g, "summary")[0]["peer_coverage"] for g in (0, 1)]
+    assert min(coverages) < 0.5, coverages
+
+
+def test_a_store_that_cannot_be_written_fails_at_start(data_dir, tmp_path):
+    """A file where the store's directory must be: every write fails (as for a read-only or full store)."""
+    (tmp_path / "blocked").write_text("not a directory")
+    store = tmp_path / "blocked" / "store"
+    sets = TINY + [f"data.output={data_dir}", "schedule.steps=30", "deepspeed.ranks_per_group=1",
+                   f"train.store={store}"]
+    proc = run([str(BIN / "codistill"), "train", "criteo-tiny", "--run-dir", str(tmp_path / "run"), *sets_args(sets)])
+    assert proc.returncode != 0
+    output = proc.stdout + proc.stderr
+    assert re.search(rf"error: group (\d): {re.escape(str(store))}/run/group-\1: a file stands where a directory "
+                     "must be", output), tail(output)
+    assert "Traceback" not in output
+    for g in (0, 1):
+        path = RunDir(tmp_path / "run").group(g).metrics
+        assert not path.exists() or not records(tmp_path / "run", g, "train"), "it trained without a store"
 
 
 def test_stale_peers_are_left_out_with_one_warning_per_transition(caplog):
@@ -429,12 +492,67 @@ def test_resumed_run_ends_like_an_uninterrupted_one(kill_and_resume):
         np.testing.assert_allclose(p["prob"], q["prob"], atol=0.05)
 
 
-def test_resume_keeps_the_earlier_metrics(kill_and_resume):
-    _, killed, before, _, _ = kill_and_resume
+def test_resume_keeps_the_earlier_metrics_up_to_its_checkpoint(kill_and_resume):
+    _, killed, before, killed_at, _ = kill_and_resume
+    resumed_from = int(killed_at.split("-")[1])
     after = RunDir(killed).group(0).metrics.read_text()
-    assert after.startswith(before), "the resumed run rewrote or lost the records written before the kill"
-    steps = {json.loads(line)["step"] for line in after.splitlines() if json.loads(line)["kind"] == "train"}
-    assert steps == set(range(1, KILL_STEPS + 1)), "train records missing for some steps"
+    kept = "".join(line + "\n" for line in before.splitlines() if line.endswith("}")
+                   and json.loads(line)["step"] <= resumed_from)
+    assert kept and after.startswith(kept), "the resumed run rewrote or lost the records up to its checkpoint"
+    train = [json.loads(line)["step"] for line in after.splitlines() if json.loads(line)["kind"] == "train"]
+    assert sorted(train) == list(range(1, KILL_STEPS + 1)), "each step's train record once, none missing"
+
+
+def test_resume_logs_the_steps_it_trains_again_once(lagging_resume):
+    """Steps 31-40 ran before the resume and again after it: curves and reports must not count them twice."""
+    run_dir, before, _ = lagging_resume
+    assert [r["step"] for r in records(run_dir, 0, "train") if r["step"] > 30] == list(range(31, 41))
+    assert [r["step"] for r in records(run_dir, 0, "eval")] == [20, 40]
+    assert len(records(run_dir, 0, "summary")) == 1
+    assert RunDir(run_dir).group(0).metrics.read_text().startswith(
+        "".join(line + "\n" for line in before.splitlines() if json.loads(line)["step"] <= 30
+                and json.loads(line)["kind"] != "summary"))
+
+
+@pytest.fixture(scope="module")
+def lagging_resume(data_dir, tmp_path_factory):
+    """A finished 2-group codistillation run made into a crashed one whose group 1 lags a checkpoint interval
+    behind (its newest checkpoint, step 40, gone: it died between its checkpoints of steps 30 and 40), then
+    group 0 resumed (alone: group 1 resumed too could reach step 40 again before group 0 looks)."""
+    run_dir = tmp_path_factory.mktemp("lagging") / "run"
+    sets = TINY + [f"data.output={data_dir}", "schedule.steps=40", "eval.every=20", "train.checkpoint_every=10",
+                   "deepspeed.ranks_per_group=1", "codistill.burn_in_steps=5", "codistill.exchange_every=5",
+                   "codistill.poll_seconds=0.05", "codistill.max_staleness=5", "codistill.min_peer_coverage=0"]
+    proc = run([str(BIN / "codistill"), "train", "criteo-tiny", "--run-dir", str(run_dir), *sets_args(sets)])
+    assert proc.returncode == 0, tail(proc.stdout + proc.stderr, 60)
+    behind = RunDir(run_dir).group(1).checkpoints
+    shutil.rmtree(behind / "step-00000040")
+    (behind / "latest").write_text("step-00000030")
+    before = RunDir(run_dir).group(0).metrics.read_text()
+    proc = run(group_commands("criteo-tiny", [0], 1, sets + [f"train.run_dir={run_dir}"], True)[0].argv)
+    assert proc.returncode == 0, tail(proc.stdout + proc.stderr, 60)
+    return run_dir, before, proc
+
+
+def test_resume_restarts_every_group_from_the_newest_checkpoint_they_all_have(lagging_resume):
+    """Group 0 resuming from its own newest (step 40, the end) would leave group 1 to train steps 31-40 against
+    a peer 10 steps old, over max_staleness: without a peer."""
+    run_dir, _, proc = lagging_resume
+    assert "--resume: from step 30, the newest checkpoint every group has (step-00000040 is this group's newest)" \
+        in proc.stdout, tail(proc.stdout)
+    assert "resumed at step 30" in proc.stdout, tail(proc.stdout)
+    assert (RunDir(run_dir).group(0).checkpoints / "latest").read_text().strip() == "step-00000040"
+    assert [r["step"] for r in records(run_dir, 0, "eval")][-1] == 40
+
+
+def test_a_group_keeps_the_newest_checkpoint_every_group_has(tmp_path):
+    for step in (10, 20, 30, 40):
+        (tmp_path / f"step-{step:08d}").mkdir()
+    (tmp_path / "latest").write_text("step-00000040")
+    assert [p.name for p in stale_checkpoints(tmp_path, None)] == ["step-00000010", "step-00000020"]
+    assert [p.name for p in stale_checkpoints(tmp_path, 10)] == ["step-00000020"], \
+        "the peers' newest checkpoint (10) is where a resume starts: it must stay"
+    assert [p.name for p in stale_checkpoints(tmp_path, 30)] == ["step-00000010", "step-00000020"]
 
 
 # --- 4. the launcher -----------------------------------------------------------------------------------

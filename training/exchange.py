@@ -202,7 +202,7 @@ class SnapshotPublisher:
         }
         json_name = snapshot_name(step, "json")
         try:
-            self.fs.makedirs(self.dir, exist_ok=True)
+            storage.make_dirs(self.fs, self.dir)
             # Local files take the buffer as it is; other stores get plain bytes.
             data = payload if isinstance(self.fs, LocalFileSystem) else bytes(payload)
             self.fs.pipe_file(f"{self.dir}/{snapshot_name(step, 'safetensors')}", data)

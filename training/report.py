@@ -45,6 +45,17 @@ def metric_records(path: Path) -> list[dict]:
     return records
 
 
+def peer_coverage(records: list[dict], peers: int) -> float | None:
+    """The share of a group's steps after burn-in (distillation weight > 0) on which it distilled from every one
+    of its `peers` peers; None when there are no such steps (no peers, or burn-in to the end). One train record
+    per step: a step written twice (metrics of an older run) counts once, the later record."""
+    by_step = {r["step"]: r for r in records if r["kind"] == "train"}
+    after = [r for r in by_step.values() if r["weight"] > 0]
+    if not peers or not after:
+        return None
+    return sum(len(r["peers"]) == peers for r in after) / len(after)
+
+
 def final_eval(run_dir: str | Path, group: int) -> dict:
     records = eval_records(run_dir, group)
     if not records:

@@ -41,14 +41,19 @@ from codistill.rundir import RunDir
 from codistill.units import duration
 from training import evaluation
 from training.data import StreamSpec, loader, to_torch
+from training.exchange import (PeerWatcher, SnapshotPublisher, check_store_run, group_dir, model_signature,
+                               snapshot_bytes)
 from training.precision import group_precision, local_precision
-from training.exchange import PeerWatcher, SnapshotPublisher, check_store_run, model_signature, snapshot_bytes
 from training.launch import exit_when_launcher_dies, next_attempt, read_run_nonce
 from training.loss import LossParts, codistillation_loss, distill_weight
-from training.report import save_eval_rows, save_predictions
+from training.report import metric_records, peer_coverage, save_eval_rows, save_predictions
 from training.workloads import Workload, workload_for
 
 logger = logging.getLogger("codistill.train")
+
+
+class RunFailed(RuntimeError):
+    """A group that must not end as a success (it did not codistill); `main` prints it as one line."""
 
 
 def init_distributed() -> tuple[int, int]:
@@ -274,9 +279,10 @@ class GroupTrainer:
         self.states: dict = {}  # what each model carries between batches: "student", and each peer's group
         self.placeholder = None  # one eval row, for the forwards of a rank out of eval rows (ZeRO-3)
         self.publisher = self.watcher = None
+        if cod.enabled:
+            self.check_store(run_nonce)
         if cod.enabled and self.rank == 0:
             nonce = run_nonce or read_run_nonce(config.run_dir)
-            check_store_run(config.store, config.run_id, range(self.dataset.groups), nonce)
             self.publisher = SnapshotPublisher(config.store, config.run_id, group, keep=cod.keep_snapshots,
                                                run_nonce=nonce, attempt=next_attempt(self.out.attempt))
             if self.peer_groups:
@@ -290,6 +296,25 @@ class GroupTrainer:
         self.step = 0
         self.step_seconds: list[float] = []
         self.metrics_file = None
+
+    def check_store(self, run_nonce: str | None) -> None:
+        """Rank 0 checks the snapshot store: no other run's snapshots, and writable (a store that cannot take
+        this group's snapshots fails now, not as a warning on every publish). Every rank then raises the same
+        StoreError, so none is left waiting in a collective for a rank 0 that is gone."""
+        config = self.config
+        problem = [None]
+        if self.rank == 0:
+            try:
+                with storage.explained(config.store):
+                    check_store_run(config.store, config.run_id, range(self.dataset.groups),
+                                    run_nonce or read_run_nonce(config.run_dir))
+                storage.check_writable(group_dir(config.store, config.run_id, self.group))
+            except (storage.StoreError, ValueError) as err:
+                problem = [str(err)]
+        if self.world > 1:
+            dist.broadcast_object_list(problem, src=0)
+        if problem[0] is not None:
+            raise storage.StoreError(problem[0])
 
     def _frozen_copy(self) -> FlatPeer:
         peer = self.workload.build_model(self.config.model, self.dataset)
@@ -436,7 +461,33 @@ class GroupTrainer:
             if self.step % config.train.checkpoint_every == 0 or self.step == total:
                 self.save_checkpoint()
         self.save_final()
+        failure = self.summarize()
         self.close()
+        if failure:
+            raise RunFailed(failure)
+
+    def summarize(self) -> str | None:
+        """Rank 0 writes the group's summary record (its peer coverage, from every train record of the run,
+        resumes included) and returns why the run failed: codistillation that reached its peers on less than
+        `codistill.min_peer_coverage` of the steps after burn-in did not codistill, whatever the loss says."""
+        if self.rank != 0:
+            return None
+        if self.metrics_file is not None:
+            self.metrics_file.flush()
+        records = metric_records(self.out.metrics) if self.out.metrics.exists() else []
+        coverage = peer_coverage(records, len(self.peer_groups))
+        least = self.config.codistill.min_peer_coverage
+        self.write_metrics("summary", {"step": self.step, "group": self.group, "peer_coverage": coverage,
+                                       "min_peer_coverage": least})
+        if coverage is None:
+            return None
+        print(f"group {self.group}: distilled from its peers on {100 * coverage:.0f}% of the steps after burn-in",
+              flush=True)
+        if coverage < least:
+            return (f"distilled from its peers on only {100 * coverage:.0f}% of the steps after "
+                    f"burn-in (codistill.min_peer_coverage {least:g}): this run did not codistill. See the warnings "
+                    f"about the snapshot store ({self.config.store}) and peer staleness above.")
+        return None
 
     def base_rate(self, spec: StreamSpec, batches: int = 64) -> float:
         """The mean binary target of the first `batches` training batches of every rank (label smoothing's prior)."""
@@ -559,9 +610,25 @@ class GroupTrainer:
         peers = {str(g): s for g, s in self.peer_steps.items()}
         self.engine.save_checkpoint(str(directory), tag=tag, client_state={"step": self.step, "peer_steps": peers})
         dist.barrier()
-        if self.rank == 0:  # keep the newest two
-            for old in sorted(p for p in directory.glob("step-*") if p.is_dir())[:-2]:
+        if self.rank == 0:  # keep the newest two, and the newest one every group has: where a resume starts
+            shared = self.shared_checkpoint_steps()
+            for old in stale_checkpoints(directory, max(shared) if shared else None):
                 shutil.rmtree(old, ignore_errors=True)
+
+    def shared_checkpoint_steps(self) -> set[int] | None:
+        """The checkpoint steps every codistilling group of this run directory has (a group's directory without
+        checkpoints has step 0: it would start afresh); None when the groups do not codistill or a group's
+        directory is not here (run directories on different machines)."""
+        if not self.peer_groups:
+            return None
+        run_dir = RunDir(self.config.run_dir)
+        shared = None
+        for g in self.config.trained_groups:
+            if not run_dir.group(g).path.is_dir():
+                return None
+            steps = {0} | {int(p.name.split("-")[1]) for p in checkpoint_dirs(run_dir.group(g).checkpoints)}
+            shared = steps if shared is None else shared & steps
+        return shared
 
     def load_checkpoint(self) -> int:
         """Restore model, optimizer, scheduler, step and peers; returns how many batches to skip.
@@ -571,10 +638,11 @@ class GroupTrainer:
         makes the same choice). Never unpickles code: see `load_weights_only`.
         """
         directory = self.out.checkpoints
-        tags = checkpoint_tags(directory)
+        tags = self.resumable_tags(checkpoint_tags(directory))
         if not tags:
             if self.rank == 0:
-                print(f"--resume: no checkpoint in {directory}, starting from step 0", flush=True)
+                print(f"--resume: no checkpoint to resume from in {directory}, starting from step 0", flush=True)
+                truncate_metrics(self.out.metrics, 0)
             return 0
         for tag in tags:
             problem = checkpoint_problem(directory / tag)
@@ -602,8 +670,28 @@ class GroupTrainer:
                     continue
                 self._adopt(int(g), step, state)
         if self.rank == 0:
+            truncate_metrics(self.out.metrics, self.step)
             print(f"resumed at step {self.step} (peers {self.peer_steps})", flush=True)
         return self.step * self.config.deepspeed.grad_accum
+
+    def resumable_tags(self, tags: list[str]) -> list[str]:
+        """The checkpoints to resume from: with peers, none past the newest step every group has, so the groups
+        restart together. Each resuming from its own newest would leave them up to a checkpoint interval apart
+        for the rest of the run, and a group ahead by more than max_staleness would never distill again."""
+        shared = self.shared_checkpoint_steps()
+        if shared is None:
+            if self.peer_groups and self.rank == 0:
+                logger.warning("--resume: the other groups' checkpoints are not in %s, so this group resumes from "
+                               "its own newest; groups that resume up to train.checkpoint_every (%d) steps apart "
+                               "may leave each other out (codistill.max_staleness %s)", self.config.run_dir,
+                               self.config.train.checkpoint_every, self.config.codistill.max_staleness)
+            return tags
+        newest = max(shared)
+        kept = [tag for tag in tags if int(tag.split("-")[1]) <= newest]
+        if tags and kept[:1] != tags[:1] and self.rank == 0:
+            print(f"--resume: from step {newest}, the newest checkpoint every group has ({tags[0]} is this group's "
+                  "newest)", flush=True)
+        return kept
 
     def close(self) -> None:
         """Close files and threads and leave the process group; `exit_finished_rank` then ends the process."""
@@ -630,8 +718,7 @@ def eval_placeholder(workload: Workload, spec: StreamSpec, config: ExperimentCon
 
 def checkpoint_tags(directory: Path) -> list[str]:
     """Checkpoint tags to try, best first: the one `latest` names (if it names one), then the others, newest first."""
-    found = sorted((p.name for p in directory.glob("step-*") if p.is_dir() and _CHECKPOINT_TAG.match(p.name)),
-                   reverse=True)
+    found = [p.name for p in reversed(checkpoint_dirs(directory))]
     try:
         named = (directory / "latest").read_text()[:64].strip()
     except OSError:
@@ -641,6 +728,40 @@ def checkpoint_tags(directory: Path) -> list[str]:
             logger.warning("%s names no checkpoint (%r): using the newest one there", directory / "latest", named)
         return found
     return [named] + [tag for tag in found if tag != named]
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Cut a metrics.jsonl back to the records of steps up to `step`, the checkpoint a resume starts from: the
+    steps after it are trained (and logged) again, and a step logged twice would count twice in every curve and
+    report. Summaries (written again at the end) and lines torn by a kill go too; the rest stays as written."""
+    if not path.exists():
+        return
+    kept, dropped = [], 0
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if isinstance(record, dict) and record.get("kind") not in (None, "summary") \
+                and isinstance(record.get("step"), int) and record["step"] <= step:
+            kept.append(line + "\n")
+        else:
+            dropped += line.strip() != ""
+    if dropped:
+        storage.write_atomically(str(path), "".join(kept))
+        print(f"--resume: {path}: {dropped} record(s) after step {step} dropped (they are trained again)",
+              flush=True)
+
+
+def stale_checkpoints(directory: Path, shared_step: int | None) -> list[Path]:
+    """The checkpoint directories a group may delete: all but its newest two and the one of `shared_step`."""
+    keep = f"step-{shared_step:08d}" if shared_step is not None else None
+    return [p for p in checkpoint_dirs(directory)[:-2] if p.name != keep]
+
+
+def checkpoint_dirs(directory: Path) -> list[Path]:
+    """The checkpoint directories in `directory`, oldest first."""
+    return sorted(p for p in directory.glob("step-*") if p.is_dir() and _CHECKPOINT_TAG.match(p.name))
 
 
 def checkpoint_safe_globals() -> list[type]:
@@ -717,7 +838,12 @@ def main(argv: list[str] | None = None) -> None:
     sets = args.sets + ([f"train.run_dir={args.run_dir}"] if args.run_dir else [])
     config = load_experiment(args.manifest, sets)
     storage.configure(config.storage)
-    GroupTrainer(config, args.group, run_nonce=args.run_nonce).fit(resume=args.resume)
+    try:
+        GroupTrainer(config, args.group, run_nonce=args.run_nonce).fit(resume=args.resume)
+    except (RunFailed, storage.StoreError) as err:  # the user's to fix: one line, not a traceback per rank
+        if int(os.environ.get("RANK", "0")) == 0:  # every rank meets a store error: rank 0 says it
+            print(f"error: group {args.group}: {err}", file=sys.stderr, flush=True)
+        sys.exit(1)
     exit_finished_rank()  # only after a complete run: an exception exits through the interpreter as usual
 
 
