@@ -56,12 +56,12 @@ from codistill.shards import Block, Feature, Schema
 from codistill.storage import write_atomically
 from pipelines import dedup, progress
 from pipelines.cleaning import Cleaner
+from pipelines.commoncrawl_inputs import input_paths
 from pipelines.commoncrawl_records import SAMPLE_CHARS, clean_file, dedup_prio, document_hash
 from pipelines.commoncrawl_tokenizer import train_tokenizer
 from pipelines.run import DatasetChecks, DatasetPipeline, ValueCheck
 from pipelines.sharding import ShardLayout, partition
 from pipelines.sinks import PIECES, Rejected, WriteDataset, layout_for, write_pieces
-from pipelines.textfiles import expand_inputs
 from pipelines.warc import WebDocument
 from pipelines.worker import WorkerDoFn
 from tokenizer.encode import Tokenizer, load_tokenizer
@@ -710,5 +710,6 @@ def describe(manifest) -> list[str]:
 
 
 PIPELINE = DatasetPipeline(
-    transform=lambda source, data, extra: CommonCrawlToShards(expand_inputs(source), data, extra),
+    transform=lambda source, data, extra: CommonCrawlToShards(input_paths(source, data.commoncrawl, data.seed), data,
+                                                              extra),
     generate=_generate, describe_synth=describe_synth, describe=describe, checks=dataset_checks)

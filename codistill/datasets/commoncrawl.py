@@ -124,6 +124,12 @@ class DedupConfig:
 class CommonCrawlConfig:
     """Reading, cleaning, deduplicating and tokenising web text (`data.dataset: commoncrawl`)."""
 
+    # A paths file as Common Crawl publishes it (`wet.paths.gz`; gzip or plain, one path a line), read instead of
+    # `data.input`: each path is joined to `base_url` (a line holding a URL is taken as it is).
+    input_list: str | None = None
+    # Common Crawl's public HTTPS endpoint; inside AWS `s3://commoncrawl/` (with `storage` giving `anon: true`).
+    base_url: str = "https://data.commoncrawl.org/"
+    limit: int | None = None  # read only this many listed files: those with the lowest keyed hash of their path
     # sentencepiece model (any fsspec URL, with its `<url>.json` sidecar); null = train one on the input first,
     # written to `<output>/tokenizer/spm.model`, with the three settings below.
     tokenizer: str | None = None
@@ -136,6 +142,10 @@ class CommonCrawlConfig:
     dedup: DedupConfig = field(default_factory=DedupConfig)
 
     def validate(self, name: str) -> None:
+        require(self.input_list is None or bool(self.input_list.strip()), f"{name}.input_list",
+                "must be a paths file URL or null")
+        require(bool(self.base_url.strip()), f"{name}.base_url", "must be a URL or folder")
+        require(self.limit is None or self.limit >= 1, f"{name}.limit", f"must be >= 1 or null, got {self.limit}")
         require(self.tokenizer is None or bool(self.tokenizer), f"{name}.tokenizer",
                  "must be a model URL or null (train one first)")
         require(300 <= self.vocab_size <= 1_000_000, f"{name}.vocab_size",
@@ -195,7 +205,10 @@ SPEC = DatasetSpec(
     summary="Common Crawl WET/WARC files",
     name="commoncrawl", config=CommonCrawlConfig, synth=CommonCrawlSynthConfig, models=(LSTMConfig,),
     pipeline="pipelines.commoncrawl", workload="training.workloads.lm",
-    flags=(Flag("tokenizer", "sentencepiece model URL (with its .json sidecar); default: train one first."),
+    flags=(Flag("input_list", "A paths file (wet.paths.gz, gzip or plain, one path a line) instead of --input."),
+           Flag("base_url", "What the listed paths are joined to (s3://commoncrawl/ inside AWS)."),
+           Flag("limit", "Read only N listed files (a deterministic sample: lowest keyed hash of the path)."),
+           Flag("tokenizer", "sentencepiece model URL (with its .json sidecar); default: train one first."),
            Flag("sequence_length", "Tokens per packed row.")),
     synth_flags=(Flag("docs", "WET conversion records in all files together.", required=True),
                  Flag("files", "Files to spread the records over."), Flag("seed")),
