@@ -62,6 +62,7 @@ from pipelines.commoncrawl_tokenizer import train_tokenizer
 from pipelines.run import DatasetChecks, DatasetPipeline, ValueCheck
 from pipelines.sharding import ShardLayout, partition
 from pipelines.sinks import PIECES, Rejected, WriteDataset, layout_for, write_pieces
+from pipelines.transient import retrying
 from pipelines.warc import WebDocument
 from pipelines.worker import WorkerDoFn
 from tokenizer.encode import Tokenizer, load_tokenizer
@@ -665,7 +666,7 @@ class CommonCrawlToShards(beam.PTransform):
 
 def _size(url: str) -> int:
     fs, path = storage.url_to_fs(url)
-    return fs.size(path)
+    return retrying(lambda: fs.size(path), url)
 
 
 def _generate(raw: str, synth) -> tuple[str, dict]:

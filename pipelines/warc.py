@@ -35,12 +35,15 @@ the damaged stretch, however many records it held. Damage reasons:
   `<div>` take ~10 s, 100k take hours), so such a page is never given to it. HTML above
   `MAX_HTML_BYTES` is `too_large`: extraction time grows with its size too.
 
-A FIFO, device or directory given as input raises `WarcInputError` before anything is read.
+A FIFO, device or directory given as input raises `WarcInputError` before anything is read. Transient read
+errors (HTTP 5xx, connection resets, S3 throttling) are retried, reopening the file where it was
+(`pipelines.transient`); the last one fails the file.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import io
 import re
 import zlib
@@ -53,6 +56,7 @@ from resiliparse.parse.encoding import bytes_to_str, detect_encoding
 from resiliparse.parse.html import HTMLParserException, HTMLTree
 
 from codistill import storage
+from pipelines.transient import retrying
 
 DEFAULT_MAX_RECORD_BYTES = 16 << 20  # Common Crawl truncates payloads at 1 MiB (5 MiB since 2024)
 MAX_HEADER_BYTES = 64 << 10
@@ -121,10 +125,10 @@ def read_web_documents(url: str, max_record_bytes: int = DEFAULT_MAX_RECORD_BYTE
     if max_record_bytes < 1:
         raise ValueError(f"max_record_bytes must be >= 1, got {max_record_bytes}")
     fs, path = storage.url_to_fs(url)
-    kind = fs.info(path).get("type")
+    kind = retrying(lambda: fs.info(path), url).get("type")
     if kind != "file":
         raise WarcInputError(f"{url}: not a regular file (fsspec type {kind!r}); give WARC/WET files only")
-    with fs.open(path, "rb") as f:
+    with contextlib.closing(_RetryingFile(fs, path, url)) as f:
         window = _Window(f)
         head = bytes(window.view(0, 5)[:5])
         if not head:
@@ -138,6 +142,39 @@ def read_web_documents(url: str, max_record_bytes: int = DEFAULT_MAX_RECORD_BYTE
             yield from _read_gzip_members(window, url, max_record_bytes, first)
         else:
             yield Quarantined(url, 0, "not_warc", f"starts with {head!r} and holds no gzip member of a WARC record")
+
+
+class _RetryingFile:
+    """Reads and seeks of one file; a transient error (`pipelines.transient`) reopens it where it was."""
+
+    def __init__(self, fs, path: str, url: str):
+        self._fs, self._path, self._url, self._f, self._pos = fs, path, url, None, 0
+
+    def read(self, size: int) -> bytes:
+        return retrying(lambda: self._read(size), self._url)
+
+    def _read(self, size: int) -> bytes:
+        try:
+            if self._f is None:
+                self._f = self._fs.open(self._path, "rb")
+                self._f.seek(self._pos)
+            data = self._f.read(size)
+        except Exception:
+            self.close()  # the next try starts on a fresh connection
+            raise
+        self._pos += len(data)
+        return data
+
+    def seek(self, pos: int) -> None:
+        if self._f is not None:
+            self._f.seek(pos)
+        self._pos = pos
+
+    def close(self) -> None:
+        f, self._f = self._f, None
+        if f is not None:
+            with contextlib.suppress(Exception):
+                f.close()
 
 
 class _Window:

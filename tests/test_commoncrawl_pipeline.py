@@ -4,12 +4,16 @@ known noise, damaged inputs, both formats, two worker processes, resume after a 
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
+import functools
 import gzip
+import http.server
 import json
 import os
 import random
 import shutil
+import threading
 import uuid
 from pathlib import Path
 
@@ -582,3 +586,61 @@ def test_a_bad_paths_file_is_refused_naming_it(tmp_path, data, message):
     with pytest.raises(InputListError, match=message) as raised:
         read_input_list(str(path), "https://data.commoncrawl.org/", None, 0)
     assert str(path) in str(raised.value)
+
+
+# --- transient read errors ---------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def flaky_server(folder: Path, failures: int):
+    """An HTTP server on 127.0.0.1 serving `folder`, answering each path's first `failures` requests (HEAD or
+    GET) with "503 Slow Down", as Common Crawl does under load."""
+    left, lock = collections.Counter(), threading.Lock()
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def send_head(self):
+            with lock:
+                left[self.path] += 1
+                fail = left[self.path] <= failures
+            if fail:
+                self.send_error(503, "Slow Down")
+                return None
+            return super().send_head()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
+                                             functools.partial(Handler, directory=str(folder)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}/"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def test_503_twice_then_the_file_gives_the_same_dataset(generated, tokenizer_url, tmp_path):
+    files = expand_inputs(generated[1])
+    listed = tmp_path / "wet.paths"
+    listed.write_text("".join(os.path.basename(f) + "\n" for f in files))
+    clean = run(generated[1], str(tmp_path / "clean"), tokenizer_url)
+    with flaky_server(Path(files[0]).parent, failures=2) as base_url:
+        flaky = run(None, str(tmp_path / "flaky"), tokenizer_url,
+                    commoncrawl={"input_list": str(listed), "base_url": base_url})
+    assert flaky.parameters["input"] == [base_url + os.path.basename(f) for f in files]
+    assert flaky.input_rows == clean.input_rows
+    assert shard_bytes(str(tmp_path / "flaky")) == shard_bytes(str(tmp_path / "clean"))
+
+
+def test_an_endpoint_that_stays_down_fails_the_run_naming_the_file(generated, tokenizer_url, tmp_path):
+    files = expand_inputs(generated[1])
+    listed = tmp_path / "wet.paths"
+    listed.write_text(os.path.basename(files[0]) + "\n")
+    with flaky_server(Path(files[0]).parent, failures=10**9) as base_url:
+        with pytest.raises(Exception, match=os.path.basename(files[0])):
+            run(None, str(tmp_path / "out"), tokenizer_url, commoncrawl={"input_list": str(listed),
+                                                                         "base_url": base_url})
+    assert not os.path.exists(tmp_path / "out" / "manifest.json")
