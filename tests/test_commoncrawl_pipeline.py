@@ -644,3 +644,19 @@ def test_an_endpoint_that_stays_down_fails_the_run_naming_the_file(generated, to
             run(None, str(tmp_path / "out"), tokenizer_url, commoncrawl={"input_list": str(listed),
                                                                          "base_url": base_url})
     assert not os.path.exists(tmp_path / "out" / "manifest.json")
+
+
+def test_without_a_tokenizer_one_is_trained_on_a_sample_of_the_files(generated, tmp_path):
+    _, pattern, _ = generated
+    settings = {"vocab_size": 600, "tokenizer_sample_docs": 200, "tokenizer_sample_files": 1}
+    manifest = run(pattern, str(tmp_path / "out"), None, commoncrawl=settings)
+    trained = load_tokenizer(str(tmp_path / "out" / "tokenizer" / "spm.model"))
+    assert trained.info["trained_with"]["files"] == 1 and manifest.tokenizer_sha256 == trained.sha256
+    paths, data = expand_inputs(pattern), config(pattern, "x", "x").data
+    one = sample(paths, 1, data.seed)
+    alone = train_tokenizer(one, str(tmp_path / "one.model"), 600, "unigram", 200, data.commoncrawl.clean, data.seed,
+                            [RUNNER])
+    assert alone["sha256"] == trained.sha256  # the sampled file, and only it
+    every = train_tokenizer(paths, str(tmp_path / "all.model"), 600, "unigram", 200, data.commoncrawl.clean,
+                            data.seed, [RUNNER])
+    assert every["sha256"] != trained.sha256

@@ -136,6 +136,9 @@ class CommonCrawlConfig:
     vocab_size: int = 8000
     tokenizer_type: Literal["unigram", "bpe"] = "unigram"
     tokenizer_sample_docs: int = 20_000  # cleaned documents the tokenizer is trained on (a keyed-hash sample)
+    # Input files those documents are drawn from (the lowest keyed hash of their path): not every input is read
+    # and cleaned twice. A WET file holds ~30k documents.
+    tokenizer_sample_files: int = 16
     sequence_length: int = 33  # tokens per packed row (inputs tokens[:-1], targets tokens[1:])
     samples_per_reason: int = 5  # dropped documents kept in rejected/samples/<reason>.jsonl
     clean: CleaningConfig = field(default_factory=CleaningConfig)
@@ -152,6 +155,8 @@ class CommonCrawlConfig:
                  f"must be in [300, 1000000] (256 byte pieces are part of it), got {self.vocab_size}")
         require(self.tokenizer_sample_docs >= 1, f"{name}.tokenizer_sample_docs",
                  f"must be >= 1, got {self.tokenizer_sample_docs}")
+        require(self.tokenizer_sample_files >= 1, f"{name}.tokenizer_sample_files",
+                 f"must be >= 1, got {self.tokenizer_sample_files}")
         require(self.sequence_length >= 2, f"{name}.sequence_length",
                  f"must be >= 2 (inputs and targets are shifted by one), got {self.sequence_length}")
         require(self.samples_per_reason >= 0, f"{name}.samples_per_reason",
