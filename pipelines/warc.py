@@ -497,14 +497,17 @@ _NEAR = 64  # an end tag or implied close looks this far down the open elements 
 
 def html_depth(html: str, stop: int) -> int:
     """The deepest nesting of elements in `html`, estimated from its tags in one linear pass (stops once above
-    `stop`). Meant never to fall far below what an HTML parser builds: where the tag soup is unclear (an end tag
-    far from its start, `/>` outside SVG), elements are counted as still open."""
+    `stop`; a page with at most `stop` start tags gives their number). Meant never to fall far below what an
+    HTML parser builds: where the tag soup is unclear (an end tag far from its start, `/>` outside SVG),
+    elements are counted as still open."""
+    start_tags = html.count("<") - html.count("</") - html.count("<!")  # counted in C: most pages stop here
+    if start_tags <= stop:
+        return max(0, start_tags)  # an element opens only at a start tag: never deeper than their number
     stack: list[str] = []
-    open_count: collections.Counter = collections.Counter()
+    open_count: collections.defaultdict = collections.defaultdict(int)  # name -> open elements of that name
     deepest = 0
-    for match in _HTML_TAG.finditer(html):
-        end, name = match.group(2), match.group(3)
-        if name is None:
+    for _, end, name, attributes in _HTML_TAG.findall(html):  # tuples, not match objects: twice as fast
+        if not name:
             continue  # a comment or raw text
         name = name.lower()
         if end:
@@ -513,7 +516,7 @@ def html_depth(html: str, stop: int) -> int:
             continue
         if name in _VOID or name in _NEVER_NESTED:
             continue
-        if match.group(4).endswith("/") and open_count["svg"] + open_count["math"] and name not in _BREAKOUT:
+        if attributes.endswith("/") and open_count["svg"] + open_count["math"] and name not in _BREAKOUT:
             continue  # a self-closed SVG or MathML element
         if name in _CLOSES and (name not in _CELLS or open_count["table"]):  # cells outside a table are ignored
             _close(stack, open_count, *_CLOSES[name])
@@ -526,7 +529,7 @@ def html_depth(html: str, stop: int) -> int:
     return deepest
 
 
-def _close(stack: list[str], open_count: collections.Counter, names: tuple[str, ...],
+def _close(stack: list[str], open_count: collections.defaultdict, names: tuple[str, ...],
            scopes: frozenset | None = frozenset(), reopens: bool = False) -> None:
     """Pop the nearest open element named in `names` and everything above it, if it is within `_NEAR` of the
     top and no element in `scopes` lies above it (`scopes` None: only the element on top); with `reopens`,
@@ -537,8 +540,9 @@ def _close(stack: list[str], open_count: collections.Counter, names: tuple[str, 
             for name in stack[i:]:
                 open_count[name] -= 1
             del stack[i:]
-            stack.extend(kept)
-            open_count.update(kept)
+            for name in kept:
+                stack.append(name)
+                open_count[name] += 1
             return
         if scopes is None or stack[i] in scopes:
             return
