@@ -71,9 +71,10 @@ class DataConfig:
         return spec_for(self.dataset)
 
     def validate(self, name: str) -> None:
-        require((self.input is None) != (self.synth is None), name,
-                "give exactly one of `input` (raw files) or `synth` (generated data); to read files with a "
-                "manifest that generates its data, also set data.synth=null")
+        listed = getattr(self.__dict__.get("options"), "input_list", None)  # a dataset read from a paths file
+        require([self.input, listed, self.synth].count(None) == 2, name,
+                "give exactly one of `input` (raw files), the dataset's `input_list` or `synth` (generated data); "
+                "to read files with a manifest that generates its data, also set data.synth=null")
         require(-2**63 <= self.seed < 2**63, f"{name}.seed", f"must fit in 64 bits, got {self.seed}")
         require(self.groups >= 1, f"{name}.groups", f"must be >= 1, got {self.groups}")
         require(self.groups <= MAX_GROUPS, f"{name}.groups", f"must be <= {MAX_GROUPS}, got {self.groups}")

@@ -56,12 +56,13 @@ from codistill.shards import Block, Feature, Schema
 from codistill.storage import write_atomically
 from pipelines import dedup, progress
 from pipelines.cleaning import Cleaner
+from pipelines.commoncrawl_inputs import input_paths, sample
 from pipelines.commoncrawl_records import SAMPLE_CHARS, clean_file, dedup_prio, document_hash
 from pipelines.commoncrawl_tokenizer import train_tokenizer
 from pipelines.run import DatasetChecks, DatasetPipeline, ValueCheck
 from pipelines.sharding import ShardLayout, partition
 from pipelines.sinks import PIECES, Rejected, WriteDataset, layout_for, write_pieces
-from pipelines.textfiles import expand_inputs
+from pipelines.transient import retrying
 from pipelines.warc import WebDocument
 from pipelines.worker import WorkerDoFn
 from tokenizer.encode import Tokenizer, load_tokenizer
@@ -603,8 +604,9 @@ def eval_floor(eval_keys: list[list[str]], documents: dict) -> dict:
 class CommonCrawlToShards(beam.PTransform):
     """WET/WARC files -> `<output>` with packed token shards, `rejected/` and `manifest.json`.
 
-    Without a tokenizer (argument or `data.commoncrawl.tokenizer`), one is trained on the inputs first, on the
-    pipeline's runner, into `<output>/tokenizer/spm.model`; a resumed run keeps the one it trained."""
+    Without a tokenizer (argument or `data.commoncrawl.tokenizer`), one is trained first on a keyed-hash sample of
+    `tokenizer_sample_files` inputs, on the pipeline's runner, into `<output>/tokenizer/spm.model`; a resumed run
+    keeps the one it trained."""
 
     def __init__(self, paths: list[str], data: DataConfig, extra: dict | None = None, tokenizer: str | None = None):
         super().__init__()
@@ -658,14 +660,15 @@ class CommonCrawlToShards(beam.PTransform):
     def _trained_tokenizer(self, beam_options) -> str:
         url, options = join(self.data.output, "tokenizer/spm.model"), self.data.commoncrawl
         # An output holding a model is a resumed one (`preprocess` starts only in an empty or new output).
-        train_tokenizer(self.paths, url, options.vocab_size, options.tokenizer_type, options.tokenizer_sample_docs,
+        files = sample(self.paths, options.tokenizer_sample_files, self.data.seed)
+        train_tokenizer(files, url, options.vocab_size, options.tokenizer_type, options.tokenizer_sample_docs,
                         options.clean, self.data.seed, beam_options, reuse=True)
         return url
 
 
 def _size(url: str) -> int:
     fs, path = storage.url_to_fs(url)
-    return fs.size(path)
+    return retrying(lambda: fs.size(path), url)
 
 
 def _generate(raw: str, synth) -> tuple[str, dict]:
@@ -710,5 +713,6 @@ def describe(manifest) -> list[str]:
 
 
 PIPELINE = DatasetPipeline(
-    transform=lambda source, data, extra: CommonCrawlToShards(expand_inputs(source), data, extra),
+    transform=lambda source, data, extra: CommonCrawlToShards(input_paths(source, data.commoncrawl, data.seed), data,
+                                                              extra),
     generate=_generate, describe_synth=describe_synth, describe=describe, checks=dataset_checks)

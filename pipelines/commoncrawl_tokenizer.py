@@ -82,7 +82,8 @@ def train_tokenizer(paths: list[str], out: str, vocab_size: int, model_type: str
     `beam_args`: the runner's flags, or the options of the pipeline the model is trained for. With `reuse`, a
     model already at `out` that was trained with the same settings is kept (a resumed run)."""
     trained_with = json.loads(json.dumps({"vocab_size": vocab_size, "type": model_type, "sample_docs": sample_docs,
-                                          "seed": seed, "clean": dataclasses.asdict(clean)}))  # as read back
+                                          "seed": seed, "clean": dataclasses.asdict(clean),
+                                          "files": len(paths)}))  # as read back
     if reuse:
         try:
             info = load_tokenizer(out).info

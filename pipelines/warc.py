@@ -30,13 +30,22 @@ the damaged stretch, however many records it held. Damage reasons:
   text was damaged, so it is not guessed at. HTML is decoded by its declared or detected charset
   with replacement characters for stray bytes, as browsers do.
 - `bad_http`, `bad_html`: an HTTP response that fastwarc or resiliparse cannot parse.
+- `too_deep`: HTML nested deeper than `MAX_HTML_DEPTH` (estimated from its tags before parsing).
+  resiliparse's parse and extraction grow with the square of the nesting depth (16k nested
+  `<div>` take ~10 s, 100k take hours), so such a page is never given to it. HTML above
+  `MAX_HTML_BYTES` is `too_large`: extraction time grows with its size too.
 
-A FIFO, device or directory given as input raises `WarcInputError` before anything is read.
+A FIFO, device or directory given as input raises `WarcInputError` before anything is read. Transient read
+errors (HTTP 5xx, connection resets, S3 throttling) are retried, reopening the file where it was
+(`pipelines.transient`); the last one fails the file.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import io
+import re
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -47,6 +56,7 @@ from resiliparse.parse.encoding import bytes_to_str, detect_encoding
 from resiliparse.parse.html import HTMLParserException, HTMLTree
 
 from codistill import storage
+from pipelines.transient import retrying
 
 DEFAULT_MAX_RECORD_BYTES = 16 << 20  # Common Crawl truncates payloads at 1 MiB (5 MiB since 2024)
 MAX_HEADER_BYTES = 64 << 10
@@ -56,6 +66,10 @@ _READ_BYTES = 1 << 20  # read from the file in pieces of this size
 _FEED_BYTES = 64 << 10  # zlib input per call
 _INFLATE_BYTES = 1 << 20  # zlib output per call at most (bounds memory on a decompression bomb)
 _END = b"\r\n\r\n"
+# Work bounds for one HTML page given to resiliparse. Real pages nest < ~1000 deep; 2048 costs ~0.2 s, while
+# time grows x4 per doubling beyond. Common Crawl truncates payloads at 5 MiB (~2 s to extract when flat).
+MAX_HTML_DEPTH = 2048
+MAX_HTML_BYTES = 5 << 20
 
 
 @dataclass(frozen=True)
@@ -91,7 +105,7 @@ class Skipped:
 
 ReadResult = WebDocument | Quarantined | Skipped
 QUARANTINE_REASONS = ("not_warc", "empty_file", "corrupt_gzip", "truncated", "too_large", "malformed_header",
-                      "missing_record_id", "bad_content_length", "undecodable", "bad_http", "bad_html")
+                      "missing_record_id", "bad_content_length", "undecodable", "bad_http", "bad_html", "too_deep")
 
 
 class WarcInputError(ValueError):
@@ -111,10 +125,10 @@ def read_web_documents(url: str, max_record_bytes: int = DEFAULT_MAX_RECORD_BYTE
     if max_record_bytes < 1:
         raise ValueError(f"max_record_bytes must be >= 1, got {max_record_bytes}")
     fs, path = storage.url_to_fs(url)
-    kind = fs.info(path).get("type")
+    kind = retrying(lambda: fs.info(path), url).get("type")
     if kind != "file":
         raise WarcInputError(f"{url}: not a regular file (fsspec type {kind!r}); give WARC/WET files only")
-    with fs.open(path, "rb") as f:
+    with contextlib.closing(_RetryingFile(fs, path, url)) as f:
         window = _Window(f)
         head = bytes(window.view(0, 5)[:5])
         if not head:
@@ -128,6 +142,39 @@ def read_web_documents(url: str, max_record_bytes: int = DEFAULT_MAX_RECORD_BYTE
             yield from _read_gzip_members(window, url, max_record_bytes, first)
         else:
             yield Quarantined(url, 0, "not_warc", f"starts with {head!r} and holds no gzip member of a WARC record")
+
+
+class _RetryingFile:
+    """Reads and seeks of one file; a transient error (`pipelines.transient`) reopens it where it was."""
+
+    def __init__(self, fs, path: str, url: str):
+        self._fs, self._path, self._url, self._f, self._pos = fs, path, url, None, 0
+
+    def read(self, size: int) -> bytes:
+        return retrying(lambda: self._read(size), self._url)
+
+    def _read(self, size: int) -> bytes:
+        try:
+            if self._f is None:
+                self._f = self._fs.open(self._path, "rb")
+                self._f.seek(self._pos)
+            data = self._f.read(size)
+        except Exception:
+            self.close()  # the next try starts on a fresh connection
+            raise
+        self._pos += len(data)
+        return data
+
+    def seek(self, pos: int) -> None:
+        if self._f is not None:
+            self._f.seek(pos)
+        self._pos = pos
+
+    def close(self) -> None:
+        f, self._f = self._f, None
+        if f is not None:
+            with contextlib.suppress(Exception):
+                f.close()
 
 
 class _Window:
@@ -404,12 +451,98 @@ def _html_document(data: bytes, headers: dict[str, str], source: str, offset: in
         raise _Damage("bad_http", str(e)) from None
     if len(payload) > limit:
         raise _Damage("too_large", f"HTTP payload decodes to more than max_record_bytes={limit}")
+    if len(payload) > MAX_HTML_BYTES:
+        raise _Damage("too_large", f"HTML of {len(payload)} bytes > MAX_HTML_BYTES={MAX_HTML_BYTES}")
     # The HTTP charset wins over the page's <meta>, as in browsers; otherwise meta, then uchardet.
     encoding = record.http_charset or detect_encoding(payload, from_html_meta=True)
+    html = bytes_to_str(payload, encoding, errors="replace")
+    if (depth := html_depth(html, MAX_HTML_DEPTH)) > MAX_HTML_DEPTH:
+        raise _Damage("too_deep", f"HTML nested more than MAX_HTML_DEPTH={MAX_HTML_DEPTH} deep (at least {depth})")
     try:
-        tree = HTMLTree.parse(bytes_to_str(payload, encoding, errors="replace"))
+        tree = HTMLTree.parse(html)
         text = extract_plain_text(tree, preserve_formatting=True, main_content=True, list_bullets=False,
                                   alt_texts=False)
     except (HTMLParserException, LookupError, UnicodeError) as e:
         raise _Damage("bad_html", f"{type(e).__name__}: {e}") from None
     return _document(headers, text, source, offset)
+
+
+# --- HTML nesting depth, before parsing -------------------------------------------------------
+
+# Comments and raw-text elements (their content holds no tags), or one tag: (end slash, name, attributes).
+_HTML_TAG = re.compile(r"<!--.*?(?:-->|\Z)|<(script|style|textarea|title|xmp|noembed|noframes|plaintext)\b[^>]*>.*?"
+                       r"(?:</\1\s*>|\Z)|<(/?)([a-zA-Z][^\s/>]*)([^>]*)>", re.S | re.I)
+_VOID = frozenset("area base basefont bgsound br col command embed frame hr image img input keygen link meta param "
+                  "source track wbr".split())
+_NEVER_NESTED = frozenset(("html", "head", "body", "form"))  # a repeated one is merged or ignored
+# Elements whose end tag may be left out: the next start tag of one of the group closes the open one (with
+# what is above it), as in the HTML tree builder, unless an element that scopes it (a list for `li`, a table for
+# cells) lies between; a group with no scopes closes only the element on top. Formatting elements closed by
+# `p` stay counted: the tree builder reopens them inside the next element. Elsewhere nothing is closed (counted
+# deeper than built, never shallower).
+_SCOPED = frozenset("ul ol dl table select ruby div button svg math template".split())
+_FORMATTING = frozenset("a b big code em font i nobr s small strike strong tt u".split())
+_CLOSES = {name: (group, scopes, reopens) for group, scopes, reopens in (
+    (("p",), _SCOPED, True), (("td", "th"), _SCOPED, False), (("tr",), _SCOPED, False),
+    (("li",), None, False), (("dd", "dt"), None, False), (("option", "optgroup"), None, False), (("a",), None, False),
+    (("nobr",), None, False), (("button",), None, False), (("h1", "h2", "h3", "h4", "h5", "h6"), None, False),
+    (("table",), None, False)) for name in group}
+_CELLS = frozenset(("td", "th", "tr"))
+# In SVG and MathML `/>` closes an element (in HTML it is ignored), except on these, which leave foreign content.
+_BREAKOUT = frozenset("b big blockquote body br center code dd div dl dt em embed h1 h2 h3 h4 h5 h6 head hr i img "
+                      "li listing menu meta nobr ol p pre ruby s small span strike strong sub sup table tt u ul "
+                      "var".split())
+_NEAR = 64  # an end tag or implied close looks this far down the open elements (bounded: linear time)
+
+
+def html_depth(html: str, stop: int) -> int:
+    """The deepest nesting of elements in `html`, estimated from its tags in one linear pass (stops once above
+    `stop`; a page with at most `stop` start tags gives their number). Meant never to fall far below what an
+    HTML parser builds: where the tag soup is unclear (an end tag far from its start, `/>` outside SVG),
+    elements are counted as still open."""
+    start_tags = html.count("<") - html.count("</") - html.count("<!")  # counted in C: most pages stop here
+    if start_tags <= stop:
+        return max(0, start_tags)  # an element opens only at a start tag: never deeper than their number
+    stack: list[str] = []
+    open_count: collections.defaultdict = collections.defaultdict(int)  # name -> open elements of that name
+    deepest = 0
+    for _, end, name, attributes in _HTML_TAG.findall(html):  # tuples, not match objects: twice as fast
+        if not name:
+            continue  # a comment or raw text
+        name = name.lower()
+        if end:
+            if open_count[name]:
+                _close(stack, open_count, (name,))
+            continue
+        if name in _VOID or name in _NEVER_NESTED:
+            continue
+        if attributes.endswith("/") and open_count["svg"] + open_count["math"] and name not in _BREAKOUT:
+            continue  # a self-closed SVG or MathML element
+        if name in _CLOSES and (name not in _CELLS or open_count["table"]):  # cells outside a table are ignored
+            _close(stack, open_count, *_CLOSES[name])
+        stack.append(name)
+        open_count[name] += 1
+        if len(stack) > deepest:
+            deepest = len(stack)
+            if deepest > stop:
+                break
+    return deepest
+
+
+def _close(stack: list[str], open_count: collections.defaultdict, names: tuple[str, ...],
+           scopes: frozenset | None = frozenset(), reopens: bool = False) -> None:
+    """Pop the nearest open element named in `names` and everything above it, if it is within `_NEAR` of the
+    top and no element in `scopes` lies above it (`scopes` None: only the element on top); with `reopens`,
+    the formatting elements above it stay."""
+    for i in range(len(stack) - 1, max(-1, len(stack) - 1 - _NEAR), -1):
+        if stack[i] in names:
+            kept = [name for name in stack[i + 1:] if name in _FORMATTING] if reopens else []
+            for name in stack[i:]:
+                open_count[name] -= 1
+            del stack[i:]
+            for name in kept:
+                stack.append(name)
+                open_count[name] += 1
+            return
+        if scopes is None or stack[i] in scopes:
+            return

@@ -4,12 +4,16 @@ known noise, damaged inputs, both formats, two worker processes, resume after a 
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
+import functools
 import gzip
+import http.server
 import json
 import os
 import random
 import shutil
+import threading
 import uuid
 from pathlib import Path
 
@@ -28,6 +32,8 @@ from conftest import RUNNER, read_bytes, shard_bytes, write_bytes
 from pipelines import commoncrawl as cc
 from pipelines import dedup
 from pipelines.cleaning import Cleaner
+from pipelines.commoncrawl_inputs import InputListError, read_input_list, sample
+from pipelines.commoncrawl_tokenizer import train_tokenizer
 from pipelines.formats import read_shard
 from pipelines.run import pipeline_options, preprocess
 from pipelines.synth_commoncrawl import generate_commoncrawl
@@ -35,7 +41,6 @@ from pipelines.synth_commoncrawl_words import BOILERPLATE
 from pipelines.textfiles import expand_inputs
 from pipelines.warc import WebDocument, read_web_documents
 from tokenizer.encode import load_tokenizer
-from pipelines.commoncrawl_tokenizer import train_tokenizer
 
 DOCS = 600
 LENGTH = 17
@@ -512,3 +517,146 @@ def test_cli_trains_a_tokenizer_and_preprocesses(generated, tmp_path):
     assert manifest.extra["tokenizer"]["type"] == "bpe"
     again = CliRunner().invoke(main, args)
     assert again.exit_code != 0 and "--resume" in again.output and "Traceback" not in again.output
+
+
+# --- a paths file as Common Crawl publishes it ---------------------------------------------------------
+
+
+def crawl_paths(n: int) -> list[str]:
+    """`n` lines in the layout of a crawl's wet.paths.gz."""
+    return [f"crawl-data/CC-MAIN-2024-10/segments/1707947473{i // 1000:03d}.{i % 7}/wet/"
+            f"CC-MAIN-20240220211055-20240221001055-{i:06d}.warc.wet.gz" for i in range(n)]
+
+
+def test_a_100k_line_paths_file_reads_only_its_sample(generated, tokenizer_url, tmp_path):
+    """`--input-list` with `--limit`: the list is read whole, only the sampled files are opened, and the
+    dataset is the one the same files give as `--input`."""
+    from click.testing import CliRunner
+
+    from codistill.cli import main
+
+    lines = crawl_paths(100_000)
+    listed = tmp_path / "wet.paths.gz"
+    listed.write_bytes(gzip.compress("".join(line + "\n" for line in lines).encode()))
+    chosen = sample(lines, 3, seed=0)
+    assert chosen == sorted(chosen, key=lines.index) and len(set(chosen)) == 3
+    crawl = tmp_path / "crawl"  # only the sampled files exist: reading any other would fail
+    for line, path in zip(chosen, expand_inputs(generated[1])):
+        (crawl / line).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, crawl / line)
+    common = ["--tokenizer", tokenizer_url, "--sequence-length", str(LENGTH), "--groups", "2"]
+    by_list = CliRunner().invoke(main, ["preprocess", "commoncrawl", "--input-list", str(listed), "--base-url",
+                                        str(crawl), "--limit", "3", "--output", str(tmp_path / "listed"), *common])
+    assert by_list.exit_code == 0, by_list.output
+    given = ",".join(str(crawl / c) for c in chosen)
+    by_input = CliRunner().invoke(main, ["preprocess", "commoncrawl", "--input", given, "--output",
+                                         str(tmp_path / "given"), *common])
+    assert by_input.exit_code == 0, by_input.output
+    assert load_manifest(str(tmp_path / "listed")).parameters["input"] == [str(crawl / c) for c in chosen]
+    assert shard_bytes(str(tmp_path / "listed")) == shard_bytes(str(tmp_path / "given"))
+
+
+def test_a_paths_file_given_as_input_is_refused_with_a_pointer_to_input_list(generated, tokenizer_url, tmp_path):
+    listed = tmp_path / "wet.paths.gz"
+    listed.write_bytes(gzip.compress("".join(line + "\n" for line in crawl_paths(10)).encode()))
+    with pytest.raises(InputListError, match="is a list of paths, not a WET/WARC file: give it as --input-list"):
+        run(str(listed), str(tmp_path / "out"), tokenizer_url)
+
+
+def test_paths_file_lines_join_the_base_url_plain_or_gzip(tmp_path):
+    lines = ["crawl-data/a/wet/one.warc.wet.gz", "", "/crawl-data/b/wet/two.warc.wet.gz",
+             "s3://elsewhere/three.warc.wet.gz"]
+    plain = tmp_path / "wet.paths"
+    plain.write_text("\n".join(lines) + "\n")
+    expected = ["https://data.commoncrawl.org/crawl-data/a/wet/one.warc.wet.gz",
+                "https://data.commoncrawl.org/crawl-data/b/wet/two.warc.wet.gz", "s3://elsewhere/three.warc.wet.gz"]
+    assert read_input_list(str(plain), "https://data.commoncrawl.org/", None, 0) == expected
+    packed = tmp_path / "wet.paths.gz"
+    packed.write_bytes(gzip.compress(plain.read_bytes()))
+    assert read_input_list(str(packed), "s3://commoncrawl", None, 0)[0] == "s3://commoncrawl/crawl-data/a/wet/one.warc.wet.gz"
+
+
+@pytest.mark.parametrize("data, message", [
+    (b"", "lists no paths"), (b"\n \n", "lists no paths"), (b"a/x.warc.wet.gz\nb/x.warc.wet.gz\n", "listed twice"),
+    (gzip.compress(b"a/x.warc.wet.gz\n")[:-12], "cut short"), (b"\xff\xfe\x00", "not a text file"),
+])
+def test_a_bad_paths_file_is_refused_naming_it(tmp_path, data, message):
+    path = tmp_path / "wet.paths.gz"
+    path.write_bytes(data)
+    with pytest.raises(InputListError, match=message) as raised:
+        read_input_list(str(path), "https://data.commoncrawl.org/", None, 0)
+    assert str(path) in str(raised.value)
+
+
+# --- transient read errors ---------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def flaky_server(folder: Path, failures: int):
+    """An HTTP server on 127.0.0.1 serving `folder`, answering each path's first `failures` requests (HEAD or
+    GET) with "503 Slow Down", as Common Crawl does under load."""
+    left, lock = collections.Counter(), threading.Lock()
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def send_head(self):
+            with lock:
+                left[self.path] += 1
+                fail = left[self.path] <= failures
+            if fail:
+                self.send_error(503, "Slow Down")
+                return None
+            return super().send_head()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
+                                             functools.partial(Handler, directory=str(folder)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}/"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def test_503_twice_then_the_file_gives_the_same_dataset(generated, tokenizer_url, tmp_path):
+    files = expand_inputs(generated[1])
+    listed = tmp_path / "wet.paths"
+    listed.write_text("".join(os.path.basename(f) + "\n" for f in files))
+    clean = run(generated[1], str(tmp_path / "clean"), tokenizer_url)
+    with flaky_server(Path(files[0]).parent, failures=2) as base_url:
+        flaky = run(None, str(tmp_path / "flaky"), tokenizer_url,
+                    commoncrawl={"input_list": str(listed), "base_url": base_url})
+    assert flaky.parameters["input"] == [base_url + os.path.basename(f) for f in files]
+    assert flaky.input_rows == clean.input_rows
+    assert shard_bytes(str(tmp_path / "flaky")) == shard_bytes(str(tmp_path / "clean"))
+
+
+def test_an_endpoint_that_stays_down_fails_the_run_naming_the_file(generated, tokenizer_url, tmp_path):
+    files = expand_inputs(generated[1])
+    listed = tmp_path / "wet.paths"
+    listed.write_text(os.path.basename(files[0]) + "\n")
+    with flaky_server(Path(files[0]).parent, failures=10**9) as base_url:
+        with pytest.raises(Exception, match=os.path.basename(files[0])):
+            run(None, str(tmp_path / "out"), tokenizer_url, commoncrawl={"input_list": str(listed),
+                                                                         "base_url": base_url})
+    assert not os.path.exists(tmp_path / "out" / "manifest.json")
+
+
+def test_without_a_tokenizer_one_is_trained_on_a_sample_of_the_files(generated, tmp_path):
+    _, pattern, _ = generated
+    settings = {"vocab_size": 600, "tokenizer_sample_docs": 200, "tokenizer_sample_files": 1}
+    manifest = run(pattern, str(tmp_path / "out"), None, commoncrawl=settings)
+    trained = load_tokenizer(str(tmp_path / "out" / "tokenizer" / "spm.model"))
+    assert trained.info["trained_with"]["files"] == 1 and manifest.tokenizer_sha256 == trained.sha256
+    paths, data = expand_inputs(pattern), config(pattern, "x", "x").data
+    one = sample(paths, 1, data.seed)
+    alone = train_tokenizer(one, str(tmp_path / "one.model"), 600, "unigram", 200, data.commoncrawl.clean, data.seed,
+                            [RUNNER])
+    assert alone["sha256"] == trained.sha256  # the sampled file, and only it
+    every = train_tokenizer(paths, str(tmp_path / "all.model"), 600, "unigram", 200, data.commoncrawl.clean,
+                            data.seed, [RUNNER])
+    assert every["sha256"] != trained.sha256

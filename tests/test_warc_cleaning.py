@@ -23,7 +23,8 @@ from fastwarc.warc import ArchiveIterator, WarcRecordType
 from codistill.config import ConfigError, parse_experiment
 from codistill.datasets.commoncrawl import CleaningConfig
 from pipelines.cleaning import DROP_REASONS, LINE_REASONS, Cleaner, detect_language
-from pipelines.warc import QUARANTINE_REASONS, Quarantined, Skipped, WarcInputError, WebDocument, read_web_documents
+from pipelines.warc import (MAX_HTML_BYTES, MAX_HTML_DEPTH, QUARANTINE_REASONS, Quarantined, Skipped, WarcInputError,
+                            WebDocument, html_depth, read_web_documents)
 
 SAMPLES = "commoncrawl"
 WET, WARC, RESILIPARSE = "whirlwind.warc.wet.gz", "whirlwind.warc.gz", "resiliparse_CC-MAIN-2020-34_warcfile.warc.gz"
@@ -638,3 +639,43 @@ def test_cleaning_config_from_the_manifest():
     ]:
         with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
             parse_experiment(MANIFEST, [override])
+
+
+# --- bounded work per HTML page ----------------------------------------------------------------------
+
+
+@pytest.mark.timeout(30)  # resiliparse alone would take hours on the deep page
+def test_deep_or_huge_html_is_quarantined_and_the_other_records_come_out(tmp_path):
+    deep = "<html><body>" + "<div>" * 100_000 + "deep text " + "</div>" * 100_000 + "</body></html>"
+    huge = "<html><body>" + "<p>The same paragraph of text, over and over.</p>\n" * 120_000 + "</body></html>"
+    assert len(huge) > MAX_HTML_BYTES
+    records = [http_response(PAGE.encode(), index=0), http_response(deep.encode(), index=1),
+               http_response(PAGE.encode(), index=2), http_response(huge.encode(), index=3),
+               http_response(PAGE.encode(), index=4)]
+    parts = members(*records)
+    assert len(parts[1]) < 10_000  # a few KB of gzip hold 1.1 MB of nesting
+    results = read(write(tmp_path, b"".join(parts), "input.warc.gz"))
+    assert labels(results) == [key(0), "too_deep", key(2), "too_large", key(4)]  # records in = out + rejected
+    assert [r.offset for r in results] == offsets(parts)
+    assert f"MAX_HTML_DEPTH={MAX_HTML_DEPTH}" in results[1].detail
+    assert f"MAX_HTML_BYTES={MAX_HTML_BYTES}" in results[3].detail
+
+
+@pytest.mark.parametrize("html, deeper_than", [
+    ("<div/>" * 3000, MAX_HTML_DEPTH),  # outside SVG the slash is ignored: 3000 nested divs
+    (("<b>" + "<div>" * 100 + "</b>") * 30, MAX_HTML_DEPTH),  # an end tag far down closes nothing
+    ("<table><tr><td>" * 1000, MAX_HTML_DEPTH),
+    ("<p><b>" * 3000, MAX_HTML_DEPTH),  # `p` closes `p`, the tree builder reopens `b` inside the next one
+])
+def test_html_depth_is_not_fooled_by_tags_that_look_closed(html, deeper_than):
+    assert html_depth(html, MAX_HTML_DEPTH) > deeper_than
+
+
+@pytest.mark.parametrize("html, at_most", [
+    ("<p>x" * 5000, 1), ("<table>" + "<tr><td>a<td>b" * 5000 + "</table>", 3),
+    ("<ul>" + "<li>x" * 5000 + "</ul>", 2), ("<svg>" + "<path d='m0 0'/>" * 5000 + "</svg>", 1),
+    ("<br><img src=x><hr>" * 5000, 0), ("<!-- <div> -->" * 5000 + "<script>'<div>'</script>" * 5000, 1),
+])
+def test_html_depth_of_flat_pages_stays_small(html, at_most):
+    assert html_depth(html, 100) <= at_most  # 100: below their start tags, so the tags are scanned
+

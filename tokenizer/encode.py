@@ -89,16 +89,37 @@ def _piece_bytes(processor: spm.SentencePieceProcessor) -> np.ndarray:
     return sizes
 
 
+SIDECAR_FIELDS = {"sha256": str, "eod_id": int, "pad_id": int, "type": str}
+
+
 def load_tokenizer(url: str) -> Tokenizer:
+    """The model at `url`, checked against its sidecar; anything missing, malformed or mismatched is a
+    `TokenizerError` naming the file."""
+    sidecar = sidecar_url(url)
     try:
         with storage.open(url, "rb") as f:
             model = f.read()
-        with storage.open(sidecar_url(url), "r") as f:
+        with storage.open(sidecar, "r") as f:
             info = json.load(f)
     except FileNotFoundError as e:
         raise TokenizerError(f"tokenizer {url}: {e.filename or e} not found (a model needs its {url}.json "
                              "sidecar; train one with `codistill tokenizer train`)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise TokenizerError(f"tokenizer sidecar {sidecar}: not JSON ({e})") from None
+    if not isinstance(info, dict):
+        raise TokenizerError(f"tokenizer sidecar {sidecar}: a JSON {type(info).__name__}, not an object")
+    for name, kind in SIDECAR_FIELDS.items():
+        if not isinstance(info.get(name), kind) or isinstance(info.get(name), bool):
+            raise TokenizerError(f"tokenizer sidecar {sidecar}: {name} is {info.get(name)!r}, not a {kind.__name__}")
     digest = hashlib.sha256(model).hexdigest()
-    if info.get("sha256") != digest:
-        raise TokenizerError(f"tokenizer {url}: sha256 {digest} does not match its sidecar's {info.get('sha256')}")
-    return Tokenizer(model, info)
+    if info["sha256"] != digest:
+        raise TokenizerError(f"tokenizer {url}: sha256 {digest} does not match its sidecar's {info['sha256']}")
+    try:
+        tokenizer = Tokenizer(model, info)
+    except RuntimeError as e:  # sentencepiece cannot parse the bytes
+        raise TokenizerError(f"tokenizer {url}: not a sentencepiece model ({str(e).strip()})") from None
+    for name in ("eod_id", "pad_id"):
+        if not 0 <= info[name] < tokenizer.vocab_size:
+            raise TokenizerError(f"tokenizer sidecar {sidecar}: {name} {info[name]} is outside the model's "
+                                 f"{tokenizer.vocab_size} pieces")
+    return tokenizer

@@ -124,24 +124,39 @@ class DedupConfig:
 class CommonCrawlConfig:
     """Reading, cleaning, deduplicating and tokenising web text (`data.dataset: commoncrawl`)."""
 
+    # A paths file as Common Crawl publishes it (`wet.paths.gz`; gzip or plain, one path a line), read instead of
+    # `data.input`: each path is joined to `base_url` (a line holding a URL is taken as it is).
+    input_list: str | None = None
+    # Common Crawl's public HTTPS endpoint; inside AWS `s3://commoncrawl/` (with `storage` giving `anon: true`).
+    base_url: str = "https://data.commoncrawl.org/"
+    limit: int | None = None  # read only this many listed files: those with the lowest keyed hash of their path
     # sentencepiece model (any fsspec URL, with its `<url>.json` sidecar); null = train one on the input first,
     # written to `<output>/tokenizer/spm.model`, with the three settings below.
     tokenizer: str | None = None
     vocab_size: int = 8000
     tokenizer_type: Literal["unigram", "bpe"] = "unigram"
     tokenizer_sample_docs: int = 20_000  # cleaned documents the tokenizer is trained on (a keyed-hash sample)
+    # Input files those documents are drawn from (the lowest keyed hash of their path): not every input is read
+    # and cleaned twice. A WET file holds ~30k documents.
+    tokenizer_sample_files: int = 16
     sequence_length: int = 33  # tokens per packed row (inputs tokens[:-1], targets tokens[1:])
     samples_per_reason: int = 5  # dropped documents kept in rejected/samples/<reason>.jsonl
     clean: CleaningConfig = field(default_factory=CleaningConfig)
     dedup: DedupConfig = field(default_factory=DedupConfig)
 
     def validate(self, name: str) -> None:
+        require(self.input_list is None or bool(self.input_list.strip()), f"{name}.input_list",
+                "must be a paths file URL or null")
+        require(bool(self.base_url.strip()), f"{name}.base_url", "must be a URL or folder")
+        require(self.limit is None or self.limit >= 1, f"{name}.limit", f"must be >= 1 or null, got {self.limit}")
         require(self.tokenizer is None or bool(self.tokenizer), f"{name}.tokenizer",
                  "must be a model URL or null (train one first)")
         require(300 <= self.vocab_size <= 1_000_000, f"{name}.vocab_size",
                  f"must be in [300, 1000000] (256 byte pieces are part of it), got {self.vocab_size}")
         require(self.tokenizer_sample_docs >= 1, f"{name}.tokenizer_sample_docs",
                  f"must be >= 1, got {self.tokenizer_sample_docs}")
+        require(self.tokenizer_sample_files >= 1, f"{name}.tokenizer_sample_files",
+                 f"must be >= 1, got {self.tokenizer_sample_files}")
         require(self.sequence_length >= 2, f"{name}.sequence_length",
                  f"must be >= 2 (inputs and targets are shifted by one), got {self.sequence_length}")
         require(self.samples_per_reason >= 0, f"{name}.samples_per_reason",
@@ -195,7 +210,10 @@ SPEC = DatasetSpec(
     summary="Common Crawl WET/WARC files",
     name="commoncrawl", config=CommonCrawlConfig, synth=CommonCrawlSynthConfig, models=(LSTMConfig,),
     pipeline="pipelines.commoncrawl", workload="training.workloads.lm",
-    flags=(Flag("tokenizer", "sentencepiece model URL (with its .json sidecar); default: train one first."),
+    flags=(Flag("input_list", "A paths file (wet.paths.gz, gzip or plain, one path a line) instead of --input."),
+           Flag("base_url", "What the listed paths are joined to (s3://commoncrawl/ inside AWS)."),
+           Flag("limit", "Read only N listed files (a deterministic sample: lowest keyed hash of the path)."),
+           Flag("tokenizer", "sentencepiece model URL (with its .json sidecar); default: train one first."),
            Flag("sequence_length", "Tokens per packed row.")),
     synth_flags=(Flag("docs", "WET conversion records in all files together.", required=True),
                  Flag("files", "Files to spread the records over."), Flag("seed")),
