@@ -524,7 +524,7 @@ def _write(out, files, seed, p, n, records, order, pool) -> dict:
     """WET files (records in `order`, split into `files` consecutive parts) and the sidecar."""
     ids = [_uuid(seed, "record", g) for g in range(len(records))]
     fs, root = storage.url_to_fs(out)
-    fs.makedirs(root, exist_ok=True)
+    storage.make_dirs(fs, root)
     names = [f"synth-{k:05d}-of-{files:05d}.warc.wet.gz" for k in range(files)]
     # An earlier run's files under another split would be read along with these by `<out>/*.warc.wet.gz`.
     for old in fs.glob(f"{root.rstrip('/')}/synth-*-of-*.warc.wet.gz"):

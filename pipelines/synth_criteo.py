@@ -205,7 +205,7 @@ def generate_criteo(out: str, rows: int, files: int = 1, seed: int = 0, gzip: bo
     p = params or CriteoParams()
     m = plant(p, rows, seed)
     fs, root = storage.url_to_fs(out)
-    fs.makedirs(root, exist_ok=True)
+    storage.make_dirs(fs, root)
     bounds = [rows * k // files for k in range(files + 1)]
     cached = (-1, None)  # a chunk straddling two files is generated once
     positives, entropy_sum, written = 0, 0.0, []

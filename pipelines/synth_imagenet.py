@@ -165,10 +165,10 @@ def generate_imagenet(out: str, classes: int, per_class: int, *, val_per_class: 
     fs, root = storage.url_to_fs(out)
     root = root.rstrip("/")
     for wnid in empty:
-        fs.makedirs(f"{root}/train/{wnid}", exist_ok=True)
+        storage.make_dirs(fs, f"{root}/train/{wnid}")
     fault_paths = {kind: [] for kind in FAULTS}
     for c, wnid in enumerate(wnids):
-        fs.makedirs(f"{root}/train/{wnid}", exist_ok=True)
+        storage.make_dirs(fs, f"{root}/train/{wnid}")
         for i in range(per_class):
             image_rng = np.random.default_rng([seed, 2, c, i])
             image, _ = render(styles, c, image_rng, min_size, max_size)
@@ -188,7 +188,7 @@ def generate_imagenet(out: str, classes: int, per_class: int, *, val_per_class: 
             image, box = render(styles, c, image_rng, min_size, max_size)
             name = f"ILSVRC2012_val_{n:08d}"
             folder = "val" if val_layout == "flat" else f"val/{wnids[c]}"
-            fs.makedirs(f"{root}/{folder}", exist_ok=True)
+            storage.make_dirs(fs, f"{root}/{folder}")
             fs.pipe_file(f"{root}/{folder}/{name}.JPEG", _encode(image, quality=int(image_rng.integers(80, 96))))
             val_rows.append(f"{name},{wnids[c]} {' '.join(str(v) for v in box)} ")
         if val_layout == "flat":  # Kaggle's file is not in file-name order either

@@ -203,6 +203,7 @@ def test_writing_to_a_missing_bucket_names_it_and_never_creates_it(s3_storage):
     account. Every way in which we write files checks the bucket instead."""
     import torch
 
+    from pipelines.synth_criteo import generate_criteo
     from training.exchange import SnapshotPublisher
 
     rule = s3_storage.rule  # the same endpoint and credentials for the misspelt name
@@ -217,6 +218,8 @@ def test_writing_to_a_missing_bucket_names_it_and_never_creates_it(s3_storage):
     with pytest.raises(storage.StoreError, match=re.escape(expected)):
         storage.check_writable(f"s3://{MISSPELT}/store/run/group-0")
     assert not SnapshotPublisher(f"s3://{MISSPELT}/store", "run", group=0).publish(1, {"w": torch.zeros(2)})
+    with pytest.raises(storage.StoreError, match=re.escape(expected)):  # the generators write through it too
+        generate_criteo(f"s3://{MISSPELT}/raw", 10)
     fs.invalidate_cache()
     assert MISSPELT not in {b.rstrip("/") for b in fs.ls("")}, "a bucket was created"
     storage.write_atomically(s3_storage.url("exists/manifest.json"), b"{}")  # the real bucket still takes files
