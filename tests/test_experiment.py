@@ -147,7 +147,7 @@ def test_a_rerun_trains_nothing_and_report_only_rebuilds_the_same_report(smoke):
     assert report.read_text() == before
 
 
-def test_a_plan_whose_runs_would_reread_their_split_is_refused_before_anything_trains(tmp_path):
+def test_a_plan_whose_runs_would_reread_their_split_is_refused_before_anything_trains(tmp_path, monkeypatch):
     plan = yaml.safe_load(SMOKE.read_text())
     plan["max_passes"] = 1.0
     path = tmp_path / "plan.yaml"
@@ -161,7 +161,7 @@ def test_a_plan_whose_runs_would_reread_their_split_is_refused_before_anything_t
     def train(*args):
         raise AssertionError("nothing may train")
 
-    os.chdir(tmp_path)
+    monkeypatch.chdir(tmp_path)  # the plan's runs/ go here, and the working directory comes back afterwards
     with pytest.raises(ConfigError, match=r"max_passes is 1, but baseline reads its split 3\.\d\d times"):
         run_plan(load_plan(str(path)), train, dataset_for)
 

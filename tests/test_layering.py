@@ -117,6 +117,21 @@ def test_the_contracts_import_neither_pipelines_nor_training():
     assert not any(contracts.values()), {m: names for m, names in contracts.items() if names}
 
 
+def external_imports(module: str) -> set[str]:
+    """The top-level names of the libraries `module` imports."""
+    return {name.split(".")[0] for node in runtime_nodes(ast.parse(MODULES[module].read_text()))
+            for name in ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                         [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
+            if name and name.split(".")[0] not in PACKAGES}
+
+
+def test_the_tokenizer_is_sentencepiece_only():
+    """tokenizer/ trains and applies sentencepiece models: no Beam, torch or DeepSpeed behind it."""
+    heavy = {m: external_imports(m) & {"apache_beam", "torch", "deepspeed"} for m in MODULES
+             if m.startswith("tokenizer")}
+    assert not any(heavy.values()), heavy
+
+
 def test_the_checks_see_what_they_must():
     """The checker itself: a circle and an upward import it must report."""
     assert circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]

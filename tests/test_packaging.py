@@ -106,6 +106,22 @@ def _module_file(module: str) -> Path | None:
     return next((p for p in (path.with_suffix(".py"), path / "__init__.py") if p.is_file()), None)
 
 
+def optional_imports(tree: ast.AST) -> set[int]:
+    """ids of the nodes under `with contextlib.suppress(ImportError):` or `try: ... except ImportError:` (a
+    library used where it is installed, as storage's error types of S3 and HTTP clients)."""
+    guarded = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.With):
+            optional = any("suppress(ImportError" in ast.unparse(item.context_expr) for item in node.items)
+        elif isinstance(node, ast.Try):
+            optional = any(h.type is not None and "ImportError" in ast.unparse(h.type) for h in node.handlers)
+        else:
+            continue
+        if optional:
+            guarded |= {id(n) for child in node.body for n in ast.walk(child)}
+    return guarded
+
+
 def third_party_imports(*modules: str) -> set[str]:
     """The top-level third-party modules `modules` import, following this project's own modules (and the
     packages above each, whose __init__ runs too); imports inside functions count, workers run them."""
@@ -116,7 +132,10 @@ def third_party_imports(*modules: str) -> set[str]:
             continue
         seen.add(name)
         todo += [name.rsplit(".", i)[0] for i in range(1, name.count(".") + 1)]
-        for node in ast.walk(ast.parse(_module_file(name).read_text())):
+        tree = ast.parse(_module_file(name).read_text())
+        for node in ast.walk(tree):
+            if id(node) in optional_imports(tree):
+                continue
             if isinstance(node, ast.Import):
                 imported = [alias.name for alias in node.names]
             elif isinstance(node, ast.ImportFrom) and not node.level:
