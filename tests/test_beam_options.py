@@ -12,16 +12,17 @@ from click.testing import CliRunner
 
 from codistill.cli import main
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+GUIDES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 
 def _readme_runner_commands() -> list[str]:
-    """Every complete `codistill preprocess ... --runner ...` command in the README (continuation lines joined;
-    a synopsis with [optional] parts or `...` is not a command)."""
-    text = README.read_text().replace("\\\n", " ")
+    """Every complete `codistill preprocess ... --runner ...` command in the README and docs/ (continuation
+    lines joined; a synopsis with [optional] parts or `...` is not a command)."""
+    text = "\n".join(p.read_text() for p in GUIDES).replace("\\\n", " ")
     commands = [re.sub(r"\s+#.*", "", line).strip() for line in text.splitlines()]
-    return [c for c in commands if c.startswith("codistill preprocess ") and "--runner" in c
-            and "[" not in c and "..." not in c]
+    return list(dict.fromkeys(c for c in commands if c.startswith("codistill preprocess ") and "--runner" in c
+                              and "[" not in c and "..." not in c))  # README repeats some of docs/ on purpose
 
 
 def _dry_run(args: list[str]) -> dict:
