@@ -133,8 +133,9 @@ def third_party_imports(*modules: str) -> set[str]:
         seen.add(name)
         todo += [name.rsplit(".", i)[0] for i in range(1, name.count(".") + 1)]
         tree = ast.parse(_module_file(name).read_text())
+        optional = optional_imports(tree)
         for node in ast.walk(tree):
-            if id(node) in optional_imports(tree):
+            if id(node) in optional:
                 continue
             if isinstance(node, ast.Import):
                 imported = [alias.name for alias in node.names]
