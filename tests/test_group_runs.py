@@ -34,7 +34,7 @@ def test_groups_started_apart_complete_one_codistilled_run_and_another_run_is_re
     outputs = {g: p.communicate(timeout=540)[0] for g, p in procs.items()}
     for g, p in procs.items():
         assert p.returncode == 0, tail(outputs[g])
-        assert "placement: 1 group x 1 ranks on CPU" in outputs[g], outputs[g][:300]
+        assert "placement: 1 group x 1 rank on CPU" in outputs[g], outputs[g][:300]
     record = json.loads((store / "run" / RunDir.RUN_FILE).read_text())
     for g in (0, 1):
         peer = str(1 - g)

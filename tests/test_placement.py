@@ -38,8 +38,8 @@ def test_groups_get_disjoint_gpu_slices(groups, ranks):
     assert all(len(s) == ranks for s in slots.values())
     used = [gpu for s in slots.values() for gpu in s]
     assert len(set(used)) == len(used) == groups * ranks  # no GPU shared by two groups
-    assert placement.summary.startswith(f"placement: {groups} group{'s' if groups > 1 else ''} x {ranks} ranks on "
-                                        f"{groups * ranks} of 8 GPUs")
+    groups_text, ranks_text = f"{groups} group{'s' if groups > 1 else ''}", f"{ranks} rank{'s' if ranks > 1 else ''}"
+    assert placement.summary.startswith(f"placement: {groups_text} x {ranks_text} on {groups * ranks} of 8 GPUs")
     assert all(f"group {g} on GPU{'s' if ranks > 1 else ''} {','.join(map(str, s))}" in placement.summary
                for g, s in slots.items())
     assert ("idle" in placement.summary) == (groups * ranks < 8)
@@ -139,5 +139,5 @@ def test_train_hostfile_dry_run_prints_a_job_per_group(tmp_path, monkeypatch):
                                        "--dry-run"])
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
-    assert lines[0] == "placement: 2 groups x 1 ranks on the hosts of hostfile: group 0 on node1:0; group 1 on node1:1"
+    assert lines[0] == "placement: 2 groups x 1 rank on the hosts of hostfile: group 0 on node1:0; group 1 on node1:1"
     assert ["--hostfile hostfile --include node1:0" in lines[1], "--include node1:1" in lines[2]] == [True, True]

@@ -94,8 +94,8 @@ def visible_accelerators() -> list[int]:
                              "indices, not UUIDs)") from None
 
 
-def _groups(groups: list[int]) -> str:
-    return f"{len(groups)} group{'' if len(groups) == 1 else 's'}"
+def _groups(groups: list[int], ranks: int) -> str:
+    return f"{len(groups)} group{'' if len(groups) == 1 else 's'} x {ranks} rank{'' if ranks == 1 else 's'}"
 
 
 def _include(slots: dict[str, list[int]]) -> str:
@@ -124,12 +124,12 @@ def place_groups(groups: list[int], ranks: int, accelerators: list[int], cores: 
     if not accelerators:
         threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, cores // (len(groups) * ranks)))
         return Placement({}, ranks, {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": threads},
-                         f"placement: {_groups(groups)} x {ranks} ranks on CPU ({cores} cores): "
+                         f"placement: {_groups(groups, ranks)} on CPU ({cores} cores): "
                          f"{threads} thread{'' if threads == '1' else 's'} per rank")
     visible = f"this host ({len(accelerators)} visible: {','.join(map(str, accelerators))})"
     slots = _split(groups, ranks, [("localhost", a) for a in accelerators], visible)
     idle = len(accelerators) - len(groups) * ranks
-    return Placement(slots, ranks, {}, f"placement: {_groups(groups)} x {ranks} ranks on {len(groups) * ranks} of "
+    return Placement(slots, ranks, {}, f"placement: {_groups(groups, ranks)} on {len(groups) * ranks} of "
                      f"{len(accelerators)} GPUs" + (f" ({idle} idle)" if idle else "") + ": " + "; ".join(
                          f"group {g} on GPU{'s' if ranks > 1 else ''} {','.join(map(str, s['localhost']))}"
                          for g, s in slots.items()))
@@ -150,7 +150,7 @@ def place_on_hosts(groups: list[int], ranks: int, hostfile: str) -> Placement:
         raise PlacementError(f"--hostfile {hostfile}: no hosts (lines `host slots=N`)")
     slots = _split(groups, ranks, [(h, i) for h, n in hosts.items() for i in range(n)],
                    f"{hostfile} ({sum(hosts.values())} slots on {len(hosts)} hosts)")
-    return Placement(slots, ranks, {}, f"placement: {_groups(groups)} x {ranks} ranks on the hosts of {hostfile}: "
+    return Placement(slots, ranks, {}, f"placement: {_groups(groups, ranks)} on the hosts of {hostfile}: "
                      + "; ".join(f"group {g} on {_include(s)}" for g, s in slots.items()), hostfile)
 
 
