@@ -3,6 +3,7 @@ launcher parsing), or on CPU a share of the cores; and what it refuses before st
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shlex
@@ -21,12 +22,14 @@ from codistill.run import RunError, launch_plan
 EIGHT_GPUS = list(range(8))  # a pretend 8-GPU host: the ids `visible_accelerators` would give
 
 
-def _deepspeed_slots(argv: list[str], host_gpus: int = 8) -> list[int]:
-    """The GPUs DeepSpeed's launcher gives a group for this command on a host with `host_gpus`."""
-    args = ds_runner.parse_args(argv[argv.index("deepspeed.launcher.runner") + 1:])
-    # DeepSpeed refuses --include together with --num_nodes/--num_gpus (and then takes GPUs 0..R-1).
-    assert args.num_nodes < 0 and args.num_gpus < 0, argv
-    return ds_runner.parse_inclusion_exclusion({"localhost": host_gpus}, args.include, args.exclude)["localhost"]
+def _deepspeed_slots(argv: list[str]) -> list[int]:
+    """The GPUs DeepSpeed's per-node launcher gives a group for this command: the ids of its world on this host,
+    which it makes the ranks' CUDA_VISIBLE_DEVICES (decoded as deepspeed/launcher/launch.py decodes them)."""
+    assert argv[argv.index("-m") + 1] == "deepspeed.launcher.launch", argv
+    world_info = next(a.split("=", 1)[1] for a in argv if a.startswith("--world_info="))
+    world = json.loads(base64.urlsafe_b64decode(world_info))
+    assert list(world) == ["localhost"], world
+    return world["localhost"]
 
 
 @pytest.mark.parametrize("groups, ranks", [(1, 8), (2, 4), (4, 2), (4, 1)])
@@ -46,7 +49,7 @@ def test_groups_get_disjoint_gpu_slices(groups, ranks):
 
 
 def test_the_slices_are_of_the_gpus_this_process_may_use():
-    """CUDA_VISIBLE_DEVICES=4,5,6,7: the groups go to those, by the ids DeepSpeed's --include takes."""
+    """CUDA_VISIBLE_DEVICES=4,5,6,7: the groups go to those ids (DeepSpeed's launcher resets the variable)."""
     config = load_experiment("criteo-tiny", ["data.groups=2", "deepspeed.ranks_per_group=2"])
     _, commands = launch_plan(config, "criteo-tiny", [], False, accelerators=[4, 5, 6, 7])
     assert [_deepspeed_slots(c.argv) for c in commands] == [[4, 5], [6, 7]]
@@ -64,7 +67,7 @@ def test_cpu_keeps_its_core_split(monkeypatch):
     config = load_experiment("criteo-tiny", ["data.groups=2", "deepspeed.ranks_per_group=2"])
     placement, commands = launch_plan(config, "criteo-tiny", [], False, accelerators=[])
     assert placement.env == {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // 4))}
-    assert all(c.argv[c.argv.index("--num_gpus") + 1] == "2" and "--include" not in c.argv for c in commands)
+    assert [_deepspeed_slots(c.argv) for c in commands] == [[0, 1], [0, 1]]  # ranks, not GPUs: 2 per group
 
 
 def test_train_dry_run_prints_every_group_and_starts_nothing(tmp_path):
@@ -75,7 +78,7 @@ def test_train_dry_run_prints_every_group_and_starts_nothing(tmp_path):
     lines = result.stdout.splitlines()
     assert lines[0].startswith("placement: 2 groups x 2 ranks on CPU (")
     assert [line.split(":")[0] for line in lines[1:]] == ["group 0", "group 1"]
-    assert all("DS_ACCELERATOR=cpu" in line and "-m deepspeed.launcher.runner" in line for line in lines[1:])
+    assert all("DS_ACCELERATOR=cpu" in line and "-m deepspeed.launcher.launch" in line for line in lines[1:])
     argv = shlex.split(lines[1].split(": ", 1)[1])
     assert argv[argv.index("--set") + 1] == f"data.output={tmp_path / 'data'}"
     assert not run_dir.exists() and not (tmp_path / "data").exists()

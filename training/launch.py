@@ -12,6 +12,7 @@ run never adopts another run's weights.
 
 from __future__ import annotations
 
+import base64
 import fcntl
 import json
 import os
@@ -65,7 +66,7 @@ class Placement:
     """Where each group of a run goes: a disjoint slice of this host's accelerators, or of a hostfile's slots,
     or on CPU a share of this host's cores."""
 
-    slots: dict[int, dict[str, list[int]]]  # group -> {host: slot (GPU) ids}, DeepSpeed's --include; {} on CPU
+    slots: dict[int, dict[str, list[int]]]  # group -> {host: slot (GPU) ids}; {} on CPU
     ranks_per_group: int
     env: dict[str, str]  # what every group's process starts with beyond this process's environment
     summary: str  # what was chosen, in one line
@@ -79,8 +80,8 @@ def free_port() -> int:
 
 
 def visible_accelerators() -> list[int]:
-    """The ids of the GPUs this process may use, as DeepSpeed's `--include` names them: CUDA_VISIBLE_DEVICES's
-    list when set (DeepSpeed drops the variable once `--include` is given), else 0..count-1."""
+    """The ids of the GPUs this process may use, as DeepSpeed's launcher names them: CUDA_VISIBLE_DEVICES's
+    list when set (the launcher sets the variable to each group's slice of these ids), else 0..count-1."""
     if not torch.cuda.is_available():
         return []
     count = torch.cuda.device_count()
@@ -156,15 +157,22 @@ def place_on_hosts(groups: list[int], ranks: int, hostfile: str) -> Placement:
 
 def group_commands(manifest: str, groups: list[int], ranks: int, sets: list[str], resume: bool,
                    placement: Placement | None = None) -> list[GroupCommand]:
-    """Each group's deepspeed launch: on its slots of `placement`, or (none, or on CPU) `ranks` processes here."""
+    """Each group's DeepSpeed launch: on its slots of `placement`, or (none, or on CPU) `ranks` processes here."""
     commands = []
     for group in groups:
         slots = placement.slots.get(group) if placement else None
-        # `--include` and `--num_gpus` exclude each other; without `--include` every group gets GPUs 0..R-1.
-        where = ((["--hostfile", placement.hostfile] if placement.hostfile else []) + ["--include", _include(slots)]
-                 if slots else ["--num_nodes", "1", "--num_gpus", str(ranks)])
-        argv = [sys.executable, "-m", "deepspeed.launcher.runner", *where, "--master_port", str(free_port()),
-                "--module", "training.train", "--manifest", manifest, "--group", str(group)]
+        if placement is not None and placement.hostfile:
+            # Other hosts: DeepSpeed's runner reaches them (pdsh) and starts its per-node launcher on each.
+            launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", placement.hostfile,
+                        "--include", _include(slots), "--master_port", str(free_port())]
+        else:
+            # This host: DeepSpeed's per-node launcher itself, as the runner would exec it after ~2.5 s of its own
+            # start-up. Its world is {host: the group's slot ids}; it makes those ids the ranks' visible devices.
+            world = {"localhost": slots["localhost"] if slots else list(range(ranks))}
+            launcher = [sys.executable, "-u", "-m", "deepspeed.launcher.launch",
+                        f"--world_info={base64.urlsafe_b64encode(json.dumps(world).encode()).decode()}",
+                        "--master_addr=127.0.0.1", f"--master_port={free_port()}"]
+        argv = [*launcher, "--module", "training.train", "--manifest", manifest, "--group", str(group)]
         for assignment in sets:
             argv += ["--set", assignment]
         if resume:
