@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import importlib.util
 import json
 import logging
 import math
@@ -373,6 +374,21 @@ def test_a_store_that_cannot_be_written_fails_at_start(data_dir, tmp_path):
     for g in (0, 1):
         path = RunDir(tmp_path / "run").group(g).metrics
         assert not path.exists() or not records(tmp_path / "run", g, "train"), "it trained without a store"
+
+
+def test_a_store_without_its_client_ends_every_rank_with_one_line(data_dir, tmp_path):
+    """A group of 2 ranks started by hand (`deepspeed --num_gpus 2`, as docs/training.md shows) on a gs:// store
+    without gcsfs: rank 0's ImportError reaches rank 1 as the same one-line error (on gloo rank 1 otherwise dies
+    with "Connection closed by peer" beside rank 0's traceback; on NCCL it waits in the broadcast)."""
+    assert importlib.util.find_spec("gcsfs") is None, "the test environment (make's EXTRAS) has no [gcs] extra"
+    sets = TINY + [f"data.output={data_dir}", "deepspeed.ranks_per_group=2", "train.store=gs://bucket/store",
+                   f"train.run_dir={tmp_path / 'run'}"]
+    proc = run([str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), "--module",
+                "training.train", "--manifest", "criteo-tiny", "--group", "0", *sets_args(sets)], timeout=120)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    # Rank 0 says it for the group; rank 1 ends on the same error (not a gloo traceback or a timeout).
+    assert output.count("install the [gcs] extra") == 1 and "Traceback" not in output, tail(output)
 
 
 def test_stale_peers_are_left_out_with_one_warning_per_transition(caplog):

@@ -37,6 +37,7 @@ import torch.distributed as dist
 from codistill import storage
 from codistill.config import CodistillConfig, ExperimentConfig, OptimizerConfig, ScheduleConfig, load_experiment
 from codistill.dataset import check_shards_present, load_manifest
+from codistill.extras import missing_extra
 from codistill.rundir import RunDir
 from codistill.units import duration
 from training import evaluation
@@ -311,6 +312,9 @@ class GroupTrainer:
                 storage.check_writable(group_dir(config.store, config.run_id, self.group))
             except (storage.StoreError, ValueError) as err:
                 problem = [str(err)]
+            except Exception as err:  # e.g. no client for the store's scheme: still every rank's error, not a hang
+                logger.debug("checking the store failed", exc_info=True)
+                problem = [missing_extra(err) or f"{config.store}: {type(err).__name__}: {err}"]
         if self.world > 1:
             dist.broadcast_object_list(problem, src=0)
         if problem[0] is not None:
