@@ -1,11 +1,7 @@
 """This package's optional dependencies (`[project.optional-dependencies]`): which extra installs a missing
-module, and what an extra requires."""
+module (what an extra requires: `pipelines.requirements.extra_requirements`)."""
 
 from __future__ import annotations
-
-import importlib.metadata
-
-from packaging.requirements import Requirement
 
 THIS = "codistill"
 # The modules each extra brings (a module missing from a run that needs it names the extra to install).
@@ -15,6 +11,10 @@ EXTRA_MODULES = {
     "dask": ("dask", "distributed"),
     "gcp": ("apitools", "google.auth", "google.cloud", "google.api_core"),
     "tensorboard": ("tensorboard",),
+    # Each dataset's own libraries (training ImageNet decodes with Pillow too).
+    "criteo": ("pyarrow",),
+    "commoncrawl": ("fastwarc", "resiliparse", "pycld2", "sentencepiece", "zlib_ng"),
+    "imagenet": ("PIL", "simplejpeg"),
 }
 
 
@@ -26,19 +26,7 @@ def missing_extra(error: BaseException) -> str | None:
         name = getattr(error, "name", None) if isinstance(error, ImportError) else None
         for extra, modules in EXTRA_MODULES.items():
             if name and any(name == m or name.startswith(f"{m}.") for m in modules):
-                return f"{top} (no module {name!r}): install the [{extra}] extra: pip install -e '.[{extra}]'"
+                said = f"{top}" if repr(name) in str(top) else f"{top} (no module {name!r})"
+                return f"{said}: install the [{extra}] extra: pip install -e '.[{extra}]'"
         error = error.__cause__ or error.__context__
     return None
-
-
-def extra_requirements(extra: str) -> list[str]:
-    """The requirement lines of one of this package's extras."""
-    if extra not in (importlib.metadata.metadata(THIS).get_all("Provides-Extra") or []):
-        raise ValueError(f"{THIS} has no extra {extra!r}")
-    lines = []
-    for line in importlib.metadata.requires(THIS) or []:
-        requirement = Requirement(line)
-        if requirement.marker is not None and requirement.marker.evaluate({"extra": extra}):
-            requirement.marker = None
-            lines.append(str(requirement))
-    return lines

@@ -16,11 +16,26 @@ import subprocess
 import sys
 from pathlib import Path
 
+from packaging.requirements import Requirement
+
 from codistill.datasets import DATASETS
-from codistill.extras import THIS, extra_requirements
+from codistill.extras import THIS
 
 PACKAGES = ("codistill", "pipelines", "tokenizer", "training")  # this distribution's top-level packages
 WORKER_PROVIDED = {"apache-beam"}
+
+
+def extra_requirements(extra: str) -> list[str]:
+    """The requirement lines of one of this package's extras."""
+    if extra not in (importlib.metadata.metadata(THIS).get_all("Provides-Extra") or []):
+        raise ValueError(f"{THIS} has no extra {extra!r}")
+    lines = []
+    for line in importlib.metadata.requires(THIS) or []:
+        requirement = Requirement(line)
+        if requirement.marker is not None and requirement.marker.evaluate({"extra": extra}):
+            requirement.marker = None
+            lines.append(str(requirement))
+    return lines
 
 
 def _source(module: str) -> Path | None:

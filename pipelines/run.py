@@ -30,6 +30,7 @@ from fsspec.implementations.local import LocalFileSystem
 from codistill import storage
 from codistill.config import ConfigError, DataConfig, ExperimentConfig
 from codistill.datasets import DATASETS
+from codistill.extras import missing_extra
 from codistill.dataset import MANIFEST_NAME, DatasetManifest, join, load_manifest
 from pipelines import progress
 from pipelines.sinks import PIECES
@@ -90,9 +91,9 @@ def dataset_pipeline(dataset: str) -> DatasetPipeline:
     except ModuleNotFoundError as e:
         if (e.name or "").partition(".")[0] in {"codistill", "pipelines", "training", "tokenizer"}:
             raise
-        # A built-in dataset's libraries come with its extra (pyproject.toml), not with the package itself.
-        raise ConfigError(f"the {dataset} pipeline needs the module {e.name!r}, which is not installed: "
-                          f"pip install 'codistill[{dataset}]' (or the package that provides {dataset})") from None
+        # A built-in dataset's libraries come with its extra (pyproject.toml); a plugin's with its own package.
+        raise ConfigError(f"the {dataset} pipeline: " + (missing_extra(e) or f"no module {e.name!r}: install the "
+                                                         f"package that provides {dataset}")) from None
 
 
 def summarize_dataset(dataset: DatasetManifest, where: str) -> str:

@@ -102,3 +102,11 @@ def test_s3_and_dask_without_their_libraries_name_the_extra(tmp_path, absent, ex
     assert run.returncode == 1
     assert absent.split(",")[0] in _one_error_line(run.stderr, extra)
     assert not (tmp_path / "out").exists()
+
+
+def test_training_imagenet_without_pillow_names_the_imagenet_extra(tmp_path):
+    run = subprocess.run([sys.executable, "-c", WITHOUT, "PIL", "train", "imagenet-tiny", "--run-dir",
+                          str(tmp_path / "run"), "--set", f"data.output={tmp_path / 'data'}"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1
+    assert "PIL" in _one_error_line(run.stderr, "imagenet")

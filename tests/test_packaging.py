@@ -193,5 +193,5 @@ def test_a_pipeline_whose_extra_is_not_installed_names_the_extra(tmp_path):
     result = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True)
     assert result.returncode == 1, result.stderr
     assert result.stderr.strip().splitlines()[-1] == (
-        "Error: the criteo pipeline needs the module 'pyarrow', which is not installed: pip install "
-        "'codistill[criteo]' (or the package that provides criteo)")
+        "Error: the criteo pipeline: import of pyarrow halted; None in sys.modules (no module 'pyarrow'): install "
+        "the [criteo] extra: pip install -e '.[criteo]'")
