@@ -114,6 +114,9 @@ def _likely_cause(err: BaseException) -> str:
     code = getattr(err, "errno", None)
     if isinstance(err, ConnectionError) or any("Connect" in cls.__name__ for cls in type(err).__mro__):
         return "cannot reach the store's endpoint: is it running, and is the endpoint_url (storage rule) right?"
+    if any("NoCredentials" in cls.__name__ for cls in type(err).__mro__):  # botocore's, raised as it is by s3fs
+        return ("no credentials found: set the storage rule's env variables (or the provider's own: AWS_* for "
+                "S3, GOOGLE_APPLICATION_CREDENTIALS for GCS)")
     if isinstance(err, PermissionError) or code in (errno.EACCES, errno.EPERM):
         return "access denied: wrong or missing credentials, or no permission there"
     if code == errno.EROFS:
@@ -124,7 +127,7 @@ def _likely_cause(err: BaseException) -> str:
         return "a file stands where a directory must be"
     if isinstance(err, FileNotFoundError):
         return "not found"
-    return "cannot be written"
+    return "cannot be used"  # reads come through here too (a manifest, a peer's run.json)
 
 
 TEMP_PREFIX = ".tmp-"  # the names files are written under before their rename

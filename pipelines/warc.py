@@ -53,8 +53,8 @@ from fastwarc.warc import WarcRecord, WarcRecordType
 from resiliparse.extract.html2text import extract_plain_text
 from resiliparse.parse.encoding import bytes_to_str, detect_encoding
 from resiliparse.parse.html import HTMLParserException, HTMLTree
-# zlib-ng's inflate, with zlib's API and errors: read_web_documents reads 1.2-1.5x the compressed MB/s of
-# zlib (docs in README's benchmarks), and refuses the same damaged members (tests/test_warc_cleaning.py).
+# zlib-ng's inflate, with zlib's API and errors: read_web_documents reads 1.19x the compressed MB/s of zlib
+# (docs/benchmarks.md), and refuses the same damaged members (tests/test_warc_cleaning.py).
 from zlib_ng import zlib_ng as zlib
 
 from codistill import storage

@@ -255,17 +255,24 @@ def closed_endpoint() -> str:
     return f"http://127.0.0.1:{free_port()}"  # nothing listens there
 
 
-@pytest.mark.parametrize("case", ["wrong credentials", "unreachable endpoint"])
+@pytest.mark.parametrize("case", ["wrong credentials", "no credentials", "unreachable endpoint"])
 def test_cli_names_the_url_and_the_likely_cause_of_a_store_failure(s3_checking_credentials, tmp_path, case):
-    endpoint = s3_checking_credentials if case == "wrong credentials" else closed_endpoint()
+    endpoint = s3_checking_credentials if case.endswith("credentials") else closed_endpoint()
+    rule = rule_for(endpoint)
+    if case == "no credentials":  # no keys in the rule, none in AWS_* nor in a credentials file
+        rule.pop("env")
     manifest = tmp_path / "m.yaml"
-    manifest.write_text(yaml.safe_dump({"name": "m", "data": {"input": "unused"}, "storage": [rule_for(endpoint)]}))
+    manifest.write_text(yaml.safe_dump({"name": "m", "data": {"input": "unused"}, "storage": [rule]}))
     url = "s3://codistill-test/data"
-    proc = subprocess.run([str(BIN / "codistill"), "verify", "-m", str(manifest), url], cwd=REPO,
-                          env=cli_env(**S3_ENV), capture_output=True, text=True, timeout=120)
+    env = cli_env(**S3_ENV, AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"), AWS_CONFIG_FILE=str(tmp_path / "none"))
+    proc = subprocess.run([str(BIN / "codistill"), "verify", "-m", str(manifest), url], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     cause = {"wrong credentials": "access denied: wrong or missing credentials, or no permission there "
                                   "(PermissionError: Forbidden)",
+             "no credentials": "no credentials found: set the storage rule's env variables (or the provider's own: "
+                               "AWS_* for S3, GOOGLE_APPLICATION_CREDENTIALS for GCS) (NoCredentialsError: Unable "
+                               "to locate credentials)",
              "unreachable endpoint": "cannot reach the store's endpoint: is it running, and is the endpoint_url "
                                      "(storage rule) right? (EndpointConnectionError: Could not connect to the "
                                      f"endpoint URL: \"{endpoint}/"}[case]
