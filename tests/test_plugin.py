@@ -65,14 +65,19 @@ train:
 """
 
 
+def _distribution(where: Path, name: str, entry_points: str) -> None:
+    """An installed distribution as pip leaves it: its dist-info, naming its entry points."""
+    info = where / f"{name}-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(f"[codistill.datasets]\n{entry_points}\n")
+
+
 @pytest.fixture(scope="module")
 def plugin_env(tmp_path_factory) -> dict[str, str]:
     """The environment of a machine where the toy package is installed: its code and its dist-info on the path."""
     site = tmp_path_factory.mktemp("site")
-    info = site / "toyparity-0.1.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: toyparity\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text("[codistill.datasets]\ntoyparity = toyparity.spec\n")
+    _distribution(site, "toyparity", "toyparity = toyparity.spec")
     path = os.pathsep.join([str(TOY), str(site), os.environ.get("PYTHONPATH", "")])
     return dict(os.environ, PYTHONPATH=path, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
@@ -132,10 +137,16 @@ def test_a_model_of_another_dataset_is_refused_at_parse_time(plugin_env, tmp_pat
 
 
 def test_a_plugin_may_not_replace_a_built_in_dataset(plugin_env, tmp_path):
-    info = tmp_path / "evil-0.1.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: evil\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text("[codistill.datasets]\ncriteo = codistill.datasets.criteo\n")
+    (tmp_path / "evil_spec.py").write_text("from codistill.datasets.criteo import SPEC  # another module claims it\n")
+    _distribution(tmp_path, "evil", "criteo = evil_spec")
     env = dict(plugin_env, PYTHONPATH=os.pathsep.join([str(tmp_path), plugin_env["PYTHONPATH"]]))
     proc = codistill(env, "synth", "--help", ok=False)
-    assert "dataset 'criteo' of codistill.datasets.criteo is already registered" in proc.stderr
+    assert "dataset 'criteo' of evil_spec is already registered by codistill.datasets.criteo" in proc.stderr
+
+
+def test_a_plugin_installed_twice_registers_once(plugin_env, tmp_path):
+    """The toy package's entry point again in a second distribution (as editable and regular installs leave)."""
+    _distribution(tmp_path, "toyparity-again", "toyparity = toyparity.spec")
+    env = dict(plugin_env, PYTHONPATH=os.pathsep.join([str(tmp_path), plugin_env["PYTHONPATH"]]))
+    proc = codistill(env, "synth", "--help")
+    assert "toyparity" in proc.stdout

@@ -28,13 +28,15 @@ PLUGIN_GROUP = "codistill.datasets"  # entry points naming the spec modules of i
 
 
 def _specs() -> dict[str, DatasetSpec]:
-    modules = [*BUILT_IN, *(point.value for point in entry_points(group=PLUGIN_GROUP))]
+    # One module named twice (a package installed twice, editable and not) registers once.
+    modules = dict.fromkeys([*BUILT_IN, *(point.value for point in entry_points(group=PLUGIN_GROUP))])
     specs: dict[str, DatasetSpec] = {}
+    owners: dict[str, str] = {}
     for module in modules:
         spec = importlib.import_module(module).SPEC
         if spec.name in specs:  # a plugin must not silently replace a dataset (or another plugin)
-            raise ImportError(f"dataset {spec.name!r} of {module} is already registered")
-        specs[spec.name] = spec
+            raise ImportError(f"dataset {spec.name!r} of {module} is already registered by {owners[spec.name]}")
+        specs[spec.name], owners[spec.name] = spec, module
     return specs
 
 
