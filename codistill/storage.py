@@ -164,6 +164,8 @@ def make_dirs(fs: fsspec.AbstractFileSystem, path: str) -> None:
     except FileNotFoundError as err:
         raise StoreError(f"{fs.unstrip_protocol(bucket)}: no such bucket; buckets are never created here: "
                          f"create it, or correct the name (writing {fs.unstrip_protocol(path)})") from err
+    except PermissionError:
+        pass  # credentials scoped to a prefix may not look at the bucket itself: the writes will say what they may
     _buckets_found.add((fs, bucket))
 
 

@@ -228,17 +228,35 @@ def test_writing_to_a_missing_bucket_names_it_and_never_creates_it(s3_storage):
 # --- wrong credentials, an unreachable endpoint: one line naming the URL and the likely cause ---------------
 
 
+SCOPED_BUCKET = "scoped"
+
+
 @pytest.fixture(scope="module")
 def s3_checking_credentials(tmp_path_factory):
-    """A second moto server, this one checking credentials (INITIAL_NO_AUTH_ACTION_COUNT=0): ours are unknown."""
+    """A second moto server, this one checking credentials and IAM policies: ours are unknown to it. Its first
+    four requests (no credentials checked yet) make a bucket and a user whose key may only touch objects under
+    `scoped/data/` (no s3:ListBucket on the bucket's root, as prefix-scoped keys often have)."""
+    import boto3
+
     port = free_port()
     log = tmp_path_factory.mktemp("moto-auth") / "server.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], stdout=out,
-                                stderr=subprocess.STDOUT, env=dict(os.environ, INITIAL_NO_AUTH_ACTION_COUNT="0"))
+                                stderr=subprocess.STDOUT, env=dict(os.environ, INITIAL_NO_AUTH_ACTION_COUNT="4"))
     try:
         _wait_for_port(proc, port, log)
-        yield f"http://127.0.0.1:{port}"
+        endpoint = f"http://127.0.0.1:{port}"
+        setup = dict(endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="setup",
+                     aws_secret_access_key="setup")
+        iam = boto3.client("iam", **setup)
+        iam.create_user(UserName="writer")
+        key = iam.create_access_key(UserName="writer")["AccessKey"]
+        iam.put_user_policy(UserName="writer", PolicyName="data-prefix-only", PolicyDocument=json.dumps({
+            "Version": "2012-10-17", "Statement": [{
+                "Effect": "Allow", "Action": ["s3:PutObject", "s3:GetObject", "s3:DeleteObject"],
+                "Resource": f"arn:aws:s3:::{SCOPED_BUCKET}/data/*"}]}))
+        boto3.client("s3", **setup).create_bucket(Bucket=SCOPED_BUCKET)
+        yield endpoint, key["AccessKeyId"], key["SecretAccessKey"]
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -257,7 +275,7 @@ def closed_endpoint() -> str:
 
 @pytest.mark.parametrize("case", ["wrong credentials", "no credentials", "unreachable endpoint"])
 def test_cli_names_the_url_and_the_likely_cause_of_a_store_failure(s3_checking_credentials, tmp_path, case):
-    endpoint = s3_checking_credentials if case.endswith("credentials") else closed_endpoint()
+    endpoint = s3_checking_credentials[0] if case.endswith("credentials") else closed_endpoint()
     rule = rule_for(endpoint)
     if case == "no credentials":  # no keys in the rule, none in AWS_* nor in a credentials file
         rule.pop("env")
@@ -279,6 +297,24 @@ def test_cli_names_the_url_and_the_likely_cause_of_a_store_failure(s3_checking_c
     errors = [line for line in proc.stderr.splitlines() if line.startswith("Error: ")]
     assert errors == [errors[0]] and errors[0].startswith(f"Error: {url}/manifest.json: {cause}"), proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
+
+
+def test_credentials_scoped_to_a_prefix_write_there(s3_checking_credentials, monkeypatch):
+    """Looking at the bucket is denied to such a key; the check that it exists must not stop writes it may make."""
+    endpoint, key, secret = s3_checking_credentials
+    monkeypatch.setenv("SCOPED_KEY", key)
+    monkeypatch.setenv("SCOPED_SECRET", secret)
+    storage.configure([StorageConfig(f"s3://{SCOPED_BUCKET}", {"endpoint_url": endpoint},
+                                     {"key": "SCOPED_KEY", "secret": "SCOPED_SECRET"})])
+    try:
+        storage.write_atomically(f"s3://{SCOPED_BUCKET}/data/manifest.json", b"{}")
+        fs, _ = storage.url_to_fs(f"s3://{SCOPED_BUCKET}")
+        assert fs.cat_file(f"{SCOPED_BUCKET}/data/manifest.json") == b"{}"
+        with pytest.raises(storage.StoreError, match=f"s3://{SCOPED_BUCKET}/elsewhere/x.json: access denied"):
+            with storage.explained(f"s3://{SCOPED_BUCKET}/elsewhere/x.json"):
+                storage.write_atomically(f"s3://{SCOPED_BUCKET}/elsewhere/x.json", b"{}")
+    finally:
+        storage.configure(())
 
 
 def test_training_with_an_unreachable_store_ends_in_one_line(s3_dataset, tmp_path):
