@@ -275,8 +275,10 @@ def sweep_section(results: Results) -> tuple[list[str], ClaimRow | None]:
     lines = ["", "## Batch sweep (claim 1)", "",
              f"Targets fixed from the sync runs alone on {targets['written']}, before any codistillation run "
              f"(`{TARGETS}`): sweep target {targets['sweep_target']:.4f} (the smallest batch's final validation "
-             f"loss); B* = {targets['b_star']} (the first batch whose doubling needs >= {sweep.stop_ratio}x its "
-             f"steps to the sweep target); T* = {t_star:.4f} ({targets['t_star_rule']}). Curves: validation "
+             + (f"loss); B* = {targets['b_star']} (the first batch whose doubling needs >= {sweep.stop_ratio}x its "
+                f"steps to the sweep target); T* = {t_star:.4f} ({targets['t_star_rule']})" if stop is not None else
+                f"loss); no B*: doubling the batch needed < {sweep.stop_ratio}x the steps at every batch of the "
+                "sweep, so no T* and no codistillation run") + ". Curves: validation "
              "loss, mean over a run's groups; steps interpolated between evals; (k/n): seeds that reached it.", "",
              "| batch | sync: steps to sweep target | vs half the batch | sync: steps to T* | sync at 2x LR: steps "
              "to T* | codistillation: steps to T* | examples per run | ms/step x ranks |", "|---" * 8 + "|"]
@@ -291,8 +293,9 @@ def sweep_section(results: Results) -> tuple[list[str], ClaimRow | None]:
         mean_sweep = np.nanmean(to_sweep) if any(map(math.isfinite, to_sweep)) else math.nan
         ratio = f"{mean_sweep / previous:.2f}x" if previous and math.isfinite(mean_sweep) else ""
         previous = mean_sweep
+        # No B*, no T*: nothing was to reach it (a blank, not "never").
         cells = [_steps_text(to_sweep, first), ratio, _steps_text([steps_to(s, c, t_star) for s, c in unit_curves],
-                                                                   first)]
+                                                                   first) if math.isfinite(t_star) else ""]
         for other in (point.sync_lr2, point.codistill):
             c = results.conditions.get(other) if other else None
             cells.append(_steps_text([steps_to(*_unit_curve(u, context), t_star) for u in c.units], first)
