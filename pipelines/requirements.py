@@ -46,10 +46,31 @@ def _source(module: str) -> Path | None:
     return next((p for p in (base.with_suffix(".py"), base / "__init__.py") if p.is_file()), None)
 
 
-def _imports(source: Path) -> set[str]:
-    """The absolute module names a source file imports (for `from a import b`, both `a` and `a.b`)."""
+def optional_imports(tree: ast.AST) -> set[int]:
+    """ids of the nodes under `with contextlib.suppress(ImportError):` or `try: ... except ImportError:` (a
+    library used where it is installed, as storage's error types of S3 and HTTP clients): no requirement."""
+    guarded = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.With):
+            optional = any("suppress(ImportError" in ast.unparse(item.context_expr) for item in node.items)
+        elif isinstance(node, ast.Try):
+            optional = any(h.type is not None and "ImportError" in ast.unparse(h.type) for h in node.handlers)
+        else:
+            continue
+        if optional:
+            guarded |= {id(n) for child in node.body for n in ast.walk(child)}
+    return guarded
+
+
+def imports_of(source: Path) -> set[str]:
+    """The absolute module names a source file requires (for `from a import b`, both `a` and `a.b`), those
+    inside functions included (a worker may run them), those guarded by ImportError left out."""
+    tree = ast.parse(source.read_text(encoding="utf-8"), str(source))
+    optional = optional_imports(tree)
     names = set()
-    for node in ast.walk(ast.parse(source.read_text(encoding="utf-8"), str(source))):
+    for node in ast.walk(tree):
+        if id(node) in optional:
+            continue
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
@@ -78,7 +99,7 @@ def imported_distributions(module: str) -> set[str]:
         if source is None or source in seen:
             continue
         seen.add(source)
-        for imported in _imports(source):
+        for imported in imports_of(source):
             top = imported.split(".")[0]
             if top in packages:
                 todo.append(imported)

@@ -6,14 +6,17 @@ import importlib.util
 import re
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from packaging.requirements import Requirement
 
 from codistill.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
+PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 
 
 def _pins() -> dict[str, str]:
@@ -37,7 +40,9 @@ def test_worker_requirements_are_what_each_pipeline_imports_at_the_project_pins(
     lines = _requirements(tmp_path, dataset, "gcs")
     pins = _pins()
     named = dict(re.match(r"([^=<>\[]+)(?:\[.*\])?[=<>]=(.+)", line.lower()).groups() for line in lines)
-    assert {"pyyaml", "iso639-lang", "fsspec", "numpy", "webdataset", "google-crc32c", "gcsfs"} | own <= set(named)
+    # Exactly the dataset's extra (pyproject.toml, kept by hand) with the gcs extra, less Beam: nothing else.
+    extra = {Requirement(r).name.lower() for r in PYPROJECT["optional-dependencies"][dataset]} - {"apache-beam"}
+    assert set(named) == extra | {"gcsfs"} and own <= extra, sorted(set(named) ^ (extra | {"gcsfs"}))
     # What the pipeline imports is pinned at the version installed here (the lock's); an extra's own
     # requirement (gcsfs, not installed here) comes as pyproject.toml states it.
     assert all(pins[name] == version for name, version in named.items() if name != "gcsfs"), (named, pins)

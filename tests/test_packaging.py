@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ast
 import json
 import os
 import re
@@ -11,7 +10,6 @@ import subprocess
 import sys
 import tomllib
 import zipfile
-from importlib.metadata import packages_distributions
 from pathlib import Path
 
 import pytest
@@ -19,6 +17,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 from codistill.datasets import DATASETS
+from pipelines.requirements import imported_distributions, imports_of
 from conftest import REPO
 
 PACKAGES = ("codistill", "pipelines", "training", "tokenizer")
@@ -101,69 +100,15 @@ def test_beams_missing_gcp_client_warning_never_reaches_the_user(tmp_path):
     assert "apitools" not in result.stderr, result.stderr
 
 
-def _module_file(module: str) -> Path | None:
-    path = REPO.joinpath(*module.split("."))
-    return next((p for p in (path.with_suffix(".py"), path / "__init__.py") if p.is_file()), None)
-
-
-def optional_imports(tree: ast.AST) -> set[int]:
-    """ids of the nodes under `with contextlib.suppress(ImportError):` or `try: ... except ImportError:` (a
-    library used where it is installed, as storage's error types of S3 and HTTP clients)."""
-    guarded = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.With):
-            optional = any("suppress(ImportError" in ast.unparse(item.context_expr) for item in node.items)
-        elif isinstance(node, ast.Try):
-            optional = any(h.type is not None and "ImportError" in ast.unparse(h.type) for h in node.handlers)
-        else:
-            continue
-        if optional:
-            guarded |= {id(n) for child in node.body for n in ast.walk(child)}
-    return guarded
-
-
-def third_party_imports(*modules: str) -> set[str]:
-    """The top-level third-party modules `modules` import, following this project's own modules (and the
-    packages above each, whose __init__ runs too); imports inside functions count, workers run them."""
-    seen, found, todo = set(), set(), list(modules)
-    while todo:
-        name = todo.pop()
-        if name in seen:
-            continue
-        seen.add(name)
-        todo += [name.rsplit(".", i)[0] for i in range(1, name.count(".") + 1)]
-        tree = ast.parse(_module_file(name).read_text())
-        optional = optional_imports(tree)
-        for node in ast.walk(tree):
-            if id(node) in optional:
-                continue
-            if isinstance(node, ast.Import):
-                imported = [alias.name for alias in node.names]
-            elif isinstance(node, ast.ImportFrom) and not node.level:
-                imported = [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
-            else:
-                continue
-            for dotted in imported:
-                top = dotted.partition(".")[0]
-                if top in PACKAGES:
-                    todo += [dotted] if _module_file(dotted) else []
-                elif top not in sys.stdlib_module_names and top != "__future__":
-                    found.add(top)
-    return found
-
-
 @pytest.mark.parametrize("dataset", ["criteo", "commoncrawl", "imagenet"])
 def test_each_dataset_extra_is_exactly_what_its_pipeline_imports(dataset):
-    distributions = packages_distributions()
-    imported = {canonicalize_name(d) for top in third_party_imports(DATASETS[dataset].pipeline)
-                for d in distributions[top]}
+    imported = {canonicalize_name(d) for d in imported_distributions(DATASETS[dataset].pipeline)}
     extra = {canonicalize_name(Requirement(r).name) for r in PYPROJECT["optional-dependencies"][dataset]}
     assert imported == extra, f"[{dataset}] lacks {sorted(imported - extra)}, has unused {sorted(extra - imported)}"
 
 
 def test_tfrecord_and_warcio_are_test_only():
-    outside_tests = third_party_imports(*(".".join(p.relative_to(REPO).with_suffix("").parts)
-                                          for name in PACKAGES for p in (REPO / name).rglob("*.py")))
+    outside_tests = {m.split(".")[0] for name in PACKAGES for p in (REPO / name).rglob("*.py") for m in imports_of(p)}
     assert outside_tests.isdisjoint({"tfrecord", "warcio"})
     test_extra = {Requirement(r).name for r in PYPROJECT["optional-dependencies"]["test"]}
     assert {"tfrecord", "warcio"} <= test_extra
