@@ -43,7 +43,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.runners.portability.portable_runner import PipelineResult as PortablePipelineResult
 
-from codistill.units import duration, size
+from codistill.units import duration, size, time_left
 
 NAMESPACE = "codistill"
 FIELDS = ("parts", "bytes", "rows", "found_parts", "found_bytes")
@@ -154,8 +154,7 @@ class ProgressMonitor:
         if final:
             return f"{text}, done in {duration(elapsed)}"
         if fraction < 1:
-            left = f"~{duration(elapsed * (1 - fraction) / fraction)} left" if fraction > 0 else "time left unknown"
-            return f"{text}, {left} ({duration(elapsed)} so far)"
+            return f"{text}, {time_left(fraction, elapsed)}"
         return f"{text}, writing the shards ({duration(elapsed)} so far)"
 
     def _poll(self) -> None:
