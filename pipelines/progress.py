@@ -89,6 +89,13 @@ def address() -> tuple[str, int] | None:
     return _monitor.address if _monitor is not None else None
 
 
+def say(line: str) -> None:
+    """A line from a step the driver itself runs while the pipeline is built (training the tokenizer), where
+    the progress lines go; nothing without a monitor."""
+    if _monitor is not None:
+        _monitor.write(line)
+
+
 def expect(parts: int, bytes: int) -> None:  # noqa: A002
     """Totals of the work being planned (called on the driver while the pipeline is built)."""
     if _monitor is not None:

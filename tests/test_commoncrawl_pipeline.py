@@ -656,7 +656,11 @@ def test_an_endpoint_that_stays_down_fails_the_run_naming_the_file(generated, to
 def test_without_a_tokenizer_one_is_trained_on_a_sample_of_the_files(generated, tmp_path):
     _, pattern, _ = generated
     settings = {"vocab_size": 600, "tokenizer_sample_docs": 200, "tokenizer_sample_files": 1}
-    manifest = run(pattern, str(tmp_path / "out"), None, commoncrawl=settings)
+    lines: list[str] = []
+    manifest = preprocess(config(pattern, str(tmp_path / "out"), None, commoncrawl=settings), [RUNNER],
+                          show_progress=lines.append)
+    steps = [line.split(" ", 2)[1] for line in lines if line.startswith("tokenizer: ")]
+    assert steps == ["sampling", "sampled", "training", "trained"] and lines[-1].startswith("progress: "), lines
     trained = load_tokenizer(str(tmp_path / "out" / "tokenizer" / "spm.model"))
     assert trained.info["trained_with"]["files"] == 1 and manifest.tokenizer_sha256 == trained.sha256
     paths, data = expand_inputs(pattern), config(pattern, "x", "x").data
