@@ -273,7 +273,7 @@ def tokenizer_train(ctx, input_glob, out, vocab_size, model_type, sample_docs, m
     storage.configure(config.storage)
     data = config.data
     info = train_tokenizer(expand_inputs(input_glob), out, vocab_size, model_type, sample_docs,
-                           data.commoncrawl.clean, data.seed, _beam_args(ctx, runner))
+                           data.commoncrawl.clean, data.seed, _beam_args(ctx, runner), progress=_echo_progress)
     click.echo(f"wrote {out} ({info['type']}, {info['vocab_size']} pieces, trained on {info['trained_on_documents']} "
                f"documents), sha256 {info['sha256']}")
 
@@ -290,7 +290,7 @@ def verify(directory: str, manifest: str | None) -> None:
 
     if manifest:
         storage.configure(load_experiment(manifest).storage)
-    report = verify_dataset(directory)
+    report = verify_dataset(directory, progress=_echo_progress)
     if not report.ok:
         for problem in report.problems:
             click.echo(f"FAIL {problem}", err=True)

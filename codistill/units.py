@@ -18,3 +18,9 @@ def duration(seconds: float) -> str:
     if seconds >= 3600:
         return f"{seconds // 3600}h{seconds // 60 % 60:02d}m"
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+def time_left(fraction: float, elapsed: float) -> str:
+    """`~30s left (10s so far)`: the time so far scaled by the fraction of the work done."""
+    left = f"~{duration(elapsed * (1 - fraction) / fraction)} left" if fraction > 0 else "time left unknown"
+    return f"{left} ({duration(elapsed)} so far)"

@@ -15,6 +15,8 @@ from __future__ import annotations
 import collections
 import hashlib
 import json
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -24,6 +26,7 @@ from codistill.config import MAX_GROUPS, MAX_SHARDS
 from codistill.dataset import DatasetError, DatasetManifest, join, load_manifest
 from codistill.datasets import DATASETS
 from codistill.shards import ShardFormatError, open_regular_file
+from codistill.units import duration, size, time_left
 from pipelines.formats import EXTENSIONS, MAX_RECORD_BYTES, dali_index, dali_index_path, iter_blocks, read_shard
 from pipelines.sharding import ShardLayout
 
@@ -80,9 +83,42 @@ class _Findings:
         return [f"{path}: {n} row(s) {rule} (first: key {self.example[rule]!r})" for rule, n in self.count.items()]
 
 
-def verify_dataset(root: str) -> VerifyReport:
+class _Progress:
+    """`verify: ...` lines to `write`: shards, rows and bytes read of the manifest's totals, with the rate and
+    the time left, at most one every `every` seconds, and a last one when every shard has been read."""
+
+    def __init__(self, manifest: DatasetManifest, write: Callable[[str], None] | None, every: float):
+        self.write, self.every = write, every
+        self.shards = len(manifest.shards)
+        self.rows, self.bytes = sum(s.records for s in manifest.shards), sum(s.bytes for s in manifest.shards)
+        self.start = time.monotonic()
+        self.next_line = self.start + every
+
+    def update(self, shards: int, rows: int, read: int) -> None:
+        now = time.monotonic()
+        if self.write is not None and now >= self.next_line:
+            self.next_line = now + self.every
+            fraction = min(1.0, read / self.bytes) if self.bytes else 0.0
+            self.write(f"{self._counts(shards, rows, read, now)}, {time_left(fraction, now - self.start)}")
+
+    def done(self, rows: int, read: int) -> None:
+        if self.write is not None:
+            now = time.monotonic()
+            self.write(f"{self._counts(self.shards, rows, read, now)}, in {duration(now - self.start)}")
+
+    def _counts(self, shards: int, rows: int, read: int, now: float) -> str:
+        rate = rows / max(now - self.start, 1e-9)
+        return (f"verify: {shards}/{self.shards} shards, {rows} of {self.rows} rows, {size(read)} of "
+                f"{size(self.bytes)} read, {rate:,.0f} rows/s")
+
+
+def verify_dataset(root: str, progress: Callable[[str], None] | None = None, every: float = 5.0) -> VerifyReport:
+    """Check the dataset at `root`; with `progress`, a line goes to it every `every` seconds while the shards
+    are read, and once when they all have been."""
     manifest = load_manifest(root)
     report = VerifyReport(manifest)
+    shown = _Progress(manifest, progress, every)
+    read = 0  # bytes of the shards before this one
     layout, problems = _layout(manifest)
     report.problems += problems
     checks, problems = _dataset_checks(manifest)
@@ -107,6 +143,7 @@ def verify_dataset(root: str) -> VerifyReport:
                             digests.append(_digests(block[column]))
                             owners.append(np.full(len(keys), index))
                         _check_block(block, checks, layout, destination.get(shard.path), findings)
+                        shown.update(index, report.rows + rows, read + stream.bytes)
                 except ShardFormatError as e:
                     report.problems.append(f"{shard.path}: {e}")
                 stream.drain()
@@ -126,6 +163,9 @@ def verify_dataset(root: str) -> VerifyReport:
         if shard.path in dali:
             report.problems += _dali_problems(root, shard.path, dali[shard.path], offsets, stream.bytes)
         report.rows += rows
+        read += stream.bytes
+        shown.update(index + 1, report.rows, read)
+    shown.done(report.rows, read)
     rejected = sum(manifest.rejected.values())
     if manifest.input_rows != manifest.kept_rows + rejected:
         report.problems.append(f"rows read {manifest.input_rows} != written {manifest.kept_rows} "

@@ -662,7 +662,7 @@ class CommonCrawlToShards(beam.PTransform):
         # An output holding a model is a resumed one (`preprocess` starts only in an empty or new output).
         files = sample(self.paths, options.tokenizer_sample_files, self.data.seed)
         train_tokenizer(files, url, options.vocab_size, options.tokenizer_type, options.tokenizer_sample_docs,
-                        options.clean, self.data.seed, beam_options, reuse=True)
+                        options.clean, self.data.seed, beam_options, reuse=True, progress=progress.say)
         return url
 
 

@@ -12,6 +12,8 @@ import dataclasses
 import heapq
 import json
 import logging
+import time
+from collections.abc import Callable
 
 import apache_beam as beam
 import numpy as np
@@ -20,12 +22,13 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from codistill import storage
 from codistill.datasets.commoncrawl import CleaningConfig
 from codistill.storage import write_atomically
+from codistill.units import duration
 from pipelines.cleaning import Cleaner
 from pipelines.commoncrawl_records import clean_file, dedup_prio, document_hash
 from pipelines.run import pipeline_options
 from pipelines.worker import WorkerDoFn
 from tokenizer.encode import TokenizerError, load_tokenizer
-from tokenizer.train import train_sentencepiece, write_tokenizer
+from tokenizer.train import sentences, train_sentencepiece, write_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -76,11 +79,13 @@ class SampleCleanText(beam.PTransform):
 
 def train_tokenizer(paths: list[str], out: str, vocab_size: int, model_type: str, sample_docs: int,
                     clean: CleaningConfig, seed: int, beam_args: list[str] | PipelineOptions = (),
-                    reuse: bool = False) -> dict:
+                    reuse: bool = False, progress: Callable[[str], None] | None = None) -> dict:
     """Sample with Beam, train, write the model and its sidecar; returns the sidecar.
 
     `beam_args`: the runner's flags, or the options of the pipeline the model is trained for. With `reuse`, a
-    model already at `out` that was trained with the same settings is kept (a resumed run)."""
+    model already at `out` that was trained with the same settings is kept (a resumed run). `progress` gets a
+    line as each step starts and ends (sentencepiece's own log stays off)."""
+    say = progress or (lambda line: None)
     trained_with = json.loads(json.dumps({"vocab_size": vocab_size, "type": model_type, "sample_docs": sample_docs,
                                           "seed": seed, "clean": dataclasses.asdict(clean),
                                           "files": len(paths)}))  # as read back
@@ -95,6 +100,8 @@ def train_tokenizer(paths: list[str], out: str, vocab_size: int, model_type: str
     options = beam_args if isinstance(beam_args, PipelineOptions) else pipeline_options(list(beam_args))
     # The sample is written beside the model and read back: the driver sees it on any runner.
     sample_url = f"{out}.sample.jsonl"
+    say(f"tokenizer: sampling {sample_docs} cleaned documents from {len(paths)} input file(s)")
+    start = time.monotonic()
     with beam.Pipeline(options=options) as p:
         _ = (p | "SampleCleanText" >> SampleCleanText(paths, clean, seed, sample_docs)
              | "WriteSample" >> beam.ParDo(WriteSample(sample_url)))
@@ -104,6 +111,11 @@ def train_tokenizer(paths: list[str], out: str, vocab_size: int, model_type: str
     fs.rm(path)
     if not texts:
         raise ValueError(f"no documents left after cleaning in {len(paths)} input file(s): nothing to train on")
+    lines = sum(1 for _ in sentences(texts))
+    say(f"tokenizer: sampled {len(texts)} documents, {lines} sentences, in {duration(time.monotonic() - start)}")
+    say(f"tokenizer: training a {model_type} model of {vocab_size} pieces on {lines} sentences")
     logger.info("training a %s tokenizer (vocab %d) on %d documents", model_type, vocab_size, len(texts))
-    return write_tokenizer(train_sentencepiece(texts, vocab_size, model_type), out, model_type, len(texts),
-                           trained_with)
+    start = time.monotonic()
+    model = train_sentencepiece(texts, vocab_size, model_type)
+    say(f"tokenizer: trained in {duration(time.monotonic() - start)}")
+    return write_tokenizer(model, out, model_type, len(texts), trained_with)

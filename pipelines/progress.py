@@ -1,17 +1,27 @@
 """Progress of a preprocessing run while it runs: work units and bytes done of the total, rows/s, time left.
 
 Workers call `report()` as they read. Each report increments Beam metrics
-(namespace `codistill`: counters `parts_done`, `bytes_read`, `rows_read`, and
-the distribution `part_bytes`), which remote runners show live in their UIs
-(Dataflow's job page, Flink's web UI) and return from `result.metrics()`. The
-in-process runners only hand metrics over once `run()` returns (the Dask
-runner never does), so each report is also sent as one small UDP datagram to
-the `ProgressMonitor` the driver opens on 127.0.0.1: any local worker process
-reaches it (FnApiRunner's multi_processing workers, a LocalCluster's
-workers), a worker elsewhere sends into the void at no cost, and the monitor
-only sums increments, so the order and the process they come from do not
-matter. (A retried bundle counts twice in the monitor; Beam's committed
-metrics do not.)
+(namespace `codistill`: counters `parts_done`, `bytes_read`, `rows_read`,
+`parts_found`, `bytes_found` and the distribution `part_bytes`), and is also
+sent as one small UDP datagram to the `ProgressMonitor` the driver opens on
+127.0.0.1. The monitor's line shows, per counter, the larger of the two
+sources (never their sum: they count the same work):
+
+- the UDP datagrams, the fast local path: any worker process on this machine
+  reaches them (FnApiRunner's multi_processing workers, a LocalCluster's
+  workers); a worker elsewhere sends into the void at no cost. (The monitor
+  only sums increments, so order and sender do not matter; a retried bundle
+  counts twice here.)
+- the pipeline result's Beam metrics, polled every line once the runner hands
+  over its result (`follow()`) and once more when it has finished (committed
+  values where the runner has them, else attempted). Which runners count
+  while the job runs: Dataflow (each `metrics()` asks the service) and this
+  project's Dask runner (its workers publish each bundle's metrics through
+  Dask itself: `pipelines/dask_runner.py`), wherever their workers run. The
+  in-process runners (FnApiRunner, which `DirectRunner` uses) return their
+  result only once `run()` is over; the portable runners (Flink, Spark,
+  Prism through a job server) fill in metrics only when the job ends, and
+  Beam's client keeps the first answer it gets, so they are asked only then.
 
 The totals are set on the driver while the pipeline is built, by the
 transform that plans the work (`expect()`), or, where only the workers find
@@ -22,6 +32,7 @@ by them as they find it (`report(found_parts=..., found_bytes=...)`).
 from __future__ import annotations
 
 import json
+import logging
 import socket
 import sys
 import threading
@@ -29,15 +40,18 @@ import time
 from collections.abc import Callable
 
 from apache_beam.metrics import Metrics
+from apache_beam.metrics.metric import MetricsFilter
+from apache_beam.runners.portability.portable_runner import PipelineResult as PortablePipelineResult
 
-from codistill.units import duration, size
+from codistill.units import duration, size, time_left
 
 NAMESPACE = "codistill"
 FIELDS = ("parts", "bytes", "rows", "found_parts", "found_bytes")
-_COUNTERS = {"parts": Metrics.counter(NAMESPACE, "parts_done"), "bytes": Metrics.counter(NAMESPACE, "bytes_read"),
-             "rows": Metrics.counter(NAMESPACE, "rows_read"), "found_parts": Metrics.counter(NAMESPACE, "parts_found"),
-             "found_bytes": Metrics.counter(NAMESPACE, "bytes_found")}
+COUNTER_NAMES = ("parts_done", "bytes_read", "rows_read", "parts_found", "bytes_found")  # one per field
+_COUNTERS = {field: Metrics.counter(NAMESPACE, name) for field, name in zip(FIELDS, COUNTER_NAMES)}
 _PART_BYTES = Metrics.distribution(NAMESPACE, "part_bytes")
+
+logger = logging.getLogger(__name__)
 
 # Worker side: where this process sends its reports (set by `connect`).
 _address: tuple[str, int] | None = None
@@ -75,24 +89,34 @@ def address() -> tuple[str, int] | None:
     return _monitor.address if _monitor is not None else None
 
 
+def say(line: str) -> None:
+    """A line from a step the driver itself runs while the pipeline is built (training the tokenizer), where
+    the progress lines go; nothing without a monitor."""
+    if _monitor is not None:
+        _monitor.write(line)
+
+
 def expect(parts: int, bytes: int) -> None:  # noqa: A002
     """Totals of the work being planned (called on the driver while the pipeline is built)."""
     if _monitor is not None:
-        _monitor.totals[0] += parts
-        _monitor.totals[1] += bytes
+        _monitor.planned[0] += parts
+        _monitor.planned[1] += bytes
 
 
 class ProgressMonitor:
-    """Driver side: sums the workers' reports and prints a progress line every `every` seconds.
+    """Driver side: counts the workers' reports and prints a progress line every `every` seconds.
 
-    Use as a context manager around building and running the pipeline.
+    Use as a context manager around building and running the pipeline; hand it the pipeline's result
+    (`follow`) as soon as the runner returns one.
     """
 
     def __init__(self, every: float = 5.0, write: Callable[[str], None] | None = None):
         self.every = every
         self.write = write or (lambda line: print(line, file=sys.stderr, flush=True))
-        self.totals = [0, 0]  # parts, bytes
-        self.done = [0, 0, 0]  # parts, bytes, rows
+        self.planned = [0, 0]  # parts, bytes: the totals set on the driver (`expect`)
+        self.received = [0] * len(FIELDS)  # sums of the UDP reports, per field
+        self.metrics = [0] * len(FIELDS)  # the result's Beam metrics, per field
+        self._result = None
         self._socket = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self._socket.bind(("127.0.0.1", 0))
         self._socket.settimeout(0.2)
@@ -116,10 +140,20 @@ class ProgressMonitor:
         self._socket.close()
         _monitor = None
         if exc[0] is None:
+            self._poll()  # the result has finished: every runner's metrics are complete now
             self.write(self.line(final=True))
 
+    def follow(self, result) -> None:
+        """Also count from `result`'s Beam metrics (a `PipelineResult`, as `Pipeline.run()` returns it)."""
+        self._result = result
+
+    def counts(self) -> list[int]:
+        """Per field, the larger count of the two sources (each counts all the work it sees)."""
+        return [max(a, b) for a, b in zip(self.received, self.metrics)]
+
     def line(self, final: bool = False) -> str:
-        (parts_total, bytes_total), (parts, done, rows) = self.totals, self.done
+        parts, done, rows, found_parts, found_bytes = self.counts()
+        parts_total, bytes_total = self.planned[0] + found_parts, self.planned[1] + found_bytes
         elapsed = max(time.monotonic() - self._start, 1e-9)
         fraction = min(1.0, done / bytes_total) if bytes_total else float(parts >= parts_total)
         text = (f"progress: {min(parts, parts_total)}/{parts_total} input parts, {size(done)} of "
@@ -127,9 +161,23 @@ class ProgressMonitor:
         if final:
             return f"{text}, done in {duration(elapsed)}"
         if fraction < 1:
-            left = f"~{duration(elapsed * (1 - fraction) / fraction)} left" if fraction > 0 else "time left unknown"
-            return f"{text}, {left} ({duration(elapsed)} so far)"
+            return f"{text}, {time_left(fraction, elapsed)}"
         return f"{text}, writing the shards ({duration(elapsed)} so far)"
+
+    def _poll(self) -> None:
+        """Read the counters from the result's metrics, summed over the steps that increment them."""
+        if self._result is None:
+            return
+        try:
+            counters = self._result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))["counters"]
+        except Exception as e:  # a runner without metrics, a service that does not answer: the line goes on
+            logger.debug("no metrics from the pipeline result: %s", e)
+            return
+        sums = dict.fromkeys(COUNTER_NAMES, 0)
+        for counter in counters:
+            if counter.key.metric.name in sums:
+                sums[counter.key.metric.name] += counter.result or 0  # committed, else attempted
+        self.metrics = [sums[name] for name in COUNTER_NAMES]
 
     def _receive(self) -> bool:
         try:
@@ -142,10 +190,7 @@ class ProgressMonitor:
             return True  # not ours (anything local can send here): ignored
         if isinstance(increments, list) and len(increments) == len(FIELDS) and all(
                 type(v) is int for v in increments):
-            for i, value in enumerate(increments[:3]):
-                self.done[i] += value
-            for i, value in enumerate(increments[3:]):
-                self.totals[i] += value
+            self.received = [total + value for total, value in zip(self.received, increments)]
         return True
 
     def _drain(self) -> None:
@@ -158,5 +203,7 @@ class ProgressMonitor:
         while not self._stop.is_set():
             self._receive()
             if time.monotonic() >= next_line:
+                if not isinstance(self._result, PortablePipelineResult):  # see the module's docstring
+                    self._poll()
                 self.write(self.line())
                 next_line += self.every

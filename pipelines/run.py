@@ -226,9 +226,14 @@ def preprocess(config: ExperimentConfig, beam_args: list[str] = (), overwrite: b
         source, extra["synth"] = pipeline.generate(join(data.output, "raw"), data.synth)
     logger.info("preprocessing %s into %s", source, data.output)
     try:
-        with progress.ProgressMonitor(write=show_progress) if show_progress else contextlib.nullcontext():
-            with beam.Pipeline(options=options) as p:
-                _ = p | data.dataset.capitalize() >> pipeline.transform(source, data, extra)
+        with progress.ProgressMonitor(write=show_progress) if show_progress else contextlib.nullcontext() as monitor:
+            p = beam.Pipeline(options=options)
+            _ = p | data.dataset.capitalize() >> pipeline.transform(source, data, extra)
+            # Run and wait apart (not `with Pipeline`), so that the monitor reads the result's metrics meanwhile.
+            result = p.run()
+            if monitor is not None:
+                monitor.follow(result)
+            result.wait_until_finish()
     except BaseException as e:
         _remove_pieces(data.output)  # a failed run (a full disk, say) must not leave a copy of the data behind
         if _is_io_error(e):

@@ -12,6 +12,7 @@ import http.server
 import json
 import os
 import random
+import re
 import shutil
 import threading
 import uuid
@@ -507,6 +508,12 @@ def test_cli_trains_a_tokenizer_and_preprocesses(generated, tmp_path):
                                        "FnApiRunner"])
     assert result.exit_code == 0, result.output
     assert "bpe, 600 pieces, trained on 100 documents" in result.output
+    steps = re.findall(r"^tokenizer: .*$", result.output, re.MULTILINE)  # a line as each step starts and ends
+    assert re.fullmatch(r"tokenizer: sampling 100 cleaned documents from \d+ input file\(s\)", steps[0]), steps
+    sampled = re.fullmatch(r"tokenizer: sampled 100 documents, (\d+) sentences, in \d+s", steps[1])
+    assert sampled and int(sampled[1]) >= 100, steps
+    assert steps[2] == f"tokenizer: training a bpe model of 600 pieces on {sampled[1]} sentences"
+    assert re.fullmatch(r"tokenizer: trained in \d+s", steps[3]) and len(steps) == 4, steps
     args = ["preprocess", "commoncrawl", "--input", pattern, "--output", str(tmp_path / "out"), "--groups", "3",
             "--tokenizer", str(model), "--sequence-length", "9", "--set", "data.commoncrawl.dedup.near=false"]
     result = CliRunner().invoke(main, args)
@@ -649,7 +656,11 @@ def test_an_endpoint_that_stays_down_fails_the_run_naming_the_file(generated, to
 def test_without_a_tokenizer_one_is_trained_on_a_sample_of_the_files(generated, tmp_path):
     _, pattern, _ = generated
     settings = {"vocab_size": 600, "tokenizer_sample_docs": 200, "tokenizer_sample_files": 1}
-    manifest = run(pattern, str(tmp_path / "out"), None, commoncrawl=settings)
+    lines: list[str] = []
+    manifest = preprocess(config(pattern, str(tmp_path / "out"), None, commoncrawl=settings), [RUNNER],
+                          show_progress=lines.append)
+    steps = [line.split(" ", 2)[1] for line in lines if line.startswith("tokenizer: ")]
+    assert steps == ["sampling", "sampled", "training", "trained"] and lines[-1].startswith("progress: "), lines
     trained = load_tokenizer(str(tmp_path / "out" / "tokenizer" / "spm.model"))
     assert trained.info["trained_with"]["files"] == 1 and manifest.tokenizer_sha256 == trained.sha256
     paths, data = expand_inputs(pattern), config(pattern, "x", "x").data

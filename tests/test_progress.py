@@ -1,5 +1,5 @@
 """Progress of `codistill preprocess`: reports from worker processes reach the driver's monitor, and the same
-counts are Beam metrics."""
+counts are Beam metrics, which the monitor also reads from the pipeline's result (where UDP cannot reach it)."""
 
 from __future__ import annotations
 
@@ -44,15 +44,39 @@ def test_monitor_sums_the_reports_of_two_worker_processes(raw_input, tmp_path, d
     assert load_manifest(str(tmp_path / "out")).input_rows == rows
 
 
+def test_progress_reaches_the_driver_through_dask_when_its_datagrams_do_not(raw_input, tmp_path, dask_cluster,
+                                                                              monkeypatch):
+    """As on a cluster of other machines, whose datagrams to 127.0.0.1 stay on their own host: here the workers
+    send theirs to a closed port. The line still ends with every part and row, now from the Beam metrics the
+    Dask workers publish through the scheduler (the previous test: with both sources, counted once)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as closed:
+        closed.bind(("127.0.0.1", 0))
+        nowhere = closed.getsockname()
+    monkeypatch.setattr(progress, "address", lambda: nowhere)  # where the workers built now will send
+    pattern, rows, parts, size = raw_input
+    lines: list[str] = []
+    preprocess(criteo_config(pattern, str(tmp_path / "out"), split_bytes=SPLIT), dask_args(dask_cluster),
+               show_progress=lines.append)
+    assert lines[-1].startswith(f"progress: {parts}/{parts} input parts, ")
+    assert f" read (100%), {rows} rows, " in lines[-1] and ", done in " in lines[-1]
+
+
 def test_progress_line_shows_rate_and_time_left():
     monitor = progress.ProgressMonitor()
-    monitor.totals, monitor.done = [8, 4_000_000], [2, 1_000_000, 50_000]
+    monitor.planned, monitor.received = [6, 3_000_000], [2, 1_000_000, 50_000, 2, 1_000_000]
     monitor._start -= 10  # as if started 10 s ago
     line = monitor.line()
     assert line.startswith("progress: 2/8 input parts, 1.00 MB of 4.00 MB read (25%), 50000 rows, ")
     assert "~30s left (10s so far)" in line and "5,0" in line  # ~5,000 rows/s
-    monitor.done = [8, 4_000_000, 200_000]
+    monitor.received = [8, 4_000_000, 200_000, 2, 1_000_000]
     assert "writing the shards" in monitor.line()
+
+
+def test_each_count_comes_from_the_source_that_saw_more():
+    monitor = progress.ProgressMonitor()
+    monitor.planned = [8, 4_000_000]
+    monitor.received, monitor.metrics = [3, 1_000_000, 10, 0, 0], [2, 2_000_000, 20, 0, 0]
+    assert monitor.line().startswith("progress: 3/8 input parts, 2.00 MB of 4.00 MB read (50%), 20 rows, ")
 
 
 def test_monitor_ignores_datagrams_that_are_not_reports():
@@ -65,7 +89,7 @@ def test_monitor_ignores_datagrams_that_are_not_reports():
                 other.sendto(junk, monitor.address)
         progress.report(parts=1, bytes=10, rows=3)
         progress.connect(None)
-    assert monitor.done == [1, 10, 3] and monitor.totals == [0, 0] and ", done in " in lines[-1]
+    assert monitor.received == [1, 10, 3, 0, 0] and ", done in " in lines[-1]
 
 
 def test_no_monitor_means_no_reports_and_no_errors(raw_input, tmp_path):
@@ -73,10 +97,12 @@ def test_no_monitor_means_no_reports_and_no_errors(raw_input, tmp_path):
     run_criteo(raw_input[0], str(tmp_path / "out"), split_bytes=SPLIT)
 
 
-def test_counts_are_beam_metrics(raw_input, tmp_path):
+@pytest.mark.parametrize("runner", ["FnApiRunner", "DaskRunner"])
+def test_counts_are_beam_metrics(raw_input, tmp_path, runner, request):
     pattern, rows, parts, size = raw_input
     config = criteo_config(pattern, str(tmp_path / "out"), split_bytes=SPLIT)
-    p = beam.Pipeline(options=pipeline_options([RUNNER]))
+    args = dask_args(request.getfixturevalue("dask_cluster")) if runner == "DaskRunner" else [RUNNER]
+    p = beam.Pipeline(options=pipeline_options(args))
     _ = p | CriteoToShards(expand_inputs(pattern), config.data)
     result = p.run()
     result.wait_until_finish()

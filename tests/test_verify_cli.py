@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -88,6 +89,8 @@ def test_verify_passes_on_a_good_dataset(dataset):
     output = assert_ok(invoke("verify", dataset))
     manifest = load_manifest(str(dataset))
     assert f"OK {dataset}: 5 shards, {manifest.written_rows} rows" in output
+    assert re.search(r"^verify: 5/5 shards, 237 of 237 rows, [\d.]+ KB of [\d.]+ KB read, [\d,]+ rows/s, in \d+s$",
+                     output, re.MULTILINE), output  # its last progress line
     assert manifest.written_rows == 237 and sum(manifest.rejected.values()) == 3
 
 
@@ -95,6 +98,18 @@ def test_verify_passes_on_a_webdataset_dataset_in_memory(memory_root):
     make_criteo_file(f"{memory_root}/raw/a.tsv", 60, {5: "bad_label"})
     run_criteo(f"{memory_root}/raw/a.tsv", f"{memory_root}/ds", format="webdataset")
     assert "59 rows" in assert_ok(invoke("verify", f"{memory_root}/ds"))
+
+
+def test_verify_shows_its_progress_while_it_reads(dataset):
+    lines: list[str] = []
+    assert verify_dataset(str(dataset), progress=lines.append, every=0).ok  # every=0: a line per block read
+    *reading, last = lines
+    counts = [re.fullmatch(r"verify: (\d)/5 shards, (\d+) of 237 rows, [\d.]+ KB of ([\d.]+) KB read, [\d,]+ rows/s, "
+                           r"(~\d+s left|time left unknown) \(\d+s so far\)", line) for line in reading]
+    assert len(reading) >= 5 and all(counts), reading
+    assert [int(c[1]) for c in counts] == sorted(int(c[1]) for c in counts)
+    assert [int(c[2]) for c in counts] == sorted(int(c[2]) for c in counts) and counts[-1][2] == "237"
+    assert last.startswith(f"verify: 5/5 shards, 237 of 237 rows, {counts[0][3]} KB of {counts[0][3]} KB read, ")
 
 
 def test_verify_finds_a_flipped_byte(dataset):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import sentencepiece as spm
 
@@ -24,13 +24,17 @@ from tokenizer.encode import sidecar_url
 PAD_ID, EOD_ID, UNK_ID = 0, 1, 2
 
 
+def sentences(documents: Iterable[str]) -> Iterator[str]:
+    """What sentencepiece trains on: the documents' non-empty lines (the newline itself is a user-defined
+    piece)."""
+    return (line for doc in documents for line in doc.split("\n") if line)
+
+
 def train_sentencepiece(documents: Iterable[str], vocab_size: int, model_type: str) -> bytes:
-    """A serialized sentencepiece model trained on the documents' lines (sentencepiece trains on lines;
-    the newline itself is a user-defined piece)."""
-    sentences = (line for doc in documents for line in doc.split("\n") if line)
+    """A serialized sentencepiece model trained on the documents' `sentences`."""
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=sentences, model_writer=model, vocab_size=vocab_size, model_type=model_type,
+        sentence_iterator=sentences(documents), model_writer=model, vocab_size=vocab_size, model_type=model_type,
         normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
         byte_fallback=True, user_defined_symbols=["\n"], split_digits=True, allow_whitespace_only_pieces=True,
         pad_id=PAD_ID, eos_id=EOD_ID, unk_id=UNK_ID, bos_id=-1, shuffle_input_sentence=False, num_threads=1,
