@@ -25,7 +25,7 @@ from codistill.storage import write_atomically
 from codistill.units import duration
 from pipelines.cleaning import Cleaner
 from pipelines.commoncrawl_records import clean_file, dedup_prio, document_hash
-from pipelines.run import pipeline_options
+from pipelines.run import new_pipeline, pipeline_options
 from pipelines.worker import WorkerDoFn
 from tokenizer.encode import TokenizerError, load_tokenizer
 from tokenizer.train import sentences, train_sentencepiece, write_tokenizer
@@ -102,9 +102,10 @@ def train_tokenizer(paths: list[str], out: str, vocab_size: int, model_type: str
     sample_url = f"{out}.sample.jsonl"
     say(f"tokenizer: sampling {sample_docs} cleaned documents from {len(paths)} input file(s)")
     start = time.monotonic()
-    with beam.Pipeline(options=options) as p:
+    with new_pipeline(options) as p:
         _ = (p | "SampleCleanText" >> SampleCleanText(paths, clean, seed, sample_docs)
              | "WriteSample" >> beam.ParDo(WriteSample(sample_url)))
+        p.run().wait_until_finish()
     fs, path = storage.url_to_fs(sample_url)
     with fs.open(path, "r") as f:
         texts = [json.loads(line) for line in f]

@@ -18,7 +18,8 @@ import importlib
 import logging
 import os
 import posixpath
-from collections.abc import Callable
+import shutil
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -226,8 +227,8 @@ def preprocess(config: ExperimentConfig, beam_args: list[str] = (), overwrite: b
         source, extra["synth"] = pipeline.generate(join(data.output, "raw"), data.synth)
     logger.info("preprocessing %s into %s", source, data.output)
     try:
-        with progress.ProgressMonitor(write=show_progress) if show_progress else contextlib.nullcontext() as monitor:
-            p = beam.Pipeline(options=options)
+        with (progress.ProgressMonitor(write=show_progress) if show_progress else contextlib.nullcontext() as monitor,
+              new_pipeline(options) as p):
             _ = p | data.dataset.capitalize() >> pipeline.transform(source, data, extra)
             # Run and wait apart (not `with Pipeline`), so that the monitor reads the result's metrics meanwhile.
             result = p.run()
@@ -240,6 +241,18 @@ def preprocess(config: ExperimentConfig, beam_args: list[str] = (), overwrite: b
             raise PipelineIOError(str(e)) from e
         raise
     return load_manifest(data.output)
+
+
+@contextlib.contextmanager
+def new_pipeline(options: PipelineOptions) -> Iterator[beam.Pipeline]:
+    """A Beam pipeline whose local temp directory goes when the block ends. Beam removes it only at the end of
+    `run()`, which a block that raises while the pipeline is built (an input refused on the driver, a
+    tokenizer that cannot be trained) never reaches: each refusal left a /tmp/beam-pipeline-temp* behind."""
+    p = beam.Pipeline(options=options)
+    try:
+        yield p
+    finally:
+        shutil.rmtree(p.local_tempdir, ignore_errors=True)
 
 
 class PipelineIOError(OSError):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import gzip
 import math
+import tempfile
 import os
 import zlib
 from pathlib import Path
@@ -605,9 +606,11 @@ def test_header_csv_read_as_tsv_tells_the_user_to_use_dialect_csv(criteo_samples
 
 
 @pytest.mark.parametrize("name", ["test.txt", "test.txt.gz"])
-def test_kaggle_test_txt_is_refused_from_its_first_line(tmp_path, name):
+def test_kaggle_test_txt_is_refused_from_its_first_line(tmp_path, name, monkeypatch):
     """test.txt is train.txt without the label column (39 fields): refused on the driver with a hint, before any
-    row is read into rejected/."""
+    row is read into rejected/, and without leaving Beam's temp directory behind (the pipeline never ran)."""
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     generate_criteo(str(tmp_path / "gen"), 2000, files=1, seed=6)
     lines = (tmp_path / "gen" / "train-00000-of-00001.txt").read_bytes().splitlines()
     unlabelled = b"".join(line.split(b"\t", 1)[1] + b"\n" for line in lines)
@@ -618,6 +621,7 @@ def test_kaggle_test_txt_is_refused_from_its_first_line(tmp_path, name):
     with pytest.raises(HeaderError, match=r"39 fields, not 40: this looks like the Kaggle test\.txt.*give train\.txt"):
         run_criteo(str(path), str(out))
     assert not (out / "rejected").exists() and not (out / MANIFEST_NAME).exists()
+    assert list((tmp_path / "tmp").iterdir()) == []
 
 
 def test_tsv_read_with_the_csv_dialect_is_a_clear_error(criteo_samples, tmp_path):
