@@ -170,6 +170,7 @@ class StageFiles(WorkerDoFn):
         staged, marker_url = join(self.data.output, f"{STAGED}/{source}.npz"), join(self.data.output,
                                                                                    f"{DONE}/{source}.json")
         size = _size(path)
+        progress.report(found_bytes=size)  # the total grows as the workers find each input's size
         marker = self._marker(marker_url, size)
         if marker is None:
             marker, fingerprints = self._stage(index, path, size, staged)
@@ -619,8 +620,9 @@ class CommonCrawlToShards(beam.PTransform):
         tokenizer_url = self.tokenizer or self._trained_tokenizer(pbegin.pipeline.options)
         tokenizer = load_tokenizer(tokenizer_url)
         extra = {**self.extra, "tokenizer": tokenizer.manifest_entry(tokenizer_url)}
-        if progress.address() is not None:  # one size request per input, on the driver: only for a monitor
-            progress.expect(parts=len(self.paths), bytes=sum(_size(path) for path in self.paths))
+        # The inputs' sizes come from the workers: one request per input on the driver would hold a full crawl's
+        # paths file (~90k inputs) for hours before the pipeline starts.
+        progress.expect(parts=len(self.paths), bytes=0)
         documents = None
         if "synth" in extra:  # the per-document and per-line tables stay in raw/synth.json
             documents = extra["synth"]["documents"]

@@ -155,7 +155,12 @@ class ProgressMonitor:
         parts, done, rows, found_parts, found_bytes = self.counts()
         parts_total, bytes_total = self.planned[0] + found_parts, self.planned[1] + found_bytes
         elapsed = max(time.monotonic() - self._start, 1e-9)
-        fraction = min(1.0, done / bytes_total) if bytes_total else float(parts >= parts_total)
+        # Bytes give the finer fraction once every part's size is known: planned with the parts, or found with
+        # them (ImageNet's class folders). Common Crawl plans parts only; its sizes arrive as inputs are staged.
+        if self.planned[1] or not self.planned[0]:
+            fraction = min(1.0, done / bytes_total) if bytes_total else float(parts >= parts_total)
+        else:
+            fraction = min(1.0, parts / parts_total)
         text = (f"progress: {min(parts, parts_total)}/{parts_total} input parts, {size(done)} of "
                 f"{size(bytes_total)} read ({100 * fraction:.0f}%), {rows} rows, {rows / elapsed:,.0f} rows/s")
         if final:

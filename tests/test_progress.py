@@ -72,6 +72,15 @@ def test_progress_line_shows_rate_and_time_left():
     assert "writing the shards" in monitor.line()
 
 
+def test_sizes_found_by_the_workers_do_not_inflate_the_fraction():
+    """Common Crawl plans its inputs but not their sizes (no request per input on the driver): the workers add
+    each input's size as they stage it, so until all are known the fraction is that of the parts done."""
+    monitor = progress.ProgressMonitor()
+    monitor.planned = [100, 0]
+    monitor.received = [1, 1_000_000, 10, 0, 2_000_000]  # 2 inputs' sizes known, 1 input read
+    assert monitor.line().startswith("progress: 1/100 input parts, 1.00 MB of 2.00 MB read (1%), 10 rows, ")
+
+
 def test_each_count_comes_from_the_source_that_saw_more():
     monitor = progress.ProgressMonitor()
     monitor.planned = [8, 4_000_000]
