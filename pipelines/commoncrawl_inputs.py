@@ -39,10 +39,11 @@ def input_paths(source: str | None, options: CommonCrawlConfig, seed: int) -> li
 
 
 def sample(paths: list[str], limit: int | None, seed: int) -> list[str]:
-    """The `limit` paths with the lowest keyed hash, in their order (all of them without a limit)."""
+    """The `limit` paths with the lowest keyed hash of their file names, in their order (all of them without a
+    limit). File names, as the record keys: the same files sample alike wherever they are (https, s3, a copy)."""
     if limit is None or limit >= len(paths):
         return paths
-    hashes = np.array([string_hash(p, seed) for p in paths], np.uint64)
+    hashes = np.array([string_hash(posixpath.basename(p), seed) for p in paths], np.uint64)
     return [paths[i] for i in np.sort(np.argsort(hashes, kind="stable")[:limit]).tolist()]
 
 

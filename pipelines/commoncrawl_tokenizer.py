@@ -9,9 +9,11 @@ file order), read and cleaned by the same code as the preprocessing pipeline
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import heapq
 import json
 import logging
+import posixpath
 import time
 from collections.abc import Callable
 
@@ -86,9 +88,11 @@ def train_tokenizer(paths: list[str], out: str, vocab_size: int, model_type: str
     model already at `out` that was trained with the same settings is kept (a resumed run). `progress` gets a
     line as each step starts and ends (sentencepiece's own log stays off)."""
     say = progress or (lambda line: None)
+    names = sorted(posixpath.basename(p) for p in paths)  # which files, wherever they are read from
     trained_with = json.loads(json.dumps({"vocab_size": vocab_size, "type": model_type, "sample_docs": sample_docs,
-                                          "seed": seed, "clean": dataclasses.asdict(clean),
-                                          "files": len(paths)}))  # as read back
+                                          "seed": seed, "clean": dataclasses.asdict(clean), "files": len(paths),
+                                          "file_names_sha256": hashlib.sha256("\n".join(names).encode()).hexdigest()
+                                          }))  # as read back
     if reuse:
         try:
             info = load_tokenizer(out).info

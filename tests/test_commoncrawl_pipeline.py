@@ -275,6 +275,11 @@ def test_a_kept_tokenizer_was_trained_with_the_same_settings(generated, tokenize
     other = train_tokenizer(paths, str(url), 900, "unigram", 300, clean, 0, [RUNNER], reuse=True)
     assert other["trained_with"]["vocab_size"] == 900 and other["sha256"] == load_tokenizer(str(url)).sha256
     assert other["sha256"] != same["sha256"]
+    # As many files, other ones (a resumed run whose sample changed): trained again, not kept.
+    first = train_tokenizer(paths[:1], str(url), 900, "unigram", 300, clean, 0, [RUNNER], reuse=True)
+    second = train_tokenizer(paths[1:2], str(url), 900, "unigram", 300, clean, 0, [RUNNER], reuse=True)
+    assert first["trained_with"]["files"] == second["trained_with"]["files"] == 1
+    assert first["trained_with"] != second["trained_with"] and second["sha256"] == load_tokenizer(str(url)).sha256
 
 
 # --- real samples and damaged files: every record accounted for --------------------------------------------
