@@ -175,12 +175,15 @@ def _preprocess_command(spec: DatasetSpec) -> click.Command:
         flags = {"data.output": output, "data.groups": groups, "data.eval_fraction": eval_fraction,
                  "data.format": fmt, **{f"data.{spec.name}.{k}": v for k, v in values.items()}}
         try:
-            config = parse_experiment(_raw_manifest(spec.name, manifest, input_glob, flags), sets)
+            sources = [f"data.{spec.name}.{f.field}" for f in spec.flags if f.source]
+            config = parse_experiment(_raw_manifest(spec.name, manifest, input_glob, flags, sources), sets)
         except ConfigError as e:
             raise _flag_error(e, f"data.{spec.name}", spec.flags, values) from None
         if dry_run:
             options = pipeline_options(_beam_args(ctx, runner), check_installed=False)
-            click.echo(json.dumps({"dataset": spec.name, "input": config.data.input, "output": config.data.output,
+            section = {f.field: getattr(config.data.options, f.field) for f in spec.flags}  # e.g. an input list
+            click.echo(json.dumps({"dataset": spec.name, "input": config.data.input, spec.name: section,
+                                   "output": config.data.output,
                                    "pipeline_options": options.get_all_options(drop_default=True,
                                                                                retain_unknown_options=True)},
                                   indent=1))
@@ -206,8 +209,10 @@ main.add_command(DatasetCommands(_preprocess_command, name="preprocess",
                                  help="Run a Beam pipeline: raw files -> disjoint per-group shards + manifest.json."))
 
 
-def _raw_manifest(dataset: str, manifest: str | None, input_glob: str | None, flags: dict) -> dict:
-    """The manifest as YAML data with the flags given set (an --input replaces a manifest's `synth`)."""
+def _raw_manifest(dataset: str, manifest: str | None, input_glob: str | None, flags: dict,
+                  sources: list[str] = ()) -> dict:
+    """The manifest as YAML data with the flags given set: an --input replaces a manifest's `synth`, a source
+    flag (`sources`: its dotted field, e.g. Common Crawl's --input-list) its `input` and `synth`."""
     raw = read_manifest_yaml(manifest) if manifest else {"name": f"{dataset}-cli", "data": {"dataset": dataset}}
     data = raw.get("data")
     chosen = data.get("dataset", "criteo") if isinstance(data, dict) else dataset  # (parsing names a bad one)
@@ -218,6 +223,9 @@ def _raw_manifest(dataset: str, manifest: str | None, input_glob: str | None, fl
         if value is not None:
             set_field(raw, dotted, value)
     if input_glob is not None:
+        raw["data"].pop("synth", None)
+    if any(flags.get(dotted) is not None for dotted in sources):
+        raw["data"].pop("input", None)
         raw["data"].pop("synth", None)
     return raw
 

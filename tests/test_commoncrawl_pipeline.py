@@ -568,6 +568,23 @@ def test_a_100k_line_paths_file_reads_only_its_sample(generated, tokenizer_url, 
     assert shard_bytes(str(tmp_path / "listed")) == shard_bytes(str(tmp_path / "given"))
 
 
+def test_an_input_list_replaces_the_input_or_synth_of_a_manifest(tmp_path):
+    """`-m commoncrawl-tiny` generates its data and `-m commoncrawl` reads `data.input`: --input-list replaces
+    either (the dry run shows what would be read)."""
+    from click.testing import CliRunner
+
+    from codistill.cli import main
+
+    for manifest in ("commoncrawl-tiny", "commoncrawl"):
+        result = CliRunner().invoke(main, ["preprocess", "commoncrawl", "-m", manifest, "--input-list",
+                                           "wet.paths.gz", "--limit", "8", "--output", str(tmp_path / "out"),
+                                           "--dry-run"])
+        assert result.exit_code == 0, result.output
+        shown = json.loads(result.stdout)
+        assert shown["input"] is None and shown["commoncrawl"]["input_list"] == "wet.paths.gz", shown
+        assert shown["commoncrawl"]["limit"] == 8
+
+
 def test_a_paths_file_given_as_input_is_refused_with_a_pointer_to_input_list(generated, tokenizer_url, tmp_path):
     listed = tmp_path / "wet.paths.gz"
     listed.write_bytes(gzip.compress("".join(line + "\n" for line in crawl_paths(10)).encode()))

@@ -16,6 +16,7 @@ class Flag:
     field: str
     help: str = ""
     required: bool = False
+    source: bool = False  # names the raw data instead of --input (a paths file): replaces data.input and synth
 
     @property
     def option(self) -> str:
