@@ -9,6 +9,7 @@ import os
 import shlex
 
 import pytest
+import torch
 import yaml
 from click.testing import CliRunner
 from conftest import REPO
@@ -18,6 +19,7 @@ from lm_data import TOKENIZER, write_lm_dataset
 from codistill.cli import main
 from codistill.config import load_experiment, parse_experiment
 from codistill.run import RunError, launch_plan
+from training.launch import PlacementError, visible_accelerators
 
 EIGHT_GPUS = list(range(8))  # a pretend 8-GPU host: the ids `visible_accelerators` would give
 
@@ -48,11 +50,31 @@ def test_groups_get_disjoint_gpu_slices(groups, ranks):
     assert ("idle" in placement.summary) == (groups * ranks < 8)
 
 
-def test_the_slices_are_of_the_gpus_this_process_may_use():
+def _pretend_gpus(monkeypatch, count: int, visible: str | None) -> None:
+    """A host where torch sees `count` CUDA devices (none here: torch.cuda is the one part stood in for)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    if visible is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+
+
+def test_the_slices_are_of_the_gpus_this_process_may_use(monkeypatch):
     """CUDA_VISIBLE_DEVICES=4,5,6,7: the groups go to those ids (DeepSpeed's launcher resets the variable)."""
+    _pretend_gpus(monkeypatch, 4, "4,5,6,7")
+    assert visible_accelerators() == [4, 5, 6, 7]
     config = load_experiment("criteo-tiny", ["data.groups=2", "deepspeed.ranks_per_group=2"])
-    _, commands = launch_plan(config, "criteo-tiny", [], False, accelerators=[4, 5, 6, 7])
+    _, commands = launch_plan(config, "criteo-tiny", [], False, accelerators=visible_accelerators())
     assert [_deepspeed_slots(c.argv) for c in commands] == [[4, 5], [6, 7]]
+    _pretend_gpus(monkeypatch, 8, None)
+    assert visible_accelerators() == EIGHT_GPUS
+
+
+def test_gpu_uuids_in_cuda_visible_devices_are_refused(monkeypatch):
+    _pretend_gpus(monkeypatch, 2, "GPU-8f2a1c3e,GPU-77b0d9aa")
+    with pytest.raises(PlacementError, match="give GPU indices"):
+        visible_accelerators()
 
 
 def test_more_ranks_than_gpus_is_refused_with_what_to_change():
