@@ -129,14 +129,14 @@ class CommonCrawlConfig:
     input_list: str | None = None
     # Common Crawl's public HTTPS endpoint; inside AWS `s3://commoncrawl/` (with `storage` giving `anon: true`).
     base_url: str = "https://data.commoncrawl.org/"
-    limit: int | None = None  # read only this many listed files: those with the lowest keyed hash of their path
+    limit: int | None = None  # read only this many listed files: those with the lowest keyed hash of their file name
     # sentencepiece model (any fsspec URL, with its `<url>.json` sidecar); null = train one on the input first,
     # written to `<output>/tokenizer/spm.model`, with the three settings below.
     tokenizer: str | None = None
     vocab_size: int = 8000
     tokenizer_type: Literal["unigram", "bpe"] = "unigram"
     tokenizer_sample_docs: int = 20_000  # cleaned documents the tokenizer is trained on (a keyed-hash sample)
-    # Input files those documents are drawn from (the lowest keyed hash of their path): not every input is read
+    # Input files those documents are drawn from (the lowest keyed hash of their file name): not every input is read
     # and cleaned twice. A WET file holds ~30k documents.
     tokenizer_sample_files: int = 16
     sequence_length: int = 33  # tokens per packed row (inputs tokens[:-1], targets tokens[1:])
@@ -213,7 +213,7 @@ SPEC = DatasetSpec(
     flags=(Flag("input_list", "A paths file (wet.paths.gz, gzip or plain, one path a line) instead of --input.",
                 source=True),
            Flag("base_url", "What the listed paths are joined to (s3://commoncrawl/ inside AWS)."),
-           Flag("limit", "Read only N listed files (a deterministic sample: lowest keyed hash of the path)."),
+           Flag("limit", "Read only N listed files (a deterministic sample: lowest keyed hash of the file name)."),
            Flag("tokenizer", "sentencepiece model URL (with its .json sidecar); default: train one first."),
            Flag("sequence_length", "Tokens per packed row.")),
     synth_flags=(Flag("docs", "WET conversion records in all files together.", required=True),
