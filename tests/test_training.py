@@ -325,6 +325,32 @@ def test_cli_train_records_each_groups_peer_coverage(codistill_run):
             in proc.stdout
 
 
+def test_cli_train_codistills_through_bf16_snapshots(data_dir, tmp_path):
+    """`codistill.snapshot_dtype=bf16`: both groups publish half-size snapshots and adopt each other's (lockstep:
+    every exchange is waited for, so the peers are surely used after burn-in)."""
+    run_dir = tmp_path / "run"
+    sets = TINY + [f"data.output={data_dir}", "schedule.steps=12", "eval.every=12", "train.checkpoint_every=12",
+                   "deepspeed.ranks_per_group=1", "codistill.burn_in_steps=5", "codistill.exchange_every=5",
+                   "codistill.lockstep=true", "codistill.lockstep_timeout=60", "codistill.poll_seconds=0.05",
+                   "codistill.snapshot_dtype=bf16"]
+    proc = run([str(BIN / "codistill"), "train", "criteo-tiny", "--run-dir", str(run_dir), *sets_args(sets)])
+    assert proc.returncode == 0, tail(proc.stdout + proc.stderr, 60)
+    from training.exchange import snapshot_bytes
+    from training.workloads.criteo import WORKLOAD as criteo
+
+    config = load_experiment("criteo-tiny", sets)
+    state = criteo.build_model(config.model, load_manifest(data_dir)).state_dict()
+    for g in (0, 1):
+        store = run_dir / "store" / run_dir.name / f"group-{g}"
+        meta = json.loads((store / "step-00000012.json").read_text())
+        assert meta["dtype"] == "bf16" and meta["bytes"] == snapshot_bytes(state, torch.bfloat16)
+        assert meta["bytes"] < 0.51 * snapshot_bytes(state)
+        train = records(run_dir, g, "train")
+        assert [r["step"] for r in train] == list(range(1, 13))
+        assert all(r["peers"] == {str(1 - g): r["step"] - 1 - 5 * ((r["step"] - 1) // 5)} and r["distill_loss"] > 0
+                   for r in train if r["step"] > 5), train
+
+
 def train_record(step: int, weight: float, peers: dict) -> dict:
     return {"kind": "train", "step": step, "weight": weight, "peers": peers}
 

@@ -7,7 +7,7 @@
 Each step: adopt any newer verified peer snapshots (rank 0 decides, every rank
 follows, so ranks never disagree), run the student and the usable peers on
 the student's own batch, take the codistillation loss, step. Every
-`exchange_every` steps rank 0 publishes the full fp32 weights. The store is
+`exchange_every` steps rank 0 publishes the full weights (in `codistill.snapshot_dtype`). The store is
 only touched by background threads: training never waits on it.
 """
 
@@ -41,8 +41,8 @@ from codistill.rundir import RunDir
 from codistill.units import duration
 from training import evaluation
 from training.data import StreamSpec, loader, to_torch
-from training.exchange import (PeerWatcher, SnapshotPublisher, check_store_run, group_dir, model_signature,
-                               snapshot_bytes)
+from training.exchange import (SNAPSHOT_DTYPES, PeerWatcher, SnapshotPublisher, check_store_run, group_dir,
+                               model_signature, snapshot_bytes)
 from training.precision import group_precision, local_precision
 from training.launch import exit_when_launcher_dies, next_attempt, read_run_nonce
 from training.loss import LossParts, codistillation_loss, distill_weight
@@ -205,10 +205,10 @@ class FlatPeer:
     """A frozen peer model in the training precision, its float tensors views into one flat buffer per dtype.
 
     Parameters are cast to `dtype` and float buffers stay fp32, as DeepSpeed casts the student, so a peer runs
-    the student's batch at the student's speed. Adopting a snapshot (fp32) is then one copy into each buffer
-    (or one broadcast into it on every rank), not a `load_state_dict` walking every tensor inside the training
-    step. The few non-float buffers (BatchNorm's `num_batches_tracked`, unused by a peer in eval mode) are
-    copied apart.
+    the student's batch at the student's speed. Adopting a snapshot (whatever its `codistill.snapshot_dtype`:
+    cast on the way) is then one copy into each buffer (or one broadcast into it on every rank), not a
+    `load_state_dict` walking every tensor inside the training step. The few non-float buffers (BatchNorm's
+    `num_batches_tracked`, unused by a peer in eval mode) are copied apart.
     """
 
     def __init__(self, module: torch.nn.Module, dtype: torch.dtype = torch.float32):
@@ -265,8 +265,10 @@ class GroupTrainer:
         self.workload = workload_for(self.dataset.dataset)
         torch.manual_seed(config.train.seed * 1000 + group)  # every rank the same: one model per group
         model = self.workload.build_model(config.model, self.dataset)
-        self.signature = model_signature(model.state_dict())
-        self.snapshot_size = snapshot_bytes(model.state_dict())  # published fp32, whatever the training precision
+        # The model as its snapshots are published (codistill.snapshot_dtype), whatever the training precision.
+        published = SNAPSHOT_DTYPES[config.codistill.snapshot_dtype]
+        self.signature = model_signature(model.state_dict(), published)
+        self.snapshot_size = snapshot_bytes(model.state_dict(), published)
         self.engine = build_engine(model, config, self.world,
                                    self.out.tensorboard if config.train.tensorboard else None)
 
@@ -284,11 +286,12 @@ class GroupTrainer:
         if cod.enabled and self.rank == 0:
             nonce = run_nonce or read_run_nonce(config.run_dir)
             self.publisher = SnapshotPublisher(config.store, config.run_id, group, keep=cod.keep_snapshots,
-                                               run_nonce=nonce, attempt=next_attempt(self.out.attempt))
+                                               run_nonce=nonce, attempt=next_attempt(self.out.attempt),
+                                               snapshot_dtype=cod.snapshot_dtype)
             if self.peer_groups:
                 # The tokenizer's sha256 (None without one): a peer trained on other tokens is never adopted.
                 self.watcher = PeerWatcher(config.store, config.run_id, group, self.peer_groups, self.signature,
-                                           self.snapshot_size,
+                                           self.snapshot_size, snapshot_dtype=cod.snapshot_dtype,
                                            poll_interval=cod.poll_seconds, vocab_hash=self.dataset.tokenizer_sha256,
                                            run_nonce=nonce, max_step=config.schedule.steps, poll=not cod.lockstep)
         self.best_validation = math.inf
