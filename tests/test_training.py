@@ -241,6 +241,19 @@ def test_cli_train_finishes_both_groups_with_eval_metrics(codistill_run, data_di
         assert (RunDir(run_dir).group(g).checkpoints / "latest").read_text().strip() == f"step-{STEPS:08d}"
 
 
+def test_cli_train_says_what_the_snapshots_ask_of_the_store(codistill_run, data_dir):
+    """Beside the placement, where the run starts: the snapshot size and the store traffic, counted on the model."""
+    _, proc, config = codistill_run
+    from codistill.config import SnapshotTraffic
+    from training.workloads.criteo import WORKLOAD as criteo
+
+    model = criteo.build_model(config.model, load_manifest(data_dir))
+    traffic = SnapshotTraffic(sum(p.numel() for p in model.parameters()), "fp32", EXCHANGE, 1)
+    lines = proc.stdout.splitlines()
+    placement = next(i for i, line in enumerate(lines) if line.startswith("placement: "))
+    assert lines[placement + 1] == f"snapshots: {traffic.describe()}"
+
+
 def test_cli_train_eval_predictions_cover_the_eval_split(codistill_run, data_dir):
     run_dir, _, _ = codistill_run
     labels = eval_split(data_dir)
@@ -345,6 +358,7 @@ def test_cli_train_codistills_through_bf16_snapshots(data_dir, tmp_path):
         meta = json.loads((store / "step-00000012.json").read_text())
         assert meta["dtype"] == "bf16" and meta["bytes"] == snapshot_bytes(state, torch.bfloat16)
         assert meta["bytes"] < 0.51 * snapshot_bytes(state)
+        assert "x 2 bytes, bf16), one every 5 steps" in proc.stdout
         train = records(run_dir, g, "train")
         assert [r["step"] for r in train] == list(range(1, 13))
         assert all(r["peers"] == {str(1 - g): r["step"] - 1 - 5 * ((r["step"] - 1) // 5)} and r["distill_loss"] > 0
