@@ -618,6 +618,23 @@ def test_a_snapshot_in_another_dtype_is_refused_saying_why(store, published, rea
         assert_no_update(w)
 
 
+@pytest.mark.parametrize("name", ["fp32", "bf16", "fp16"])
+def test_weights_in_the_training_precision_are_published_in_the_snapshot_dtype(name):
+    """The trainer hands the publisher its module's state as it is (bf16 parameters, fp32 BatchNorm statistics in
+    bf16 training): every float is cast to the snapshot dtype as it is copied, exactly as `.to(dtype)` would."""
+    state = big_state()
+    training = {"embed.weight": state["embed.weight"].bfloat16(), "head.bias": state["head.bias"],
+                "bn.num_batches_tracked": state["bn.num_batches_tracked"]}
+    dtype = SNAPSHOT_DTYPES[name]
+    url = f"memory://codistill-test-{uuid.uuid4().hex}"
+    assert SnapshotPublisher(url, RUN, group=1, snapshot_dtype=name).publish(1, training)
+    with watcher(url, model_signature=model_signature(state, dtype), payload_bytes=snapshot_bytes(state, dtype),
+                 snapshot_dtype=name) as w:  # what the fp32 model expects: the same as the bf16 one publishes
+        (_, received), = wait_for_update(w).values()
+    for n, t in training.items():
+        assert torch.equal(received[n], t.to(dtype) if t.is_floating_point() else t), n
+
+
 def test_the_publisher_refuses_an_unknown_dtype():
     with pytest.raises(ValueError, match="snapshot_dtype must be one of"):
         SnapshotPublisher("memory://x", RUN, group=1, snapshot_dtype="int8")

@@ -368,9 +368,10 @@ class GroupTrainer:
         self.states.pop(group, None)  # new weights start from a fresh state
 
     @contextlib.contextmanager
-    def gathered_state(self) -> Iterator[dict[str, torch.Tensor] | None]:
-        """The full fp32 weights on rank 0 while the context lasts (gathered from every rank
-        under ZeRO-3, so every rank must enter it); None on the other ranks."""
+    def gathered_state(self, fp32: bool = True) -> Iterator[dict[str, torch.Tensor] | None]:
+        """The full weights on rank 0 while the context lasts (gathered from every rank
+        under ZeRO-3, so every rank must enter it), floats in fp32 (`fp32=False`: in the
+        training precision, as they are); None on the other ranks."""
         import deepspeed
 
         module = self.engine.module
@@ -378,13 +379,14 @@ class GroupTrainer:
                   if self.config.deepspeed.zero_stage == 3 else contextlib.nullcontext())
         with gather:
             # Floats as fp32 (bf16/fp16 training); the rest as they are (BatchNorm's int64 num_batches_tracked).
-            yield {k: v.detach().float() if v.is_floating_point() else v.detach()
+            yield {k: v.detach().float() if fp32 and v.is_floating_point() else v.detach()
                    for k, v in module.state_dict().items()} if self.rank == 0 else None
 
     def publish(self) -> None:
         if self.publisher is not None and self.config.codistill.lockstep:
             self.publisher.wait()  # lockstep peers wait for every snapshot: none may be skipped
-        with self.gathered_state() as state:
+        # As they are: the publisher casts to the snapshot dtype as it copies (no fp32 copy first in bf16 training).
+        with self.gathered_state(fp32=False) as state:
             if self.publisher is not None:  # serialises a copy before returning, inside the gather
                 self.publisher.publish_async(self.step, state, vocab_hash=self.dataset.tokenizer_sha256)
 
@@ -398,7 +400,7 @@ class GroupTrainer:
         """The final weights (`model.safetensors`, what ensembles of finished runs load) and, synchronously,
         the last snapshot for the peers."""
         self.save_weights(self.out.weights)
-        with self.gathered_state() as state:
+        with self.gathered_state(fp32=False) as state:
             if self.publisher is not None:
                 self.publisher.publish(self.step, state, vocab_hash=self.dataset.tokenizer_sha256)
 
