@@ -635,6 +635,26 @@ def test_weights_in_the_training_precision_are_published_in_the_snapshot_dtype(n
         assert torch.equal(received[n], t.to(dtype) if t.is_floating_point() else t), n
 
 
+def test_the_publisher_writes_each_snapshot_over_the_last_ones_buffer_only_once_it_is_uploaded(tmp_path):
+    """One serialised copy, reused (no page faults in the step that publishes): every file is still exactly its
+    own state's, and a state of another size gets a buffer of its own."""
+    publisher = SnapshotPublisher(str(tmp_path / "store"), RUN, group=1, keep=10, snapshot_dtype="bf16")
+    states = [big_state(), {k: v + 1 if v.is_floating_point() else v for k, v in big_state().items()},
+              make_state(3)]
+    for step, state in enumerate(states, 1):
+        assert publisher.publish_async(step, state) and publisher.wait()
+
+    def address(buffer: memoryview) -> int:
+        return torch.frombuffer(buffer, dtype=torch.uint8).data_ptr()
+
+    last = address(publisher._buffer)
+    assert publisher.publish(4, states[2]) and address(publisher._buffer) == last  # the same memory, written over
+    fs, _ = group_path(str(tmp_path / "store"), 1)
+    for step, state in enumerate(states + states[2:], 1):
+        written = fs.cat_file(group_path(str(tmp_path / "store"), 1, snapshot_name(step, "safetensors"))[1])
+        assert written == bytes(serialize_state_dict(state, torch.bfloat16)), step
+
+
 def test_the_publisher_refuses_an_unknown_dtype():
     with pytest.raises(ValueError, match="snapshot_dtype must be one of"):
         SnapshotPublisher("memory://x", RUN, group=1, snapshot_dtype="int8")

@@ -93,9 +93,11 @@ def _stored_dtype(tensor: Tensor, dtype: torch.dtype | None) -> torch.dtype:
     return dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
 
 
-def serialize_state_dict(state_dict: Mapping[str, Tensor], dtype: torch.dtype | None = None) -> memoryview:
+def serialize_state_dict(state_dict: Mapping[str, Tensor], dtype: torch.dtype | None = None,
+                         into: memoryview | None = None) -> memoryview:
     """A consistent copy of the weights as a safetensors file, taken in the caller's thread; floating-point
-    tensors cast to `dtype` on the way (None: as they are).
+    tensors cast to `dtype` on the way (None: as they are). `into`: an earlier result that nothing reads any
+    more, written over when it has the right size (see SnapshotPublisher).
 
     The format is an 8-byte header length, a JSON header (dtype, shape and byte
     offsets of each tensor; padded to 8 bytes), then the raw little-endian
@@ -110,8 +112,9 @@ def serialize_state_dict(state_dict: Mapping[str, Tensor], dtype: torch.dtype | 
     unties shared storage (tied weights).
     """
     prefix, layout = _safetensors_layout(state_dict, dtype)
-    size = layout[-1][2][1] if layout else 0
-    out = torch.empty(len(prefix) + size, dtype=torch.uint8)
+    total = len(prefix) + (layout[-1][2][1] if layout else 0)
+    out = (torch.frombuffer(into, dtype=torch.uint8) if into is not None and len(into) == total > 0
+           else torch.empty(total, dtype=torch.uint8))
     out[:len(prefix)] = torch.frombuffer(bytearray(prefix), dtype=torch.uint8)
     data = out[len(prefix):]  # starts at a multiple of 8
     with torch.no_grad():
@@ -156,6 +159,13 @@ class SnapshotPublisher:
     readers that have seen a newer attempt of this group, ignore the snapshot.
     Floating-point tensors are published in `snapshot_dtype` (a name of
     SNAPSHOT_DTYPES, recorded in the JSON), whatever the state dict holds.
+
+    The serialised copy is kept between publishes and written over by the
+    next one (there is never more than one: a publish waits for, or skips
+    behind, the upload in flight). A fresh buffer of that size would cost the
+    publishing step its page faults every time, several times the copy itself
+    (measured: 85 ms against 10 ms for 80 MB), at the price of the snapshot's
+    size staying allocated on rank 0 between publishes.
     """
 
     def __init__(self, store_url: str, run: str, group: int, keep: int = 3, run_nonce: str | None = None,
@@ -174,6 +184,7 @@ class SnapshotPublisher:
         self._failing: str | None = None  # the kind of error the last publish failed with
         self.last_published_step: int | None = None
         self._upload: threading.Thread | None = None
+        self._buffer: memoryview | None = None  # the last serialised snapshot; only read while its upload runs
 
     def publish(self, step: int, state_dict: Mapping[str, Tensor], vocab_hash: str | None = None) -> bool:
         """Serialise and upload in the caller's thread (e.g. the final snapshot of a run).
@@ -208,7 +219,8 @@ class SnapshotPublisher:
     def _serialize(self, state_dict: Mapping[str, Tensor]) -> tuple[memoryview, str]:
         """The file to publish and its model signature, both in the snapshot dtype."""
         dtype = SNAPSHOT_DTYPES[self.snapshot_dtype]
-        return serialize_state_dict(state_dict, dtype), model_signature(state_dict, dtype)
+        self._buffer = serialize_state_dict(state_dict, dtype, into=self._buffer)
+        return self._buffer, model_signature(state_dict, dtype)
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait for an in-flight async upload; True when none is left running."""
