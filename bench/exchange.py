@@ -14,13 +14,15 @@ per tensor, as in a large model's layers, plus an int64 buffer) goes through the
   upload s      from then until `publish_async`'s background thread ends (`wait`): sha256, the weights file,
                 the JSON, LATEST, pruning; MB/s is the file's size over it;
   adopt s       `PeerWatcher.fetch` of that step, as a reader: JSON, weights, sha256, safetensors parse,
-                signature and finite checks -- the verified state dict the peer model then copies in.
+                signature and finite checks (in the watcher's thread in a run);
+  load ms       `FlatPeer.load` of the verified state dict into an fp32 peer model: the copy (and cast) a
+                training step pays when it adopts a peer.
 
 Stores: `local`, a temp directory (`--workdir` to put it elsewhere: its disk decides), and `s3`, moto's S3
 server started here on 127.0.0.1 through s3fs, as the tests use it. moto holds every object in memory, so
 sizes above `--s3-max` (default 100M parameters) skip S3. Each figure is the median of `--repeat` publishes
 (the first publish of each size is an untimed warm-up). Memory: a size costs about 4 bytes a parameter for the
-state, as much again for the serialised copy and for the reader's copy (12 GB at 1B in fp32).
+state, as much again for the peer model and for the reader's copy (12 GB at 1B in fp32).
 
 Part 2, step time. A plain MLP of `--train-params` parameters (4 square layers, Adam, batch 32, one torch
 thread, as `codistill train` gives a rank on a 2-core machine) trains `--steps` timed steps per variant:
@@ -53,7 +55,8 @@ import torch
 
 from codistill import storage
 from codistill.config import StorageConfig
-from training.exchange import (SNAPSHOT_DTYPES, PeerWatcher, SnapshotPublisher, model_signature, snapshot_bytes)
+from training.exchange import SNAPSHOT_DTYPES, PeerWatcher, SnapshotPublisher, model_signature, snapshot_bytes
+from training.train import FlatPeer
 
 GOAL_P99 = 1.05
 RUN = "bench"
@@ -75,15 +78,22 @@ def label(n: int) -> str:
     return str(n)
 
 
-def synthetic_state(parameters: int) -> dict[str, torch.Tensor]:
+class Layers(torch.nn.Module):
     """`parameters` fp32 values in tensors of at most TENSOR, plus one int64 buffer (integers stay as they are)."""
+
+    def __init__(self, parameters: int):
+        super().__init__()
+        sizes = [min(TENSOR, parameters - start) for start in range(0, parameters, TENSOR)]
+        self.layers = torch.nn.ParameterList(torch.empty(size) for size in sizes)
+        self.register_buffer("steps", torch.tensor([parameters], dtype=torch.int64))
+
+
+def synthetic_state(parameters: int) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(parameters)
-    state, left, i = {}, parameters, 0
-    while left > 0:
-        size = min(left, TENSOR)
-        state[f"layers.{i}.weight"] = torch.randn(size, generator=g)
-        left, i = left - size, i + 1
-    state["steps"] = torch.tensor([parameters], dtype=torch.int64)
+    state = Layers(parameters).state_dict()
+    for tensor in state.values():
+        if tensor.is_floating_point():
+            tensor.normal_(generator=g)
     return state
 
 
@@ -126,14 +136,15 @@ class MotoS3:
 # --- part 1: publish and adopt ---------------------------------------------------------------------------
 
 
-def publish_and_adopt(store: str, state: dict[str, torch.Tensor], dtype: str, repeat: int) -> dict[str, float]:
-    """Median serialise (s), upload (s) and adopt (s) of `repeat` publishes of `state`, and the file's bytes."""
+def publish_and_adopt(store: str, state: dict[str, torch.Tensor], peer: FlatPeer, dtype: str,
+                      repeat: int) -> dict[str, float]:
+    """Median serialise, upload, adopt and load seconds of `repeat` publishes of `state`, and the file's bytes."""
     torch_dtype = SNAPSHOT_DTYPES[dtype]
     size = snapshot_bytes(state, torch_dtype)
     publisher = SnapshotPublisher(store, RUN, group=1, keep=2, snapshot_dtype=dtype)
     watcher = PeerWatcher(store, RUN, group=0, peer_groups=[1], model_signature=model_signature(state, torch_dtype),
                           payload_bytes=size, snapshot_dtype=dtype, poll=False)
-    times: dict[str, list[float]] = {"serialise": [], "upload": [], "adopt": []}
+    times: dict[str, list[float]] = {"serialise": [], "upload": [], "adopt": [], "load": []}
     for step in range(repeat + 1):  # publish 0 warms up (directories, connections, page cache)
         start = time.perf_counter()
         publisher.publish_async(step, state)
@@ -145,11 +156,14 @@ def publish_and_adopt(store: str, state: dict[str, torch.Tensor], dtype: str, re
         adopted = watcher.fetch(1, step, timeout=3600)
         if adopted is None:
             raise RuntimeError(f"adopting the snapshot from {store} failed (see the warning above)")
+        fetched = time.perf_counter()
+        peer.load(adopted)
         del adopted
         if step:
             times["serialise"].append(serialised - start)
             times["upload"].append(uploaded - serialised)
-            times["adopt"].append(time.perf_counter() - uploaded)
+            times["adopt"].append(fetched - uploaded)
+            times["load"].append(time.perf_counter() - fetched)
     watcher.close()
     return {k: statistics.median(v) for k, v in times.items()} | {"bytes": size}
 
@@ -158,22 +172,23 @@ def part1(args, workdir: str) -> None:
     sizes = [count(s) for s in args.params.split(",")]
     s3 = MotoS3(workdir) if any(n <= count(args.s3_max) for n in sizes) else None
     print(f"{'size':>6} {'dtype':>5} {'store':>5} {'bytes':>10} {'serialise ms':>13} {'upload s':>9} "
-          f"{'MB/s':>8} {'adopt s':>8}")
+          f"{'MB/s':>8} {'adopt s':>8} {'load ms':>8}")
     try:
         for n in sizes:
             state = synthetic_state(n)
+            peer = FlatPeer(Layers(n).eval().requires_grad_(False))
             stores = [("local", f"{workdir}/store-{label(n)}")]
             if s3 is not None and n <= count(args.s3_max):
                 stores.append(("s3", f"s3://{S3_BUCKET}/{label(n)}"))
             for dtype in ("fp32", "bf16"):
                 for name, store in stores:
-                    r = publish_and_adopt(store, state, dtype, args.repeat)
+                    r = publish_and_adopt(store, state, peer, dtype, args.repeat)
                     print(f"{label(n):>6} {dtype:>5} {name:>5} {r['bytes'] / 1e6:>8.1f}MB "
                           f"{r['serialise'] * 1e3:>13.1f} {r['upload']:>9.3f} {r['bytes'] / 1e6 / r['upload']:>8.0f} "
-                          f"{r['adopt']:>8.3f}", flush=True)
+                          f"{r['adopt']:>8.3f} {r['load'] * 1e3:>8.1f}", flush=True)
                     fs, root = storage.url_to_fs(store)
                     fs.rm(root, recursive=True)
-            del state
+            del state, peer
     finally:
         if s3 is not None:
             s3.close()

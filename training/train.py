@@ -205,10 +205,11 @@ class FlatPeer:
     """A frozen peer model in the training precision, its float tensors views into one flat buffer per dtype.
 
     Parameters are cast to `dtype` and float buffers stay fp32, as DeepSpeed casts the student, so a peer runs
-    the student's batch at the student's speed. Adopting a snapshot (whatever its `codistill.snapshot_dtype`:
-    cast on the way) is then one copy into each buffer (or one broadcast into it on every rank), not a
-    `load_state_dict` walking every tensor inside the training step. The few non-float buffers (BatchNorm's
-    `num_batches_tracked`, unused by a peer in eval mode) are copied apart.
+    the student's batch at the student's speed. Adopting a snapshot (whatever its `codistill.snapshot_dtype`)
+    is then one copy of each tensor straight into its place in the buffer, cast on the way (no temporary: a
+    bf16 snapshot's fp32 copies would cost the step their page faults), and one broadcast of each buffer on
+    every rank. The few non-float buffers (BatchNorm's `num_batches_tracked`, unused by a peer in eval mode)
+    are copied apart.
     """
 
     def __init__(self, module: torch.nn.Module, dtype: torch.dtype = torch.float32):
@@ -219,21 +220,22 @@ class FlatPeer:
         if any(tensors[n].is_floating_point() and tensors[n].dtype != torch.float32 for n in names):
             raise ValueError("FlatPeer needs an fp32 model")
         floats = {n: dtype if n in parameters else torch.float32 for n in names if tensors[n].is_floating_point()}
-        self.names = {d: [n for n, nd in floats.items() if nd == d] for d in dict.fromkeys(floats.values())}
+        by_dtype = {d: [n for n, nd in floats.items() if nd == d] for d in dict.fromkeys(floats.values())}
         self.others = {n: tensors[n] for n in names if not tensors[n].is_floating_point()}
-        self.flats = {}
-        for d, group in self.names.items():
+        self.flats, self.places = {}, {}  # places: each float tensor's slice of its flat buffer
+        for d, group in by_dtype.items():
             flat = torch.cat([tensors[n].detach().reshape(-1).to(d) for n in group])
             offset = 0
             for name in group:
                 tensor = tensors[name]
-                tensor.data = flat[offset:offset + tensor.numel()].view_as(tensor)
+                self.places[name] = flat[offset:offset + tensor.numel()]
+                tensor.data = self.places[name].view_as(tensor)
                 offset += tensor.numel()
             self.flats[d] = flat
 
     def load(self, state: dict[str, torch.Tensor]) -> None:
-        for d, flat in self.flats.items():
-            torch.cat([state[n].reshape(-1).to(flat.device, d) for n in self.names[d]], out=flat)
+        for name, place in self.places.items():
+            place.copy_(state[name].reshape(-1))
         for name, tensor in self.others.items():
             tensor.copy_(state[name])
 
