@@ -21,8 +21,10 @@ per tensor, as in a large model's layers, plus an int64 buffer) goes through the
 Stores: `local`, a temp directory (`--workdir` to put it elsewhere: its disk decides), and `s3`, moto's S3
 server started here on 127.0.0.1 through s3fs, as the tests use it. moto holds every object in memory, so
 sizes above `--s3-max` (default 100M parameters) skip S3. Each figure is the median of `--repeat` publishes
-(the first publish of each size is an untimed warm-up). Memory: a size costs about 4 bytes a parameter for the
-state, as much again for the peer model and for the reader's copy (12 GB at 1B in fp32).
+after an untimed first one (which also allocates the publisher's buffer, written over from then on, as in a
+run). Memory at N parameters: 4N bytes each for the state and the peer model, and the snapshot's size three
+times (the publisher's copy, the reader's bytes and its tensors): ~20 GB at 1B in fp32, ~14 GB in bf16
+(`--dtypes bf16` measures only that).
 
 Part 2, step time. A plain MLP of `--train-params` parameters (4 square layers, Adam, batch 32, one torch
 thread, as `codistill train` gives a rank on a 2-core machine) trains `--steps` timed steps per variant:
@@ -180,7 +182,7 @@ def part1(args, workdir: str) -> None:
             stores = [("local", f"{workdir}/store-{label(n)}")]
             if s3 is not None and n <= count(args.s3_max):
                 stores.append(("s3", f"s3://{S3_BUCKET}/{label(n)}"))
-            for dtype in ("fp32", "bf16"):
+            for dtype in args.dtypes.split(","):
                 for name, store in stores:
                     r = publish_and_adopt(store, state, peer, dtype, args.repeat)
                     print(f"{label(n):>6} {dtype:>5} {name:>5} {r['bytes'] / 1e6:>8.1f}MB "
@@ -265,6 +267,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", default="10M,100M,1B", help="snapshot sizes in parameters, comma-separated")
     parser.add_argument("--s3-max", default="100M", help="the largest size also sent to S3 (moto keeps it in memory)")
+    parser.add_argument("--dtypes", default="fp32,bf16", help="snapshot dtypes of part 1, comma-separated")
     parser.add_argument("--repeat", type=int, default=3, help="timed publishes per size, dtype and store")
     parser.add_argument("--steps", type=int, default=600, help="timed training steps per variant (0: skip part 2)")
     parser.add_argument("--warmup", type=int, default=20, help="untimed training steps first")
@@ -273,6 +276,8 @@ def main() -> None:
     parser.add_argument("--train-params", default="10M", help="parameters of the MLP trained in part 2")
     parser.add_argument("--workdir", help="where the local stores go (default: a temp dir)")
     args = parser.parse_args()
+    if not set(args.dtypes.split(",")) <= set(SNAPSHOT_DTYPES):
+        parser.error(f"--dtypes: each one of {', '.join(SNAPSHOT_DTYPES)}, got {args.dtypes}")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(1)
     workdir = tempfile.mkdtemp(prefix="codistill-bench-exchange-", dir=args.workdir)
