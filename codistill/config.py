@@ -201,6 +201,10 @@ class CodistillConfig:
     distance: Literal["ce", "kl", "mse_logits"] = "ce"
     max_staleness: int | None = None  # in steps; None = any age
     keep_snapshots: int = 3
+    # What the weights are published in: bf16 and fp16 halve the snapshot bytes (the store's traffic and the
+    # time a step spends copying them); fp16 has more mantissa, bf16 fp32's range. Every group must publish
+    # in the same dtype: a peer's snapshot in another is refused. Peers run in the training precision either way.
+    snapshot_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
     poll_seconds: float = 1.0
     # Exact staleness: at step s a group distils from exactly its peers' snapshots of step s - (s mod
     # exchange_every), waiting for them (at most lockstep_timeout seconds, then the run stops with an error);
@@ -360,18 +364,27 @@ class ExperimentConfig:
 
 # --- what a manifest asks of the snapshot store ---------------------------------------------------------------
 
-# Every group publishes its full fp32 weights every `codistill.exchange_every` steps and reads each peer's. Above
+# Every group publishes its full weights every `codistill.exchange_every` steps and reads each peer's. Above
 # this many bytes a step (250 MB/s per group at 10 steps/s) the store, or a group's link to it, likely falls
 # behind: peers go stale, and lockstep groups wait.
 SNAPSHOT_WARN_BYTES_PER_STEP = 25_000_000
 
 
+# Bytes per value of each `codistill.snapshot_dtype`.
+SNAPSHOT_DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+
 @dataclass(frozen=True)
 class SnapshotTraffic:
     parameters: int
-    snapshot_bytes: int  # fp32, as published
+    dtype: str  # codistill.snapshot_dtype
     exchange_every: int  # steps
     peers: int  # snapshots each group reads per exchange
+
+    @property
+    def snapshot_bytes(self) -> int:
+        """As published (the few bytes of the safetensors header aside)."""
+        return SNAPSHOT_DTYPE_BYTES[self.dtype] * self.parameters
 
     @property
     def bytes_per_step(self) -> float:
@@ -379,9 +392,10 @@ class SnapshotTraffic:
         return self.snapshot_bytes / self.exchange_every
 
     def describe(self) -> str:
-        return (f"each snapshot is {self.snapshot_bytes / 1e9:.2f} GB ({self.parameters / 1e6:.1f}M parameters x 4 "
-                f"bytes, fp32), one every {self.exchange_every} steps: {self.bytes_per_step / 1e6:.1f} MB written "
-                f"per step by each group and {self.peers * self.bytes_per_step / 1e6:.1f} MB read "
+        return (f"each snapshot is {self.snapshot_bytes / 1e9:.2f} GB ({self.parameters / 1e6:.1f}M parameters x "
+                f"{SNAPSHOT_DTYPE_BYTES[self.dtype]} bytes, {self.dtype}), one every {self.exchange_every} steps: "
+                f"{self.bytes_per_step / 1e6:.1f} MB written per step by each group and "
+                f"{self.peers * self.bytes_per_step / 1e6:.1f} MB read "
                 f"({10 * self.bytes_per_step / 1e6:.0f} MB/s written at 10 steps/s)")
 
 
@@ -392,7 +406,7 @@ def snapshot_traffic(config: "ExperimentConfig") -> SnapshotTraffic | None:
     if not config.codistill.enabled or count is None:
         return None
     parameters = count(config.data)
-    return SnapshotTraffic(parameters, 4 * parameters, config.codistill.exchange_every,
+    return SnapshotTraffic(parameters, config.codistill.snapshot_dtype, config.codistill.exchange_every,
                            len(config.trained_groups) - 1)
 
 

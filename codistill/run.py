@@ -15,7 +15,7 @@ import shutil
 from collections.abc import Callable
 
 from codistill import storage
-from codistill.config import ExperimentConfig, load_experiment, resolve_manifest
+from codistill.config import ExperimentConfig, SnapshotTraffic, load_experiment, resolve_manifest
 from codistill.dataset import DatasetError, DatasetManifest, load_manifest
 from codistill.fields import to_dict
 from codistill.rundir import RunDir
@@ -50,6 +50,8 @@ def train(manifest: str, sets: list[str], resume: bool, overwrite: bool = False,
         raise RunError(str(e)) from None
     placement, commands = launch_plan(config, manifest, sets, resume, groups=groups, hostfile=hostfile)
     echo(placement.summary)
+    if config.codistill.enabled:
+        echo(f"snapshots: {published_traffic(config, dataset).describe()}")
     try:
         with contextlib.ExitStack() as held:  # held until every group has ended
             if groups:  # one lock per group: groups of one run may share the run directory
@@ -68,6 +70,19 @@ def train(manifest: str, sets: list[str], resume: bool, overwrite: bool = False,
     except (GroupFailed, RunLocked) as e:
         raise RunError(str(e)) from None
     return config, dataset
+
+
+def published_traffic(config: ExperimentConfig, dataset: DatasetManifest) -> SnapshotTraffic:
+    """What each group's snapshots weigh and ask of the store: counted on the model built on torch's meta device
+    (shapes only: no memory, no initialisation, instant even at a billion parameters), every float it holds."""
+    import torch
+    from training.workloads import workload_for
+
+    with torch.device("meta"):
+        state = workload_for(dataset.dataset).build_model(config.model, dataset).state_dict()
+    values = sum(t.numel() for t in state.values() if t.is_floating_point())
+    return SnapshotTraffic(values, config.codistill.snapshot_dtype, config.codistill.exchange_every,
+                           len(config.trained_groups) - 1)
 
 
 def run_fingerprint(config: ExperimentConfig) -> str:

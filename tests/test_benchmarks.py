@@ -33,6 +33,9 @@ TINY = {
     "train_step": (["--steps", "6", "--warmup", "1", "--block", "3", "--exchange-every", "3", "--workdir", "{work}",
                     "--set", "data.synth.rows=3000", "--set", "deepspeed.precision=auto", "--compare-precision",
                     "fp32"], "fp32 / "),
+    "exchange": (["--params", "1M", "--s3-max", "1M", "--repeat", "1", "--steps", "40", "--warmup", "5",
+                  "--block", "20", "--exchange-every", "10", "--train-params", "100k", "--workdir", "{work}"],
+                 "p99 with bf16 exchange / without"),
     "lm_state_restart": (["--data", "{work}/lm", "--train-steps", "3", "--windows", "2", "--restarts", "1",
                           "--set", "model.window=8", "--set", "deepspeed.micro_batch_size=4"], "warm-up forward"),
 }

@@ -324,6 +324,20 @@ def test_snapshot_traffic_of_the_full_criteo_manifest(caplog):
     assert "raise codistill.exchange_every" in record.getMessage()
 
 
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_half_precision_snapshots_halve_the_traffic(dtype):
+    fp32 = snapshot_traffic(load_experiment("criteo"))
+    half = snapshot_traffic(load_experiment("criteo", [f"codistill.snapshot_dtype={dtype}"]))
+    assert half.parameters == fp32.parameters and 2 * half.snapshot_bytes == fp32.snapshot_bytes
+    assert half.describe().startswith(f"each snapshot is 0.83 GB (416.4M parameters x 2 bytes, {dtype}), one every "
+                                      "100 steps: 8.3 MB written per step by each group and 8.3 MB read")
+
+
+def test_an_unknown_snapshot_dtype_is_refused():
+    with pytest.raises(ConfigError, match="snapshot_dtype"):
+        load_experiment("criteo-tiny", ["codistill.snapshot_dtype=int8"])
+
+
 def test_no_snapshot_traffic_without_codistillation(caplog):
     with caplog.at_level(logging.WARNING, logger="codistill.config"):
         assert snapshot_traffic(load_experiment("criteo", ["codistill.enabled=false",

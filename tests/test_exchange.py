@@ -1,3 +1,4 @@
+import copy
 import hashlib
 import json
 import logging
@@ -10,11 +11,12 @@ from collections.abc import Iterator
 
 import fsspec
 import pytest
+import safetensors.torch
 import torch
 
 from codistill import storage
-from training.exchange import (LATEST, PeerWatcher, SnapshotPublisher, check_store_run, model_signature,
-                               snapshot_bytes, snapshot_name)
+from training.exchange import (LATEST, SNAPSHOT_DTYPES, PeerWatcher, SnapshotPublisher, check_store_run,
+                               model_signature, serialize_state_dict, snapshot_bytes, snapshot_name)
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -556,3 +558,123 @@ def test_check_store_run_refuses_another_runs_snapshots(store):
     assert SnapshotPublisher(store, RUN, group=0, run_nonce="old-run").publish(1, make_state(1))
     with pytest.raises(ValueError, match="another run.*old-run"):
         check_store_run(store, RUN, [0, 1], "this-run")
+
+
+# --- codistill.snapshot_dtype: floats published in bf16 or fp16 ------------------------------------------------
+
+HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def big_state() -> dict[str, torch.Tensor]:
+    """Mostly floats, with an integer buffer that must travel untouched."""
+    g = torch.Generator().manual_seed(3)
+    return {"embed.weight": torch.randn(500, 16, generator=g), "head.bias": torch.randn(16, generator=g) * 100,
+            "bn.num_batches_tracked": torch.tensor(123456789012, dtype=torch.int64)}
+
+
+@pytest.mark.parametrize("name", sorted(HALF))
+def test_half_precision_snapshots_halve_the_bytes_and_round_trip(store, name):
+    dtype, state = HALF[name], big_state()
+    assert SnapshotPublisher(store, RUN, group=1, snapshot_dtype=name).publish(1, state)
+    fs, path = group_path(store, 1, snapshot_name(1, "safetensors"))
+    meta = json.loads(fs.cat_file(group_path(store, 1, snapshot_name(1, "json"))[1]))
+    payload = fs.cat_file(path)
+    assert meta["dtype"] == name and meta["bytes"] == len(payload) == snapshot_bytes(state, dtype)
+
+    def tensor_bytes(file: bytes) -> int:  # after the 8-byte header length and the header
+        return len(file) - 8 - int.from_bytes(file[:8], "little")
+
+    floats = sum(t.numel() for t in state.values() if t.is_floating_point())
+    assert tensor_bytes(bytes(serialize_state_dict(state))) == 4 * floats + 8  # fp32, the int64 buffer's 8
+    assert tensor_bytes(payload) == 2 * floats + 8  # half the floats' bytes, the integer buffer untouched
+    with watcher(store, model_signature=model_signature(state, dtype), payload_bytes=snapshot_bytes(state, dtype),
+                 snapshot_dtype=name) as w:
+        (step, received), = wait_for_update(w).values()
+    assert step == 1 and received.keys() == state.keys()
+    assert received["bn.num_batches_tracked"].dtype == torch.int64
+    assert received["bn.num_batches_tracked"].item() == 123456789012
+    for n in ("embed.weight", "head.bias"):
+        assert received[n].dtype == dtype and torch.equal(received[n], state[n].to(dtype))  # rounded to nearest
+        # Within half a unit in the last place: 2^-8 relative for bf16 (7 stored mantissa bits), 2^-11 for fp16.
+        torch.testing.assert_close(received[n].float(), state[n], rtol=torch.finfo(dtype).eps / 2, atol=0)
+
+
+@pytest.mark.parametrize(("published", "read"), [("fp32", "bf16"), ("bf16", "fp32"), ("bf16", "fp16")])
+def test_a_snapshot_in_another_dtype_is_refused_saying_why(store, published, read, caplog):
+    """Each group derives the size and signature it expects from its own config: a group configured otherwise
+    refuses the peer's snapshots with one clear reason (not "another architecture" or a size mismatch)."""
+    state, dtype = make_state(1), SNAPSHOT_DTYPES[read]
+    assert SnapshotPublisher(store, RUN, group=1, snapshot_dtype=published).publish(1, state)
+    with caplog.at_level(logging.WARNING, logger="training.exchange"), \
+            watcher(store, model_signature=model_signature(state, dtype), payload_bytes=snapshot_bytes(state, dtype),
+                    snapshot_dtype=read) as w:
+        reason = (f"peer group 1: snapshot rejected: step 1: published in {published}, this group reads {read} "
+                  "snapshots: codistill.snapshot_dtype differs between the groups")
+        deadline = time.monotonic() + 10
+        while reason not in [r.getMessage() for r in caplog.records]:
+            assert time.monotonic() < deadline, [r.getMessage() for r in caplog.records]
+            assert w.take_updates() == {}
+            time.sleep(POLL / 2)
+        assert_no_update(w)
+
+
+@pytest.mark.parametrize("name", ["fp32", "bf16", "fp16"])
+def test_weights_in_the_training_precision_are_published_in_the_snapshot_dtype(name):
+    """The trainer hands the publisher its module's state as it is (bf16 parameters, fp32 BatchNorm statistics in
+    bf16 training): every float is cast to the snapshot dtype as it is copied, exactly as `.to(dtype)` would."""
+    state = big_state()
+    training = {"embed.weight": state["embed.weight"].bfloat16(), "head.bias": state["head.bias"],
+                "bn.num_batches_tracked": state["bn.num_batches_tracked"]}
+    dtype = SNAPSHOT_DTYPES[name]
+    url = f"memory://codistill-test-{uuid.uuid4().hex}"
+    assert SnapshotPublisher(url, RUN, group=1, snapshot_dtype=name).publish(1, training)
+    with watcher(url, model_signature=model_signature(state, dtype), payload_bytes=snapshot_bytes(state, dtype),
+                 snapshot_dtype=name) as w:  # what the fp32 model expects: the same as the bf16 one publishes
+        (_, received), = wait_for_update(w).values()
+    for n, t in training.items():
+        assert torch.equal(received[n], t.to(dtype) if t.is_floating_point() else t), n
+
+
+def test_the_publisher_writes_each_snapshot_over_the_last_ones_buffer_only_once_it_is_uploaded(tmp_path):
+    """One serialised copy, reused (no page faults in the step that publishes): every file is still exactly its
+    own state's, and a state of another size gets a buffer of its own."""
+    publisher = SnapshotPublisher(str(tmp_path / "store"), RUN, group=1, keep=10, snapshot_dtype="bf16")
+    states = [big_state(), {k: v + 1 if v.is_floating_point() else v for k, v in big_state().items()},
+              make_state(3)]
+    for step, state in enumerate(states, 1):
+        assert publisher.publish_async(step, state) and publisher.wait()
+
+    def address(buffer: memoryview) -> int:
+        return torch.frombuffer(buffer, dtype=torch.uint8).data_ptr()
+
+    last = address(publisher._buffer)
+    assert publisher.publish(4, states[2]) and address(publisher._buffer) == last  # the same memory, written over
+    fs, _ = group_path(str(tmp_path / "store"), 1)
+    for step, state in enumerate(states + states[2:], 1):
+        written = fs.cat_file(group_path(str(tmp_path / "store"), 1, snapshot_name(step, "safetensors"))[1])
+        assert written == bytes(serialize_state_dict(state, torch.bfloat16)), step
+
+
+def test_the_publisher_refuses_an_unknown_dtype():
+    with pytest.raises(ValueError, match="snapshot_dtype must be one of"):
+        SnapshotPublisher("memory://x", RUN, group=1, snapshot_dtype="int8")
+
+
+@pytest.mark.parametrize("name", sorted(HALF))
+def test_a_peer_model_upcasts_a_half_precision_snapshot_as_it_loads_it(name):
+    """FlatPeer in fp32 (and in the snapshot's own dtype) takes the stored tensors, cast on the way."""
+    from training.train import FlatPeer
+
+    model = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.BatchNorm1d(8))
+    source = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.BatchNorm1d(8))
+    source[1].running_mean.fill_(0.25)
+    state = source.state_dict()
+    stored = safetensors.torch.load(bytes(serialize_state_dict(state, HALF[name])))
+    for runs_in in (torch.float32, HALF[name]):
+        peer = FlatPeer(copy.deepcopy(model).eval(), runs_in)
+        peer.load(stored)
+        loaded = peer.module.state_dict()
+        for n, t in state.items():
+            want = t.to(HALF[name]).to(runs_in if n in dict(model.named_parameters()) else t.dtype) \
+                if t.is_floating_point() else t
+            assert loaded[n].dtype == want.dtype and torch.equal(loaded[n], want), n

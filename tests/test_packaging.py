@@ -124,7 +124,7 @@ def test_requirements_lock_pins_every_requirement_make_installs_within_its_bound
     for line in PYPROJECT["dependencies"] + [r for e in extras for r in PYPROJECT["optional-dependencies"][e]]:
         requirement = Requirement(line)
         name = canonicalize_name(requirement.name)
-        if name == "codistill":  # an extra naming others of this project's extras (bench: codistill[dask])
+        if name == "codistill":  # an extra naming others of this project's extras (bench: codistill[dask,s3])
             assert requirement.extras <= set(PYPROJECT["optional-dependencies"]), line
             continue
         assert name in lock, f"requirements.lock has no pin for {line} (run `make lock`)"

@@ -121,6 +121,35 @@ def test_a_tokenizer_changed_since_preprocessing_is_refused_before_any_rank_star
     assert "placement:" not in result.output and not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_a_run_says_what_its_snapshots_ask_of_the_store(tmp_path, dtype):
+    """Counted on the meta device, for every workload (this LM has no `parameter_count`): the same floats as the
+    real model, in the configured snapshot dtype."""
+    import torch
+
+    from codistill.dataset import load_manifest
+    from codistill.run import published_traffic
+    from training.workloads import workload_for
+
+    raw = {"name": "lm-traffic", "data": {"dataset": "commoncrawl", "input": "tests/lm_data.py",
+                                          "output": str(tmp_path / "data"), "groups": 3},
+           "model": {"kind": "lstm", "embedding_dim": 16, "hidden": 32},
+           "codistill": {"exchange_every": 10, "snapshot_dtype": dtype}}
+    config = parse_experiment(raw)
+    write_lm_dataset(str(tmp_path / "data"), groups=3, parameters=json.loads(json.dumps(config.data.recorded())))
+    dataset = load_manifest(str(tmp_path / "data"))
+    model = workload_for("commoncrawl").build_model(config.model, dataset)
+    floats = sum(t.numel() for t in model.state_dict().values() if t.is_floating_point())
+    traffic = published_traffic(config, dataset)
+    width = {"fp32": 4, "bf16": 2}[dtype]
+    assert (traffic.parameters, traffic.snapshot_bytes, traffic.peers) == (floats, width * floats, 2)
+    assert traffic.describe() == (f"each snapshot is 0.00 GB ({floats / 1e6:.1f}M parameters x {width} bytes, "
+                                  f"{dtype}), one every 10 steps: {width * floats / 10 / 1e6:.1f} MB written per "
+                                  f"step by each group and {2 * width * floats / 10 / 1e6:.1f} MB read "
+                                  f"({width * floats / 1e6:.0f} MB/s written at 10 steps/s)")
+    assert all(p.device.type == "cpu" for p in model.parameters()) and torch.get_default_device().type == "cpu"
+
+
 HOSTFILE = "node1 slots=4\nnode2 slots=4\n"
 
 

@@ -242,6 +242,19 @@ def test_cli_train_finishes_both_groups_with_eval_metrics(codistill_run, data_di
         assert (RunDir(run_dir).group(g).checkpoints / "latest").read_text().strip() == f"step-{STEPS:08d}"
 
 
+def test_cli_train_says_what_the_snapshots_ask_of_the_store(codistill_run, data_dir):
+    """Beside the placement, where the run starts: the snapshot size and the store traffic, counted on the model."""
+    _, proc, config = codistill_run
+    from codistill.config import SnapshotTraffic
+    from training.workloads.criteo import WORKLOAD as criteo
+
+    model = criteo.build_model(config.model, load_manifest(data_dir))
+    traffic = SnapshotTraffic(sum(p.numel() for p in model.parameters()), "fp32", EXCHANGE, 1)
+    lines = proc.stdout.splitlines()
+    placement = next(i for i, line in enumerate(lines) if line.startswith("placement: "))
+    assert lines[placement + 1] == f"snapshots: {traffic.describe()}"
+
+
 def test_cli_train_eval_predictions_cover_the_eval_split(codistill_run, data_dir):
     run_dir, _, _ = codistill_run
     labels = eval_split(data_dir)
@@ -324,6 +337,33 @@ def test_cli_train_records_each_groups_peer_coverage(codistill_run):
         assert summary[0]["peer_coverage"] == pytest.approx(sum(bool(r["peers"]) for r in after) / len(after))
         assert f"group {g}: distilled from its peers on {100 * summary[0]['peer_coverage']:.0f}% of the steps" \
             in proc.stdout
+
+
+def test_cli_train_codistills_through_bf16_snapshots(data_dir, tmp_path):
+    """`codistill.snapshot_dtype=bf16`: both groups publish half-size snapshots and adopt each other's (lockstep:
+    every exchange is waited for, so the peers are surely used after burn-in)."""
+    run_dir = tmp_path / "run"
+    sets = TINY + [f"data.output={data_dir}", "schedule.steps=12", "eval.every=12", "train.checkpoint_every=12",
+                   "deepspeed.ranks_per_group=1", "codistill.burn_in_steps=5", "codistill.exchange_every=5",
+                   "codistill.lockstep=true", "codistill.lockstep_timeout=60", "codistill.poll_seconds=0.05",
+                   "codistill.snapshot_dtype=bf16"]
+    proc = run([str(BIN / "codistill"), "train", "criteo-tiny", "--run-dir", str(run_dir), *sets_args(sets)])
+    assert proc.returncode == 0, tail(proc.stdout + proc.stderr, 60)
+    from training.exchange import snapshot_bytes
+    from training.workloads.criteo import WORKLOAD as criteo
+
+    config = load_experiment("criteo-tiny", sets)
+    state = criteo.build_model(config.model, load_manifest(data_dir)).state_dict()
+    for g in (0, 1):
+        store = run_dir / "store" / run_dir.name / f"group-{g}"
+        meta = json.loads((store / "step-00000012.json").read_text())
+        assert meta["dtype"] == "bf16" and meta["bytes"] == snapshot_bytes(state, torch.bfloat16)
+        assert meta["bytes"] < 0.51 * snapshot_bytes(state)
+        assert "x 2 bytes, bf16), one every 5 steps" in proc.stdout
+        train = records(run_dir, g, "train")
+        assert [r["step"] for r in train] == list(range(1, 13))
+        assert all(r["peers"] == {str(1 - g): r["step"] - 1 - 5 * ((r["step"] - 1) // 5)} and r["distill_loss"] > 0
+                   for r in train if r["step"] > 5), train
 
 
 def train_record(step: int, weight: float, peers: dict) -> dict:

@@ -7,7 +7,7 @@
 Each step: adopt any newer verified peer snapshots (rank 0 decides, every rank
 follows, so ranks never disagree), run the student and the usable peers on
 the student's own batch, take the codistillation loss, step. Every
-`exchange_every` steps rank 0 publishes the full fp32 weights. The store is
+`exchange_every` steps rank 0 publishes the full weights (in `codistill.snapshot_dtype`). The store is
 only touched by background threads: training never waits on it.
 """
 
@@ -42,8 +42,8 @@ from codistill.rundir import RunDir
 from codistill.units import duration
 from training import evaluation
 from training.data import StreamSpec, loader, to_torch
-from training.exchange import (PeerWatcher, SnapshotPublisher, check_store_run, group_dir, model_signature,
-                               snapshot_bytes)
+from training.exchange import (SNAPSHOT_DTYPES, PeerWatcher, SnapshotPublisher, check_store_run, group_dir,
+                               model_signature, snapshot_bytes)
 from training.precision import group_precision, local_precision
 from training.launch import exit_when_launcher_dies, next_attempt, read_run_nonce
 from training.loss import LossParts, codistillation_loss, distill_weight
@@ -206,10 +206,11 @@ class FlatPeer:
     """A frozen peer model in the training precision, its float tensors views into one flat buffer per dtype.
 
     Parameters are cast to `dtype` and float buffers stay fp32, as DeepSpeed casts the student, so a peer runs
-    the student's batch at the student's speed. Adopting a snapshot (fp32) is then one copy into each buffer
-    (or one broadcast into it on every rank), not a `load_state_dict` walking every tensor inside the training
-    step. The few non-float buffers (BatchNorm's `num_batches_tracked`, unused by a peer in eval mode) are
-    copied apart.
+    the student's batch at the student's speed. Adopting a snapshot (whatever its `codistill.snapshot_dtype`)
+    is then one copy of each tensor straight into its place in the buffer, cast on the way (no temporary: a
+    bf16 snapshot's fp32 copies would cost the step their page faults), and one broadcast of each buffer on
+    every rank. The few non-float buffers (BatchNorm's `num_batches_tracked`, unused by a peer in eval mode)
+    are copied apart.
     """
 
     def __init__(self, module: torch.nn.Module, dtype: torch.dtype = torch.float32):
@@ -220,21 +221,22 @@ class FlatPeer:
         if any(tensors[n].is_floating_point() and tensors[n].dtype != torch.float32 for n in names):
             raise ValueError("FlatPeer needs an fp32 model")
         floats = {n: dtype if n in parameters else torch.float32 for n in names if tensors[n].is_floating_point()}
-        self.names = {d: [n for n, nd in floats.items() if nd == d] for d in dict.fromkeys(floats.values())}
+        by_dtype = {d: [n for n, nd in floats.items() if nd == d] for d in dict.fromkeys(floats.values())}
         self.others = {n: tensors[n] for n in names if not tensors[n].is_floating_point()}
-        self.flats = {}
-        for d, group in self.names.items():
+        self.flats, self.places = {}, {}  # places: each float tensor's slice of its flat buffer
+        for d, group in by_dtype.items():
             flat = torch.cat([tensors[n].detach().reshape(-1).to(d) for n in group])
             offset = 0
             for name in group:
                 tensor = tensors[name]
-                tensor.data = flat[offset:offset + tensor.numel()].view_as(tensor)
+                self.places[name] = flat[offset:offset + tensor.numel()]
+                tensor.data = self.places[name].view_as(tensor)
                 offset += tensor.numel()
             self.flats[d] = flat
 
     def load(self, state: dict[str, torch.Tensor]) -> None:
-        for d, flat in self.flats.items():
-            torch.cat([state[n].reshape(-1).to(flat.device, d) for n in self.names[d]], out=flat)
+        for name, place in self.places.items():
+            place.copy_(state[name].reshape(-1))
         for name, tensor in self.others.items():
             tensor.copy_(state[name])
 
@@ -266,8 +268,10 @@ class GroupTrainer:
         self.workload = workload_for(self.dataset.dataset)
         torch.manual_seed(config.train.seed * 1000 + group)  # every rank the same: one model per group
         model = self.workload.build_model(config.model, self.dataset)
-        self.signature = model_signature(model.state_dict())
-        self.snapshot_size = snapshot_bytes(model.state_dict())  # published fp32, whatever the training precision
+        # The model as its snapshots are published (codistill.snapshot_dtype), whatever the training precision.
+        published = SNAPSHOT_DTYPES[config.codistill.snapshot_dtype]
+        self.signature = model_signature(model.state_dict(), published)
+        self.snapshot_size = snapshot_bytes(model.state_dict(), published)
         self.engine = build_engine(model, config, self.world,
                                    self.out.tensorboard if config.train.tensorboard else None)
 
@@ -285,11 +289,12 @@ class GroupTrainer:
         if cod.enabled and self.rank == 0:
             nonce = run_nonce or read_run_nonce(config.run_dir)
             self.publisher = SnapshotPublisher(config.store, config.run_id, group, keep=cod.keep_snapshots,
-                                               run_nonce=nonce, attempt=next_attempt(self.out.attempt))
+                                               run_nonce=nonce, attempt=next_attempt(self.out.attempt),
+                                               snapshot_dtype=cod.snapshot_dtype)
             if self.peer_groups:
                 # The tokenizer's sha256 (None without one): a peer trained on other tokens is never adopted.
                 self.watcher = PeerWatcher(config.store, config.run_id, group, self.peer_groups, self.signature,
-                                           self.snapshot_size,
+                                           self.snapshot_size, snapshot_dtype=cod.snapshot_dtype,
                                            poll_interval=cod.poll_seconds, vocab_hash=self.dataset.tokenizer_sha256,
                                            run_nonce=nonce, max_step=config.schedule.steps, poll=not cod.lockstep)
         self.best_validation = math.inf
@@ -369,9 +374,10 @@ class GroupTrainer:
         self.states.pop(group, None)  # new weights start from a fresh state
 
     @contextlib.contextmanager
-    def gathered_state(self) -> Iterator[dict[str, torch.Tensor] | None]:
-        """The full fp32 weights on rank 0 while the context lasts (gathered from every rank
-        under ZeRO-3, so every rank must enter it); None on the other ranks."""
+    def gathered_state(self, fp32: bool = True) -> Iterator[dict[str, torch.Tensor] | None]:
+        """The full weights on rank 0 while the context lasts (gathered from every rank
+        under ZeRO-3, so every rank must enter it), floats in fp32 (`fp32=False`: in the
+        training precision, as they are); None on the other ranks."""
         import deepspeed
 
         module = self.engine.module
@@ -379,13 +385,14 @@ class GroupTrainer:
                   if self.config.deepspeed.zero_stage == 3 else contextlib.nullcontext())
         with gather:
             # Floats as fp32 (bf16/fp16 training); the rest as they are (BatchNorm's int64 num_batches_tracked).
-            yield {k: v.detach().float() if v.is_floating_point() else v.detach()
+            yield {k: v.detach().float() if fp32 and v.is_floating_point() else v.detach()
                    for k, v in module.state_dict().items()} if self.rank == 0 else None
 
     def publish(self) -> None:
         if self.publisher is not None and self.config.codistill.lockstep:
             self.publisher.wait()  # lockstep peers wait for every snapshot: none may be skipped
-        with self.gathered_state() as state:
+        # As they are: the publisher casts to the snapshot dtype as it copies (no fp32 copy first in bf16 training).
+        with self.gathered_state(fp32=False) as state:
             if self.publisher is not None:  # serialises a copy before returning, inside the gather
                 self.publisher.publish_async(self.step, state, vocab_hash=self.dataset.tokenizer_sha256)
 
@@ -399,7 +406,7 @@ class GroupTrainer:
         """The final weights (`model.safetensors`, what ensembles of finished runs load) and, synchronously,
         the last snapshot for the peers."""
         self.save_weights(self.out.weights)
-        with self.gathered_state() as state:
+        with self.gathered_state(fp32=False) as state:
             if self.publisher is not None:
                 self.publisher.publish(self.step, state, vocab_hash=self.dataset.tokenizer_sha256)
 
