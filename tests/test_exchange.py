@@ -85,6 +85,17 @@ def assert_no_update(w: PeerWatcher, duration: float = 10 * POLL) -> None:
         time.sleep(POLL / 2)
 
 
+def assert_refused(w: PeerWatcher, caplog, warning: str, timeout: float = 10.0) -> None:
+    """The watcher warns `warning` at its first poll of the bad snapshot, however slow the store (S3 under load,
+    a busy machine), and adopts nothing then or in the polls after."""
+    deadline = time.monotonic() + timeout
+    while not any(warning in r.getMessage() for r in caplog.records):
+        assert time.monotonic() < deadline, f"no warning {warning!r} within {timeout}s: {caplog.text}"
+        assert w.take_updates() == {}
+        time.sleep(POLL / 2)
+    assert_no_update(w)
+
+
 def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
     assert a.keys() == b.keys()
     for name in a:
@@ -269,13 +280,7 @@ def test_truncated_safetensors_is_rejected(store, caplog):
     fs, path = group_path(store, 1, snapshot_name(1, "safetensors"))
     fs.pipe_file(path, fs.cat_file(path)[:-10])
     with caplog.at_level(logging.WARNING, logger="training.exchange"), watcher(store) as w:
-        # The first poll's warning, however slow the store (S3 under load), then more polls.
-        deadline = time.monotonic() + 10
-        while not any("sha256 mismatch" in r.getMessage() for r in caplog.records):
-            assert time.monotonic() < deadline, "the corrupt snapshot was never polled"
-            assert w.take_updates() == {}
-            time.sleep(POLL / 2)
-        assert_no_update(w)
+        assert_refused(w, caplog, "sha256 mismatch")
         assert sum("sha256 mismatch" in r.getMessage() for r in caplog.records) == 1  # warned once, not every poll
         recovers(store, publisher, w)
 
@@ -450,8 +455,7 @@ def test_special_files_in_a_local_store_are_refused_without_hanging(tmp_path, wh
     path = group_path(store, 1, which)[1]
     replace_with(path, kind, tmp_path)
     with caplog.at_level(logging.WARNING, logger="training.exchange"), watcher(store) as w:
-        assert_no_update(w)
-        assert any("snapshot rejected" in r.getMessage() for r in caplog.records), caplog.text
+        assert_refused(w, caplog, "snapshot rejected")
         if which != LATEST:
             start = time.monotonic()
             assert w.fetch(1, 1) is None  # --resume reads on the main thread: must not hang either
@@ -480,8 +484,7 @@ def test_oversized_files_are_refused_before_reading(store, which, caplog):
     original = fs.cat_file(path)
     fs.pipe_file(path, original + b" " * (1 << 20))  # still valid JSON / same name for LATEST, just longer
     with caplog.at_level(logging.WARNING, logger="training.exchange"), watcher(store) as w:
-        assert_no_update(w)
-        assert any("more than" in r.getMessage() for r in caplog.records), caplog.text
+        assert_refused(w, caplog, "more than")
         recovers(store, publisher, w)
 
 
@@ -525,8 +528,7 @@ def test_snapshots_of_another_run_are_refused_and_cannot_pin_the_peer(store, cap
     assert SnapshotPublisher(store, RUN, group=1, run_nonce="old-run").publish(400, make_state(4))
     publisher = SnapshotPublisher(store, RUN, group=1, run_nonce="this-run")
     with caplog.at_level(logging.WARNING, logger="training.exchange"), watcher(store, run_nonce="this-run") as w:
-        assert_no_update(w)
-        assert any("another run" in r.getMessage() for r in caplog.records), caplog.text
+        assert_refused(w, caplog, "another run")
         recovers(store, publisher, w, step=10)
         recovers(store, publisher, w, step=20)
 
