@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
-import json
 import os
 import shutil
 from collections.abc import Callable
@@ -17,7 +15,6 @@ from collections.abc import Callable
 from codistill import storage
 from codistill.config import ExperimentConfig, load_experiment, resolve_manifest
 from codistill.dataset import DatasetError, DatasetManifest, load_manifest
-from codistill.fields import to_dict
 from codistill.rundir import RunDir
 
 
@@ -32,8 +29,8 @@ def train(manifest: str, sets: list[str], resume: bool, overwrite: bool = False,
     `groups` (the others started apart, e.g. on other machines, sharing the store), and wait for them; returns
     the config and dataset. `echo` takes what is said on the way (building the dataset first, where the groups
     go); `progress` the pipeline's progress lines."""
-    from training.launch import GroupCommand, GroupFailed, RunLocked, join_store_run, locked_run_dir
-    from training.launch import read_run_nonce, run_groups
+    from training.launch import GroupFailed, RunLocked, agree_run_nonce, group_commands, locked_run_dir
+    from training.launch import run_fingerprint, run_groups
     from training.workloads import workload_for
 
     config = load_experiment(manifest, sets)
@@ -48,36 +45,31 @@ def train(manifest: str, sets: list[str], resume: bool, overwrite: bool = False,
         workload_for(dataset.dataset).check_dataset(config, dataset)  # refused here, not in every rank after launch
     except DatasetError as e:
         raise RunError(str(e)) from None
-    placement, commands = launch_plan(config, manifest, sets, resume, groups=groups, hostfile=hostfile)
+    placement, chosen = place(config, groups=groups, hostfile=hostfile)
     echo(placement.summary)
     try:
         with contextlib.ExitStack() as held:  # held until every group has ended
             if groups:  # one lock per group: groups of one run may share the run directory
                 for group in groups:
                     held.enter_context(locked_run_dir(RunDir(config.run_dir).group(group).path))
-                nonce = join_store_run(config.store, config.run_id, run_fingerprint(config))
-                if not resume:
-                    _refuse_started_groups(config, groups)
-                commands = [GroupCommand(c.group, [*c.argv, "--run-nonce", nonce]) for c in commands]
             else:
                 held.enter_context(locked_run_dir(config.run_dir))
                 if not resume:
                     start_afresh(config, overwrite)
-                read_run_nonce(config.run_dir)  # drawn here for a new run, kept on --resume; each group reads it
+            # One nonce for the run in both modes: a plain run resumed group by group, or the reverse, is one run.
+            try:
+                with storage.explained(config.store):
+                    nonce = agree_run_nonce(config.run_dir, config.store, config.run_id, run_fingerprint(config))
+            except (ValueError, storage.StoreError) as e:
+                raise RunError(str(e)) from None
+            if groups and not resume:
+                _refuse_started_groups(config, groups)
+            commands = group_commands(resolve_manifest(manifest), chosen, config.deepspeed.ranks_per_group, sets,
+                                      resume, placement, run_nonce=nonce)
             run_groups(commands, placement.env)
     except (GroupFailed, RunLocked) as e:
         raise RunError(str(e)) from None
     return config, dataset
-
-
-def run_fingerprint(config: ExperimentConfig) -> str:
-    """What makes two group commands one run: the whole configuration less where this machine keeps things
-    (run directory, store, storage rules, data locations)."""
-    raw = to_dict(config)
-    raw.pop("storage", None)
-    raw["train"] = {k: v for k, v in raw["train"].items() if k not in ("run_dir", "store")}
-    raw["data"] = {k: v for k, v in raw["data"].items() if k not in ("input", "output")}
-    return hashlib.sha256(json.dumps(raw, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def _refuse_started_groups(config: ExperimentConfig, groups: list[int]) -> None:
@@ -90,12 +82,15 @@ def _refuse_started_groups(config: ExperimentConfig, groups: list[int]) -> None:
                            f"{config.run_id}/group-{group}): continue it with --resume")
 
 
-def launch_plan(config: ExperimentConfig, manifest: str, sets: list[str], resume: bool, accelerators=None,
-                groups: list[int] | None = None, hostfile: str | None = None):
-    """(where the groups go, every group's deepspeed command): on the slots of `hostfile`, or on this host's
-    `accelerators` (default: the GPUs visible here) or its cores; `groups`: these only (default: every group
-    the run trains)."""
-    from training.launch import PlacementError, group_commands, place_groups, place_on_hosts, visible_accelerators
+# What the dry run shows for the nonce: a new run's is drawn at launch (`training.launch.agree_run_nonce`).
+NONCE_AT_LAUNCH = "<the-run-nonce-agreed-at-launch>"
+
+
+def place(config: ExperimentConfig, accelerators=None, groups: list[int] | None = None,
+          hostfile: str | None = None):
+    """(where the groups go, the groups): on the slots of `hostfile`, or on this host's `accelerators` (default:
+    the GPUs visible here) or its cores; `groups`: these only (default: every group the run trains)."""
+    from training.launch import PlacementError, place_groups, place_on_hosts, visible_accelerators
 
     chosen = list(groups or config.trained_groups)
     ranks = config.deepspeed.ranks_per_group
@@ -105,7 +100,18 @@ def launch_plan(config: ExperimentConfig, manifest: str, sets: list[str], resume
                                   os.cpu_count() or 1))
     except PlacementError as e:
         raise RunError(str(e)) from None
-    return placement, group_commands(resolve_manifest(manifest), chosen, ranks, sets, resume, placement)
+    return placement, chosen
+
+
+def launch_plan(config: ExperimentConfig, manifest: str, sets: list[str], resume: bool, accelerators=None,
+                groups: list[int] | None = None, hostfile: str | None = None, run_nonce: str = NONCE_AT_LAUNCH):
+    """(where the groups go, every group's deepspeed command as `train` starts it), starting nothing (see
+    `place`)."""
+    from training.launch import group_commands
+
+    placement, chosen = place(config, accelerators, groups, hostfile)
+    return placement, group_commands(resolve_manifest(manifest), chosen, config.deepspeed.ranks_per_group, sets,
+                                     resume, placement, run_nonce=run_nonce)
 
 
 def dataset_for(config: ExperimentConfig, echo: Callable[[str], None] = print,

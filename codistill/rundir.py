@@ -1,6 +1,6 @@
 """The layout of a run directory (`train.run_dir`, default `runs/<name>`), in one place:
 
-    <run_dir>/run.json                  the run's nonce (`training.launch.read_run_nonce`)
+    <run_dir>/run.json                  the run's nonce (`training.launch.agree_run_nonce`)
     <run_dir>/.codistill.lock           the lock `codistill train` holds while the run lives
     <run_dir>/.complete                 `codistill experiment`'s mark of a finished run
     <run_dir>/store/                    the default snapshot store (`train.store`)

@@ -5,15 +5,17 @@ launcher gets SIGTERM/SIGHUP/SIGINT, every group is stopped and the cause
 reported; ranks also end by themselves when their launcher dies (even by
 SIGKILL, which cannot be caught): nothing is left running.
 
-A run directory is locked (`flock`) by the launcher for the whole run, and
-holds the run's nonce (`run.json`), which goes into every snapshot so that a
-run never adopts another run's weights.
+A run directory is locked (`flock`) by the launcher for the whole run. The
+run's nonce, agreed through the store (`<store>/<run>/run.json`) and kept in
+`<run_dir>/run.json`, goes into every snapshot so that a run never adopts
+another run's weights.
 """
 
 from __future__ import annotations
 
 import base64
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -33,6 +35,8 @@ from typing import Iterator
 import torch
 
 from codistill import storage
+from codistill.config import ExperimentConfig
+from codistill.fields import to_dict
 from codistill.rundir import RunDir
 from codistill.storage import write_atomically
 
@@ -156,8 +160,9 @@ def place_on_hosts(groups: list[int], ranks: int, hostfile: str) -> Placement:
 
 
 def group_commands(manifest: str, groups: list[int], ranks: int, sets: list[str], resume: bool,
-                   placement: Placement | None = None) -> list[GroupCommand]:
-    """Each group's DeepSpeed launch: on its slots of `placement`, or (none, or on CPU) `ranks` processes here."""
+                   placement: Placement | None = None, run_nonce: str | None = None) -> list[GroupCommand]:
+    """Each group's DeepSpeed launch: on its slots of `placement`, or (none, or on CPU) `ranks` processes here;
+    with `run_nonce` (`agree_run_nonce`), else each group agrees on it itself."""
     commands = []
     for group in groups:
         slots = placement.slots.get(group) if placement else None
@@ -177,6 +182,8 @@ def group_commands(manifest: str, groups: list[int], ranks: int, sets: list[str]
             argv += ["--set", assignment]
         if resume:
             argv.append("--resume")
+        if run_nonce:
+            argv += ["--run-nonce", run_nonce]
         commands.append(GroupCommand(group, argv))
     return commands
 
@@ -355,16 +362,20 @@ def locked_run_dir(run_dir: str | Path) -> Iterator[None]:
         yield
 
 
-def read_run_nonce(run_dir: str | Path) -> str:
-    """This run's nonce from `<run_dir>/run.json`, drawn (once, race-free) if the file is not there yet.
+def run_fingerprint(config: ExperimentConfig) -> str:
+    """What makes two group commands one run: the whole configuration less where this machine keeps things
+    (run directory, store, storage rules, data locations)."""
+    raw = to_dict(config)
+    raw.pop("storage", None)
+    raw["train"] = {k: v for k, v in raw["train"].items() if k not in ("run_dir", "store")}
+    raw["data"] = {k: v for k, v in raw["data"].items() if k not in ("input", "output")}
+    return hashlib.sha256(json.dumps(raw, sort_keys=True, default=str).encode()).hexdigest()
 
-    Every group started in one run directory gets the same nonce; a new run in a
-    wiped directory gets a new one. Groups of one run on different machines with
-    different run directories must be given one nonce (`training.train --run-nonce`).
-    """
-    path = RunDir(run_dir).run_file
-    if not path.exists():  # written complete, and only if none is there yet: race-free
-        write_atomically(str(path), json.dumps({"run_nonce": uuid.uuid4().hex}) + "\n", replace=False)
+
+def _nonce_in(path: Path) -> str | None:
+    """The nonce a run directory's `run.json` holds, None if it has none."""
+    if not path.exists():
+        return None
     text = path.read_text()[:4096]
     try:
         nonce = json.loads(text)["run_nonce"]
@@ -375,14 +386,31 @@ def read_run_nonce(run_dir: str | Path) -> str:
     return nonce
 
 
-def join_store_run(store: str, run_id: str, config_sha256: str) -> str:
+def agree_run_nonce(run_dir: str | Path, store: str, run_id: str, config_sha256: str) -> str:
+    """The run's nonce, one for all its groups however and wherever they start: the store's run record
+    (`join_store_run`), which a run directory's own `run.json` seeds when the record is not there yet (a run
+    started before the record existed), and which is written back to `<run_dir>/run.json`. A run directory
+    and a store that name two different runs are refused."""
+    local = RunDir(run_dir).run_file
+    seed = _nonce_in(local)
+    nonce = join_store_run(store, run_id, config_sha256, seed)
+    if seed is None:
+        write_atomically(str(local), json.dumps({"run_nonce": nonce}) + "\n")
+    elif seed != nonce:
+        raise ValueError(f"{local} is of run {seed}, but {store.rstrip('/')}/{run_id}/{RunDir.RUN_FILE} of run "
+                         f"{nonce}: they are two runs; point train.store at this run's store, or start over "
+                         "with --overwrite")
+    return nonce
+
+
+def join_store_run(store: str, run_id: str, config_sha256: str, seed: str | None = None) -> str:
     """The nonce of the run `<store>/<run_id>/run.json` records, written by whichever group of the run starts
-    first (an exclusive create): groups started apart (`codistill train --group G` on several machines) agree
-    on their run through the store they share, no nonce kept by hand. A record of another configuration there
-    is another run's, refused."""
+    first (an exclusive create, with `seed` or a new nonce): groups started apart (`codistill train --group G`
+    on several machines) agree on their run through the store they share, no nonce kept by hand. A record of
+    another configuration there is another run's, refused."""
     url = f"{store.rstrip('/')}/{run_id}/{RunDir.RUN_FILE}"
-    write_atomically(url, json.dumps({"run_nonce": uuid.uuid4().hex, "config_sha256": config_sha256}) + "\n",
-                     replace=False)
+    write_atomically(url, json.dumps({"run_nonce": seed or uuid.uuid4().hex, "config_sha256": config_sha256})
+                     + "\n", replace=False)
     with storage.open(url, "rb") as f:
         text = f.read(4096)
     try:

@@ -44,7 +44,7 @@ from training.data import StreamSpec, loader, to_torch
 from training.exchange import (PeerWatcher, SnapshotPublisher, check_store_run, group_dir, model_signature,
                                snapshot_bytes)
 from training.precision import group_precision, local_precision
-from training.launch import exit_when_launcher_dies, next_attempt, read_run_nonce
+from training.launch import agree_run_nonce, exit_when_launcher_dies, next_attempt, run_fingerprint
 from training.loss import LossParts, codistillation_loss, distill_weight
 from training.report import metric_records, peer_coverage, save_eval_rows, save_predictions
 from training.workloads import Workload, workload_for
@@ -241,6 +241,7 @@ class FlatPeer:
 class GroupTrainer:
     def __init__(self, config: ExperimentConfig, group: int, run_nonce: str | None = None):
         self.config, self.group = config, group
+        self.fingerprint = run_fingerprint(config)  # of the configuration as given (`auto` still unresolved)
         self.rank, self.world = init_distributed()
         cuda = torch.cuda.is_available()
         self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
@@ -280,9 +281,8 @@ class GroupTrainer:
         self.placeholder = None  # one eval row, for the forwards of a rank out of eval rows (ZeRO-3)
         self.publisher = self.watcher = None
         if cod.enabled:
-            self.check_store(run_nonce)
+            nonce = self.check_store(run_nonce)
         if cod.enabled and self.rank == 0:
-            nonce = run_nonce or read_run_nonce(config.run_dir)
             self.publisher = SnapshotPublisher(config.store, config.run_id, group, keep=cod.keep_snapshots,
                                                run_nonce=nonce, attempt=next_attempt(self.out.attempt))
             if self.peer_groups:
@@ -297,17 +297,19 @@ class GroupTrainer:
         self.step_seconds: list[float] = []
         self.metrics_file = None
 
-    def check_store(self, run_nonce: str | None) -> None:
-        """Rank 0 checks the snapshot store: no other run's snapshots, and writable (a store that cannot take
-        this group's snapshots fails now, not as a warning on every publish). Every rank then raises the same
-        StoreError, so none is left waiting in a collective for a rank 0 that is gone."""
+    def check_store(self, run_nonce: str | None) -> str | None:
+        """Rank 0 agrees on the run's nonce (unless given: `codistill train` gives it) and checks the snapshot
+        store: no other run's snapshots, and writable (a store that cannot take this group's snapshots fails now,
+        not as a warning on every publish); returns the nonce on rank 0. Every rank raises the same StoreError,
+        so none is left waiting in a collective for a rank 0 that is gone."""
         config = self.config
         problem = [None]
         if self.rank == 0:
             try:
                 with storage.explained(config.store):
-                    check_store_run(config.store, config.run_id, range(self.dataset.groups),
-                                    run_nonce or read_run_nonce(config.run_dir))
+                    run_nonce = run_nonce or agree_run_nonce(config.run_dir, config.store, config.run_id,
+                                                             self.fingerprint)
+                    check_store_run(config.store, config.run_id, range(self.dataset.groups), run_nonce)
                 storage.check_writable(group_dir(config.store, config.run_id, self.group))
             except (storage.StoreError, ValueError) as err:
                 problem = [str(err)]
@@ -315,6 +317,7 @@ class GroupTrainer:
             dist.broadcast_object_list(problem, src=0)
         if problem[0] is not None:
             raise storage.StoreError(problem[0])
+        return run_nonce
 
     def _frozen_copy(self) -> FlatPeer:
         peer = self.workload.build_model(self.config.model, self.dataset)
@@ -828,8 +831,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--run-dir", help="Overrides train.run_dir.")
     parser.add_argument("--resume", action="store_true")
-    parser.add_argument("--run-nonce", help="This run's nonce (default: from <run_dir>/run.json, drawn if missing); "
-                                            "give every group of a run the same one when their run dirs differ.")
+    parser.add_argument("--run-nonce", help="This run's nonce, as `codistill train` agrees on it (default: agreed "
+                                            "here the same way, through <store>/<run>/run.json).")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
