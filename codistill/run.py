@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import shlex
 import shutil
 from collections.abc import Callable
 
@@ -40,6 +41,12 @@ def train(manifest: str, sets: list[str], resume: bool, overwrite: bool = False,
         raise RunError(f"--overwrite with --group: the other groups share the run; to start it over, delete "
                        f"{config.store}/{config.run_id} and each group's {config.run_dir}/group-<g>")
     storage.configure(config.storage)
+    if groups:  # every group's task would build a missing dataset at once, into the same data.output
+        try:
+            load_manifest(config.data.output)
+        except DatasetError:
+            raise RunError(f"no dataset at {config.data.output}: with --group, build it first (once, not in "
+                           f"every group's task): `{preprocess_command(config, manifest, sets)}`") from None
     dataset = dataset_for(config, echo, progress)
     try:
         workload_for(dataset.dataset).check_dataset(config, dataset)  # refused here, not in every rank after launch
@@ -112,6 +119,12 @@ def launch_plan(config: ExperimentConfig, manifest: str, sets: list[str], resume
     placement, chosen = place(config, accelerators, groups, hostfile)
     return placement, group_commands(resolve_manifest(manifest), chosen, config.deepspeed.ranks_per_group, sets,
                                      resume, placement, run_nonce=run_nonce)
+
+
+def preprocess_command(config: ExperimentConfig, manifest: str, sets: list[str]) -> str:
+    """The command that builds this run's dataset."""
+    return shlex.join(["codistill", "preprocess", config.data.dataset, "-m", manifest,
+                       *[a for assignment in sets for a in ("--set", assignment)]])
 
 
 def dataset_for(config: ExperimentConfig, echo: Callable[[str], None] = print,

@@ -4,11 +4,14 @@ Job per group would start them) agree on the run through the snapshot store they
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 
 import pytest
 import yaml
+from click.testing import CliRunner
 
+from codistill.cli import main
 from codistill.config import load_experiment
 from codistill.rundir import RunDir
 from conftest import REPO
@@ -93,6 +96,23 @@ def test_a_run_started_group_by_group_resumes_as_one_run(data_dir, tmp_path):  #
     snapshots = run_dir / "store" / "run"
     metas = [json.loads(p.read_text()) for g in (0, 1) for p in (snapshots / f"group-{g}").glob("*.json")]
     assert metas and {m["run_nonce"] for m in metas} == {nonce}
+
+
+def test_a_group_refuses_a_missing_dataset_and_names_the_command_that_builds_it(tmp_path):
+    """Every group's task would build it at once into the same data.output (and one failing task's cleanup
+    would delete the others' pieces): it is built once, first, by the command the refusal names."""
+    data = tmp_path / "data"
+    sets = ["data.synth.rows=2000", f"data.output={data}"]
+    result = CliRunner().invoke(main, ["train", "criteo-tiny", "--group", "1", "--run-dir", str(tmp_path / "run"),
+                                       *sets_args(sets)])
+    assert result.exit_code == 1 and len(result.output.splitlines()) == 1, result.output
+    assert f"no dataset at {data}: with --group, build it first" in result.output
+    assert not data.exists() and not (tmp_path / "run").exists()
+    command = shlex.split(result.output.split("`")[1])
+    assert command[:2] == ["codistill", "preprocess"]
+    planned = CliRunner().invoke(main, [*command[1:], "--dry-run"])  # what it would build, and where
+    assert planned.exit_code == 0, planned.output
+    assert json.loads(planned.output)["output"] == str(data)
 
 
 def _dry_run_output(argv: list[str], extra_env: dict[str, str]) -> str:
