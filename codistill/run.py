@@ -30,11 +30,12 @@ def train(manifest: str, sets: list[str], resume: bool, overwrite: bool = False,
     `groups` (the others started apart, e.g. on other machines, sharing the store), and wait for them; returns
     the config and dataset. `echo` takes what is said on the way (building the dataset first, where the groups
     go); `progress` the pipeline's progress lines."""
-    from training.launch import GroupFailed, RunLocked, agree_run_nonce, group_commands, locked_run_dir
+    from training.launch import GroupFailed, RunLocked, agree_run_nonce, group_commands
     from training.launch import run_fingerprint, run_groups
     from training.workloads import workload_for
 
     config = load_experiment(manifest, sets)
+    groups = list(dict.fromkeys(groups or []))  # `--group 0 --group 0` is group 0 once
     if groups and not set(groups) <= set(config.trained_groups):
         raise RunError(f"--group {','.join(map(str, groups))}: this run trains groups {list(config.trained_groups)}")
     if groups and overwrite:
@@ -55,14 +56,9 @@ def train(manifest: str, sets: list[str], resume: bool, overwrite: bool = False,
     placement, chosen = place(config, groups=groups, hostfile=hostfile)
     echo(placement.summary)
     try:
-        with contextlib.ExitStack() as held:  # held until every group has ended
-            if groups:  # one lock per group: groups of one run may share the run directory
-                for group in groups:
-                    held.enter_context(locked_run_dir(RunDir(config.run_dir).group(group).path))
-            else:
-                held.enter_context(locked_run_dir(config.run_dir))
-                if not resume:
-                    start_afresh(config, overwrite)
+        with locked_run(config.run_dir, chosen if groups else None):  # held until every group has ended
+            if not groups and not resume:
+                start_afresh(config, overwrite)
             # One nonce for the run in both modes: a plain run resumed group by group, or the reverse, is one run.
             try:
                 with storage.explained(config.store):
@@ -77,6 +73,20 @@ def train(manifest: str, sets: list[str], resume: bool, overwrite: bool = False,
     except (GroupFailed, RunLocked) as e:
         raise RunError(str(e)) from None
     return config, dataset
+
+
+@contextlib.contextmanager
+def locked_run(run_dir: str, groups: list[int] | None = None):
+    """Hold the run directory for a launcher: all of it (a plain `codistill train`: exclusive, so nothing else
+    runs while `--overwrite` deletes), or `groups` of it (`--group`: the run shared with the other groups'
+    launchers, each group's directory exclusive); RunLocked if another launcher holds what we need."""
+    from training.launch import locked_run_dir
+
+    with contextlib.ExitStack() as held:
+        held.enter_context(locked_run_dir(run_dir, shared=bool(groups)))
+        for group in groups or []:
+            held.enter_context(locked_run_dir(RunDir(run_dir).group(group).path))
+        yield
 
 
 def _refuse_started_groups(config: ExperimentConfig, groups: list[int]) -> None:
@@ -99,7 +109,7 @@ def place(config: ExperimentConfig, accelerators=None, groups: list[int] | None 
     the GPUs visible here) or its cores; `groups`: these only (default: every group the run trains)."""
     from training.launch import PlacementError, place_groups, place_on_hosts, visible_accelerators
 
-    chosen = list(groups or config.trained_groups)
+    chosen = list(dict.fromkeys(groups or config.trained_groups))
     ranks = config.deepspeed.ranks_per_group
     try:
         placement = (place_on_hosts(chosen, ranks, hostfile) if hostfile else

@@ -340,26 +340,37 @@ def exit_when_launcher_dies() -> None:
 
 
 @contextmanager
-def locked_run_dir(run_dir: str | Path) -> Iterator[None]:
-    """Hold an exclusive lock on `run_dir` while the block runs: one `codistill train` per run directory.
+def locked_run_dir(run_dir: str | Path, shared: bool = False) -> Iterator[None]:
+    """Hold a lock on `run_dir` while the block runs: exclusive (one `codistill train` per run directory), or
+    `shared` (`--group` launchers, each also holding its groups' directories exclusively): either excludes
+    the other.
 
     `flock` on `<run_dir>/.codistill.lock`: released by the kernel when this
     process ends however it ends, so a crashed run never leaves a stale lock.
+    An exclusive holder writes its pid there (for the refusal); shared holders
+    leave the file to each other.
     """
     path = RunDir(run_dir).lock
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as f:
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(f, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:
             f.seek(0)
-            holder = f.read(64).strip() or "?"
-            raise RunLocked(f"{run_dir} is in use by another `codistill train` (pid {holder}); "
-                            "wait for it to end or stop it first") from None
+            holder = f.read(64).strip()
+            raise RunLocked(f"{run_dir} is in use by another `codistill train` "
+                            f"({f'pid {holder}' if holder else 'of --group'}); wait for it to end or stop it "
+                            "first") from None
+        if shared:
+            yield
+            return
         f.truncate(0)
         f.write(f"{os.getpid()}\n")
         f.flush()
-        yield
+        try:
+            yield
+        finally:
+            f.truncate(0)  # before the kernel drops the lock: a later shared holder is not named by our pid
 
 
 def run_fingerprint(config: ExperimentConfig) -> str:
