@@ -31,7 +31,7 @@ def train(manifest: str, sets: list[str], resume: bool, overwrite: bool = False,
     the config and dataset. `echo` takes what is said on the way (building the dataset first, where the groups
     go); `progress` the pipeline's progress lines."""
     from training.launch import GroupFailed, RunLocked, agree_run_nonce, group_commands
-    from training.launch import run_fingerprint, run_groups
+    from training.launch import run_identity, run_groups
     from training.workloads import workload_for
 
     config = load_experiment(manifest, sets)
@@ -62,7 +62,7 @@ def train(manifest: str, sets: list[str], resume: bool, overwrite: bool = False,
             # One nonce for the run in both modes: a plain run resumed group by group, or the reverse, is one run.
             try:
                 with storage.explained(config.store):
-                    nonce = agree_run_nonce(config.run_dir, config.store, config.run_id, run_fingerprint(config))
+                    nonce = agree_run_nonce(config.run_dir, config.store, config.run_id, run_identity(config))
             except (ValueError, storage.StoreError) as e:
                 raise RunError(str(e)) from None
             if groups and not resume:

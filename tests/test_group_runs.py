@@ -15,7 +15,7 @@ from codistill.cli import main
 from codistill.config import load_experiment
 from codistill.rundir import RunDir
 from conftest import REPO
-from training.launch import agree_run_nonce
+from training.launch import agree_run_nonce, join_store_run, run_identity
 from test_training import BIN, TINY, data_dir, env, records, run, sets_args, tail  # noqa: F401
 
 pytestmark = pytest.mark.timeout(600)
@@ -50,13 +50,16 @@ def test_groups_started_apart_complete_one_codistilled_run_and_another_run_is_re
     other = run([str(BIN / "codistill"), "train", "criteo-tiny", "--group", "0", "--run-dir",
                  str(tmp_path / "host-c" / "run"), *sets_args(sets + ["train.seed=8"])], timeout=120)
     assert other.returncode == 1
-    assert "the store holds run 'run' of another configuration" in other.stdout + other.stderr, \
+    assert "the store holds run 'run' of another configuration (train.seed differ)" in other.stdout + other.stderr, \
         tail(other.stdout + other.stderr)
     assert not (tmp_path / "host-c" / "run" / "group-0" / "metrics.jsonl").exists()
 
 
 def _nonce(path) -> str:
     return json.loads(path.read_text())["run_nonce"]
+
+
+IDENTITY = run_identity(load_experiment("criteo-tiny"))
 
 
 def test_a_run_directory_and_the_store_agree_on_one_nonce_in_either_order(tmp_path):
@@ -66,16 +69,30 @@ def test_a_run_directory_and_the_store_agree_on_one_nonce_in_either_order(tmp_pa
     plain, grouped = tmp_path / "plain" / "run", tmp_path / "grouped" / "run"
     (plain).mkdir(parents=True)
     (plain / RunDir.RUN_FILE).write_text('{"run_nonce": "from-an-earlier-plain-run"}\n')
-    assert agree_run_nonce(plain, store, "run", "sha") == "from-an-earlier-plain-run"  # seeds the store's record
+    assert agree_run_nonce(plain, store, "run", IDENTITY) == "from-an-earlier-plain-run"  # seeds the store's record
     assert _nonce(tmp_path / "store" / "run" / RunDir.RUN_FILE) == "from-an-earlier-plain-run"
-    assert agree_run_nonce(grouped, store, "run", "sha") == "from-an-earlier-plain-run"  # a --group start joins
+    assert agree_run_nonce(grouped, store, "run", IDENTITY) == "from-an-earlier-plain-run"  # a --group start joins
     assert _nonce(grouped / RunDir.RUN_FILE) == "from-an-earlier-plain-run"  # written back for a plain --resume
 
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / RunDir.RUN_FILE).write_text('{"run_nonce": "another-run"}\n')
     with pytest.raises(ValueError, match=r"is of run another-run, but .*store/run/run.json of run "
                                          r"from-an-earlier-plain-run: they are two runs"):
-        agree_run_nonce(tmp_path / "other", store, "run", "sha")
+        agree_run_nonce(tmp_path / "other", store, "run", IDENTITY)
+
+
+def test_what_a_machine_or_an_operator_chooses_is_not_another_run_and_a_refusal_names_what_differs(tmp_path):
+    store = str(tmp_path / "store")
+    nonce = join_store_run(store, "run", IDENTITY)
+    same_run = load_experiment("criteo-tiny", [
+        "loader.workers=7", "train.log_every=3", "train.tensorboard=true", "eval.every=9", "eval.batch_size=32",
+        "codistill.poll_seconds=0.01", "codistill.lockstep_timeout=5", "codistill.min_peer_coverage=0",
+        "deepspeed.precision=fp32", "train.groups=[0, 1]", "data.output=elsewhere", f"train.run_dir={tmp_path}/b"])
+    assert join_store_run(store, "run", run_identity(same_run)) == nonce
+    other_run = load_experiment("criteo-tiny", ["train.seed=8", "schedule.steps=700", "train.groups=[1]"])
+    with pytest.raises(ValueError, match=r"of another configuration \(schedule.steps, train.groups, train.seed "
+                                         r"differ\)"):
+        join_store_run(store, "run", run_identity(other_run))
 
 
 def test_a_run_started_group_by_group_resumes_as_one_run(data_dir, tmp_path):  # noqa: F811

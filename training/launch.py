@@ -373,14 +373,40 @@ def locked_run_dir(run_dir: str | Path, shared: bool = False) -> Iterator[None]:
             f.truncate(0)  # before the kernel drops the lock: a later shared holder is not named by our pid
 
 
-def run_fingerprint(config: ExperimentConfig) -> str:
-    """What makes two group commands one run: the whole configuration less where this machine keeps things
-    (run directory, store, storage rules, data locations)."""
-    raw = to_dict(config)
-    raw.pop("storage", None)
-    raw["train"] = {k: v for k, v in raw["train"].items() if k not in ("run_dir", "store")}
-    raw["data"] = {k: v for k, v in raw["data"].items() if k not in ("input", "output")}
-    return hashlib.sha256(json.dumps(raw, sort_keys=True, default=str).encode()).hexdigest()
+def run_identity(config: ExperimentConfig) -> dict:
+    """What defines a run, which every group of it must share: the dataset's settings (not where it is), the
+    model, the optimizer and schedule, the batch and its split over ranks, the codistillation loss and exchange,
+    the seed, what each group reads, and which groups train. Not what a machine or an operator may choose
+    differently for one group (loader workers, logging, evaluation, polling, timeouts, coverage thresholds,
+    precision, locations)."""
+    data = {k: v for k, v in to_dict(config.data).items() if k not in ("input", "output", "split_bytes")}
+    ds, cod = config.deepspeed, config.codistill
+    identity = {
+        "data": data,
+        "model": to_dict(config.model),
+        "optimizer": to_dict(config.optimizer),
+        "schedule": to_dict(config.schedule),
+        "deepspeed": {k: getattr(ds, k) for k in ("ranks_per_group", "micro_batch_size", "grad_accum",
+                                                  "zero_stage", "gradient_clipping")},
+        "codistill": {k: getattr(cod, k) for k in ("enabled", "weight", "burn_in_steps", "ramp_steps",
+                                                   "exchange_every", "temperature", "distance", "max_staleness",
+                                                   "lockstep")},
+        "train": {"seed": config.train.seed, "reads": config.train.reads,
+                  "label_smoothing": config.train.label_smoothing, "groups": list(config.trained_groups)},
+    }
+    return json.loads(json.dumps(identity, sort_keys=True, default=str))  # as it reads back from run.json
+
+
+def _differing(ours: dict, theirs: dict, prefix: str = "") -> list[str]:
+    """The dotted names of the fields where two run identities differ."""
+    names = []
+    for key in sorted(set(ours) | set(theirs)):
+        a, b = ours.get(key), theirs.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            names += _differing(a, b, f"{prefix}{key}.")
+        elif a != b:
+            names.append(f"{prefix}{key}")
+    return names
 
 
 def _nonce_in(path: Path) -> str | None:
@@ -397,14 +423,14 @@ def _nonce_in(path: Path) -> str | None:
     return nonce
 
 
-def agree_run_nonce(run_dir: str | Path, store: str, run_id: str, config_sha256: str) -> str:
+def agree_run_nonce(run_dir: str | Path, store: str, run_id: str, identity: dict) -> str:
     """The run's nonce, one for all its groups however and wherever they start: the store's run record
     (`join_store_run`), which a run directory's own `run.json` seeds when the record is not there yet (a run
     started before the record existed), and which is written back to `<run_dir>/run.json`. A run directory
     and a store that name two different runs are refused."""
     local = RunDir(run_dir).run_file
     seed = _nonce_in(local)
-    nonce = join_store_run(store, run_id, config_sha256, seed)
+    nonce = join_store_run(store, run_id, identity, seed)
     if seed is None:
         write_atomically(str(local), json.dumps({"run_nonce": nonce}) + "\n")
     elif seed != nonce:
@@ -414,26 +440,30 @@ def agree_run_nonce(run_dir: str | Path, store: str, run_id: str, config_sha256:
     return nonce
 
 
-def join_store_run(store: str, run_id: str, config_sha256: str, seed: str | None = None) -> str:
+def join_store_run(store: str, run_id: str, identity: dict, seed: str | None = None) -> str:
     """The nonce of the run `<store>/<run_id>/run.json` records, written by whichever group of the run starts
-    first (an exclusive create, with `seed` or a new nonce): groups started apart (`codistill train --group G`
-    on several machines) agree on their run through the store they share, no nonce kept by hand. A record of
-    another configuration there is another run's, refused."""
+    first (an exclusive create, with `seed` or a new nonce, and the run's identity, `run_identity`): groups
+    started apart (`codistill train --group G` on several machines) agree on their run through the store they
+    share, no nonce kept by hand. A record of another identity there is another run's, refused, naming the
+    fields that differ."""
     url = f"{store.rstrip('/')}/{run_id}/{RunDir.RUN_FILE}"
-    write_atomically(url, json.dumps({"run_nonce": seed or uuid.uuid4().hex, "config_sha256": config_sha256})
-                     + "\n", replace=False)
+    sha256 = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+    write_atomically(url, json.dumps({"run_nonce": seed or uuid.uuid4().hex, "config_sha256": sha256,
+                                      "config": identity}, sort_keys=True) + "\n", replace=False)
     with storage.open(url, "rb") as f:
-        text = f.read(4096)
+        text = f.read(1 << 16)
     try:
         record = json.loads(text)
         nonce, theirs = record["run_nonce"], record["config_sha256"]
     except (ValueError, KeyError, TypeError):
         raise ValueError(f"{url}: not a run record (expected {{\"run_nonce\": ..., \"config_sha256\": ...}}), "
                          f"got {text[:80]!r}") from None
-    if theirs != config_sha256:
-        raise ValueError(f"{url}: the store holds run {run_id!r} of another configuration (config sha256 "
-                         f"{str(theirs)[:12]}..., this one's {config_sha256[:12]}...): give this run another name "
-                         "(the last part of train.run_dir) or another train.store")
+    if theirs != sha256:
+        recorded = record.get("config")
+        differ = (f"{', '.join(_differing(identity, recorded))} differ" if isinstance(recorded, dict) else
+                  f"config sha256 {str(theirs)[:12]}..., this one's {sha256[:12]}...")
+        raise ValueError(f"{url}: the store holds run {run_id!r} of another configuration ({differ}): give this "
+                         "run another name (the last part of train.run_dir) or another train.store")
     return nonce
 
 

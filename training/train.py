@@ -44,7 +44,7 @@ from training.data import StreamSpec, loader, to_torch
 from training.exchange import (PeerWatcher, SnapshotPublisher, check_store_run, group_dir, model_signature,
                                snapshot_bytes)
 from training.precision import group_precision, local_precision
-from training.launch import agree_run_nonce, exit_when_launcher_dies, next_attempt, run_fingerprint
+from training.launch import agree_run_nonce, exit_when_launcher_dies, next_attempt, run_identity
 from training.loss import LossParts, codistillation_loss, distill_weight
 from training.report import metric_records, peer_coverage, save_eval_rows, save_predictions
 from training.workloads import Workload, workload_for
@@ -241,7 +241,7 @@ class FlatPeer:
 class GroupTrainer:
     def __init__(self, config: ExperimentConfig, group: int, run_nonce: str | None = None):
         self.config, self.group = config, group
-        self.fingerprint = run_fingerprint(config)  # of the configuration as given (`auto` still unresolved)
+        self.identity = run_identity(config)
         self.rank, self.world = init_distributed()
         cuda = torch.cuda.is_available()
         self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
@@ -308,7 +308,7 @@ class GroupTrainer:
             try:
                 with storage.explained(config.store):
                     run_nonce = run_nonce or agree_run_nonce(config.run_dir, config.store, config.run_id,
-                                                             self.fingerprint)
+                                                             self.identity)
                     check_store_run(config.store, config.run_id, range(self.dataset.groups), run_nonce)
                 storage.check_writable(group_dir(config.store, config.run_id, self.group))
             except (storage.StoreError, ValueError) as err:
