@@ -239,8 +239,8 @@ class FlatPeer:
 
 
 class GroupTrainer:
-    def __init__(self, config: ExperimentConfig, group: int, run_nonce: str | None = None):
-        self.config, self.group = config, group
+    def __init__(self, config: ExperimentConfig, group: int, run_nonce: str | None = None, resume: bool = False):
+        self.config, self.group, self.resume = config, group, resume
         self.identity = run_identity(config)
         self.rank, self.world = init_distributed()
         cuda = torch.cuda.is_available()
@@ -255,8 +255,15 @@ class GroupTrainer:
         if group not in config.trained_groups:
             raise ValueError(f"--group {group}: train.groups is {list(config.trained_groups)}")
 
-        # `auto` resolved once for the group; peers, batches and the DeepSpeed config all follow it.
-        precision, self.precision_reason = group_precision(config.deepspeed.precision, self.device, self.world)
+        # `auto` resolved once for the group; peers, batches and the DeepSpeed config all follow it. A resumed group
+        # keeps the precision its checkpoints were trained in: `auto` may pick another on other hardware.
+        requested = config.deepspeed.precision
+        trained = checkpoint_precision(self.out.checkpoints) if resume else None
+        if trained and requested not in ("auto", trained):
+            raise RunFailed(f"--resume: the checkpoints in {self.out.checkpoints} were trained in {trained}, this "
+                            f"configuration sets {requested}: resume with --set deepspeed.precision={trained}")
+        precision, self.precision_reason = ((trained, "as its checkpoints were trained (--resume)") if trained else
+                                            group_precision(requested, self.device, self.world))
         self.config = config = dataclasses.replace(
             config, deepspeed=dataclasses.replace(config.deepspeed, precision=precision))
         self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
@@ -429,9 +436,9 @@ class GroupTrainer:
         return {"loss": loss, "label_loss": label_loss, "distill_loss": distill_loss,
                 "peers": {str(g): self.step - self.peer_steps[g] for g in usable}}
 
-    def fit(self, resume: bool) -> None:
+    def fit(self) -> None:
         config = self.config
-        skip = self.load_checkpoint() if resume else 0
+        skip = self.load_checkpoint() if self.resume else 0
         if self.rank == 0:  # what this attempt trains in, beside its metrics
             self.write_metrics("setup", {"step": self.step, "group": self.group,
                                          "precision": config.deepspeed.precision, "why": self.precision_reason})
@@ -611,7 +618,9 @@ class GroupTrainer:
         directory = self.out.checkpoints
         tag = f"step-{self.step:08d}"
         peers = {str(g): s for g, s in self.peer_steps.items()}
-        self.engine.save_checkpoint(str(directory), tag=tag, client_state={"step": self.step, "peer_steps": peers})
+        # The precision (`auto` resolved): a resume elsewhere must train on in it (`checkpoint_precision`).
+        client = {"step": self.step, "peer_steps": peers, "precision": self.config.deepspeed.precision}
+        self.engine.save_checkpoint(str(directory), tag=tag, client_state=client)
         dist.barrier()
         if self.rank == 0:  # keep the newest two, and the newest one every group has: where a resume starts
             shared = self.shared_checkpoint_steps()
@@ -786,6 +795,21 @@ def load_weights_only(path: str, map_location=None):
         return torch.load(path, map_location=map_location, weights_only=True)
 
 
+def checkpoint_precision(directory: Path) -> str | None:
+    """The precision a group's checkpoints were trained in (the client state of the newest that records it; a
+    resume keeps it, so all of a group's checkpoints share it); None if none records it."""
+    for tag in checkpoint_tags(directory):
+        for path in sorted((directory / tag).glob("*model_states.pt"))[:1]:
+            try:
+                with torch.serialization.safe_globals(checkpoint_safe_globals()):
+                    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # no tensor read
+            except Exception:  # unloadable: load_checkpoint says why, and falls back to an earlier one
+                continue
+            if state.get("precision") in ("fp32", "bf16", "fp16"):
+                return state["precision"]
+    return None
+
+
 def checkpoint_problem(tag_dir: Path) -> str | None:
     """Why the checkpoint in `tag_dir` cannot be loaded (None if it can): missing files, not a torch zip
     archive (e.g. truncated), or a pickle that names anything but tensors and `checkpoint_safe_globals`.
@@ -842,7 +866,7 @@ def main(argv: list[str] | None = None) -> None:
     config = load_experiment(args.manifest, sets)
     storage.configure(config.storage)
     try:
-        GroupTrainer(config, args.group, run_nonce=args.run_nonce).fit(resume=args.resume)
+        GroupTrainer(config, args.group, run_nonce=args.run_nonce, resume=args.resume).fit()
     except (RunFailed, storage.StoreError) as err:  # the user's to fix: one line, not a traceback per rank
         if int(os.environ.get("RANK", "0")) == 0:  # every rank meets a store error: rank 0 says it
             print(f"error: group {args.group}: {err}", file=sys.stderr, flush=True)
