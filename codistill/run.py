@@ -25,16 +25,18 @@ class RunError(Exception):
 
 def train(manifest: str, sets: list[str], resume: bool, overwrite: bool = False, echo: Callable[[str], None] = print,
           progress: Callable[[str], None] | None = None,
-          groups: list[int] | None = None, hostfile: str | None = None) -> tuple[ExperimentConfig, DatasetManifest]:
+          groups: list[int] | None = None, hostfile: str | None = None,
+          master_port: int | None = None) -> tuple[ExperimentConfig, DatasetManifest]:
     """Start every group of a run (one deepspeed launch each, here or on the slots of `hostfile`), or only
     `groups` (the others started apart, e.g. on other machines, sharing the store), and wait for them; returns
-    the config and dataset. `echo` takes what is said on the way (building the dataset first, where the groups
-    go); `progress` the pipeline's progress lines."""
+    the config and dataset; `master_port`: a hostfile run's (`launch_plan`). `echo` takes what is said on the
+    way (building the dataset first, where the groups go); `progress` the pipeline's progress lines."""
     from training.launch import GroupFailed, RunLocked, agree_run_nonce, group_commands
     from training.launch import run_identity, run_groups
     from training.workloads import workload_for
 
     config = load_experiment(manifest, sets)
+    _check_master_port(master_port, hostfile)
     groups = list(dict.fromkeys(groups or []))  # `--group 0 --group 0` is group 0 once
     if groups and not set(groups) <= set(config.trained_groups):
         raise RunError(f"--group {','.join(map(str, groups))}: this run trains groups {list(config.trained_groups)}")
@@ -68,7 +70,7 @@ def train(manifest: str, sets: list[str], resume: bool, overwrite: bool = False,
             if groups and not resume:
                 _refuse_started_groups(config, groups)
             commands = group_commands(resolve_manifest(manifest), chosen, config.deepspeed.ranks_per_group, sets,
-                                      resume, placement, run_nonce=nonce)
+                                      resume, placement, run_nonce=nonce, master_port=master_port)
             run_groups(commands, placement.env)
     except (GroupFailed, RunLocked) as e:
         raise RunError(str(e)) from None
@@ -121,14 +123,23 @@ def place(config: ExperimentConfig, accelerators=None, groups: list[int] | None 
 
 
 def launch_plan(config: ExperimentConfig, manifest: str, sets: list[str], resume: bool, accelerators=None,
-                groups: list[int] | None = None, hostfile: str | None = None, run_nonce: str = NONCE_AT_LAUNCH):
+                groups: list[int] | None = None, hostfile: str | None = None, run_nonce: str = NONCE_AT_LAUNCH,
+                master_port: int | None = None):
     """(where the groups go, every group's deepspeed command as `train` starts it), starting nothing (see
-    `place`)."""
+    `place`); `master_port`: a hostfile run's group 0 meets there on its first host, group g on + g (default
+    `training.launch.MASTER_PORT`)."""
     from training.launch import group_commands
 
+    _check_master_port(master_port, hostfile)
     placement, chosen = place(config, accelerators, groups, hostfile)
     return placement, group_commands(resolve_manifest(manifest), chosen, config.deepspeed.ranks_per_group, sets,
-                                     resume, placement, run_nonce=run_nonce)
+                                     resume, placement, run_nonce=run_nonce, master_port=master_port)
+
+
+def _check_master_port(master_port: int | None, hostfile: str | None) -> None:
+    if master_port is not None and not hostfile:
+        raise RunError(f"--master-port {master_port}: only for --hostfile runs (on this host each group takes a "
+                       "port free here)")
 
 
 def preprocess_command(config: ExperimentConfig, manifest: str, sets: list[str]) -> str:

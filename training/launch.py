@@ -77,6 +77,11 @@ class Placement:
     hostfile: str | None = None  # DeepSpeed's --hostfile the slots are of (None: this host)
 
 
+# A hostfile run's rendezvous port for group 0, on the group's first host (DeepSpeed's default); group g takes
+# this + g, so groups sharing a first host do not collide. (`free_port` only knows this machine's ports.)
+MASTER_PORT = 29500
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -160,16 +165,18 @@ def place_on_hosts(groups: list[int], ranks: int, hostfile: str) -> Placement:
 
 
 def group_commands(manifest: str, groups: list[int], ranks: int, sets: list[str], resume: bool,
-                   placement: Placement | None = None, run_nonce: str | None = None) -> list[GroupCommand]:
+                   placement: Placement | None = None, run_nonce: str | None = None,
+                   master_port: int | None = None) -> list[GroupCommand]:
     """Each group's DeepSpeed launch: on its slots of `placement`, or (none, or on CPU) `ranks` processes here;
-    with `run_nonce` (`agree_run_nonce`), else each group agrees on it itself."""
+    with `run_nonce` (`agree_run_nonce`), else each group agrees on it itself. On a hostfile's hosts group g
+    meets on `master_port` (default MASTER_PORT) + g of its first host; here, on a port free here."""
     commands = []
     for group in groups:
         slots = placement.slots.get(group) if placement else None
         if placement is not None and placement.hostfile:
             # Other hosts: DeepSpeed's runner reaches them (pdsh) and starts its per-node launcher on each.
             launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", placement.hostfile,
-                        "--include", _include(slots), "--master_port", str(free_port())]
+                        "--include", _include(slots), "--master_port", str((master_port or MASTER_PORT) + group)]
         else:
             # This host: DeepSpeed's per-node launcher itself, as the runner would exec it after ~2.5 s of its own
             # start-up. Its world is {host: the group's slot ids}; it makes those ids the ranks' visible devices.
