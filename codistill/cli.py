@@ -308,12 +308,12 @@ def verify(directory: str, manifest: str | None) -> None:
 
 
 def _train(manifest: str, sets: list[str], resume: bool, overwrite: bool = False, groups: list[int] | None = None,
-           hostfile: str | None = None):
+           hostfile: str | None = None, master_port: int | None = None):
     """`codistill.run.train`, saying what it does on the console."""
     from codistill.run import train
 
     return train(manifest, sets, resume, overwrite, echo=click.echo, progress=_echo_progress, groups=groups,
-                 hostfile=hostfile)
+                 hostfile=hostfile, master_port=master_port)
 
 
 def _dataset_for(config):
@@ -334,11 +334,13 @@ def _dataset_for(config):
               "train.store, and join this run through the store.")
 @click.option("--hostfile", help="DeepSpeed hostfile (`host slots=N` lines) for the whole run: each group gets its "
               "own slots, one DeepSpeed job per group (run_dir on a file system every host reaches).")
+@click.option("--master-port", type=click.IntRange(1, 65535), help="With --hostfile: group g's rendezvous port on "
+              "its first host is this + g (default 29500 + g).")
 @click.option("--dry-run", is_flag=True, help="Say where the groups go and print every group's launch command; "
               "start nothing.")
 @_fail_cleanly
 def train(manifest: str, sets: tuple[str, ...], run_dir: str | None, resume: bool, overwrite: bool,
-          groups: tuple[int, ...], hostfile: str | None, dry_run: bool) -> None:
+          groups: tuple[int, ...], hostfile: str | None, master_port: int | None, dry_run: bool) -> None:
     """Train all groups of MANIFEST locally, one DeepSpeed job per group (ranks from the manifest), each on its own
     GPUs (or share of the cores)."""
     from training.report import final_eval
@@ -350,13 +352,13 @@ def train(manifest: str, sets: tuple[str, ...], run_dir: str | None, resume: boo
         from codistill.run import launch_plan
 
         placement, commands = launch_plan(load_experiment(manifest, sets), manifest, sets, resume,
-                                          groups=list(groups) or None, hostfile=hostfile)
+                                          groups=list(groups) or None, hostfile=hostfile, master_port=master_port)
         click.echo(placement.summary)
         env = [f"{name}={os.environ.get(name, value)}" for name, value in placement.env.items()]
         for command in commands:
             click.echo(f"group {command.group}: {shlex.join(env + command.argv)}")
         return
-    config, dataset = _train(manifest, sets, resume, overwrite, list(groups) or None, hostfile)
+    config, dataset = _train(manifest, sets, resume, overwrite, list(groups) or None, hostfile, master_port)
     workload = workload_for(dataset.dataset)
     for group in groups or config.trained_groups:
         m = final_eval(config.run_dir, group)

@@ -8,16 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
-import json
 import os
+import shlex
 import shutil
 from collections.abc import Callable
 
 from codistill import storage
 from codistill.config import ExperimentConfig, SnapshotTraffic, load_experiment, resolve_manifest
 from codistill.dataset import DatasetError, DatasetManifest, load_manifest
-from codistill.fields import to_dict
 from codistill.rundir import RunDir
 
 
@@ -27,45 +25,54 @@ class RunError(Exception):
 
 def train(manifest: str, sets: list[str], resume: bool, overwrite: bool = False, echo: Callable[[str], None] = print,
           progress: Callable[[str], None] | None = None,
-          groups: list[int] | None = None, hostfile: str | None = None) -> tuple[ExperimentConfig, DatasetManifest]:
+          groups: list[int] | None = None, hostfile: str | None = None,
+          master_port: int | None = None) -> tuple[ExperimentConfig, DatasetManifest]:
     """Start every group of a run (one deepspeed launch each, here or on the slots of `hostfile`), or only
     `groups` (the others started apart, e.g. on other machines, sharing the store), and wait for them; returns
-    the config and dataset. `echo` takes what is said on the way (building the dataset first, where the groups
-    go); `progress` the pipeline's progress lines."""
-    from training.launch import GroupCommand, GroupFailed, RunLocked, join_store_run, locked_run_dir
-    from training.launch import read_run_nonce, run_groups
+    the config and dataset; `master_port`: a hostfile run's (`launch_plan`). `echo` takes what is said on the
+    way (building the dataset first, where the groups go); `progress` the pipeline's progress lines."""
+    from training.launch import GroupFailed, RunLocked, agree_run_nonce, group_commands
+    from training.launch import run_identity, run_groups
     from training.workloads import workload_for
 
     config = load_experiment(manifest, sets)
+    _check_master_port(master_port, hostfile)
+    groups = list(dict.fromkeys(groups or []))  # `--group 0 --group 0` is group 0 once
     if groups and not set(groups) <= set(config.trained_groups):
         raise RunError(f"--group {','.join(map(str, groups))}: this run trains groups {list(config.trained_groups)}")
     if groups and overwrite:
         raise RunError(f"--overwrite with --group: the other groups share the run; to start it over, delete "
                        f"{config.store}/{config.run_id} and each group's {config.run_dir}/group-<g>")
     storage.configure(config.storage)
+    if groups:  # every group's task would build a missing dataset at once, into the same data.output
+        try:
+            load_manifest(config.data.output)
+        except DatasetError:
+            raise RunError(f"no dataset at {config.data.output}: with --group, build it first (once, not in "
+                           f"every group's task): `{preprocess_command(config, manifest, sets)}`") from None
     dataset = dataset_for(config, echo, progress)
     try:
         workload_for(dataset.dataset).check_dataset(config, dataset)  # refused here, not in every rank after launch
     except DatasetError as e:
         raise RunError(str(e)) from None
-    placement, commands = launch_plan(config, manifest, sets, resume, groups=groups, hostfile=hostfile)
+    placement, chosen = place(config, groups=groups, hostfile=hostfile)
     echo(placement.summary)
     if config.codistill.enabled:
         echo(f"snapshots: {published_traffic(config, dataset).describe()}")
     try:
-        with contextlib.ExitStack() as held:  # held until every group has ended
-            if groups:  # one lock per group: groups of one run may share the run directory
-                for group in groups:
-                    held.enter_context(locked_run_dir(RunDir(config.run_dir).group(group).path))
-                nonce = join_store_run(config.store, config.run_id, run_fingerprint(config))
-                if not resume:
-                    _refuse_started_groups(config, groups)
-                commands = [GroupCommand(c.group, [*c.argv, "--run-nonce", nonce]) for c in commands]
-            else:
-                held.enter_context(locked_run_dir(config.run_dir))
-                if not resume:
-                    start_afresh(config, overwrite)
-                read_run_nonce(config.run_dir)  # drawn here for a new run, kept on --resume; each group reads it
+        with locked_run(config.run_dir, chosen if groups else None):  # held until every group has ended
+            if not groups and not resume:
+                start_afresh(config, overwrite)
+            # One nonce for the run in both modes: a plain run resumed group by group, or the reverse, is one run.
+            try:
+                with storage.explained(config.store):
+                    nonce = agree_run_nonce(config.run_dir, config.store, config.run_id, run_identity(config))
+            except (ValueError, storage.StoreError) as e:
+                raise RunError(str(e)) from None
+            if groups and not resume:
+                _refuse_started_groups(config, groups)
+            commands = group_commands(resolve_manifest(manifest), chosen, config.deepspeed.ranks_per_group, sets,
+                                      resume, placement, run_nonce=nonce, master_port=master_port)
             run_groups(commands, placement.env)
     except (GroupFailed, RunLocked) as e:
         raise RunError(str(e)) from None
@@ -85,14 +92,18 @@ def published_traffic(config: ExperimentConfig, dataset: DatasetManifest) -> Sna
                            len(config.trained_groups) - 1)
 
 
-def run_fingerprint(config: ExperimentConfig) -> str:
-    """What makes two group commands one run: the whole configuration less where this machine keeps things
-    (run directory, store, storage rules, data locations)."""
-    raw = to_dict(config)
-    raw.pop("storage", None)
-    raw["train"] = {k: v for k, v in raw["train"].items() if k not in ("run_dir", "store")}
-    raw["data"] = {k: v for k, v in raw["data"].items() if k not in ("input", "output")}
-    return hashlib.sha256(json.dumps(raw, sort_keys=True, default=str).encode()).hexdigest()
+@contextlib.contextmanager
+def locked_run(run_dir: str, groups: list[int] | None = None):
+    """Hold the run directory for a launcher: all of it (a plain `codistill train`: exclusive, so nothing else
+    runs while `--overwrite` deletes), or `groups` of it (`--group`: the run shared with the other groups'
+    launchers, each group's directory exclusive); RunLocked if another launcher holds what we need."""
+    from training.launch import locked_run_dir
+
+    with contextlib.ExitStack() as held:
+        held.enter_context(locked_run_dir(run_dir, shared=bool(groups)))
+        for group in groups or []:
+            held.enter_context(locked_run_dir(RunDir(run_dir).group(group).path))
+        yield
 
 
 def _refuse_started_groups(config: ExperimentConfig, groups: list[int]) -> None:
@@ -105,14 +116,17 @@ def _refuse_started_groups(config: ExperimentConfig, groups: list[int]) -> None:
                            f"{config.run_id}/group-{group}): continue it with --resume")
 
 
-def launch_plan(config: ExperimentConfig, manifest: str, sets: list[str], resume: bool, accelerators=None,
-                groups: list[int] | None = None, hostfile: str | None = None):
-    """(where the groups go, every group's deepspeed command): on the slots of `hostfile`, or on this host's
-    `accelerators` (default: the GPUs visible here) or its cores; `groups`: these only (default: every group
-    the run trains)."""
-    from training.launch import PlacementError, group_commands, place_groups, place_on_hosts, visible_accelerators
+# What the dry run shows for the nonce: a new run's is drawn at launch (`training.launch.agree_run_nonce`).
+NONCE_AT_LAUNCH = "<the-run-nonce-agreed-at-launch>"
 
-    chosen = list(groups or config.trained_groups)
+
+def place(config: ExperimentConfig, accelerators=None, groups: list[int] | None = None,
+          hostfile: str | None = None):
+    """(where the groups go, the groups): on the slots of `hostfile`, or on this host's `accelerators` (default:
+    the GPUs visible here) or its cores; `groups`: these only (default: every group the run trains)."""
+    from training.launch import PlacementError, place_groups, place_on_hosts, visible_accelerators
+
+    chosen = list(dict.fromkeys(groups or config.trained_groups))
     ranks = config.deepspeed.ranks_per_group
     try:
         placement = (place_on_hosts(chosen, ranks, hostfile) if hostfile else
@@ -120,7 +134,33 @@ def launch_plan(config: ExperimentConfig, manifest: str, sets: list[str], resume
                                   os.cpu_count() or 1))
     except PlacementError as e:
         raise RunError(str(e)) from None
-    return placement, group_commands(resolve_manifest(manifest), chosen, ranks, sets, resume, placement)
+    return placement, chosen
+
+
+def launch_plan(config: ExperimentConfig, manifest: str, sets: list[str], resume: bool, accelerators=None,
+                groups: list[int] | None = None, hostfile: str | None = None, run_nonce: str = NONCE_AT_LAUNCH,
+                master_port: int | None = None):
+    """(where the groups go, every group's deepspeed command as `train` starts it), starting nothing (see
+    `place`); `master_port`: a hostfile run's group 0 meets there on its first host, group g on + g (default
+    `training.launch.MASTER_PORT`)."""
+    from training.launch import group_commands
+
+    _check_master_port(master_port, hostfile)
+    placement, chosen = place(config, accelerators, groups, hostfile)
+    return placement, group_commands(resolve_manifest(manifest), chosen, config.deepspeed.ranks_per_group, sets,
+                                     resume, placement, run_nonce=run_nonce, master_port=master_port)
+
+
+def _check_master_port(master_port: int | None, hostfile: str | None) -> None:
+    if master_port is not None and not hostfile:
+        raise RunError(f"--master-port {master_port}: only for --hostfile runs (on this host each group takes a "
+                       "port free here)")
+
+
+def preprocess_command(config: ExperimentConfig, manifest: str, sets: list[str]) -> str:
+    """The command that builds this run's dataset."""
+    return shlex.join(["codistill", "preprocess", config.data.dataset, "-m", manifest,
+                       *[a for assignment in sets for a in ("--set", assignment)]])
 
 
 def dataset_for(config: ExperimentConfig, echo: Callable[[str], None] = print,

@@ -1,9 +1,10 @@
 """The layout of a run directory (`train.run_dir`, default `runs/<name>`), in one place:
 
-    <run_dir>/run.json                  the run's nonce (`training.launch.read_run_nonce`)
-    <run_dir>/.codistill.lock           the lock `codistill train` holds while the run lives
+    <run_dir>/run.json                  the run's nonce (`training.launch.agree_run_nonce`)
+    <run_dir>/.codistill.lock           the lock `codistill train` holds while the run lives (`--group`: shared)
     <run_dir>/.complete                 `codistill experiment`'s mark of a finished run
     <run_dir>/store/                    the default snapshot store (`train.store`)
+    <run_dir>/group-<g>/.codistill.lock the lock `codistill train --group g` holds while the group lives
     <run_dir>/group-<g>/metrics.jsonl   train and eval records, one JSON a line
     <run_dir>/group-<g>/eval/                every eval step's rows (keys.npy, step-<s:08d>.npz)
     <run_dir>/group-<g>/eval_predictions.npz, model.safetensors, best.safetensors, checkpoints/, tensorboard/,

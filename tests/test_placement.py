@@ -174,6 +174,25 @@ def test_one_hostfile_is_split_into_one_deepspeed_job_per_group(tmp_path, groups
     assert f"on the hosts of {hostfile}" in placement.summary
 
 
+def test_a_hostfile_run_gives_each_group_its_own_fixed_rendezvous_port(tmp_path):
+    """Each group's master is its first host, not this machine: a port free here says nothing about it. Group
+    g takes --master-port + g (29500 + g by default), the same from every launcher (`--group` runs too)."""
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text(HOSTFILE)
+    config = load_experiment("criteo-tiny", ["data.groups=4", "deepspeed.ranks_per_group=2"])
+
+    def ports(**options) -> list[int]:
+        _, commands = launch_plan(config, "criteo-tiny", [], False, hostfile=str(hostfile), **options)
+        return [ds_runner.parse_args(c.argv[c.argv.index("deepspeed.launcher.runner") + 1:]).master_port
+                for c in commands]
+
+    assert ports() == [29500, 29501, 29502, 29503]
+    assert ports(master_port=31000) == [31000, 31001, 31002, 31003]
+    assert ports(groups=[2]) == [29502]
+    with pytest.raises(RunError, match=r"--master-port 31000: only for --hostfile runs"):
+        launch_plan(config, "criteo-tiny", [], False, accelerators=[], master_port=31000)
+
+
 def test_a_hostfile_too_small_for_the_run_is_refused(tmp_path):
     hostfile = tmp_path / "hostfile"
     hostfile.write_text(HOSTFILE)
@@ -195,3 +214,6 @@ def test_train_hostfile_dry_run_prints_a_job_per_group(tmp_path, monkeypatch):
     lines = result.stdout.splitlines()
     assert lines[0] == "placement: 2 groups x 1 rank on the hosts of hostfile: group 0 on node1:0; group 1 on node1:1"
     assert ["--hostfile hostfile --include node1:0" in lines[1], "--include node1:1" in lines[2]] == [True, True]
+    result = CliRunner().invoke(main, ["train", str(REPO / "manifests/criteo.yaml"), "--hostfile", "hostfile",
+                                       "--master-port", "31000", "--dry-run"])
+    assert ["--master_port 31000" in result.stdout, "--master_port 31001" in result.stdout] == [True, True]

@@ -93,3 +93,43 @@ def test_a_training_run_prints_and_records_its_precision(tmp_path):
         train = [r for r in records if r["kind"] == "train"]
         assert len(train) == 12 and all(math.isfinite(r["loss"]) for r in train)
         assert any(r["peers"] and r["distill_loss"] > 0 for r in train), "a peer was distilled from"
+
+
+@pytest.mark.timeout(400)
+def test_a_resume_trains_on_in_the_precision_of_its_checkpoints(tmp_path):
+    """A requeue onto other hardware: the checkpoints were trained in the precision `auto` does not pick here
+    (set in the manifest, as `auto` elsewhere would have picked it). `--resume` with `auto` trains on in theirs;
+    a conflicting explicit setting is refused in one line naming the one to set."""
+    import shutil
+
+    from pipelines.run import preprocess
+    from training.launch import group_commands
+
+    here = local_precision("auto")[0]
+    theirs = "fp32" if here == "bf16" else "bf16"
+    data, run_dir = tmp_path / "data", tmp_path / "run"
+    sets = ["data.synth.rows=2000", f"data.output={data}", "model.hidden=[16]", "deepspeed.micro_batch_size=64",
+            "deepspeed.ranks_per_group=1", "schedule.steps=8", "schedule.warmup_steps=0", "eval.every=8",
+            "eval.batch_size=256", "train.checkpoint_every=4", "codistill.enabled=false", f"train.run_dir={run_dir}"]
+    preprocess(load_experiment("criteo-tiny", sets), [RUNNER])
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+    def train(precision: str, resume: bool) -> subprocess.CompletedProcess:
+        argv = group_commands("criteo-tiny", [0], 1, sets + [f"deepspeed.precision={precision}"], resume)[0].argv
+        return subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+
+    first = train(theirs, resume=False)
+    assert first.returncode == 0, (first.stdout + first.stderr)[-4000:]
+    checkpoints = RunDir(run_dir).group(0).checkpoints
+    shutil.rmtree(checkpoints / "step-00000008")  # it died after step 4's checkpoint: steps 5-8 train again
+    (checkpoints / "latest").write_text("step-00000004")
+    resumed = train("auto", resume=True)
+    assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-4000:]
+    assert f"group 0: training in {theirs} (as its checkpoints were trained (--resume))" in resumed.stdout
+    assert "resumed at step 4" in resumed.stdout
+
+    refused = train(here, resume=True)
+    errors = [line for line in (refused.stdout + refused.stderr).splitlines() if "error: group 0: " in line]
+    assert refused.returncode != 0 and len(errors) == 1, (refused.stdout + refused.stderr)[-4000:]
+    assert errors[0].endswith(f"were trained in {theirs}, this configuration sets {here}: resume with "
+                              f"--set deepspeed.precision={theirs}")

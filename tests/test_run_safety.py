@@ -25,9 +25,10 @@ from click.testing import CliRunner
 
 from codistill.cli import main as cli
 from codistill.dataset import join, load_manifest, write_manifest
+from codistill.run import locked_run
 from codistill.rundir import RunDir
 from pipelines.formats import read_shard, write_shard
-from training.launch import GroupCommand, group_commands, locked_run_dir, run_groups
+from training.launch import GroupCommand, RunLocked, group_commands, locked_run_dir, run_groups
 from training.report import eval_records
 from training.train import checkpoint_problem
 
@@ -222,6 +223,53 @@ def test_a_second_launch_on_a_live_run_is_refused_and_sigkilling_the_launcher_en
     gone(str(run_dir))
     with locked_run_dir(run_dir):  # and the lock died with its holder
         pass
+
+
+# A launcher's hold on a run directory, in a process of its own, as `codistill train [--group G]` holds it.
+HOLD = textwrap.dedent("""
+    import sys
+    from codistill.run import locked_run
+    with locked_run(sys.argv[1], [int(g) for g in sys.argv[2:]] or None):
+        print("held", flush=True)
+        sys.stdin.read()  # until the test closes our stdin
+""")
+
+
+@contextlib.contextmanager
+def launcher_holding(run_dir: Path, groups: list[int]):
+    proc = subprocess.Popen([PY, "-c", HOLD, str(run_dir), *map(str, groups)], cwd=REPO, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline() == "held\n"
+        yield proc
+    finally:
+        proc.stdin.close()
+        proc.wait(30)
+
+
+def test_group_launchers_and_a_plain_launcher_on_one_run_directory_exclude_each_other(tmp_path):
+    """`--group` holds the run shared and its groups exclusively; a plain launch (which `--overwrite` deletes
+    under) holds the run exclusively: a plain launch never runs beside a live `--group` one, nor the reverse."""
+    run_dir = tmp_path / "run"
+    with launcher_holding(run_dir, [0]):
+        with locked_run(str(run_dir), [1]):  # another group of the run, from another launcher: beside it
+            pass
+        for groups, held in (([0], f"{run_dir / 'group-0'} is in use"), (None, f"{run_dir} is in use")):
+            with pytest.raises(RunLocked, match=held + r" by another `codistill train`"):
+                with locked_run(str(run_dir), groups):
+                    pass
+    with launcher_holding(run_dir, []) as plain:
+        with pytest.raises(RunLocked, match=rf"{run_dir} is in use by another `codistill train` \(pid {plain.pid}\)"):
+            with locked_run(str(run_dir), [1]):
+                pass
+    with locked_run(str(run_dir), None):  # every hold ended with its process
+        pass
+
+
+def test_a_group_named_twice_is_started_once():
+    result = CliRunner().invoke(cli, ["train", "criteo-tiny", "--group", "1", "--group", "1", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert [line.split(":")[0] for line in result.output.splitlines()[1:]] == ["group 1"]
 
 
 def test_sigkilling_a_groups_deepspeed_launcher_ends_its_ranks(data_dir, tmp_path):  # noqa: F811

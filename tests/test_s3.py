@@ -20,7 +20,7 @@ from codistill.rundir import RunDir
 from codistill.verify import verify_dataset
 from pipelines.run import preprocess
 from training.exchange import LATEST, PeerWatcher, model_signature, snapshot_bytes
-from training.launch import free_port, group_commands, read_run_nonce
+from training.launch import free_port, group_commands
 from training.workloads import workload_for
 
 pytestmark = pytest.mark.timeout(300)
@@ -129,7 +129,7 @@ def test_training_reads_its_shards_from_s3_and_publishes_snapshots_there(s3_trai
         model = workload_for("criteo").build_model(config.model, load_manifest(config.data.output))
         with PeerWatcher(config.store, config.run_id, 1, [0], model_signature(model.state_dict()),
                          snapshot_bytes(model.state_dict()), poll_interval=0.05,
-                         run_nonce=read_run_nonce(config.run_dir)) as w:
+                         run_nonce=json.loads(RunDir(config.run_dir).run_file.read_text())["run_nonce"]) as w:
             deadline = time.monotonic() + 30
             while not (updates := w.take_updates()) and time.monotonic() < deadline:
                 time.sleep(0.05)
@@ -329,8 +329,9 @@ def test_training_with_an_unreachable_store_ends_in_one_line(s3_dataset, tmp_pat
     assert proc.returncode != 0
     errors = [line for line in output.splitlines() if "error: group 0: " in line]
     assert len(errors) == 1, output[-4000:]
-    assert errors[0].endswith("error: group 0: s3://codistill-test/store: cannot reach the store's endpoint: is it "
-                              "running, and is the endpoint_url (storage rule) right? (EndpointConnectionError: Could "
-                              f"not connect to the endpoint URL: \"{endpoint}/codistill-test/store/run/group-0/"
-                              "LATEST\")"), errors
+    # (The first thing the group does there: join the run's record, store/run/run.json, in the bucket.)
+    assert errors[0].split("error: group 0: ")[1].startswith(
+        "s3://codistill-test/store: cannot reach the store's endpoint: is it running, and is the endpoint_url "
+        f"(storage rule) right? (EndpointConnectionError: Could not connect to the endpoint URL: \"{endpoint}/"
+        "codistill-test"), errors
     assert "Traceback" not in output, output[-4000:]

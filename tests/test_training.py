@@ -408,8 +408,7 @@ def test_a_store_that_cannot_be_written_fails_at_start(data_dir, tmp_path):
     proc = run([str(BIN / "codistill"), "train", "criteo-tiny", "--run-dir", str(tmp_path / "run"), *sets_args(sets)])
     assert proc.returncode != 0
     output = proc.stdout + proc.stderr
-    assert re.search(rf"error: group (\d): {re.escape(str(store))}/run/group-\1: a file stands where a directory "
-                     "must be", output), tail(output)
+    assert f"{store}: a file stands where a directory must be" in output, tail(output)  # the run's record
     assert "Traceback" not in output
     for g in (0, 1):
         path = RunDir(tmp_path / "run").group(g).metrics

@@ -5,15 +5,17 @@ launcher gets SIGTERM/SIGHUP/SIGINT, every group is stopped and the cause
 reported; ranks also end by themselves when their launcher dies (even by
 SIGKILL, which cannot be caught): nothing is left running.
 
-A run directory is locked (`flock`) by the launcher for the whole run, and
-holds the run's nonce (`run.json`), which goes into every snapshot so that a
-run never adopts another run's weights.
+A run directory is locked (`flock`) by the launcher for the whole run. The
+run's nonce, agreed through the store (`<store>/<run>/run.json`) and kept in
+`<run_dir>/run.json`, goes into every snapshot so that a run never adopts
+another run's weights.
 """
 
 from __future__ import annotations
 
 import base64
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -33,6 +35,8 @@ from typing import Iterator
 import torch
 
 from codistill import storage
+from codistill.config import ExperimentConfig
+from codistill.fields import to_dict
 from codistill.rundir import RunDir
 from codistill.storage import write_atomically
 
@@ -71,6 +75,11 @@ class Placement:
     env: dict[str, str]  # what every group's process starts with beyond this process's environment
     summary: str  # what was chosen, in one line
     hostfile: str | None = None  # DeepSpeed's --hostfile the slots are of (None: this host)
+
+
+# A hostfile run's rendezvous port for group 0, on the group's first host (DeepSpeed's default); group g takes
+# this + g, so groups sharing a first host do not collide. (`free_port` only knows this machine's ports.)
+MASTER_PORT = 29500
 
 
 def free_port() -> int:
@@ -156,15 +165,18 @@ def place_on_hosts(groups: list[int], ranks: int, hostfile: str) -> Placement:
 
 
 def group_commands(manifest: str, groups: list[int], ranks: int, sets: list[str], resume: bool,
-                   placement: Placement | None = None) -> list[GroupCommand]:
-    """Each group's DeepSpeed launch: on its slots of `placement`, or (none, or on CPU) `ranks` processes here."""
+                   placement: Placement | None = None, run_nonce: str | None = None,
+                   master_port: int | None = None) -> list[GroupCommand]:
+    """Each group's DeepSpeed launch: on its slots of `placement`, or (none, or on CPU) `ranks` processes here;
+    with `run_nonce` (`agree_run_nonce`), else each group agrees on it itself. On a hostfile's hosts group g
+    meets on `master_port` (default MASTER_PORT) + g of its first host; here, on a port free here."""
     commands = []
     for group in groups:
         slots = placement.slots.get(group) if placement else None
         if placement is not None and placement.hostfile:
             # Other hosts: DeepSpeed's runner reaches them (pdsh) and starts its per-node launcher on each.
             launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", placement.hostfile,
-                        "--include", _include(slots), "--master_port", str(free_port())]
+                        "--include", _include(slots), "--master_port", str((master_port or MASTER_PORT) + group)]
         else:
             # This host: DeepSpeed's per-node launcher itself, as the runner would exec it after ~2.5 s of its own
             # start-up. Its world is {host: the group's slot ids}; it makes those ids the ranks' visible devices.
@@ -177,6 +189,8 @@ def group_commands(manifest: str, groups: list[int], ranks: int, sets: list[str]
             argv += ["--set", assignment]
         if resume:
             argv.append("--resume")
+        if run_nonce:
+            argv += ["--run-nonce", run_nonce]
         commands.append(GroupCommand(group, argv))
     return commands
 
@@ -333,38 +347,79 @@ def exit_when_launcher_dies() -> None:
 
 
 @contextmanager
-def locked_run_dir(run_dir: str | Path) -> Iterator[None]:
-    """Hold an exclusive lock on `run_dir` while the block runs: one `codistill train` per run directory.
+def locked_run_dir(run_dir: str | Path, shared: bool = False) -> Iterator[None]:
+    """Hold a lock on `run_dir` while the block runs: exclusive (one `codistill train` per run directory), or
+    `shared` (`--group` launchers, each also holding its groups' directories exclusively): either excludes
+    the other.
 
     `flock` on `<run_dir>/.codistill.lock`: released by the kernel when this
     process ends however it ends, so a crashed run never leaves a stale lock.
+    An exclusive holder writes its pid there (for the refusal); shared holders
+    leave the file to each other.
     """
     path = RunDir(run_dir).lock
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as f:
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(f, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:
             f.seek(0)
-            holder = f.read(64).strip() or "?"
-            raise RunLocked(f"{run_dir} is in use by another `codistill train` (pid {holder}); "
-                            "wait for it to end or stop it first") from None
+            holder = f.read(64).strip()
+            raise RunLocked(f"{run_dir} is in use by another `codistill train` "
+                            f"({f'pid {holder}' if holder else 'of --group'}); wait for it to end or stop it "
+                            "first") from None
+        if shared:
+            yield
+            return
         f.truncate(0)
         f.write(f"{os.getpid()}\n")
         f.flush()
-        yield
+        try:
+            yield
+        finally:
+            f.truncate(0)  # before the kernel drops the lock: a later shared holder is not named by our pid
 
 
-def read_run_nonce(run_dir: str | Path) -> str:
-    """This run's nonce from `<run_dir>/run.json`, drawn (once, race-free) if the file is not there yet.
+def run_identity(config: ExperimentConfig) -> dict:
+    """What defines a run, which every group of it must share: the dataset's settings (not where it is), the
+    model, the optimizer and schedule, the batch and its split over ranks, the codistillation loss and exchange,
+    the seed, what each group reads, and which groups train. Not what a machine or an operator may choose
+    differently for one group (loader workers, logging, evaluation, polling, timeouts, coverage thresholds,
+    precision, locations)."""
+    data = {k: v for k, v in to_dict(config.data).items() if k not in ("input", "output", "split_bytes")}
+    ds, cod = config.deepspeed, config.codistill
+    identity = {
+        "data": data,
+        "model": to_dict(config.model),
+        "optimizer": to_dict(config.optimizer),
+        "schedule": to_dict(config.schedule),
+        "deepspeed": {k: getattr(ds, k) for k in ("ranks_per_group", "micro_batch_size", "grad_accum",
+                                                  "zero_stage", "gradient_clipping")},
+        "codistill": {k: getattr(cod, k) for k in ("enabled", "weight", "burn_in_steps", "ramp_steps",
+                                                   "exchange_every", "temperature", "distance", "max_staleness",
+                                                   "lockstep")},
+        "train": {"seed": config.train.seed, "reads": config.train.reads,
+                  "label_smoothing": config.train.label_smoothing, "groups": list(config.trained_groups)},
+    }
+    return json.loads(json.dumps(identity, sort_keys=True, default=str))  # as it reads back from run.json
 
-    Every group started in one run directory gets the same nonce; a new run in a
-    wiped directory gets a new one. Groups of one run on different machines with
-    different run directories must be given one nonce (`training.train --run-nonce`).
-    """
-    path = RunDir(run_dir).run_file
-    if not path.exists():  # written complete, and only if none is there yet: race-free
-        write_atomically(str(path), json.dumps({"run_nonce": uuid.uuid4().hex}) + "\n", replace=False)
+
+def _differing(ours: dict, theirs: dict, prefix: str = "") -> list[str]:
+    """The dotted names of the fields where two run identities differ."""
+    names = []
+    for key in sorted(set(ours) | set(theirs)):
+        a, b = ours.get(key), theirs.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            names += _differing(a, b, f"{prefix}{key}.")
+        elif a != b:
+            names.append(f"{prefix}{key}")
+    return names
+
+
+def _nonce_in(path: Path) -> str | None:
+    """The nonce a run directory's `run.json` holds, None if it has none."""
+    if not path.exists():
+        return None
     text = path.read_text()[:4096]
     try:
         nonce = json.loads(text)["run_nonce"]
@@ -375,26 +430,47 @@ def read_run_nonce(run_dir: str | Path) -> str:
     return nonce
 
 
-def join_store_run(store: str, run_id: str, config_sha256: str) -> str:
+def agree_run_nonce(run_dir: str | Path, store: str, run_id: str, identity: dict) -> str:
+    """The run's nonce, one for all its groups however and wherever they start: the store's run record
+    (`join_store_run`), which a run directory's own `run.json` seeds when the record is not there yet (a run
+    started before the record existed), and which is written back to `<run_dir>/run.json`. A run directory
+    and a store that name two different runs are refused."""
+    local = RunDir(run_dir).run_file
+    seed = _nonce_in(local)
+    nonce = join_store_run(store, run_id, identity, seed)
+    if seed is None:
+        write_atomically(str(local), json.dumps({"run_nonce": nonce}) + "\n")
+    elif seed != nonce:
+        raise ValueError(f"{local} is of run {seed}, but {store.rstrip('/')}/{run_id}/{RunDir.RUN_FILE} of run "
+                         f"{nonce}: they are two runs; point train.store at this run's store, or start over "
+                         "with --overwrite")
+    return nonce
+
+
+def join_store_run(store: str, run_id: str, identity: dict, seed: str | None = None) -> str:
     """The nonce of the run `<store>/<run_id>/run.json` records, written by whichever group of the run starts
-    first (an exclusive create): groups started apart (`codistill train --group G` on several machines) agree
-    on their run through the store they share, no nonce kept by hand. A record of another configuration there
-    is another run's, refused."""
+    first (an exclusive create, with `seed` or a new nonce, and the run's identity, `run_identity`): groups
+    started apart (`codistill train --group G` on several machines) agree on their run through the store they
+    share, no nonce kept by hand. A record of another identity there is another run's, refused, naming the
+    fields that differ."""
     url = f"{store.rstrip('/')}/{run_id}/{RunDir.RUN_FILE}"
-    write_atomically(url, json.dumps({"run_nonce": uuid.uuid4().hex, "config_sha256": config_sha256}) + "\n",
-                     replace=False)
+    sha256 = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+    write_atomically(url, json.dumps({"run_nonce": seed or uuid.uuid4().hex, "config_sha256": sha256,
+                                      "config": identity}, sort_keys=True) + "\n", replace=False)
     with storage.open(url, "rb") as f:
-        text = f.read(4096)
+        text = f.read(1 << 16)
     try:
         record = json.loads(text)
         nonce, theirs = record["run_nonce"], record["config_sha256"]
     except (ValueError, KeyError, TypeError):
         raise ValueError(f"{url}: not a run record (expected {{\"run_nonce\": ..., \"config_sha256\": ...}}), "
                          f"got {text[:80]!r}") from None
-    if theirs != config_sha256:
-        raise ValueError(f"{url}: the store holds run {run_id!r} of another configuration (config sha256 "
-                         f"{str(theirs)[:12]}..., this one's {config_sha256[:12]}...): give this run another name "
-                         "(the last part of train.run_dir) or another train.store")
+    if theirs != sha256:
+        recorded = record.get("config")
+        differ = (f"{', '.join(_differing(identity, recorded))} differ" if isinstance(recorded, dict) else
+                  f"config sha256 {str(theirs)[:12]}..., this one's {sha256[:12]}...")
+        raise ValueError(f"{url}: the store holds run {run_id!r} of another configuration ({differ}): give this "
+                         "run another name (the last part of train.run_dir) or another train.store")
     return nonce
 
 

@@ -45,7 +45,7 @@ from training.data import StreamSpec, loader, to_torch
 from training.exchange import (SNAPSHOT_DTYPES, PeerWatcher, SnapshotPublisher, check_store_run, group_dir,
                                model_signature, snapshot_bytes)
 from training.precision import group_precision, local_precision
-from training.launch import exit_when_launcher_dies, next_attempt, read_run_nonce
+from training.launch import agree_run_nonce, exit_when_launcher_dies, next_attempt, run_identity
 from training.loss import LossParts, codistillation_loss, distill_weight
 from training.report import metric_records, peer_coverage, save_eval_rows, save_predictions
 from training.workloads import Workload, workload_for
@@ -242,8 +242,9 @@ class FlatPeer:
 
 
 class GroupTrainer:
-    def __init__(self, config: ExperimentConfig, group: int, run_nonce: str | None = None):
-        self.config, self.group = config, group
+    def __init__(self, config: ExperimentConfig, group: int, run_nonce: str | None = None, resume: bool = False):
+        self.config, self.group, self.resume = config, group, resume
+        self.identity = run_identity(config)
         self.rank, self.world = init_distributed()
         cuda = torch.cuda.is_available()
         self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
@@ -257,8 +258,15 @@ class GroupTrainer:
         if group not in config.trained_groups:
             raise ValueError(f"--group {group}: train.groups is {list(config.trained_groups)}")
 
-        # `auto` resolved once for the group; peers, batches and the DeepSpeed config all follow it.
-        precision, self.precision_reason = group_precision(config.deepspeed.precision, self.device, self.world)
+        # `auto` resolved once for the group; peers, batches and the DeepSpeed config all follow it. A resumed group
+        # keeps the precision its checkpoints were trained in: `auto` may pick another on other hardware.
+        requested = config.deepspeed.precision
+        trained = checkpoint_precision(self.out.checkpoints) if resume else None
+        if trained and requested not in ("auto", trained):
+            raise RunFailed(f"--resume: the checkpoints in {self.out.checkpoints} were trained in {trained}, this "
+                            f"configuration sets {requested}: resume with --set deepspeed.precision={trained}")
+        precision, self.precision_reason = ((trained, "as its checkpoints were trained (--resume)") if trained else
+                                            group_precision(requested, self.device, self.world))
         self.config = config = dataclasses.replace(
             config, deepspeed=dataclasses.replace(config.deepspeed, precision=precision))
         self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
@@ -285,9 +293,8 @@ class GroupTrainer:
         self.placeholder = None  # one eval row, for the forwards of a rank out of eval rows (ZeRO-3)
         self.publisher = self.watcher = None
         if cod.enabled:
-            self.check_store(run_nonce)
+            nonce = self.check_store(run_nonce)
         if cod.enabled and self.rank == 0:
-            nonce = run_nonce or read_run_nonce(config.run_dir)
             self.publisher = SnapshotPublisher(config.store, config.run_id, group, keep=cod.keep_snapshots,
                                                run_nonce=nonce, attempt=next_attempt(self.out.attempt),
                                                snapshot_dtype=cod.snapshot_dtype)
@@ -303,17 +310,19 @@ class GroupTrainer:
         self.step_seconds: list[float] = []
         self.metrics_file = None
 
-    def check_store(self, run_nonce: str | None) -> None:
-        """Rank 0 checks the snapshot store: no other run's snapshots, and writable (a store that cannot take
-        this group's snapshots fails now, not as a warning on every publish). Every rank then raises the same
-        StoreError, so none is left waiting in a collective for a rank 0 that is gone."""
+    def check_store(self, run_nonce: str | None) -> str | None:
+        """Rank 0 agrees on the run's nonce (unless given: `codistill train` gives it) and checks the snapshot
+        store: no other run's snapshots, and writable (a store that cannot take this group's snapshots fails now,
+        not as a warning on every publish); returns the nonce on rank 0. Every rank raises the same StoreError,
+        so none is left waiting in a collective for a rank 0 that is gone."""
         config = self.config
         problem = [None]
         if self.rank == 0:
             try:
                 with storage.explained(config.store):
-                    check_store_run(config.store, config.run_id, range(self.dataset.groups),
-                                    run_nonce or read_run_nonce(config.run_dir))
+                    run_nonce = run_nonce or agree_run_nonce(config.run_dir, config.store, config.run_id,
+                                                             self.identity)
+                    check_store_run(config.store, config.run_id, range(self.dataset.groups), run_nonce)
                 storage.check_writable(group_dir(config.store, config.run_id, self.group))
             except (storage.StoreError, ValueError) as err:
                 problem = [str(err)]
@@ -324,6 +333,7 @@ class GroupTrainer:
             dist.broadcast_object_list(problem, src=0)
         if problem[0] is not None:
             raise storage.StoreError(problem[0])
+        return run_nonce
 
     def _frozen_copy(self) -> FlatPeer:
         peer = self.workload.build_model(self.config.model, self.dataset)
@@ -437,9 +447,9 @@ class GroupTrainer:
         return {"loss": loss, "label_loss": label_loss, "distill_loss": distill_loss,
                 "peers": {str(g): self.step - self.peer_steps[g] for g in usable}}
 
-    def fit(self, resume: bool) -> None:
+    def fit(self) -> None:
         config = self.config
-        skip = self.load_checkpoint() if resume else 0
+        skip = self.load_checkpoint() if self.resume else 0
         if self.rank == 0:  # what this attempt trains in, beside its metrics
             self.write_metrics("setup", {"step": self.step, "group": self.group,
                                          "precision": config.deepspeed.precision, "why": self.precision_reason})
@@ -619,7 +629,9 @@ class GroupTrainer:
         directory = self.out.checkpoints
         tag = f"step-{self.step:08d}"
         peers = {str(g): s for g, s in self.peer_steps.items()}
-        self.engine.save_checkpoint(str(directory), tag=tag, client_state={"step": self.step, "peer_steps": peers})
+        # The precision (`auto` resolved): a resume elsewhere must train on in it (`checkpoint_precision`).
+        client = {"step": self.step, "peer_steps": peers, "precision": self.config.deepspeed.precision}
+        self.engine.save_checkpoint(str(directory), tag=tag, client_state=client)
         dist.barrier()
         if self.rank == 0:  # keep the newest two, and the newest one every group has: where a resume starts
             shared = self.shared_checkpoint_steps()
@@ -794,6 +806,21 @@ def load_weights_only(path: str, map_location=None):
         return torch.load(path, map_location=map_location, weights_only=True)
 
 
+def checkpoint_precision(directory: Path) -> str | None:
+    """The precision a group's checkpoints were trained in (the client state of the newest that records it; a
+    resume keeps it, so all of a group's checkpoints share it); None if none records it."""
+    for tag in checkpoint_tags(directory):
+        for path in sorted((directory / tag).glob("*model_states.pt"))[:1]:
+            try:
+                with torch.serialization.safe_globals(checkpoint_safe_globals()):
+                    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # no tensor read
+            except Exception:  # unloadable: load_checkpoint says why, and falls back to an earlier one
+                continue
+            if state.get("precision") in ("fp32", "bf16", "fp16"):
+                return state["precision"]
+    return None
+
+
 def checkpoint_problem(tag_dir: Path) -> str | None:
     """Why the checkpoint in `tag_dir` cannot be loaded (None if it can): missing files, not a torch zip
     archive (e.g. truncated), or a pickle that names anything but tensors and `checkpoint_safe_globals`.
@@ -839,8 +866,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--run-dir", help="Overrides train.run_dir.")
     parser.add_argument("--resume", action="store_true")
-    parser.add_argument("--run-nonce", help="This run's nonce (default: from <run_dir>/run.json, drawn if missing); "
-                                            "give every group of a run the same one when their run dirs differ.")
+    parser.add_argument("--run-nonce", help="This run's nonce, as `codistill train` agrees on it (default: agreed "
+                                            "here the same way, through <store>/<run>/run.json).")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
@@ -850,7 +877,7 @@ def main(argv: list[str] | None = None) -> None:
     config = load_experiment(args.manifest, sets)
     storage.configure(config.storage)
     try:
-        GroupTrainer(config, args.group, run_nonce=args.run_nonce).fit(resume=args.resume)
+        GroupTrainer(config, args.group, run_nonce=args.run_nonce, resume=args.resume).fit()
     except (RunFailed, storage.StoreError) as err:  # the user's to fix: one line, not a traceback per rank
         if int(os.environ.get("RANK", "0")) == 0:  # every rank meets a store error: rank 0 says it
             print(f"error: group {args.group}: {err}", file=sys.stderr, flush=True)
