@@ -51,12 +51,14 @@ def check_passes(plan: Plan, dataset_for: Callable[[ExperimentConfig], object]) 
 
 
 def _second_phase(plan: Plan) -> set[str]:
-    """Conditions trained only once the first phase has fixed what they are for (B*; the tuned baseline)."""
+    """Conditions trained only once the first phase has fixed what they are for (B*; the tuned baseline): the
+    tuning's followers, and every condition a `tuned` result chooses from (one no winner calls for never trains)."""
     names = set()
     if plan.sweep is not None:
         names |= {n for p in plan.sweep.points for n in (p.codistill, p.sync_lr2) if n}
     if plan.tuning is not None:
         names |= {n for group in plan.tuning.then.values() for n in group}
+        names |= {n for derived in plan.derived if derived.kind == "tuned" for n in derived.of}
     return names
 
 

@@ -195,6 +195,18 @@ def test_every_shipped_plan_is_valid(path):
     assert plan.claims or plan.sweep
 
 
+def test_a_tuning_trains_its_candidates_first_and_only_the_followers_its_winner_calls_for():
+    """criteo-datalimited: 9 baselines x 3 seeds first; of the 9 codistillation and 9 union conditions a
+    `tuned` result may choose from, only the winner's two follow (5 codistillation settings no baseline calls
+    for never train: they cost 15 runs once)."""
+    from codistill.experiment import _second_phase
+
+    plan = load_plan(str(REPO / "manifests" / "experiments" / "criteo-datalimited.yaml"))
+    first = [c.name for c in plan.conditions if c.name not in _second_phase(plan)]
+    assert first == list(plan.tuning.candidates)
+    assert all(len(then) == 2 for then in plan.tuning.then.values())
+
+
 def test_the_learning_rate_rule_scales_with_the_batch():
     plan = load_plan(str(SMOKE))
     base = plan.config(plan.condition("baseline"), 0).optimizer.lr
