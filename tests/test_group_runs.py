@@ -89,9 +89,10 @@ def test_what_a_machine_or_an_operator_chooses_is_not_another_run_and_a_refusal_
         "codistill.poll_seconds=0.01", "codistill.lockstep_timeout=5", "codistill.min_peer_coverage=0",
         "deepspeed.precision=fp32", "train.groups=[0, 1]", "data.output=elsewhere", f"train.run_dir={tmp_path}/b"])
     assert join_store_run(store, "run", run_identity(same_run)) == nonce
-    other_run = load_experiment("criteo-tiny", ["train.seed=8", "schedule.steps=700", "train.groups=[1]"])
-    with pytest.raises(ValueError, match=r"of another configuration \(schedule.steps, train.groups, train.seed "
-                                         r"differ\)"):
+    other_run = load_experiment("criteo-tiny", ["train.seed=8", "schedule.steps=700", "train.groups=[1]",
+                                                "codistill.snapshot_dtype=bf16"])
+    with pytest.raises(ValueError, match=r"of another configuration \(codistill.snapshot_dtype, schedule.steps, "
+                                         r"train.groups, train.seed differ\)"):
         join_store_run(store, "run", run_identity(other_run))
 
 

@@ -397,7 +397,7 @@ def run_identity(config: ExperimentConfig) -> dict:
                                                   "zero_stage", "gradient_clipping")},
         "codistill": {k: getattr(cod, k) for k in ("enabled", "weight", "burn_in_steps", "ramp_steps",
                                                    "exchange_every", "temperature", "distance", "max_staleness",
-                                                   "lockstep")},
+                                                   "lockstep", "snapshot_dtype")},  # peers read what others publish
         "train": {"seed": config.train.seed, "reads": config.train.reads,
                   "label_smoothing": config.train.label_smoothing, "groups": list(config.trained_groups)},
     }
